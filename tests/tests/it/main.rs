@@ -1,1 +1,3 @@
-//! End-to-end tests on the real local stack.
+//! End-to-end tests on the real local stack: one binary, one module per area.
+
+mod simulator;

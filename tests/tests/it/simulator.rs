@@ -1,0 +1,1 @@
+//! The ESP32 simulator against a real Mosquitto.
