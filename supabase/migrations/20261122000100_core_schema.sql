@@ -167,12 +167,13 @@ create table public.decision_rules (
     constraint decision_rules_rule_name_length check (length(rule_name) between 1 and 200),
   rule_description text,
   rule_json jsonb not null
-    constraint decision_rules_rule_json_shape check (
+    -- coalesce: a missing key makes the expression NULL, and a NULL check passes.
+    constraint decision_rules_rule_json_shape check (coalesce(
       jsonb_typeof(rule_json) = 'object'
       and rule_json ? 'conditions'
       and jsonb_typeof(rule_json -> 'actions') = 'array'
-      and jsonb_array_length(rule_json -> 'actions') between 1 and 32
-    ),
+      and jsonb_array_length(rule_json -> 'actions') between 1 and 32,
+      false)),
   enabled boolean not null default true,
   priority integer not null default 50
     constraint decision_rules_priority_range check (priority between 0 and 100),

@@ -187,8 +187,10 @@ begin
      and s.slave_mac_address = p_command.slave_mac_address
    for update;
   if not found then
+    -- A slave seen for the first time is taken to have 8 relays, all off, until it reports.
     v_states := coalesce(p_relay_states,
-                         private.apply_relay_actions('{}', p_command.relay_numbers, p_command.actions));
+                         private.apply_relay_actions(array_fill(false, array[8]),
+                                                     p_command.relay_numbers, p_command.actions));
   end if;
   insert into public.relay_slaves as s
     (master_device_id, slave_mac_address, slave_device_id, relay_count, relay_states, is_online, last_seen)

@@ -7,6 +7,7 @@ pub mod mosquitto;
 pub mod postgres;
 pub mod postgrest;
 pub mod process;
+pub mod tap;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -1,3 +1,4 @@
 //! End-to-end tests on the real local stack: one binary, one module per area.
 
+mod pgtap;
 mod simulator;
