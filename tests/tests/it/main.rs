@@ -1,4 +1,8 @@
 //! End-to-end tests on the real local stack: one binary, one module per area.
 
+mod command_queue;
+mod harness;
 mod pgtap;
+mod roles;
 mod simulator;
+mod support;

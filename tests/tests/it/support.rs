@@ -1,0 +1,142 @@
+//! Fixtures for the end-to-end tests: a backend with the pgTAP world loaded, and a PostgREST
+//! client that speaks as one caller with a real signed JWT.
+
+use autocore_stack::postgres::DATABASE;
+use autocore_stack::{Claims, Stack, StackOptions, repo_root};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use uuid::Uuid;
+
+pub const ALICE: Uuid = Uuid::from_u128(0xa0000000_0000_0000_0000_000000000001);
+pub const BOB: Uuid = Uuid::from_u128(0xb0000000_0000_0000_0000_000000000002);
+
+/// A running backend (Postgres + PostgREST) with the two-owner world of sql/tests/fixtures.
+pub struct World {
+    pub stack: Stack,
+    http: reqwest::Client,
+}
+
+impl World {
+    pub fn start() -> World {
+        let stack = Stack::start(StackOptions::backend_only()).expect("backend starts");
+        let world = World {
+            stack,
+            http: reqwest::Client::new(),
+        };
+        let fixture = repo_root().join("sql/tests/fixtures/world.sql");
+        world
+            .stack
+            .postgres()
+            .unwrap()
+            .psql(DATABASE, &["-f", &fixture.display().to_string()])
+            .expect("world fixture loads");
+        world
+    }
+
+    /// Runs SQL as the superuser and returns the rows, one `|`-separated line each.
+    pub fn sql(&self, sql: &str) -> Vec<String> {
+        let out = self
+            .stack
+            .postgres()
+            .unwrap()
+            .psql(DATABASE, &["-t", "-A", "-c", sql])
+            .unwrap_or_else(|e| panic!("SQL failed: {sql}\n{e}"));
+        out.lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn sql_one(&self, sql: &str) -> String {
+        self.sql(sql)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no row from {sql}"))
+    }
+
+    pub fn caller(&self, claims: &Claims) -> Rest {
+        Rest {
+            base: self.stack.rest_url().unwrap(),
+            token: Some(self.stack.token(claims)),
+            http: self.http.clone(),
+        }
+    }
+
+    /// A caller with a raw bearer token (or none), for tokens the backend must refuse.
+    pub fn caller_with_token(&self, token: Option<String>) -> Rest {
+        Rest {
+            base: self.stack.rest_url().unwrap(),
+            token,
+            http: self.http.clone(),
+        }
+    }
+}
+
+/// PostgREST as one caller.
+#[derive(Clone)]
+pub struct Rest {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Rest {
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        prefer: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(prefer) = prefer {
+            req = req.header("Prefer", prefer);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await.expect("PostgREST answers");
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.send(Method::GET, path, None, None).await
+    }
+
+    pub async fn rpc(&self, function: &str, args: Value) -> (StatusCode, Value) {
+        self.send(Method::POST, &format!("/rpc/{function}"), Some(args), None)
+            .await
+    }
+
+    /// The values of `field` in a JSON array answer, sorted, as strings.
+    pub async fn column(&self, path: &str, field: &str) -> Vec<String> {
+        let (status, body) = self.get(path).await;
+        assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
+        let mut values: Vec<String> = body
+            .as_array()
+            .unwrap_or_else(|| panic!("GET {path} gave no array: {body}"))
+            .iter()
+            .map(|row| match &row[field] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .collect();
+        values.sort();
+        values
+    }
+}
+
+/// Inserts `n` pending manual commands for `master` with one statement; returns nothing.
+pub fn insert_pending_commands(world: &World, master: &str, n: usize) {
+    world.sql(&format!(
+        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds, priority, created_at)
+         select '{master}', '14:33:5C:38:BF:60', array[g % 8], array['on'], array[60], g % 101, now() - make_interval(secs => g)
+           from generate_series(1, {n}) g"
+    ));
+}
