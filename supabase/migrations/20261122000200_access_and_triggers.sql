@@ -229,8 +229,17 @@ alter table public.macros enable row level security;
 alter table public.macro_actions enable row level security;
 
 -- edge_agents: users manage their own agents; an agent reads its own row.
+-- On the row's own columns, not through can_access_agent: a row being inserted with
+-- return=representation is not yet visible to a lookup.
 create policy edge_agents_select on public.edge_agents for select to authenticated
-  using (private.can_access_agent(agent_id));
+  using (
+    case private.caller_kind()
+      when 'service' then true
+      when 'user' then owner_id = auth.uid()
+      when 'agent' then agent_id = auth.jwt() ->> 'agent_id' and owner_id = auth.uid() and revoked_at is null
+      else false
+    end
+  );
 create policy edge_agents_insert on public.edge_agents for insert to authenticated
   with check (private.caller_kind() = 'user' and owner_id = auth.uid());
 create policy edge_agents_update on public.edge_agents for update to authenticated

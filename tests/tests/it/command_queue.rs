@@ -96,12 +96,18 @@ async fn an_invalid_command_is_refused_with_the_broken_rule_named() {
         "relay_numbers": [0], "actions": ["on"], "duration_seconds": [60]
     });
     let cases = [
-        (json!({"priority": 120}), "relay_commands_slave_priority_range"),
+        (
+            json!({"priority": 120}),
+            "relay_commands_slave_priority_range",
+        ),
         (
             json!({"relay_numbers": [0, 1], "actions": ["on"], "duration_seconds": [1, 1]}),
             "relay_commands_slave_arrays_same_length",
         ),
-        (json!({"command_type": "magic"}), "relay_commands_slave_command_type_known"),
+        (
+            json!({"command_type": "magic"}),
+            "relay_commands_slave_command_type_known",
+        ),
         (
             json!({"relay_numbers": [0, 1, 2, 3, 4, 5], "actions": ["on", "on", "on", "on", "on", "on"], "duration_seconds": [1, 1, 1, 1, 1, 1]}),
             "relay_commands_slave_manual_max_5_relays",
@@ -121,5 +127,8 @@ async fn an_invalid_command_is_refused_with_the_broken_rule_named() {
             "the error names {constraint}: {body}"
         );
     }
-    assert_eq!(world.sql_one("select count(*) from relay_commands_slave"), "0");
+    assert_eq!(
+        world.sql_one("select count(*) from relay_commands_slave"),
+        "0"
+    );
 }

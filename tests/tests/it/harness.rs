@@ -56,7 +56,10 @@ fn the_stack_prints_its_urls_on_loopback_and_the_backend_comes_back_after_a_rest
     let pg = stack.postgres().unwrap();
     pg.psql(
         "autocore",
-        &["-c", "insert into auth.users (id) values (gen_random_uuid())"],
+        &[
+            "-c",
+            "insert into auth.users (id) values (gen_random_uuid())",
+        ],
     )
     .unwrap();
     let rest_port = port_of(&stack.rest_url().unwrap());
@@ -67,7 +70,10 @@ fn the_stack_prints_its_urls_on_loopback_and_the_backend_comes_back_after_a_rest
     let count = stack
         .postgres()
         .unwrap()
-        .psql("autocore", &["-t", "-A", "-c", "select count(*) from auth.users"])
+        .psql(
+            "autocore",
+            &["-t", "-A", "-c", "select count(*) from auth.users"],
+        )
         .unwrap();
     assert_eq!(count.trim(), "1", "data survives the restart");
 }

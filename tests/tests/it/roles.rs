@@ -50,11 +50,7 @@ async fn each_caller_sees_exactly_its_own_devices_commands_and_rules() {
             Claims::agent(ALICE, "pi-alice-2"),
             names(&["ESP32_ALICE_2"]),
         ),
-        (
-            "revoked agent",
-            Claims::agent(ALICE, "pi-revoked"),
-            vec![],
-        ),
+        ("revoked agent", Claims::agent(ALICE, "pi-revoked"), vec![]),
         (
             "agent claiming another owner",
             Claims::agent(BOB, "pi-alice"),
@@ -106,9 +102,8 @@ async fn rpcs_for_someone_elses_master_return_nothing_and_change_nothing() {
     seed_commands_and_rules(&world);
     let bob_agent = world.caller(&Claims::agent(BOB, "pi-bob"));
     let alice_master = world.caller(&Claims::master(ALICE, "ESP32_ALICE_2"));
-    let alice_cmd = world.sql_one(
-        "select id from relay_commands_slave where master_device_id = 'ESP32_ALICE_1'",
-    );
+    let alice_cmd = world
+        .sql_one("select id from relay_commands_slave where master_device_id = 'ESP32_ALICE_1'");
 
     for caller in [&bob_agent, &alice_master] {
         let (status, body) = caller
@@ -151,9 +146,8 @@ async fn rpcs_for_someone_elses_master_return_nothing_and_change_nothing() {
     );
 
     // The master that owns a command completes it the seed's way, with a PATCH.
-    let own = world.sql_one(
-        "select id from relay_commands_slave where master_device_id = 'ESP32_ALICE_2'",
-    );
+    let own = world
+        .sql_one("select id from relay_commands_slave where master_device_id = 'ESP32_ALICE_2'");
     let (status, body) = alice_master
         .send(
             Method::PATCH,
@@ -181,10 +175,7 @@ async fn anon_and_bad_tokens_get_nothing() {
         )
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "anon cannot call the RPC");
-    let (status, _) = world
-        .caller_with_token(None)
-        .get("/device_status")
-        .await;
+    let (status, _) = world.caller_with_token(None).get("/device_status").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "no token is anon");
 
     let expired = world
@@ -194,14 +185,22 @@ async fn anon_and_bad_tokens_get_nothing() {
         .caller_with_token(Some(expired))
         .get("/device_status")
         .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "an expired token is refused");
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "an expired token is refused"
+    );
 
     let forged = Claims::service_role().sign("not-the-secret-not-the-secret-32b");
     let (status, _) = world
         .caller_with_token(Some(forged))
         .get("/device_status")
         .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "a token signed with another secret is refused");
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a token signed with another secret is refused"
+    );
 
     let service = world.caller(&Claims::service_role());
     assert_eq!(
@@ -216,4 +215,51 @@ async fn anon_and_bad_tokens_get_nothing() {
         world.sql_one("select count(*) from relay_commands_slave where status = 'pending'"),
         "4"
     );
+}
+
+#[tokio::test]
+async fn a_dashboard_user_registers_an_agent_and_a_master_and_reads_them_back_at_once() {
+    let world = World::start();
+    let alice = world.caller(&Claims::user(ALICE));
+    let (status, body) = alice
+        .send(
+            Method::POST,
+            "/edge_agents",
+            Some(json!({"agent_id": "pi-new", "owner_id": ALICE})),
+            Some("return=representation"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body[0]["agent_id"], "pi-new");
+    let (status, body) = alice
+        .send(
+            Method::POST,
+            "/device_status",
+            Some(json!({"device_id": "ESP32_NEW", "owner_id": ALICE, "agent_id": "pi-new"})),
+            Some("return=representation"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body[0]["device_id"], "ESP32_NEW");
+
+    // Bob cannot hand himself alice's new agent, nor register a device to alice.
+    let bob = world.caller(&Claims::user(BOB));
+    let (status, _) = bob
+        .send(
+            Method::POST,
+            "/device_status",
+            Some(json!({"device_id": "ESP32_BOBS", "owner_id": BOB, "agent_id": "pi-new"})),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = bob
+        .send(
+            Method::POST,
+            "/device_status",
+            Some(json!({"device_id": "ESP32_GIFT", "owner_id": ALICE})),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
 }

@@ -1,0 +1,563 @@
+//! `bench-backend`: the command-queue benchmark of issue 3. Starts a durable backend, loads
+//! sql/bench/setup.sql, and for {floor in SQL, RPC in SQL, RPC through PostgREST} × {1, 16
+//! lockers} reseeds a backlog of 100,000 pending commands over 50 masters (sql/bench/seed.sql),
+//! locks and completes commands for a fixed time, and prints commands/s (completed rows counted
+//! in the database over wall time), the RPC's fraction of the floor, and cycle latencies.
+//!
+//! Environment: `AUTOCORE_BENCH_SECONDS` (per run, default 10), `AUTOCORE_BENCH_LOCKERS`
+//! (comma-separated concurrency levels, default `1,16`).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use autocore_stack::postgres::DATABASE;
+use autocore_stack::{Claims, Postgres, PostgresOptions, Stack, StackOptions, repo_root};
+use rand::Rng;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// The bench owner and agent of sql/bench/setup.sql.
+const BENCH_OWNER: Uuid = Uuid::from_u128(0xbe000000_0000_0000_0000_00000000be01);
+const BENCH_AGENT: &str = "bench-agent";
+/// Masters bench-master-1 ..= bench-master-50.
+const MASTERS: u32 = 50;
+/// Commands locked per call, as the agent and the seeds ask for.
+const LOCK_LIMIT: u32 = 5;
+/// The backlog seed.sql creates.
+const BACKLOG: u64 = 100_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    FloorSql,
+    RpcSql,
+    RpcRest,
+}
+
+impl Variant {
+    const ALL: [Variant; 3] = [Variant::FloorSql, Variant::RpcSql, Variant::RpcRest];
+
+    fn label(self) -> &'static str {
+        match self {
+            Variant::FloorSql => "floor, SQL (pgbench)",
+            Variant::RpcSql => "RPC, SQL (pgbench)",
+            Variant::RpcRest => "RPC, PostgREST (HTTP)",
+        }
+    }
+
+    /// The table whose completed rows this variant produces.
+    fn table(self) -> &'static str {
+        match self {
+            Variant::FloorSql => "bench.floor_queue",
+            Variant::RpcSql | Variant::RpcRest => "public.relay_commands_slave",
+        }
+    }
+}
+
+/// One timed run of one variant at one concurrency.
+#[derive(Debug)]
+struct Run {
+    variant: Variant,
+    lockers: usize,
+    /// Lock+complete cycles that finished (pgbench transactions, or HTTP cycles).
+    cycles: u64,
+    /// Rows with status 'completed' in the database afterwards.
+    completed: u64,
+    /// Rows still pending afterwards: the backlog must not run dry during a run.
+    pending_left: u64,
+    wall: Duration,
+    /// Latency of each lock+complete cycle, in microseconds.
+    cycle_latencies_us: Vec<u64>,
+}
+
+impl Run {
+    fn commands_per_second(&self) -> f64 {
+        self.completed as f64 / self.wall.as_secs_f64()
+    }
+
+    fn percentile_ms(&self, p: f64) -> Option<f64> {
+        percentile(&self.cycle_latencies_us, p).map(|us| us as f64 / 1000.0)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let seconds = env_number("AUTOCORE_BENCH_SECONDS", 10)?;
+    let lockers = env_lockers("AUTOCORE_BENCH_LOCKERS", &[1, 16])?;
+    let bench_dir = repo_root().join("sql/bench");
+
+    eprintln!("bench-backend: starting a durable backend (Postgres 15 + PostgREST 12)");
+    // On the main thread: the services die with the thread that started them.
+    let stack = Stack::start(StackOptions {
+        backend: true,
+        mqtt: false,
+        postgres: PostgresOptions {
+            durable: true,
+            max_connections: 100,
+        },
+    })
+    .context("starting the durable backend stack")?;
+    let pg = stack.postgres().context("the stack has no Postgres")?;
+    run_sql_file(pg, &bench_dir.join("setup.sql")).context("applying sql/bench/setup.sql")?;
+
+    let machine = machine_description();
+    let settings = postgres_settings(pg)?;
+    let load_before = load_average();
+    println!("## Machine\n\n{machine}");
+    println!("load average before: {load_before}\n");
+    println!("## Postgres\n\n{settings}\n");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime for the HTTP lockers")?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .context("building the HTTP client")?;
+    let rest_url = stack.rest_url().context("the stack has no PostgREST")?;
+    let token = stack.token(&Claims::agent(BENCH_OWNER, BENCH_AGENT));
+    let work = tempfile::Builder::new()
+        .prefix("autocore-bench-")
+        .tempdir()
+        .context("creating a folder for pgbench's logs")?;
+
+    let duration = Duration::from_secs(seconds);
+    let mut runs = Vec::new();
+    for &n in &lockers {
+        // The variants of one concurrency run back to back, so that they share the machine's
+        // conditions of the moment (this machine has 2 cores and is shared).
+        for variant in Variant::ALL {
+            run_sql_file(pg, &bench_dir.join("seed.sql"))
+                .context("reseeding with sql/bench/seed.sql")?;
+            pg.psql(DATABASE, &["-c", "checkpoint"])
+                .context("checkpoint before the run")?;
+            eprintln!(
+                "bench-backend: {} with {n} locker(s) for {seconds} s",
+                variant.label()
+            );
+            let run = match variant {
+                Variant::FloorSql => run_pgbench(
+                    pg,
+                    variant,
+                    &bench_dir.join("floor_lock_complete.sql"),
+                    n,
+                    duration,
+                    work.path(),
+                )?,
+                Variant::RpcSql => run_pgbench(
+                    pg,
+                    variant,
+                    &bench_dir.join("rpc_lock_complete.sql"),
+                    n,
+                    duration,
+                    work.path(),
+                )?,
+                Variant::RpcRest => {
+                    let (cycles, wall, latencies) = runtime
+                        .block_on(run_rest(&http, &rest_url, &token, n, duration))
+                        .context("the PostgREST run")?;
+                    Run {
+                        variant,
+                        lockers: n,
+                        cycles,
+                        completed: 0,
+                        pending_left: 0,
+                        wall,
+                        cycle_latencies_us: latencies,
+                    }
+                }
+            };
+            let run = count_rows(pg, run)?;
+            eprintln!(
+                "bench-backend:   {} commands completed in {:.2} s = {:.0} commands/s",
+                run.completed,
+                run.wall.as_secs_f64(),
+                run.commands_per_second()
+            );
+            if run.pending_left < BACKLOG / 10 {
+                bail!(
+                    "the backlog nearly ran dry ({} pending left) during {} with {n} lockers; shorten AUTOCORE_BENCH_SECONDS",
+                    run.pending_left,
+                    variant.label()
+                );
+            }
+            runs.push(run);
+        }
+    }
+
+    println!("load average after: {}\n", load_average());
+    println!(
+        "## Results ({seconds} s per run, backlog {BACKLOG} pending over {MASTERS} masters, lock limit {LOCK_LIMIT})\n"
+    );
+    println!("{}", results_table(&runs));
+    Ok(())
+}
+
+/// Runs one pgbench script for `duration` with `lockers` clients and reads back the latency of
+/// every transaction (one transaction = one lock+complete cycle) from pgbench's logs.
+fn run_pgbench(
+    pg: &Postgres,
+    variant: Variant,
+    script: &Path,
+    lockers: usize,
+    duration: Duration,
+    work: &Path,
+) -> anyhow::Result<Run> {
+    let prefix = format!(
+        "{}-{lockers}",
+        match variant {
+            Variant::FloorSql => "floor",
+            _ => "rpc",
+        }
+    );
+    let threads = lockers.clamp(1, 2);
+    let started = Instant::now();
+    let out = Command::new(pg.bindir().join("pgbench"))
+        .envs(pg.client_env())
+        .current_dir(work)
+        .args(["-n", "-M", "simple", "-l", "--log-prefix", &prefix])
+        .args(["-c", &lockers.to_string(), "-j", &threads.to_string()])
+        .args(["-T", &duration.as_secs().to_string()])
+        .arg("-f")
+        .arg(script)
+        .output()
+        .with_context(|| format!("running pgbench on {}", script.display()))?;
+    let wall = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "pgbench on {} failed ({}):\n{stdout}\n{stderr}",
+        script.display(),
+        out.status
+    );
+    let cycles = pgbench_field(&stdout, "number of transactions actually processed:")
+        .and_then(|v| {
+            v.split('/')
+                .next()
+                .and_then(|n| n.trim().parse::<u64>().ok())
+        })
+        .with_context(|| format!("no transaction count in pgbench's output:\n{stdout}"))?;
+    let failed = pgbench_field(&stdout, "number of failed transactions:")
+        .and_then(|v| {
+            v.split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    ensure!(
+        failed == 0,
+        "pgbench reported {failed} failed transactions:\n{stdout}\n{stderr}"
+    );
+    let latencies = read_pgbench_logs(work, &prefix)?;
+    Ok(Run {
+        variant,
+        lockers,
+        cycles,
+        completed: 0,
+        pending_left: 0,
+        wall,
+        cycle_latencies_us: latencies,
+    })
+}
+
+/// The text after `label` on pgbench's summary line that starts with it.
+fn pgbench_field<'a>(output: &'a str, label: &str) -> Option<&'a str> {
+    output
+        .lines()
+        .find_map(|line| line.trim().strip_prefix(label).map(str::trim))
+}
+
+/// Reads and removes pgbench's per-transaction logs `<prefix>.<pid>[.<thread>]`; the third field
+/// of each line is the transaction's latency in microseconds.
+fn read_pgbench_logs(work: &Path, prefix: &str) -> anyhow::Result<Vec<u64>> {
+    let mut latencies = Vec::new();
+    let dot_prefix = format!("{prefix}.");
+    for entry in std::fs::read_dir(work).context("listing pgbench's logs")? {
+        let path = entry.context("listing pgbench's logs")?.path();
+        let is_log = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(&dot_prefix));
+        if !is_log {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        for line in text.lines() {
+            let latency = line
+                .split_whitespace()
+                .nth(2)
+                .and_then(|f| f.parse::<u64>().ok())
+                .with_context(|| format!("bad line in {}: {line}", path.display()))?;
+            latencies.push(latency);
+        }
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(latencies)
+}
+
+/// `lockers` tasks, each looping until `duration` is up: lock up to 5 commands of a random
+/// master through POST /rpc/get_and_lock_slave_commands, then complete each through POST
+/// /rpc/complete_slave_command. Returns finished cycles, wall time and cycle latencies (µs).
+async fn run_rest(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    lockers: usize,
+    duration: Duration,
+) -> anyhow::Result<(u64, Duration, Vec<u64>)> {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..lockers {
+        let http = http.clone();
+        let lock_url = format!("{base}/rpc/get_and_lock_slave_commands");
+        let complete_url = format!("{base}/rpc/complete_slave_command");
+        let bearer = format!("Bearer {token}");
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while Instant::now() < deadline {
+                let master = rand::thread_rng().gen_range(1..=MASTERS);
+                let cycle = Instant::now();
+                let locked = post_json(
+                    &http,
+                    &lock_url,
+                    &bearer,
+                    json!({
+                        "p_master_device_id": format!("bench-master-{master}"),
+                        "p_limit": LOCK_LIMIT,
+                        "p_timeout_seconds": 30,
+                    }),
+                )
+                .await?;
+                let rows = locked
+                    .as_array()
+                    .context("get_and_lock_slave_commands did not return an array")?;
+                for row in rows {
+                    let id = row["id"]
+                        .as_i64()
+                        .context("a locked command without an id")?;
+                    post_json(
+                        &http,
+                        &complete_url,
+                        &bearer,
+                        json!({"p_command_id": id, "p_execution_time_ms": 12}),
+                    )
+                    .await?;
+                }
+                latencies.push(u64::try_from(cycle.elapsed().as_micros()).unwrap_or(u64::MAX));
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.context("an HTTP locker panicked")??);
+    }
+    let wall = started.elapsed();
+    Ok((all.len() as u64, wall, all))
+}
+
+async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    bearer: &str,
+    body: Value,
+) -> anyhow::Result<Value> {
+    let response = http
+        .post(url)
+        .header("Authorization", bearer)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .with_context(|| format!("reading the answer of POST {url}"))?;
+    if !status.is_success() {
+        bail!("POST {url} answered {status}: {text}");
+    }
+    serde_json::from_str(&text).with_context(|| format!("POST {url} answered non-JSON: {text}"))
+}
+
+/// Fills in the completed and still-pending row counts of the run's table.
+fn count_rows(pg: &Postgres, mut run: Run) -> anyhow::Result<Run> {
+    let sql = format!(
+        "select count(*) filter (where status = 'completed'), count(*) filter (where status = 'pending') from {}",
+        run.variant.table()
+    );
+    let out = pg
+        .psql(DATABASE, &["-t", "-A", "-F", " ", "-c", &sql])
+        .context("counting completed commands")?;
+    let mut fields = out.split_whitespace().map(str::parse::<u64>);
+    match (fields.next(), fields.next()) {
+        (Some(Ok(completed)), Some(Ok(pending))) => {
+            run.completed = completed;
+            run.pending_left = pending;
+            Ok(run)
+        }
+        _ => bail!("unexpected count output: {out:?}"),
+    }
+}
+
+fn results_table(runs: &[Run]) -> String {
+    let floor = |lockers: usize| {
+        runs.iter()
+            .find(|r| r.variant == Variant::FloorSql && r.lockers == lockers)
+            .map(Run::commands_per_second)
+    };
+    let mut table = String::from(
+        "| variant | lockers | cycles | commands completed | wall s | commands/s | fraction of SQL floor | cycle p50 ms | cycle p99 ms |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for run in runs {
+        let fraction = floor(run.lockers)
+            .filter(|f| *f > 0.0)
+            .map(|f| format!("{:.2}", run.commands_per_second() / f))
+            .unwrap_or_else(|| "-".into());
+        let ms = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+        table.push_str(&format!(
+            "| {} | {} | {} | {} | {:.2} | {:.0} | {} | {} | {} |\n",
+            run.variant.label(),
+            run.lockers,
+            run.cycles,
+            run.completed,
+            run.wall.as_secs_f64(),
+            run.commands_per_second(),
+            fraction,
+            ms(run.percentile_ms(0.50)),
+            ms(run.percentile_ms(0.99)),
+        ));
+    }
+    table
+}
+
+/// The nearest-rank percentile `p` (0..1) of `values`.
+fn percentile(values: &[u64], p: f64) -> Option<u64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+fn run_sql_file(pg: &Postgres, file: &Path) -> anyhow::Result<()> {
+    pg.psql(DATABASE, &["-f", &file.display().to_string()])
+        .with_context(|| format!("running {}", file.display()))?;
+    Ok(())
+}
+
+fn postgres_settings(pg: &Postgres) -> anyhow::Result<String> {
+    let out = pg
+        .psql(
+            DATABASE,
+            &[
+                "-t",
+                "-A",
+                "-c",
+                "select version() union all \
+                 select name || ' = ' || setting || coalesce(' ' || unit, '') from pg_settings \
+                  where name in ('max_connections', 'shared_buffers', 'work_mem', 'fsync', \
+                                 'synchronous_commit', 'full_page_writes', 'wal_level', \
+                                 'max_wal_size', 'checkpoint_timeout', 'jit', 'wal_sync_method')",
+            ],
+        )
+        .context("reading the Postgres settings")?;
+    Ok(out
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| format!("- {l}"))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+fn machine_description() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get().to_string())
+        .unwrap_or_else(|_| "?".into());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']))
+        })
+        .unwrap_or("unknown")
+        .to_string();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0))
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let disk = data_disk_note();
+    format!(
+        "- CPUs (nproc): {cpus}\n- model name: {model}\n- memory: {memory}\n- kernel: Linux {kernel}\n- {disk}"
+    )
+}
+
+/// Where the cluster's files live (the temp folder), so that fsync cost can be judged.
+fn data_disk_note() -> String {
+    let tmp = std::env::temp_dir();
+    let fs = Command::new("df")
+        .args(["-T", "--output=fstype,source"])
+        .arg(&tmp)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8(o.stdout)
+                .ok()?
+                .lines()
+                .nth(1)
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" on "))
+        })
+        .unwrap_or_else(|| "unknown".into());
+    format!("data folder: {} ({fs})", tmp.display())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn env_number(name: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(name) {
+        Ok(v) => {
+            let n: u64 = v
+                .trim()
+                .parse()
+                .with_context(|| format!("{name} must be a whole number of seconds, got {v:?}"))?;
+            ensure!(n >= 1, "{name} must be at least 1");
+            Ok(n)
+        }
+        Err(_) => Ok(default),
+    }
+}
+
+fn env_lockers(name: &str, default: &[usize]) -> anyhow::Result<Vec<usize>> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .split(',')
+            .map(|s| {
+                let n: usize = s
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("{name} must list whole numbers, got {v:?}"))?;
+                ensure!((1..=64).contains(&n), "{name}: {n} is not within 1..=64");
+                Ok(n)
+            })
+            .collect(),
+        Err(_) => Ok(default.to_vec()),
+    }
+}
