@@ -1,0 +1,1 @@
+//! The ESP32 master/slave simulator.

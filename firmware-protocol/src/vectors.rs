@@ -1,0 +1,1 @@
+//! Test vectors for firmware authors, generated from the real codec and signer.

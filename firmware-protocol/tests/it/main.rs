@@ -1,0 +1,7 @@
+//! Tests of the protocol crate: one binary, one module per area.
+
+mod fixtures;
+mod frame;
+mod message;
+mod sign;
+mod topic;
