@@ -1,0 +1,522 @@
+//! The agent's one typed configuration: TOML, overridden key by key from `AUTOCORE_<SECTION>_<KEY>`
+//! environment variables, validated once at start-up with errors that name the wrong key.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("environment variable {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A value that must never reach a log: Debug and Display print a placeholder.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub agent: AgentSection,
+    pub store: StoreSection,
+    pub cloud: CloudSection,
+    pub mqtt: MqttSection,
+    #[serde(default)]
+    pub api: ApiSection,
+    #[serde(default)]
+    pub masters: Vec<MasterSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// The agent's id, as in `edge_agents.agent_id` and the JWT's `agent_id` claim.
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    pub path: PathBuf,
+    /// The outbox's bound; at the bound the oldest telemetry goes first, never a command or a
+    /// completion.
+    #[serde(default = "defaults::outbox_rows_max")]
+    pub outbox_rows_max: u64,
+    /// Readings gathered before one commit: an SD card's fsync costs milliseconds.
+    #[serde(default = "defaults::telemetry_batch_rows_max")]
+    pub telemetry_batch_rows_max: usize,
+    #[serde(default = "defaults::telemetry_flush_ms")]
+    pub telemetry_flush_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudSection {
+    /// PostgREST's base URL: `https://<project>.supabase.co/rest/v1` on Supabase.
+    pub rest_url: String,
+    /// Supabase's public anon key, sent as `apikey`; not needed on plain PostgREST.
+    pub api_key: Option<Secret>,
+    pub jwt: Option<Secret>,
+    /// Read at start and again whenever it changes, so a token rotates without a restart.
+    pub jwt_file: Option<PathBuf>,
+    #[serde(default = "defaults::poll_interval_ms")]
+    pub poll_interval_ms: u64,
+    #[serde(default = "defaults::request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// How long a command locked by this agent stays locked in the cloud.
+    #[serde(default = "defaults::lock_timeout_seconds")]
+    pub lock_timeout_seconds: u32,
+    #[serde(default = "defaults::lock_batch_max")]
+    pub lock_batch_max: u32,
+    #[serde(default = "defaults::push_batch_rows_max")]
+    pub push_batch_rows_max: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// A CA bundle (PEM) for `mqtts://` brokers with a private CA.
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "defaults::ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+    #[serde(default = "defaults::command_attempts_max")]
+    pub command_attempts_max: u32,
+    /// A master silent for this long is marked offline.
+    #[serde(default = "defaults::heartbeat_timeout_ms")]
+    pub heartbeat_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    #[serde(default = "defaults::api_listen")]
+    pub listen: String,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection {
+            listen: defaults::api_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterSection {
+    pub device_id: String,
+    /// The master's HMAC-SHA256 command-signing key, hex.
+    pub key: Secret,
+}
+
+mod defaults {
+    pub fn outbox_rows_max() -> u64 {
+        1_000_000
+    }
+    pub fn telemetry_batch_rows_max() -> usize {
+        2_000
+    }
+    pub fn telemetry_flush_ms() -> u64 {
+        500
+    }
+    pub fn poll_interval_ms() -> u64 {
+        1_000
+    }
+    pub fn request_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn lock_timeout_seconds() -> u32 {
+        30
+    }
+    pub fn lock_batch_max() -> u32 {
+        5
+    }
+    pub fn push_batch_rows_max() -> usize {
+        1_000
+    }
+    pub fn ack_timeout_ms() -> u64 {
+        3_000
+    }
+    pub fn command_attempts_max() -> u32 {
+        3
+    }
+    pub fn heartbeat_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn api_listen() -> String {
+        "127.0.0.1:8787".to_string()
+    }
+}
+
+const SECTIONS: [&str; 5] = ["agent", "store", "cloud", "mqtt", "api"];
+
+impl AgentConfig {
+    /// Reads `path`, applies `AUTOCORE_*` overrides from the process environment, validates.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        AgentConfig::from_toml(&text, path, std::env::vars())
+    }
+
+    /// Parses `text` (named `origin` in errors) with the given environment.
+    pub fn from_toml(
+        text: &str,
+        origin: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<AgentConfig, ConfigError> {
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: origin.to_path_buf(),
+                    message: e.message().to_string(),
+                })?;
+        apply_env(&mut table, env)?;
+        let config: AgentConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                invalid(
+                    if key == "." {
+                        "(top level)".into()
+                    } else {
+                        key
+                    },
+                    e.into_inner().message().to_string(),
+                )
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_id("agent.id", &self.agent.id)?;
+        if self.store.path.as_os_str().is_empty() {
+            return Err(invalid("store.path", "must not be empty"));
+        }
+        in_range(
+            "store.outbox_rows_max",
+            self.store.outbox_rows_max,
+            1_000,
+            100_000_000,
+        )?;
+        in_range(
+            "store.telemetry_batch_rows_max",
+            self.store.telemetry_batch_rows_max as u64,
+            1,
+            100_000,
+        )?;
+        in_range(
+            "store.telemetry_flush_ms",
+            self.store.telemetry_flush_ms,
+            10,
+            60_000,
+        )?;
+        let rest = self.cloud.rest_url.as_str();
+        if !(rest.starts_with("http://") || rest.starts_with("https://")) {
+            return Err(invalid(
+                "cloud.rest_url",
+                format!("must be an http(s) URL, got {rest:?}"),
+            ));
+        }
+        match (&self.cloud.jwt, &self.cloud.jwt_file) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "cloud.jwt",
+                    "set cloud.jwt or cloud.jwt_file, not both",
+                ));
+            }
+            (None, None) => return Err(invalid("cloud.jwt", "set cloud.jwt or cloud.jwt_file")),
+            _ => {}
+        }
+        in_range(
+            "cloud.poll_interval_ms",
+            self.cloud.poll_interval_ms,
+            100,
+            3_600_000,
+        )?;
+        in_range(
+            "cloud.request_timeout_ms",
+            self.cloud.request_timeout_ms,
+            100,
+            300_000,
+        )?;
+        in_range(
+            "cloud.lock_timeout_seconds",
+            self.cloud.lock_timeout_seconds as u64,
+            1,
+            3_600,
+        )?;
+        in_range(
+            "cloud.lock_batch_max",
+            self.cloud.lock_batch_max as u64,
+            1,
+            100,
+        )?;
+        in_range(
+            "cloud.push_batch_rows_max",
+            self.cloud.push_batch_rows_max as u64,
+            1,
+            10_000,
+        )?;
+        let mqtt = self.mqtt.url.as_str();
+        if !(mqtt.starts_with("mqtt://") || mqtt.starts_with("mqtts://")) {
+            return Err(invalid(
+                "mqtt.url",
+                format!("must be mqtt:// or mqtts://, got {mqtt:?}"),
+            ));
+        }
+        in_range("mqtt.ack_timeout_ms", self.mqtt.ack_timeout_ms, 50, 600_000)?;
+        in_range(
+            "mqtt.command_attempts_max",
+            self.mqtt.command_attempts_max as u64,
+            1,
+            100,
+        )?;
+        in_range(
+            "mqtt.heartbeat_timeout_ms",
+            self.mqtt.heartbeat_timeout_ms,
+            1_000,
+            86_400_000,
+        )?;
+        self.api.listen.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                "api.listen",
+                format!("{e} (want host:port, e.g. 127.0.0.1:8787)"),
+            )
+        })?;
+        let mut seen = BTreeSet::new();
+        for (i, master) in self.masters.iter().enumerate() {
+            check_id(&format!("masters[{i}].device_id"), &master.device_id)?;
+            if !seen.insert(master.device_id.as_str()) {
+                return Err(invalid(
+                    format!("masters[{i}].device_id"),
+                    format!("{} is listed twice", master.device_id),
+                ));
+            }
+            let key = hex::decode(master.key.expose())
+                .map_err(|_| invalid(format!("masters[{i}].key"), "must be hex"))?;
+            if key.len() < 16 {
+                return Err(invalid(
+                    format!("masters[{i}].key"),
+                    "must be at least 16 bytes (32 hex digits)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The master signing key as bytes; validated at load.
+    pub fn master_key(&self, device_id: &str) -> Option<Vec<u8>> {
+        self.masters
+            .iter()
+            .find(|m| m.device_id == device_id)
+            .and_then(|m| hex::decode(m.key.expose()).ok())
+    }
+}
+
+fn check_id(key: &str, value: &str) -> Result<(), ConfigError> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.:-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{value:?} must be 1-64 characters of A-Z a-z 0-9 _ . : -"),
+        ))
+    }
+}
+
+fn in_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(key, format!("{value} is outside {min}..={max}")))
+    }
+}
+
+/// `AUTOCORE_CLOUD_POLL_INTERVAL_MS=500` sets `[cloud] poll_interval_ms = 500`. A value is read
+/// as TOML (number, boolean, quoted string) and otherwise taken as a plain string.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    for (var, value) in env {
+        let Some(rest) = var.strip_prefix("AUTOCORE_") else {
+            continue;
+        };
+        let lower = rest.to_ascii_lowercase();
+        let Some(section) = SECTIONS
+            .iter()
+            .find(|s| lower.starts_with(&format!("{s}_")))
+        else {
+            continue;
+        };
+        let key = &lower[section.len() + 1..];
+        if key.is_empty() {
+            return Err(ConfigError::Env {
+                var,
+                reason: "names no key".into(),
+            });
+        }
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let entry = table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let Some(section_table) = entry.as_table_mut() else {
+            return Err(ConfigError::Env {
+                var,
+                reason: format!("[{section}] is not a table"),
+            });
+        };
+        section_table.insert(key.to_string(), parsed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../agent.example.toml");
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_toml(
+            text,
+            Path::new("agent.toml"),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    fn error_key(result: Result<AgentConfig, ConfigError>) -> String {
+        match result {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let config = load(EXAMPLE, &[]).unwrap();
+        assert_eq!(config.agent.id, "pi-greenhouse");
+        assert_eq!(config.masters.len(), 1);
+    }
+
+    #[test]
+    fn an_environment_variable_overrides_its_key() {
+        let config = load(
+            EXAMPLE,
+            &[
+                ("AUTOCORE_CLOUD_POLL_INTERVAL_MS", "250"),
+                ("AUTOCORE_AGENT_ID", "pi-barn"),
+                ("HOME", "/root"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.cloud.poll_interval_ms, 250);
+        assert_eq!(config.agent.id, "pi-barn");
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key() {
+        let text = EXAMPLE.replace("poll_interval_ms = 1000", "poll_interval_ms = \"soon\"");
+        assert_eq!(error_key(load(&text, &[])), "cloud.poll_interval_ms");
+    }
+
+    #[test]
+    fn an_unknown_key_names_its_section() {
+        let text = EXAMPLE.replace("[cloud]", "[cloud]\npoll_intervall_ms = 5");
+        let err = load(&text, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("cloud") && err.contains("poll_intervall_ms"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_key() {
+        assert_eq!(
+            error_key(load(EXAMPLE, &[("AUTOCORE_CLOUD_POLL_INTERVAL_MS", "5")])),
+            "cloud.poll_interval_ms"
+        );
+        assert_eq!(
+            error_key(load(EXAMPLE, &[("AUTOCORE_API_LISTEN", "nowhere")])),
+            "api.listen"
+        );
+        assert_eq!(
+            error_key(load(EXAMPLE, &[("AUTOCORE_MQTT_URL", "http://x")])),
+            "mqtt.url"
+        );
+    }
+
+    #[test]
+    fn a_bad_master_key_names_the_master() {
+        let text = EXAMPLE.replace(
+            "key = \"00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\"",
+            "key = \"zz\"",
+        );
+        assert_eq!(error_key(load(&text, &[])), "masters[0].key");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let text = EXAMPLE.replace(
+            "jwt_file = \"/etc/autocore/agent.jwt\"",
+            "jwt = \"eyJ.secret.token\"",
+        );
+        let config = load(&text, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("eyJ.secret.token"));
+        assert!(!debug.contains("00112233445566778899"));
+    }
+}
