@@ -1,6 +1,7 @@
 //! The AutoCore Edge agent: SQLite mirror, sync with the backend, MQTT bridge and decision engine.
 
 pub mod config;
+pub mod store;
 
 /// The agent's version, as reported in its status and logs.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,843 @@
+//! The agent's durable state in SQLite (WAL, `synchronous=FULL`): commands it accepted, the
+//! outbox of everything the cloud must learn, the rules mirror, device and relay state, and the
+//! signing counters. Every promise (an accepted command, an outbox row, a counter) is on disk
+//! before the caller acts on it. No I/O but SQLite; time comes in as `now_ms`.
+
+mod schema;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored JSON is unreadable: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("the database has schema version {found}, newer than this agent knows ({known})")]
+    NewerSchema { found: i64, known: i64 },
+    #[error("the store's lock was poisoned by a panic")]
+    Poisoned,
+    #[error("the store task failed: {0}")]
+    Task(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// What a command is, as the agent keeps it. Relay actions are absolute: "on" or "off".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    pub id: i64,
+    pub master_device_id: String,
+    pub slave_mac_address: String,
+    pub slave_device_id: Option<String>,
+    pub relay_numbers: Vec<u8>,
+    pub actions: Vec<String>,
+    pub duration_seconds: Vec<u32>,
+    pub command_type: String,
+    pub triggered_by: String,
+    pub priority: i32,
+    pub rule_id: Option<String>,
+    pub rule_name: Option<String>,
+    pub expires_at_ms: i64,
+    pub state: CommandState,
+    pub attempts: u32,
+    pub last_sent_at_ms: Option<i64>,
+    pub polled_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandState {
+    /// On disk, not yet sent to its master.
+    Accepted,
+    /// Published to the master (or handed to it through the local API); awaiting the ack.
+    Sent,
+    Completed,
+    Failed,
+    Expired,
+}
+
+impl CommandState {
+    fn as_str(self) -> &'static str {
+        match self {
+            CommandState::Accepted => "accepted",
+            CommandState::Sent => "sent",
+            CommandState::Completed => "completed",
+            CommandState::Failed => "failed",
+            CommandState::Expired => "expired",
+        }
+    }
+
+    fn parse(s: &str) -> CommandState {
+        match s {
+            "sent" => CommandState::Sent,
+            "completed" => CommandState::Completed,
+            "failed" => CommandState::Failed,
+            "expired" => CommandState::Expired,
+            _ => CommandState::Accepted,
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            CommandState::Completed | CommandState::Failed | CommandState::Expired
+        )
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommandOutcome {
+    Completed {
+        execution_time_ms: u32,
+        relay_states: Option<Vec<bool>>,
+    },
+    Failed {
+        reason: String,
+        execution_time_ms: Option<u32>,
+    },
+    /// Its expiry passed before it could run; it never will.
+    Expired,
+}
+
+/// Whether `accept_command` took a new command or already knew it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    New,
+    Known(CommandState),
+}
+
+/// What the cloud must learn, by kind; the outbox drops only telemetry at its bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxClass {
+    Completion,
+    Telemetry,
+    Event,
+    RuleCommand,
+    DeviceStatus,
+    RelayState,
+    RuleFeedback,
+}
+
+impl OutboxClass {
+    pub const ALL: [OutboxClass; 7] = [
+        OutboxClass::Completion,
+        OutboxClass::Telemetry,
+        OutboxClass::Event,
+        OutboxClass::RuleCommand,
+        OutboxClass::DeviceStatus,
+        OutboxClass::RelayState,
+        OutboxClass::RuleFeedback,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxClass::Completion => "completion",
+            OutboxClass::Telemetry => "telemetry",
+            OutboxClass::Event => "event",
+            OutboxClass::RuleCommand => "rule_command",
+            OutboxClass::DeviceStatus => "device_status",
+            OutboxClass::RelayState => "relay_state",
+            OutboxClass::RuleFeedback => "rule_feedback",
+        }
+    }
+
+    fn parse(s: &str) -> Option<OutboxClass> {
+        OutboxClass::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub class: OutboxClass,
+    pub idempotency_key: String,
+    pub payload: Value,
+    pub created_at_ms: i64,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct OutboxStats {
+    pub depth: u64,
+    pub oldest_age_ms: Option<i64>,
+    pub by_class: Vec<(OutboxClass, u64)>,
+    pub rejected: u64,
+}
+
+/// One sensor reading, as telemetry reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reading {
+    pub device_id: String,
+    pub sensor_key: String,
+    pub value: f64,
+    pub unit: Option<String>,
+    pub recorded_at_ms: i64,
+}
+
+/// One rule as the mirror keeps it (a deleted rule stays as a tombstone).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleRecord {
+    pub id: String,
+    pub device_id: String,
+    pub rule_id: String,
+    pub rule_name: Option<String>,
+    pub rule_description: Option<String>,
+    pub rule_json: Option<Value>,
+    pub enabled: bool,
+    pub priority: i32,
+    pub cooldown_seconds: i32,
+    pub max_executions_per_hour: i32,
+    pub revision: i64,
+    pub deleted: bool,
+    pub changed_at: String,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        Store::init(Connection::open(path)?)
+    }
+
+    pub fn open_in_memory() -> Result<Store> {
+        Store::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<Store> {
+        // FULL: the WAL is synced at every commit, so what we promised survives power loss.
+        conn.execute_batch(
+            "pragma journal_mode = wal;
+             pragma synchronous = full;
+             pragma foreign_keys = on;
+             pragma busy_timeout = 5000;",
+        )?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let version: i64 = self
+            .conn
+            .query_row("pragma user_version", [], |r| r.get(0))?;
+        let known = schema::MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::NewerSchema {
+                found: version,
+                known,
+            });
+        }
+        for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    /// Records a command before anything acts on it. A command already known (handed out again
+    /// after a lock timeout, or pulled twice) is not recorded again: its state is returned.
+    pub fn accept_command(&mut self, cmd: &CommandRecord, now_ms: i64) -> Result<Accepted> {
+        let tx = self.conn.transaction()?;
+        let known: Option<String> = tx
+            .query_row("select state from commands where id = ?1", [cmd.id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if let Some(state) = known {
+            return Ok(Accepted::Known(CommandState::parse(&state)));
+        }
+        tx.execute(
+            "insert into commands (id, master_device_id, slave_mac_address, slave_device_id, relay_numbers,
+                actions, duration_seconds, command_type, triggered_by, priority, rule_id, rule_name,
+                expires_at_ms, state, accepted_at_ms)
+             values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'accepted', ?14)",
+            params![
+                cmd.id,
+                cmd.master_device_id,
+                cmd.slave_mac_address,
+                cmd.slave_device_id,
+                serde_json::to_string(&cmd.relay_numbers)?,
+                serde_json::to_string(&cmd.actions)?,
+                serde_json::to_string(&cmd.duration_seconds)?,
+                cmd.command_type,
+                cmd.triggered_by,
+                cmd.priority,
+                cmd.rule_id,
+                cmd.rule_name,
+                cmd.expires_at_ms,
+                now_ms,
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Accepted::New)
+    }
+
+    pub fn command(&self, id: i64) -> Result<Option<CommandRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("{COMMAND_SELECT} where id = ?1"))?;
+        let row = stmt.query_row([id], command_from_row).optional()?;
+        Ok(row)
+    }
+
+    /// Commands not yet finished, oldest first.
+    pub fn open_commands(&self) -> Result<Vec<CommandRecord>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "{COMMAND_SELECT} where state in ('accepted', 'sent') order by accepted_at_ms, id"
+        ))?;
+        let rows = stmt.query_map([], command_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Counts commands by state, for metrics.
+    pub fn command_counts(&self) -> Result<Vec<(String, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("select state, count(*) from commands group by state order by state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records one delivery attempt (before the publish, so a crash never forgets it happened).
+    pub fn mark_sent(
+        &mut self,
+        id: i64,
+        signing_counter: Option<u64>,
+        polled_by: Option<&str>,
+        now_ms: i64,
+    ) -> Result<()> {
+        self.conn.execute(
+            "update commands set state = 'sent', attempts = attempts + 1, last_sent_at_ms = ?2,
+                signing_counter = coalesce(?3, signing_counter), polled_by = coalesce(?4, polled_by)
+             where id = ?1 and state in ('accepted', 'sent')",
+            params![id, now_ms, signing_counter.map(|c| c as i64), polled_by],
+        )?;
+        Ok(())
+    }
+
+    /// Ends a command and queues its report to the cloud in the same transaction. Returns false
+    /// if it had already ended (a duplicate ack): nothing changes then.
+    pub fn finish_command(
+        &mut self,
+        id: i64,
+        outcome: &CommandOutcome,
+        now_ms: i64,
+    ) -> Result<bool> {
+        let tx = self.conn.transaction()?;
+        let row: Option<(String, String, String)> = tx
+            .query_row(
+                "select state, master_device_id, slave_mac_address from commands where id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((state, master, slave)) = row else {
+            return Ok(false);
+        };
+        if CommandState::parse(&state).is_final() {
+            return Ok(false);
+        }
+        let (state, exec_ms, error, relay_states) = match outcome {
+            CommandOutcome::Completed {
+                execution_time_ms,
+                relay_states,
+            } => (
+                CommandState::Completed,
+                Some(*execution_time_ms),
+                None,
+                relay_states.clone(),
+            ),
+            CommandOutcome::Failed {
+                reason,
+                execution_time_ms,
+            } => (
+                CommandState::Failed,
+                *execution_time_ms,
+                Some(reason.clone()),
+                None,
+            ),
+            CommandOutcome::Expired => (
+                CommandState::Expired,
+                None,
+                Some("expired before it could run".to_string()),
+                None,
+            ),
+        };
+        let states_json = relay_states
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()?;
+        tx.execute(
+            "update commands set state = ?2, finished_at_ms = ?3, execution_time_ms = ?4,
+                error_message = ?5, relay_states = ?6 where id = ?1",
+            params![id, state.as_str(), now_ms, exec_ms, error, states_json],
+        )?;
+        if let Some(states) = &relay_states {
+            tx.execute(
+                "insert into relay_states (master_device_id, slave_mac_address, states, updated_at_ms)
+                 values (?1, ?2, ?3, ?4)
+                 on conflict (master_device_id, slave_mac_address) do update
+                   set states = excluded.states, updated_at_ms = excluded.updated_at_ms",
+                params![master, slave, serde_json::to_string(states)?, now_ms],
+            )?;
+        }
+        let payload = serde_json::json!({
+            "command_id": id,
+            "status": state.as_str(),
+            "execution_time_ms": exec_ms,
+            "error_message": error,
+            "relay_states": relay_states,
+        });
+        insert_outbox(
+            &tx,
+            OutboxClass::Completion,
+            &format!("completion:{id}"),
+            &payload,
+            now_ms,
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    // ---------------------------------------------------------------- outbox
+
+    /// Queues one row; false if a row with this idempotency key is already queued.
+    pub fn enqueue(
+        &mut self,
+        class: OutboxClass,
+        idempotency_key: &str,
+        payload: &Value,
+        now_ms: i64,
+    ) -> Result<bool> {
+        let tx = self.conn.transaction()?;
+        let inserted = insert_outbox(&tx, class, idempotency_key, payload, now_ms)?;
+        tx.commit()?;
+        Ok(inserted)
+    }
+
+    /// Queues a batch of readings in one transaction (one fsync for the whole batch); a reading
+    /// already queued (same device, sensor and time) is skipped. Returns how many were new.
+    pub fn enqueue_readings(&mut self, readings: &[Reading], now_ms: i64) -> Result<usize> {
+        let tx = self.conn.transaction()?;
+        let mut added = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "insert into outbox (class, idempotency_key, payload, created_at_ms)
+                 values ('telemetry', ?1, ?2, ?3) on conflict (idempotency_key) do nothing",
+            )?;
+            for r in readings {
+                let key = format!("t:{}:{}:{}", r.device_id, r.sensor_key, r.recorded_at_ms);
+                added += stmt.execute(params![key, serde_json::to_string(r)?, now_ms])?;
+            }
+        }
+        tx.commit()?;
+        Ok(added)
+    }
+
+    /// Up to `limit` rows due now, oldest first.
+    pub fn outbox_due(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "select seq, class, idempotency_key, payload, created_at_ms, attempts from outbox
+             where next_attempt_at_ms <= ?1 order by seq limit ?2",
+        )?;
+        let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, class, key, payload, created, attempts) = row?;
+            let Some(class) = OutboxClass::parse(&class) else {
+                continue;
+            };
+            out.push(OutboxRow {
+                seq,
+                class,
+                idempotency_key: key,
+                payload: serde_json::from_str(&payload)?,
+                created_at_ms: created,
+                attempts: attempts as u32,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The cloud has these rows: remove them.
+    pub fn outbox_delivered(&mut self, seqs: &[i64]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached("delete from outbox where seq = ?1")?;
+            for seq in seqs {
+                stmt.execute([seq])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A transient failure: try these rows again from `next_attempt_at_ms`.
+    pub fn outbox_retry_later(
+        &mut self,
+        seqs: &[i64],
+        error: &str,
+        next_attempt_at_ms: i64,
+    ) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "update outbox set attempts = attempts + 1, last_error = ?2, next_attempt_at_ms = ?3 where seq = ?1",
+            )?;
+            for seq in seqs {
+                stmt.execute(params![seq, error, next_attempt_at_ms])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The cloud refused this row for good: move it aside with the reason, so it neither blocks
+    /// the queue nor disappears.
+    pub fn outbox_reject(&mut self, seq: i64, reason: &str, now_ms: i64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "insert or replace into outbox_rejected (seq, class, idempotency_key, payload, created_at_ms, rejected_at_ms, reason)
+             select seq, class, idempotency_key, payload, created_at_ms, ?2, ?3 from outbox where seq = ?1",
+            params![seq, now_ms, reason],
+        )?;
+        tx.execute("delete from outbox where seq = ?1", [seq])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn outbox_stats(&self, now_ms: i64) -> Result<OutboxStats> {
+        let (depth, oldest): (i64, Option<i64>) =
+            self.conn
+                .query_row("select count(*), min(created_at_ms) from outbox", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("select class, count(*) from outbox group by class")?;
+        let by_class = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+            .filter_map(|r| r.ok())
+            .filter_map(|(c, n)| OutboxClass::parse(&c).map(|c| (c, n as u64)))
+            .collect();
+        let rejected: i64 =
+            self.conn
+                .query_row("select count(*) from outbox_rejected", [], |r| r.get(0))?;
+        Ok(OutboxStats {
+            depth: depth as u64,
+            oldest_age_ms: oldest.map(|t| (now_ms - t).max(0)),
+            by_class,
+            rejected: rejected as u64,
+        })
+    }
+
+    /// Keeps the outbox at or under `rows_max` by dropping the oldest telemetry; nothing else is
+    /// ever dropped, so a queue of only commands and completions may exceed the bound. Returns how
+    /// many readings were dropped (also added to the `telemetry_dropped` counter).
+    pub fn enforce_outbox_bound(&mut self, rows_max: u64) -> Result<u64> {
+        let depth: i64 = self
+            .conn
+            .query_row("select count(*) from outbox", [], |r| r.get(0))?;
+        let excess = depth - rows_max as i64;
+        if excess <= 0 {
+            return Ok(0);
+        }
+        let tx = self.conn.transaction()?;
+        let dropped = tx.execute(
+            "delete from outbox where seq in (
+               select seq from outbox where class = 'telemetry' order by seq limit ?1)",
+            [excess],
+        )? as u64;
+        add_counter(&tx, "telemetry_dropped", dropped as i64)?;
+        tx.commit()?;
+        Ok(dropped)
+    }
+
+    // ---------------------------------------------------------------- counters
+
+    /// The next command-signing counter for `master`, on disk before it is used: after a crash
+    /// the counter never goes back, so a master never sees a counter twice.
+    pub fn next_signing_counter(&mut self, master: &str) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        let value: i64 = tx.query_row(
+            "insert into signing_counters (master_device_id, counter) values (?1, 1)
+             on conflict (master_device_id) do update set counter = counter + 1
+             returning counter",
+            [master],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok(value as u64)
+    }
+
+    pub fn add_to_counter(&mut self, name: &str, by: i64) -> Result<()> {
+        add_counter(&self.conn, name, by)?;
+        Ok(())
+    }
+
+    pub fn counter(&self, name: &str) -> Result<i64> {
+        Ok(self
+            .conn
+            .query_row("select value from counters where name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    pub fn cursor(&self, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row("select value from cursors where name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?)
+    }
+
+    pub fn set_cursor(&mut self, name: &str, value: &str) -> Result<()> {
+        self.conn.execute(
+            "insert into cursors (name, value) values (?1, ?2)
+             on conflict (name) do update set value = excluded.value",
+            params![name, value],
+        )?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- rules mirror
+
+    /// Applies changes from the cloud; a change older than what is mirrored (lower revision) is
+    /// ignored, so re-reading an overlap is harmless. Returns how many rows changed.
+    pub fn apply_rule_changes(&mut self, changes: &[RuleRecord]) -> Result<usize> {
+        let tx = self.conn.transaction()?;
+        let mut changed = 0;
+        {
+            let mut stmt = tx.prepare_cached(
+                "insert into rules (id, device_id, rule_id, rule_name, rule_description, rule_json, enabled,
+                    priority, cooldown_seconds, max_executions_per_hour, revision, deleted, changed_at)
+                 values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                 on conflict (id) do update set
+                    device_id = excluded.device_id, rule_id = excluded.rule_id,
+                    rule_name = coalesce(excluded.rule_name, rules.rule_name),
+                    rule_description = coalesce(excluded.rule_description, rules.rule_description),
+                    rule_json = coalesce(excluded.rule_json, rules.rule_json),
+                    enabled = excluded.enabled, priority = excluded.priority,
+                    cooldown_seconds = excluded.cooldown_seconds,
+                    max_executions_per_hour = excluded.max_executions_per_hour,
+                    revision = excluded.revision, deleted = excluded.deleted, changed_at = excluded.changed_at
+                 where excluded.revision > rules.revision",
+            )?;
+            for r in changes {
+                changed += stmt.execute(params![
+                    r.id,
+                    r.device_id,
+                    r.rule_id,
+                    r.rule_name,
+                    r.rule_description,
+                    r.rule_json.as_ref().map(Value::to_string),
+                    r.enabled,
+                    r.priority,
+                    r.cooldown_seconds,
+                    r.max_executions_per_hour,
+                    r.revision,
+                    r.deleted,
+                    r.changed_at,
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(changed)
+    }
+
+    /// Enabled, not deleted rules of a device by `priority DESC`, as the cloud RPC returns them.
+    pub fn active_rules(&self, device_id: &str, limit: usize) -> Result<Vec<RuleRecord>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "{RULE_SELECT} where device_id = ?1 and enabled and not deleted order by priority desc, rowid limit ?2"
+        ))?;
+        let rows = stmt.query_map(params![device_id, limit as i64], rule_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn rule(&self, id: &str) -> Result<Option<RuleRecord>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!("{RULE_SELECT} where id = ?1"))?;
+        Ok(stmt.query_row([id], rule_from_row).optional()?)
+    }
+
+    // ---------------------------------------------------------------- devices
+
+    /// Records that a master spoke; returns true if it had never been seen before.
+    pub fn record_presence(
+        &mut self,
+        device_id: &str,
+        online: bool,
+        firmware_version: Option<&str>,
+        wifi_rssi: Option<i32>,
+        now_ms: i64,
+    ) -> Result<bool> {
+        let known: bool = self.conn.query_row(
+            "select exists (select 1 from devices where device_id = ?1)",
+            [device_id],
+            |r| r.get(0),
+        )?;
+        self.conn.execute(
+            "insert into devices (device_id, online, last_seen_ms, firmware_version, wifi_rssi)
+             values (?1, ?2, ?3, ?4, ?5)
+             on conflict (device_id) do update set online = excluded.online, last_seen_ms = excluded.last_seen_ms,
+               firmware_version = coalesce(excluded.firmware_version, devices.firmware_version),
+               wifi_rssi = coalesce(excluded.wifi_rssi, devices.wifi_rssi)",
+            params![device_id, online, now_ms, firmware_version, wifi_rssi],
+        )?;
+        Ok(!known)
+    }
+
+    /// Devices and whether each is online, for status and metrics.
+    pub fn devices(&self) -> Result<Vec<(String, bool, Option<i64>)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "select device_id, online, last_seen_ms from devices order by device_id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+const COMMAND_SELECT: &str = "select id, master_device_id, slave_mac_address, slave_device_id, relay_numbers, actions,
+    duration_seconds, command_type, triggered_by, priority, rule_id, rule_name, expires_at_ms, state,
+    attempts, last_sent_at_ms, polled_by from commands";
+
+fn command_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CommandRecord> {
+    fn json<T: serde::de::DeserializeOwned>(
+        r: &rusqlite::Row<'_>,
+        i: usize,
+    ) -> rusqlite::Result<T> {
+        let text: String = r.get(i)?;
+        serde_json::from_str(&text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+        })
+    }
+    Ok(CommandRecord {
+        id: r.get(0)?,
+        master_device_id: r.get(1)?,
+        slave_mac_address: r.get(2)?,
+        slave_device_id: r.get(3)?,
+        relay_numbers: json(r, 4)?,
+        actions: json(r, 5)?,
+        duration_seconds: json(r, 6)?,
+        command_type: r.get(7)?,
+        triggered_by: r.get(8)?,
+        priority: r.get(9)?,
+        rule_id: r.get(10)?,
+        rule_name: r.get(11)?,
+        expires_at_ms: r.get(12)?,
+        state: CommandState::parse(&r.get::<_, String>(13)?),
+        attempts: r.get::<_, i64>(14)? as u32,
+        last_sent_at_ms: r.get(15)?,
+        polled_by: r.get(16)?,
+    })
+}
+
+const RULE_SELECT: &str =
+    "select id, device_id, rule_id, rule_name, rule_description, rule_json, enabled, priority,
+    cooldown_seconds, max_executions_per_hour, revision, deleted, changed_at from rules";
+
+fn rule_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RuleRecord> {
+    let json: Option<String> = r.get(5)?;
+    Ok(RuleRecord {
+        id: r.get(0)?,
+        device_id: r.get(1)?,
+        rule_id: r.get(2)?,
+        rule_name: r.get(3)?,
+        rule_description: r.get(4)?,
+        rule_json: json.and_then(|j| serde_json::from_str(&j).ok()),
+        enabled: r.get(6)?,
+        priority: r.get(7)?,
+        cooldown_seconds: r.get(8)?,
+        max_executions_per_hour: r.get(9)?,
+        revision: r.get(10)?,
+        deleted: r.get(11)?,
+        changed_at: r.get(12)?,
+    })
+}
+
+fn insert_outbox(
+    conn: &Connection,
+    class: OutboxClass,
+    key: &str,
+    payload: &Value,
+    now_ms: i64,
+) -> Result<bool> {
+    let n = conn.execute(
+        "insert into outbox (class, idempotency_key, payload, created_at_ms) values (?1, ?2, ?3, ?4)
+         on conflict (idempotency_key) do nothing",
+        params![class.as_str(), key, payload.to_string(), now_ms],
+    )?;
+    Ok(n == 1)
+}
+
+fn add_counter(conn: &Connection, name: &str, by: i64) -> rusqlite::Result<()> {
+    conn.execute(
+        "insert into counters (name, value) values (?1, ?2)
+         on conflict (name) do update set value = value + excluded.value",
+        params![name, by],
+    )?;
+    Ok(())
+}
+
+/// The store shared by the agent's tasks. Calls run on tokio's blocking pool: a commit with
+/// `synchronous=FULL` waits for the disk and must not stall the async workers.
+#[derive(Debug, Clone)]
+pub struct StoreHandle {
+    inner: Arc<Mutex<Store>>,
+}
+
+impl StoreHandle {
+    pub fn new(store: Store) -> StoreHandle {
+        StoreHandle {
+            inner: Arc::new(Mutex::new(store)),
+        }
+    }
+
+    pub async fn call<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = inner.lock().map_err(|_| StoreError::Poisoned)?;
+            f(&mut store)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+}
+
+#[cfg(test)]
+mod tests;

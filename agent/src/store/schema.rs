@@ -1,0 +1,109 @@
+//! The SQLite schema, as numbered migrations applied in order and recorded in `user_version`.
+
+/// Each entry moves the schema from version `i` to `i + 1`. Append only.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: commands, outbox, rules mirror, devices, relay states, replay counters, cursors.
+    r#"
+    create table commands (
+        id integer primary key,              -- relay_commands_slave.id in the cloud
+        master_device_id text not null,
+        slave_mac_address text not null,
+        slave_device_id text,
+        relay_numbers text not null,         -- JSON arrays, as in the cloud row
+        actions text not null,
+        duration_seconds text not null,
+        command_type text not null,
+        triggered_by text not null,
+        priority integer not null,
+        rule_id text,
+        rule_name text,
+        expires_at_ms integer not null,
+        state text not null check (state in ('accepted', 'sent', 'completed', 'failed', 'expired')),
+        attempts integer not null default 0,
+        last_sent_at_ms integer,
+        signing_counter integer,
+        accepted_at_ms integer not null,
+        finished_at_ms integer,
+        execution_time_ms integer,
+        error_message text,
+        relay_states text,
+        -- Handed to a master polling the local API instead of sent over MQTT.
+        polled_by text
+    );
+    create index commands_open on commands (state, master_device_id) where state in ('accepted', 'sent');
+
+    create table outbox (
+        seq integer primary key autoincrement,
+        class text not null check (class in ('completion', 'telemetry', 'event', 'rule_command', 'device_status', 'relay_state', 'rule_feedback')),
+        idempotency_key text not null unique,
+        payload text not null,
+        created_at_ms integer not null,
+        attempts integer not null default 0,
+        next_attempt_at_ms integer not null default 0,
+        last_error text
+    );
+    create index outbox_class on outbox (class, seq);
+
+    -- Rows the cloud refused for good (a 4xx other than auth): kept, counted, never retried blindly.
+    create table outbox_rejected (
+        seq integer primary key,
+        class text not null,
+        idempotency_key text not null,
+        payload text not null,
+        created_at_ms integer not null,
+        rejected_at_ms integer not null,
+        reason text not null
+    );
+
+    create table rules (
+        id text primary key,                 -- decision_rules.id (uuid)
+        device_id text not null,
+        rule_id text not null,
+        rule_name text,
+        rule_description text,
+        rule_json text,
+        enabled integer not null,
+        priority integer not null,
+        cooldown_seconds integer not null,
+        max_executions_per_hour integer not null,
+        revision integer not null,
+        deleted integer not null,
+        changed_at text not null
+    );
+    create index rules_device on rules (device_id, priority desc);
+
+    create table devices (
+        device_id text primary key,
+        online integer not null default 0,
+        last_seen_ms integer,
+        firmware_version text,
+        wifi_rssi integer,
+        announced_at_ms integer,
+        delivered_config_version integer
+    );
+
+    create table relay_states (
+        master_device_id text not null,
+        slave_mac_address text not null,
+        states text not null,
+        updated_at_ms integer not null,
+        primary key (master_device_id, slave_mac_address)
+    );
+
+    -- The last signing counter used per master: a replayed command must never verify.
+    create table signing_counters (
+        master_device_id text primary key,
+        counter integer not null
+    );
+
+    create table cursors (
+        name text primary key,
+        value text not null
+    );
+
+    create table counters (
+        name text primary key,
+        value integer not null
+    );
+    "#,
+];

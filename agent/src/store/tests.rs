@@ -1,0 +1,250 @@
+//! The store's promises: nothing accepted twice, nothing finished twice, reports queued with
+//! the state change, bounded outbox that drops only telemetry, counters that never go back.
+
+use serde_json::json;
+
+use super::*;
+
+fn command(id: i64) -> CommandRecord {
+    CommandRecord {
+        id,
+        master_device_id: "ESP32_A".into(),
+        slave_mac_address: "14:33:5C:38:BF:60".into(),
+        slave_device_id: None,
+        relay_numbers: vec![0],
+        actions: vec!["on".into()],
+        duration_seconds: vec![60],
+        command_type: "manual".into(),
+        triggered_by: "manual".into(),
+        priority: 10,
+        rule_id: None,
+        rule_name: None,
+        expires_at_ms: 1_000_000,
+        state: CommandState::Accepted,
+        attempts: 0,
+        last_sent_at_ms: None,
+        polled_by: None,
+    }
+}
+
+fn reading(sensor: &str, at: i64) -> Reading {
+    Reading {
+        device_id: "ESP32_A".into(),
+        sensor_key: sensor.into(),
+        value: 6.5,
+        unit: Some("pH".into()),
+        recorded_at_ms: at,
+    }
+}
+
+#[test]
+fn a_command_handed_out_twice_is_accepted_once() {
+    let mut store = Store::open_in_memory().unwrap();
+    assert_eq!(store.accept_command(&command(7), 1).unwrap(), Accepted::New);
+    store.mark_sent(7, Some(1), None, 2).unwrap();
+    assert_eq!(
+        store.accept_command(&command(7), 3).unwrap(),
+        Accepted::Known(CommandState::Sent)
+    );
+    assert_eq!(store.open_commands().unwrap().len(), 1);
+    assert_eq!(store.command(7).unwrap().unwrap().attempts, 1);
+}
+
+#[test]
+fn finishing_a_command_queues_its_completion_once() {
+    let mut store = Store::open_in_memory().unwrap();
+    store.accept_command(&command(7), 1).unwrap();
+    let done = CommandOutcome::Completed {
+        execution_time_ms: 42,
+        relay_states: Some(vec![true, false]),
+    };
+    assert!(store.finish_command(7, &done, 5).unwrap());
+    assert!(
+        !store.finish_command(7, &done, 6).unwrap(),
+        "a duplicate ack changes nothing"
+    );
+    let due = store.outbox_due(10, 10).unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].class, OutboxClass::Completion);
+    assert_eq!(due[0].payload["status"], "completed");
+    assert_eq!(due[0].payload["execution_time_ms"], 42);
+    assert!(store.open_commands().unwrap().is_empty());
+}
+
+#[test]
+fn an_expired_command_is_reported_as_expired_and_never_reopened() {
+    let mut store = Store::open_in_memory().unwrap();
+    store.accept_command(&command(8), 1).unwrap();
+    assert!(
+        store
+            .finish_command(8, &CommandOutcome::Expired, 2)
+            .unwrap()
+    );
+    assert_eq!(
+        store.accept_command(&command(8), 3).unwrap(),
+        Accepted::Known(CommandState::Expired)
+    );
+    assert_eq!(
+        store.outbox_due(10, 10).unwrap()[0].payload["status"],
+        "expired"
+    );
+}
+
+#[test]
+fn accepted_commands_outbox_rows_and_counters_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.db");
+    {
+        let mut store = Store::open(&path).unwrap();
+        store.accept_command(&command(1), 1).unwrap();
+        store
+            .enqueue(OutboxClass::Event, "e1", &json!({"x": 1}), 1)
+            .unwrap();
+        assert_eq!(store.next_signing_counter("ESP32_A").unwrap(), 1);
+        assert_eq!(store.next_signing_counter("ESP32_A").unwrap(), 2);
+    }
+    let mut store = Store::open(&path).unwrap();
+    assert_eq!(store.open_commands().unwrap()[0].id, 1);
+    assert_eq!(store.outbox_stats(2).unwrap().depth, 1);
+    assert_eq!(
+        store.next_signing_counter("ESP32_A").unwrap(),
+        3,
+        "the counter never goes back"
+    );
+}
+
+#[test]
+fn the_outbox_bound_drops_the_oldest_telemetry_and_nothing_else() {
+    let mut store = Store::open_in_memory().unwrap();
+    store.accept_command(&command(1), 0).unwrap();
+    store
+        .finish_command(
+            1,
+            &CommandOutcome::Failed {
+                reason: "no ack".into(),
+                execution_time_ms: None,
+            },
+            0,
+        )
+        .unwrap();
+    let readings: Vec<Reading> = (0..10).map(|i| reading("ph", i)).collect();
+    assert_eq!(store.enqueue_readings(&readings, 1).unwrap(), 10);
+    assert_eq!(
+        store.enqueue_readings(&readings, 1).unwrap(),
+        0,
+        "re-queued readings are skipped"
+    );
+    store
+        .enqueue(OutboxClass::Event, "ev", &json!({}), 2)
+        .unwrap();
+    assert_eq!(store.enforce_outbox_bound(5).unwrap(), 7);
+    let due = store.outbox_due(10, 100).unwrap();
+    let classes: Vec<OutboxClass> = due.iter().map(|r| r.class).collect();
+    assert_eq!(
+        classes,
+        vec![
+            OutboxClass::Completion,
+            OutboxClass::Telemetry,
+            OutboxClass::Telemetry,
+            OutboxClass::Telemetry,
+            OutboxClass::Event
+        ]
+    );
+    assert_eq!(
+        due[1].payload["recorded_at_ms"], 7,
+        "the oldest readings went first"
+    );
+    assert_eq!(store.counter("telemetry_dropped").unwrap(), 7);
+
+    // With no telemetry left to drop, the bound does not touch completions or events.
+    assert_eq!(store.enforce_outbox_bound(1).unwrap(), 3);
+    assert_eq!(store.outbox_stats(10).unwrap().depth, 2);
+}
+
+#[test]
+fn a_rejected_row_leaves_the_queue_but_is_kept_with_its_reason() {
+    let mut store = Store::open_in_memory().unwrap();
+    store
+        .enqueue(OutboxClass::Event, "bad", &json!({"x": 1}), 1)
+        .unwrap();
+    let seq = store.outbox_due(1, 1).unwrap()[0].seq;
+    store.outbox_reject(seq, "400: violates check", 2).unwrap();
+    let stats = store.outbox_stats(3).unwrap();
+    assert_eq!((stats.depth, stats.rejected), (0, 1));
+}
+
+#[test]
+fn a_row_retried_later_is_not_due_before_its_time() {
+    let mut store = Store::open_in_memory().unwrap();
+    store
+        .enqueue(OutboxClass::Event, "e", &json!({}), 1)
+        .unwrap();
+    let seq = store.outbox_due(1, 1).unwrap()[0].seq;
+    store.outbox_retry_later(&[seq], "503", 100).unwrap();
+    assert!(store.outbox_due(99, 10).unwrap().is_empty());
+    assert_eq!(store.outbox_due(100, 10).unwrap()[0].attempts, 1);
+}
+
+fn rule(revision: i64, enabled: bool, deleted: bool) -> RuleRecord {
+    RuleRecord {
+        id: "r1".into(),
+        device_id: "ESP32_A".into(),
+        rule_id: "RULE_001".into(),
+        rule_name: Some("ph low".into()),
+        rule_description: None,
+        rule_json: Some(json!({"conditions": {}, "actions": []})),
+        enabled,
+        priority: 50,
+        cooldown_seconds: 60,
+        max_executions_per_hour: 10,
+        revision,
+        deleted,
+        changed_at: format!("2026-11-22T00:00:0{revision}Z"),
+    }
+}
+
+#[test]
+fn the_rules_mirror_keeps_the_newest_revision_and_learns_of_deletions() {
+    let mut store = Store::open_in_memory().unwrap();
+    store.apply_rule_changes(&[rule(1, true, false)]).unwrap();
+    assert_eq!(store.active_rules("ESP32_A", 10).unwrap().len(), 1);
+    store.apply_rule_changes(&[rule(2, false, false)]).unwrap();
+    assert!(
+        store.active_rules("ESP32_A", 10).unwrap().is_empty(),
+        "disabled"
+    );
+    assert_eq!(
+        store.apply_rule_changes(&[rule(1, true, false)]).unwrap(),
+        0,
+        "an older revision read again in the overlap is ignored"
+    );
+    assert!(store.active_rules("ESP32_A", 10).unwrap().is_empty());
+    let mut tombstone = rule(3, false, true);
+    tombstone.rule_json = None;
+    store.apply_rule_changes(&[tombstone]).unwrap();
+    let kept = store.rule("r1").unwrap().unwrap();
+    assert!(kept.deleted);
+    assert!(
+        kept.rule_json.is_some(),
+        "a tombstone keeps the last known body"
+    );
+}
+
+#[test]
+fn a_master_seen_for_the_first_time_is_reported_as_new() {
+    let mut store = Store::open_in_memory().unwrap();
+    assert!(
+        store
+            .record_presence("ESP32_A", true, Some("1.2.0"), Some(-60), 1)
+            .unwrap()
+    );
+    assert!(
+        !store
+            .record_presence("ESP32_A", false, None, None, 2)
+            .unwrap()
+    );
+    assert_eq!(
+        store.devices().unwrap(),
+        vec![("ESP32_A".to_string(), false, Some(2))]
+    );
+}
