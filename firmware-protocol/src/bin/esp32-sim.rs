@@ -1,1 +1,25 @@
-fn main() {}
+//! `esp32-sim`: parses flags, sets up logging and runs [`firmware_protocol::sim::run`] until
+//! Ctrl-C.
+
+use anyhow::Context;
+use clap::Parser;
+use firmware_protocol::sim::{self, cli::Args};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let config = Args::parse()
+        .into_config()
+        .context("invalid command line")?;
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    sim::run(config, shutdown)
+        .await
+        .context("simulator stopped")
+}

@@ -4,4 +4,5 @@ mod fixtures;
 mod frame;
 mod message;
 mod sign;
+mod sim;
 mod topic;
