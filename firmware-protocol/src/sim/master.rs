@@ -247,11 +247,6 @@ impl MasterCore {
     /// Online status, announcement and relay states, after each (re)connection.
     pub fn on_connected(&mut self) -> Outputs {
         let mut out = Vec::new();
-        Self::publish(
-            &mut out,
-            Topic::Status(self.id.clone()),
-            &Status::online(self.emergency_latched),
-        );
         let announce = Announce {
             v: PROTOCOL_VERSION,
             device_id: self.id.clone(),
@@ -270,7 +265,13 @@ impl MasterCore {
             telemetry_interval_ms: self.timing.telemetry_interval_ms.min(u64::from(u32::MAX))
                 as u32,
         };
+        // Announce first: whoever sees the device come online already knows what it is.
         Self::publish(&mut out, Topic::Announce(self.id.clone()), &announce);
+        Self::publish(
+            &mut out,
+            Topic::Status(self.id.clone()),
+            &Status::online(self.emergency_latched),
+        );
         self.last_report = None;
         self.report_states(&mut out);
         out
