@@ -6,3 +6,4 @@ mod message;
 mod sign;
 mod sim;
 mod topic;
+mod vectors;
