@@ -17,8 +17,11 @@ use crate::message::{
 use crate::sign::{CommandSigner, MasterKey, signature_hex, signing_bytes};
 use crate::topic::{Qos, Topic};
 
+/// Builds one vector document.
+pub type VectorBuilder = fn() -> Value;
+
 /// The vector files: name under `vectors/` and how to build it.
-pub const FILES: [(&str, fn() -> Value); 3] = [
+pub const FILES: [(&str, VectorBuilder); 3] = [
     ("signing.json", signing),
     ("frames.json", frames),
     ("payloads.json", payloads),
