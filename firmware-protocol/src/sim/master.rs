@@ -861,7 +861,13 @@ impl MasterCore {
         let pending = &mut self.pending[index];
         for f in pending.frames.iter_mut() {
             if f.sequence == sequence {
-                f.code = Some(code);
+                // After a resend, "duplicate" means an earlier copy of this very frame got
+                // through and only its ack was lost: for this command it was applied.
+                f.code = Some(if code == AckCode::Duplicate && f.attempts > 1 {
+                    AckCode::Applied
+                } else {
+                    code
+                });
             }
         }
         if pending.frames.iter().any(|f| f.code.is_none()) {

@@ -554,3 +554,34 @@ fn a_polled_row_runs_and_completes_with_relay_states() {
     assert_eq!(completion.command_id, 8);
     assert_eq!(completion.outcome, Ok(vec![true, false, false, false]));
 }
+
+#[test]
+fn a_duplicate_answer_to_a_resent_frame_counts_as_applied() {
+    // The first ack was lost; the slave answers the resend with "duplicate".
+    let t0 = Instant::now();
+    let mut core = master_core();
+    let sealed = CommandSigner::new(key(), 1).seal(command(5));
+    core.on_mqtt(&command_topic(), &sealed.encode().unwrap(), t0, NOW_MS);
+    let timeout = Duration::from_millis(MasterTiming::default().frame_ack_timeout_ms);
+    let resent = frames(&core.on_retry_tick(t0 + timeout));
+    assert_eq!(resent.len(), 1);
+    let FrameBody::RelayCommand {
+        command_id, relay, ..
+    } = resent[0].body
+    else {
+        panic!("expected a relay command");
+    };
+    let duplicate = bytes(
+        FrameBody::Ack {
+            command_id,
+            relay,
+            code: AckCode::Duplicate,
+            states: RelayStates { bits: 1, count: 4 },
+            elapsed_ms: 0,
+        },
+        resent[0].sequence,
+        false,
+    );
+    let out = core.on_radio(slave_mac(), &duplicate, t0 + timeout);
+    assert_eq!(acks(&out)[0].result, AckResult::Completed);
+}

@@ -577,3 +577,90 @@ async fn a_clean_shutdown_publishes_an_offline_status() {
         .await;
     assert_eq!(status.reason.as_deref(), Some("shutdown"));
 }
+
+/// Polls `sql` until it returns `expected` or the timeout passes; the backend has no event to
+/// wait on, so this is the event.
+async fn wait_for_sql(world: &crate::support::World, sql: &str, expected: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(MESSAGE_TIMEOUT_MS);
+    loop {
+        let got = world.sql(sql).join("\n");
+        if got == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sql} gave {got:?}, not {expected:?}, within {MESSAGE_TIMEOUT_MS} ms"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_polling_master_runs_backend_commands_and_reports_completion_and_failure() {
+    use crate::support::{ALICE, World};
+    let world = World::start();
+    let master = "ESP32_ALICE_1";
+    let id_ok = world.sql_one(&format!(
+        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
+         values ('{master}', '14:33:5C:38:BF:60', array[1], array['on'], array[60]) returning id"
+    ));
+    let id_bad_relay = world.sql_one(&format!(
+        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
+         values ('{master}', '14:33:5C:38:BF:60', array[9], array['on'], array[60]) returning id"
+    ));
+    let token = world
+        .stack
+        .token(&autocore_stack::Claims::master(ALICE, master));
+    let mut config = config("mqtt://127.0.0.1:1", None);
+    config.mqtt_url = None;
+    config.masters[0].id = DeviceId::new(master).unwrap();
+    config.poll = Some(sim::PollSpec {
+        rest_url: world.stack.rest_url().unwrap(),
+        jwt: token,
+        interval_ms: 100,
+        limit: 5,
+        lock_timeout_s: 30,
+    });
+    let sim = RunningSim::start(config);
+
+    wait_for_sql(
+        &world,
+        &format!("select status, execution_time_ms is not null from relay_commands_slave where id = {id_ok}"),
+        "completed|t",
+    )
+    .await;
+    wait_for_sql(
+        &world,
+        &format!("select status, error_message like '%relay%' from relay_commands_slave where id = {id_bad_relay}"),
+        "failed|t",
+    )
+    .await;
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn commands_get_through_a_lossy_slow_radio_and_each_is_applied_once() {
+    let broker = Mosquitto::start().unwrap();
+    let mut observer = Observer::connect(&broker.url(), "observer-lossy").await;
+    let mut config = config(&broker.url(), None);
+    config.radio = RadioSpec {
+        loss_percent: 20,
+        delay_ms: 5,
+    };
+    // With 20 % loss each way a round trip succeeds 64 % of the time; ten attempts fail with a
+    // probability of 4e-5.
+    config.timing.frame_attempts_max = 10;
+    config.timing.frame_ack_timeout_ms = 50;
+    let sim = RunningSim::start(config);
+    observer.wait_online().await;
+    let mut signer = signer();
+
+    for (id, relay) in [(701, 0u8), (702, 1), (703, 2)] {
+        let sealed = signer.seal(command(id, relay, SwitchAction::On, 600));
+        observer.send_command(&sealed).await;
+        let ack = observer.ack_for(sealed.command_id).await;
+        assert_eq!(ack.result, AckResult::Completed, "{ack:?}");
+        assert!(ack.relay_states[usize::from(relay)], "{ack:?}");
+    }
+    sim.stop().await;
+}
