@@ -1,5 +1,6 @@
 //! Tests of the protocol crate: one binary, one module per area.
 
+mod cli;
 mod fixtures;
 mod frame;
 mod message;
