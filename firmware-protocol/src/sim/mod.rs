@@ -373,11 +373,15 @@ impl MasterIo {
                 Output::Publish { topic, payload } => {
                     let Some(client) = &self.mqtt else { continue };
                     debug!(master = %self.master, %topic, bytes = payload.len(), "publish");
-                    if let Err(e) = client
-                        .publish(topic.to_string(), qos(topic.qos()), topic.retain(), payload)
-                        .await
-                    {
-                        warn!(master = %self.master, %topic, error = %e, "publish failed");
+                    // Never wait for the broker: while it is away the request queue fills, and a
+                    // master that blocks here would stop heartbeating its slaves.
+                    if let Err(e) = client.try_publish(
+                        topic.to_string(),
+                        qos(topic.qos()),
+                        topic.retain(),
+                        payload,
+                    ) {
+                        warn!(master = %self.master, %topic, error = %e, "publish dropped");
                     }
                 }
                 Output::Frame { to, bytes } => match self.to_slaves.get(&to) {
@@ -442,7 +446,7 @@ async fn run_slave(
                     }
                 },
             },
-            () = tokio::time::sleep_until(node.next_deadline()) => node.tick(Instant::now()),
+            () = sleep_until_or_forever(node.next_deadline()) => node.tick(Instant::now()),
         };
         if node.emergency_latched() != latched {
             latched = node.emergency_latched();
@@ -458,6 +462,13 @@ async fn run_slave(
             }
         }
         send(frames);
+    }
+}
+
+async fn sleep_until_or_forever(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -112,12 +112,13 @@ impl SlaveNode {
         self.emergency_latched
     }
 
-    /// The earliest moment [`SlaveNode::tick`] has something to do.
-    pub fn next_deadline(&self) -> Instant {
-        let mut next = self.last_heard + self.master_silent_timeout;
+    /// The earliest moment [`SlaveNode::tick`] has something to do; `None` when nothing is
+    /// due until the next frame (the master is already silent and every relay is off).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut next = (!self.silent).then(|| self.last_heard + self.master_silent_timeout);
         for relay in 0..self.relay_count() {
             if let Some(at) = self.relay_deadline(relay) {
-                next = next.min(at);
+                next = Some(next.map_or(at, |n| n.min(at)));
             }
         }
         next

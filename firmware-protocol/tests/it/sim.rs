@@ -121,7 +121,7 @@ fn a_slave_enforces_the_maximum_on_time_even_when_told_to_stay_on_longer() {
         t0 + Duration::from_secs(2),
     )
     .unwrap();
-    assert_eq!(node.next_deadline(), t0 + Duration::from_secs(3));
+    assert_eq!(node.next_deadline(), Some(t0 + Duration::from_secs(3)));
     let out = node.tick(t0 + Duration::from_secs(3));
     assert!(!node.states().is_on(1));
     assert!(matches!(
@@ -153,6 +153,11 @@ fn a_slave_whose_master_goes_silent_switches_off_and_says_why_once_contact_retur
     assert!(node.states().is_on(0));
     node.tick(t0 + SILENT);
     assert_eq!(node.states().bits, 0);
+    assert_eq!(
+        node.next_deadline(),
+        None,
+        "nothing is due until the master speaks again"
+    );
     let out = node.on_frame(&heartbeat(), t0 + SILENT * 2).unwrap();
     let reasons: Vec<_> = out
         .iter()
