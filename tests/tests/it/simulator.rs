@@ -664,3 +664,58 @@ async fn commands_get_through_a_lossy_slow_radio_and_each_is_applied_once() {
     }
     sim.stop().await;
 }
+
+#[tokio::test]
+async fn two_masters_run_side_by_side_each_accepting_only_its_own_key() {
+    let broker = Mosquitto::start().unwrap();
+    let mut observer = Observer::connect(&broker.url(), "observer-two").await;
+    let second_id = DeviceId::new("ESP32_SIM_02").unwrap();
+    let second_key_hex = "77".repeat(32);
+    let mut config = config(&broker.url(), None);
+    let mut second = config.masters[0].clone();
+    second.id = second_id.clone();
+    second.key = MasterKey::from_hex(&second_key_hex).unwrap();
+    config.masters.push(second);
+    let sim = RunningSim::start(config);
+    observer
+        .wait_for(
+            &Topic::Status(second_id.clone()),
+            "second master online",
+            |p| {
+                Status::decode(p)
+                    .ok()
+                    .filter(|s| s.status == Online::Online)
+            },
+        )
+        .await;
+
+    // Signed with the first master's key: the second master refuses it.
+    let mut for_second = command(801, 0, SwitchAction::On, 60);
+    for_second.master_id = second_id.clone();
+    let wrong = signer().seal(for_second.clone());
+    observer
+        .publish(&Topic::Command(second_id.clone()), wrong.encode().unwrap())
+        .await;
+    let ack = observer
+        .wait_for(&Topic::Ack(second_id.clone()), "rejection", |p| {
+            CommandAck::decode(p).ok()
+        })
+        .await;
+    assert_eq!(ack.error.unwrap().code, AckErrorCode::BadSignature);
+
+    let right =
+        CommandSigner::new(MasterKey::from_hex(&second_key_hex).unwrap(), 1).seal(RelayCommand {
+            command_id: CommandId::backend(802).unwrap(),
+            ..for_second
+        });
+    observer
+        .publish(&Topic::Command(second_id.clone()), right.encode().unwrap())
+        .await;
+    let ack = observer
+        .wait_for(&Topic::Ack(second_id.clone()), "ack", |p| {
+            CommandAck::decode(p).ok()
+        })
+        .await;
+    assert_eq!(ack.result, AckResult::Completed, "{ack:?}");
+    sim.stop().await;
+}
