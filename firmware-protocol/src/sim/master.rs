@@ -394,6 +394,7 @@ impl MasterCore {
         }
         for index in failed.into_iter().rev() {
             let pending = self.pending.remove(index);
+            self.forget_applied(&mut out, pending.id);
             let message = format!(
                 "slave {} did not acknowledge after {} attempts",
                 pending.slave, self.timing.frame_attempts_max
@@ -413,6 +414,14 @@ impl MasterCore {
             );
         }
         out
+    }
+
+    /// A command that failed or was refused by the slave did not (fully) run, so a retry with the
+    /// same id must run; the slave's own (id, relay) memory still keeps any relay that did switch
+    /// from switching twice.
+    fn forget_applied(&mut self, out: &mut Outputs, id: CommandId) {
+        self.applied.retain(|a| *a != id);
+        out.push(Output::Persist(self.state()));
     }
 
     fn slave_states(&self, mac: MacAddr) -> Vec<bool> {
@@ -898,6 +907,9 @@ impl MasterCore {
         } else {
             (AckResult::Completed, None)
         };
+        if result == AckResult::Rejected {
+            self.forget_applied(out, pending.id);
+        }
         info!(master = %self.id, command_id = %pending.id, ?result, execution_time_ms = elapsed, "command finished");
         self.finish(
             out,

@@ -443,6 +443,14 @@ fn a_master_fails_a_command_whose_slave_never_answers() {
         failed[0].error.as_ref().unwrap().code,
         AckErrorCode::SlaveUnreachable
     );
+    // The command never ran, so the agent's retry with the same id runs.
+    let retry = CommandSigner::new(key(), 2).seal(command(5));
+    let out = core.on_mqtt(&command_topic(), &retry.encode().unwrap(), t0, NOW_MS);
+    assert_eq!(
+        frames(&out).len(),
+        1,
+        "a failed command can be retried under its id"
+    );
 }
 
 #[test]
