@@ -1,5 +1,6 @@
 //! The AutoCore Edge agent: SQLite mirror, sync with the backend, MQTT bridge and decision engine.
 
+pub mod cloud;
 pub mod config;
 pub mod store;
 
