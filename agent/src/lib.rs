@@ -2,6 +2,7 @@
 
 pub mod cloud;
 pub mod config;
+pub mod delivery;
 pub mod store;
 
 /// The agent's version, as reported in its status and logs.
