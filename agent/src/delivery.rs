@@ -19,7 +19,7 @@ pub struct DeliveryLimits {
 pub enum DeliveryAction {
     /// Sign and publish this command (again); `attempt` counts from 1.
     Send {
-        command: CommandRecord,
+        command: Box<CommandRecord>,
         attempt: u32,
     },
     /// The command is over: persist the outcome and report it.
@@ -89,7 +89,7 @@ impl Delivery {
         flight.attempts += 1;
         flight.ack_deadline_ms = now_ms + limits.ack_timeout_ms;
         Some(DeliveryAction::Send {
-            command: flight.command.clone(),
+            command: Box::new(flight.command.clone()),
             attempt: flight.attempts,
         })
     }
