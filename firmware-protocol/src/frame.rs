@@ -187,6 +187,30 @@ impl fmt::Display for FrameError {
 
 impl core::error::Error for FrameError {}
 
+impl FrameError {
+    /// A stable snake_case name of the failed check, as used in the test vectors.
+    pub fn check_name(&self) -> &'static str {
+        match self {
+            FrameError::Truncated { .. } => "truncated",
+            FrameError::Oversized { .. } => "oversized",
+            FrameError::BadMagic { .. } => "bad_magic",
+            FrameError::UnsupportedVersion { .. } => "unsupported_version",
+            FrameError::BadTag { .. } => "bad_tag",
+            FrameError::UnknownKind(_) => "unknown_kind",
+            FrameError::UnknownFlags(_) => "unknown_flags",
+            FrameError::UnknownAction(_) => "unknown_action",
+            FrameError::UnknownStatus { .. } => "unknown_status",
+            FrameError::RelayOutOfRange { .. } => "relay_out_of_range",
+            FrameError::DurationOutOfRange { .. } => "duration_out_of_range",
+            FrameError::RelayCountOutOfRange { .. } => "relay_count_out_of_range",
+            FrameError::StatesBeyondCount { .. } => "states_beyond_count",
+            FrameError::MissingField(_) => "missing_field",
+            FrameError::UnusedFieldSet(_) => "unused_field_set",
+            FrameError::BufferTooSmall { .. } => "buffer_too_small",
+        }
+    }
+}
+
 /// CRC-32 as zlib and `esp_rom_crc32_le` compute it (reflected polynomial 0xEDB88320, initial
 /// value and final xor 0xFFFFFFFF). Bitwise rather than table-driven: 32 bytes per frame does
 /// not justify a 1 KiB table on a slave.

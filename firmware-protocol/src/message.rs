@@ -62,6 +62,21 @@ pub enum DecodeError {
     },
 }
 
+impl DecodeError {
+    /// A stable snake_case name of the failed check, as used in the test vectors.
+    pub fn check_name(&self) -> &'static str {
+        match self {
+            DecodeError::Empty { .. } => "empty",
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::NotJson { .. } => "not_json",
+            DecodeError::MissingVersion { .. } => "missing_version",
+            DecodeError::UnsupportedVersion { .. } => "unsupported_version",
+            DecodeError::Shape { .. } => "shape",
+            DecodeError::Field { .. } => "field",
+        }
+    }
+}
+
 /// Why a value cannot be sent: it would fail the receiver's checks.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EncodeError {

@@ -114,6 +114,19 @@ pub enum VerifyError {
     Replayed { counter: u64, last: u64 },
 }
 
+impl VerifyError {
+    /// A stable snake_case name, as used in the test vectors and in acks.
+    pub fn check_name(&self) -> &'static str {
+        match self {
+            VerifyError::Unsigned => "unsigned",
+            VerifyError::MalformedSignature => "malformed_signature",
+            VerifyError::BadSignature => "bad_signature",
+            VerifyError::WrongMaster { .. } => "wrong_master",
+            VerifyError::Replayed { .. } => "replayed",
+        }
+    }
+}
+
 /// The master's side: checks signatures and keeps the replay counter. Persist
 /// [`CommandVerifier::last_counter`] across restarts, or a replay of an old command would be
 /// accepted after a reboot.

@@ -1,0 +1,592 @@
+//! The simulator's state machines without I/O: a slave's own safety rules and at-most-once
+//! application, and a master's handling of commands, polled rows and bad input.
+
+use std::time::Duration;
+
+use firmware_protocol::frame::{
+    AckCode, FrameBody, FrameRepr, RelayStates, ReportReason, SwitchAction,
+};
+use firmware_protocol::message::{AckErrorCode, AckResult, CommandAck, Payload, RelayLimits};
+use firmware_protocol::sim::master::{MasterCore, MasterState, Output, SlaveCommandRow};
+use firmware_protocol::sim::slave::{SlaveNode, SlaveSpec};
+use firmware_protocol::sim::{MasterSpec, MasterTiming};
+use firmware_protocol::{CommandId, CommandSigner, Topic};
+use tokio::time::Instant;
+
+use crate::fixtures::{command, key, master, slave_mac};
+
+const SILENT: Duration = Duration::from_secs(5);
+
+fn slave_spec(max_on_s: u32, boot_on: &[u8]) -> SlaveSpec {
+    SlaveSpec {
+        mac: slave_mac(),
+        relays: (0..4)
+            .map(|r| RelayLimits {
+                max_on_s,
+                boot_on: boot_on.contains(&r),
+            })
+            .collect(),
+    }
+}
+
+fn bytes(body: FrameBody, sequence: u32, emergency_latched: bool) -> Vec<u8> {
+    FrameRepr {
+        sequence,
+        emergency_latched,
+        body,
+    }
+    .to_bytes()
+    .unwrap()
+    .to_vec()
+}
+
+fn relay_command(command_id: u64, relay: u8, action: SwitchAction, duration_s: u32) -> Vec<u8> {
+    bytes(
+        FrameBody::RelayCommand {
+            command_id,
+            relay,
+            action,
+            duration_s,
+        },
+        command_id as u32,
+        false,
+    )
+}
+
+fn heartbeat() -> Vec<u8> {
+    bytes(FrameBody::Heartbeat, 1, false)
+}
+
+fn ack_code(frames: &[FrameRepr]) -> AckCode {
+    frames
+        .iter()
+        .find_map(|f| match f.body {
+            FrameBody::Ack { code, .. } => Some(code),
+            _ => None,
+        })
+        .expect("an ack")
+}
+
+#[test]
+fn a_slave_boots_with_relays_off_unless_configured_on() {
+    let t0 = Instant::now();
+    let (node, report) = SlaveNode::boot(&slave_spec(0, &[2]), SILENT, false, t0);
+    assert_eq!(
+        node.states(),
+        RelayStates {
+            bits: 0b100,
+            count: 4
+        }
+    );
+    assert!(matches!(
+        report.body,
+        FrameBody::StateReport {
+            reason: ReportReason::Boot,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_slave_switches_a_relay_off_when_its_duration_ends() {
+    let t0 = Instant::now();
+    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    let out = node
+        .on_frame(&relay_command(1, 0, SwitchAction::On, 2), t0)
+        .unwrap();
+    assert_eq!(ack_code(&out), AckCode::Applied);
+    assert!(node.states().is_on(0));
+    assert!(node.tick(t0 + Duration::from_millis(1999)).is_empty());
+    assert!(node.states().is_on(0));
+    let out = node.tick(t0 + Duration::from_secs(2));
+    assert!(!node.states().is_on(0));
+    assert!(matches!(
+        out[0].body,
+        FrameBody::StateReport {
+            reason: ReportReason::DurationEnded,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_slave_enforces_the_maximum_on_time_even_when_told_to_stay_on_longer() {
+    let t0 = Instant::now();
+    let (mut node, _) = SlaveNode::boot(&slave_spec(3, &[]), Duration::from_secs(3600), false, t0);
+    node.on_frame(&relay_command(1, 1, SwitchAction::On, 600), t0)
+        .unwrap();
+    // A second "on" does not restart the maximum on-time.
+    node.on_frame(
+        &relay_command(2, 1, SwitchAction::On, 600),
+        t0 + Duration::from_secs(2),
+    )
+    .unwrap();
+    assert_eq!(node.next_deadline(), Some(t0 + Duration::from_secs(3)));
+    let out = node.tick(t0 + Duration::from_secs(3));
+    assert!(!node.states().is_on(1));
+    assert!(matches!(
+        out[0].body,
+        FrameBody::StateReport {
+            reason: ReportReason::MaxOnTime,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_boot_on_relay_is_bounded_by_its_maximum_on_time_too() {
+    let t0 = Instant::now();
+    let (mut node, _) =
+        SlaveNode::boot(&slave_spec(10, &[0]), Duration::from_secs(3600), false, t0);
+    assert!(node.states().is_on(0));
+    node.tick(t0 + Duration::from_secs(10));
+    assert!(!node.states().is_on(0));
+}
+
+#[test]
+fn a_slave_whose_master_goes_silent_switches_off_and_says_why_once_contact_returns() {
+    let t0 = Instant::now();
+    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    node.on_frame(&relay_command(1, 0, SwitchAction::On, 0), t0)
+        .unwrap();
+    assert!(node.tick(t0 + SILENT - Duration::from_millis(1)).is_empty());
+    assert!(node.states().is_on(0));
+    node.tick(t0 + SILENT);
+    assert_eq!(node.states().bits, 0);
+    assert_eq!(
+        node.next_deadline(),
+        None,
+        "nothing is due until the master speaks again"
+    );
+    let out = node.on_frame(&heartbeat(), t0 + SILENT * 2).unwrap();
+    let reasons: Vec<_> = out
+        .iter()
+        .filter_map(|f| match f.body {
+            FrameBody::StateReport { reason, .. } => Some(reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![ReportReason::MasterSilent, ReportReason::Heartbeat]
+    );
+    let out = node.on_frame(&heartbeat(), t0 + SILENT * 2).unwrap();
+    assert_eq!(out.len(), 1, "the silence is reported once");
+}
+
+#[test]
+fn a_slave_applies_a_command_id_at_most_once() {
+    let t0 = Instant::now();
+    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    node.on_frame(&relay_command(1, 0, SwitchAction::On, 60), t0)
+        .unwrap();
+    node.on_frame(&relay_command(2, 0, SwitchAction::Off, 0), t0)
+        .unwrap();
+    let out = node
+        .on_frame(&relay_command(1, 0, SwitchAction::On, 60), t0)
+        .unwrap();
+    assert_eq!(ack_code(&out), AckCode::Duplicate);
+    assert!(
+        !node.states().is_on(0),
+        "the late duplicate did not switch the relay on again"
+    );
+}
+
+#[test]
+fn a_slave_refuses_a_relay_it_does_not_have() {
+    let t0 = Instant::now();
+    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    let out = node
+        .on_frame(&relay_command(1, 7, SwitchAction::On, 60), t0)
+        .unwrap();
+    assert_eq!(ack_code(&out), AckCode::NoSuchRelay);
+}
+
+#[test]
+fn an_emergency_stop_latches_a_slave_until_a_reset() {
+    let t0 = Instant::now();
+    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[1]), SILENT, false, t0);
+    node.on_frame(&relay_command(1, 0, SwitchAction::On, 60), t0)
+        .unwrap();
+    node.on_frame(&bytes(FrameBody::EmergencyStop, 9, true), t0)
+        .unwrap();
+    assert_eq!(node.states().bits, 0);
+    assert!(node.emergency_latched());
+    let out = node
+        .on_frame(&relay_command(2, 0, SwitchAction::On, 60), t0)
+        .unwrap();
+    assert_eq!(ack_code(&out), AckCode::EmergencyLatched);
+    assert_eq!(node.states().bits, 0);
+    node.on_frame(&bytes(FrameBody::EmergencyReset, 10, false), t0)
+        .unwrap();
+    let out = node
+        .on_frame(&relay_command(3, 0, SwitchAction::On, 60), t0)
+        .unwrap();
+    assert_eq!(ack_code(&out), AckCode::Applied);
+}
+
+#[test]
+fn a_slave_that_missed_the_stop_latches_on_the_next_heartbeat() {
+    let t0 = Instant::now();
+    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    node.on_frame(&relay_command(1, 0, SwitchAction::On, 60), t0)
+        .unwrap();
+    node.on_frame(&bytes(FrameBody::Heartbeat, 2, true), t0)
+        .unwrap();
+    assert!(node.emergency_latched());
+    assert_eq!(node.states().bits, 0);
+}
+
+#[test]
+fn a_latched_slave_boots_with_every_relay_off() {
+    let t0 = Instant::now();
+    let (node, report) = SlaveNode::boot(&slave_spec(0, &[0, 1]), SILENT, true, t0);
+    assert_eq!(node.states().bits, 0);
+    assert!(report.emergency_latched);
+}
+
+#[test]
+fn a_slave_survives_bad_frames_and_keeps_serving() {
+    let t0 = Instant::now();
+    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    let good = relay_command(1, 0, SwitchAction::On, 60);
+    let mut wrong_version = good.clone();
+    wrong_version[2] = 9;
+    let inputs: Vec<Vec<u8>> = vec![
+        vec![],
+        good[..10].to_vec(),
+        [good.clone(), vec![0; 300]].concat(),
+        wrong_version,
+        vec![0xAA; 36],
+    ];
+    for input in inputs {
+        assert!(node.on_frame(&input, t0).is_err());
+    }
+    assert_eq!(node.states().bits, 0);
+    assert_eq!(
+        ack_code(&node.on_frame(&good, t0).unwrap()),
+        AckCode::Applied
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// master
+
+fn master_core() -> MasterCore {
+    let spec = MasterSpec {
+        id: master(),
+        key: key(),
+        slaves: vec![slave_spec(0, &[])],
+        sensors: vec![],
+    };
+    MasterCore::new(&spec, MasterTiming::default(), MasterState::default())
+}
+
+fn command_topic() -> String {
+    Topic::Command(master()).to_string()
+}
+
+fn acks(outputs: &[Output]) -> Vec<CommandAck> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Publish {
+                topic: Topic::Ack(_),
+                payload,
+            } => Some(CommandAck::decode(payload).unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn frames(outputs: &[Output]) -> Vec<FrameRepr> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Frame { bytes, .. } => Some(FrameRepr::from_bytes(bytes).unwrap()),
+            _ => None,
+        })
+        .collect()
+}
+
+const NOW_MS: u64 = 1_800_000_000_000;
+
+#[test]
+fn a_master_forwards_a_verified_command_and_acks_when_the_slave_confirms() {
+    let t0 = Instant::now();
+    let mut core = master_core();
+    let sealed = CommandSigner::new(key(), 1).seal(command(5));
+    let out = core.on_mqtt(&command_topic(), &sealed.encode().unwrap(), t0, NOW_MS);
+    let sent = frames(&out);
+    assert_eq!(sent.len(), 1);
+    let FrameBody::RelayCommand {
+        command_id, relay, ..
+    } = sent[0].body
+    else {
+        panic!("expected a relay command, got {:?}", sent[0]);
+    };
+    assert_eq!(command_id, CommandId::backend(5).unwrap().to_raw());
+    let ack = bytes(
+        FrameBody::Ack {
+            command_id,
+            relay,
+            code: AckCode::Applied,
+            states: RelayStates { bits: 1, count: 4 },
+            elapsed_ms: 0,
+        },
+        sent[0].sequence,
+        false,
+    );
+    let out = core.on_radio(slave_mac(), &ack, t0 + Duration::from_millis(30));
+    let acks = acks(&out);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0].result, AckResult::Completed);
+    assert_eq!(acks[0].relay_states, vec![true, false, false, false]);
+    assert_eq!(acks[0].execution_time_ms, 30);
+}
+
+#[test]
+fn a_master_answers_bad_commands_with_a_rejection_and_keeps_serving() {
+    let t0 = Instant::now();
+    let mut core = master_core();
+    let good = CommandSigner::new(key(), 10)
+        .seal(command(5))
+        .encode()
+        .unwrap();
+    let mut wrong_version: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    wrong_version["v"] = serde_json::json!(99);
+    let inputs: Vec<(Vec<u8>, AckErrorCode)> = vec![
+        (b"".to_vec(), AckErrorCode::Malformed),
+        (good[..good.len() / 2].to_vec(), AckErrorCode::Malformed),
+        (vec![b'{'; 10_000], AckErrorCode::Malformed),
+        (
+            serde_json::to_vec(&wrong_version).unwrap(),
+            AckErrorCode::Malformed,
+        ),
+        (vec![0xFF, 0x00, 0x13], AckErrorCode::Malformed),
+        (command(5).encode().unwrap(), AckErrorCode::Unsigned),
+    ];
+    for (input, code) in inputs {
+        let out = core.on_mqtt(&command_topic(), &input, t0, NOW_MS);
+        assert!(frames(&out).is_empty());
+        let acks = acks(&out);
+        assert_eq!(acks.len(), 1);
+        assert_eq!(acks[0].result, AckResult::Rejected);
+        assert_eq!(acks[0].error.as_ref().unwrap().code, code);
+    }
+    let out = core.on_mqtt(&command_topic(), &good, t0, NOW_MS);
+    assert_eq!(frames(&out).len(), 1, "still serving after bad input");
+    let out = core.on_mqtt(&command_topic(), &good, t0, NOW_MS);
+    assert_eq!(
+        acks(&out)[0].error.as_ref().unwrap().code,
+        AckErrorCode::Replayed
+    );
+}
+
+#[test]
+fn a_master_never_runs_an_expired_command() {
+    let mut core = master_core();
+    let mut cmd = command(5);
+    cmd.expires_at_ms = NOW_MS - 1;
+    let sealed = CommandSigner::new(key(), 1).seal(cmd);
+    let out = core.on_mqtt(
+        &command_topic(),
+        &sealed.encode().unwrap(),
+        Instant::now(),
+        NOW_MS,
+    );
+    assert!(frames(&out).is_empty());
+    assert_eq!(acks(&out)[0].result, AckResult::Expired);
+}
+
+#[test]
+fn a_master_applies_a_command_id_at_most_once_even_when_signed_again() {
+    let t0 = Instant::now();
+    let mut core = master_core();
+    let mut signer = CommandSigner::new(key(), 1);
+    core.on_mqtt(
+        &command_topic(),
+        &signer.seal(command(5)).encode().unwrap(),
+        t0,
+        NOW_MS,
+    );
+    let out = core.on_mqtt(
+        &command_topic(),
+        &signer.seal(command(5)).encode().unwrap(),
+        t0,
+        NOW_MS,
+    );
+    assert!(frames(&out).is_empty());
+    assert_eq!(acks(&out)[0].result, AckResult::Duplicate);
+}
+
+#[test]
+fn a_master_fails_a_command_whose_slave_never_answers() {
+    let t0 = Instant::now();
+    let mut core = master_core();
+    let sealed = CommandSigner::new(key(), 1).seal(command(5));
+    core.on_mqtt(&command_topic(), &sealed.encode().unwrap(), t0, NOW_MS);
+    let timing = MasterTiming::default();
+    let mut resent = 0;
+    let mut failed = Vec::new();
+    for step in 1..=timing.frame_attempts_max + 1 {
+        let out = core.on_retry_tick(
+            t0 + Duration::from_millis(timing.frame_ack_timeout_ms * u64::from(step)),
+        );
+        resent += frames(&out).len();
+        failed.extend(acks(&out));
+    }
+    assert_eq!(resent as u32, timing.frame_attempts_max - 1);
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].result, AckResult::Failed);
+    assert_eq!(
+        failed[0].error.as_ref().unwrap().code,
+        AckErrorCode::SlaveUnreachable
+    );
+}
+
+#[test]
+fn a_master_drops_bad_radio_frames_and_keeps_serving() {
+    let t0 = Instant::now();
+    let mut core = master_core();
+    for garbage in [vec![], vec![0u8; 36], vec![1u8; 500]] {
+        assert!(core.on_radio(slave_mac(), &garbage, t0).is_empty());
+    }
+    let sealed = CommandSigner::new(key(), 1).seal(command(5));
+    let out = core.on_mqtt(&command_topic(), &sealed.encode().unwrap(), t0, NOW_MS);
+    assert_eq!(frames(&out).len(), 1);
+}
+
+#[test]
+fn an_emergency_stop_latches_the_master_and_refuses_on_commands() {
+    let t0 = Instant::now();
+    let mut core = master_core();
+    // Even an unreadable stop message stops: stopping is always safe.
+    let out = core.on_mqtt("autocore/emergency/stop", b"garbage", t0, NOW_MS);
+    assert!(core.emergency_latched());
+    assert!(
+        frames(&out)
+            .iter()
+            .any(|f| f.body == FrameBody::EmergencyStop)
+    );
+    let sealed = CommandSigner::new(key(), 1).seal(command(5));
+    let out = core.on_mqtt(&command_topic(), &sealed.encode().unwrap(), t0, NOW_MS);
+    assert_eq!(
+        acks(&out)[0].error.as_ref().unwrap().code,
+        AckErrorCode::EmergencyLatched
+    );
+    // An unreadable reset does not release it; a valid one does.
+    core.on_mqtt("autocore/emergency/reset", b"garbage", t0, NOW_MS);
+    assert!(core.emergency_latched());
+    let reset = firmware_protocol::message::Emergency::new("cleared")
+        .encode()
+        .unwrap();
+    core.on_mqtt("autocore/emergency/reset", &reset, t0, NOW_MS);
+    assert!(!core.emergency_latched());
+}
+
+fn row(id: i64, expires_at: &str) -> SlaveCommandRow {
+    serde_json::from_value(serde_json::json!({
+        "id": id,
+        "master_device_id": master().to_string(),
+        "slave_mac_address": slave_mac().to_string(),
+        "relay_numbers": [0],
+        "actions": ["on"],
+        "duration_seconds": [30],
+        "expires_at": expires_at,
+        "status": "processing",
+        "command_type": "manual",
+    }))
+    .unwrap()
+}
+
+#[test]
+fn a_polled_row_that_expired_is_failed_and_never_sent() {
+    let mut core = master_core();
+    let out = core.on_polled(
+        vec![row(7, "2020-01-01T00:00:00+00:00")],
+        Instant::now(),
+        NOW_MS,
+    );
+    assert!(frames(&out).is_empty());
+    let completion = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Complete(c) => Some(c.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(completion.command_id, 7);
+    assert!(completion.outcome.unwrap_err().contains("expired"));
+}
+
+#[test]
+fn a_polled_row_runs_and_completes_with_relay_states() {
+    let t0 = Instant::now();
+    let mut core = master_core();
+    let out = core.on_polled(vec![row(8, "2999-01-01T00:00:00.123456+00:00")], t0, NOW_MS);
+    let sent = frames(&out);
+    assert_eq!(sent.len(), 1);
+    let FrameBody::RelayCommand {
+        command_id,
+        relay,
+        action,
+        duration_s,
+    } = sent[0].body
+    else {
+        panic!("expected a relay command");
+    };
+    assert_eq!((relay, action, duration_s), (0, SwitchAction::On, 30));
+    let ack = bytes(
+        FrameBody::Ack {
+            command_id,
+            relay,
+            code: AckCode::Applied,
+            states: RelayStates { bits: 1, count: 4 },
+            elapsed_ms: 0,
+        },
+        sent[0].sequence,
+        false,
+    );
+    let out = core.on_radio(slave_mac(), &ack, t0);
+    let completion = out
+        .iter()
+        .find_map(|o| match o {
+            Output::Complete(c) => Some(c.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(completion.command_id, 8);
+    assert_eq!(completion.outcome, Ok(vec![true, false, false, false]));
+}
+
+#[test]
+fn a_duplicate_answer_to_a_resent_frame_counts_as_applied() {
+    // The first ack was lost; the slave answers the resend with "duplicate".
+    let t0 = Instant::now();
+    let mut core = master_core();
+    let sealed = CommandSigner::new(key(), 1).seal(command(5));
+    core.on_mqtt(&command_topic(), &sealed.encode().unwrap(), t0, NOW_MS);
+    let timeout = Duration::from_millis(MasterTiming::default().frame_ack_timeout_ms);
+    let resent = frames(&core.on_retry_tick(t0 + timeout));
+    assert_eq!(resent.len(), 1);
+    let FrameBody::RelayCommand {
+        command_id, relay, ..
+    } = resent[0].body
+    else {
+        panic!("expected a relay command");
+    };
+    let duplicate = bytes(
+        FrameBody::Ack {
+            command_id,
+            relay,
+            code: AckCode::Duplicate,
+            states: RelayStates { bits: 1, count: 4 },
+            elapsed_ms: 0,
+        },
+        resent[0].sequence,
+        false,
+    );
+    let out = core.on_radio(slave_mac(), &duplicate, t0 + timeout);
+    assert_eq!(acks(&out)[0].result, AckResult::Completed);
+}
