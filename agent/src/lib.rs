@@ -1,7 +1,20 @@
 //! The AutoCore Edge agent: SQLite mirror, sync with the backend, MQTT bridge and decision engine.
+//!
+//! `runtime` is the only module that does network I/O; `delivery` and `link` are state machines
+//! that take inputs and the time and return what to do; `store` owns SQLite.
 
+pub mod api;
+pub mod bridge;
+pub mod cloud;
 pub mod config;
+pub mod delivery;
+pub mod link;
+pub mod metrics;
+pub mod runtime;
+pub mod status;
 pub mod store;
+
+pub use runtime::run;
 
 /// The agent's version, as reported in its status and logs.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

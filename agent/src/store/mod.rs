@@ -519,6 +519,14 @@ impl Store {
         Ok(())
     }
 
+    /// Makes every waiting row due now (after a sync restart).
+    pub fn outbox_due_now(&mut self) -> Result<usize> {
+        Ok(self.conn.execute(
+            "update outbox set next_attempt_at_ms = 0 where next_attempt_at_ms > 0",
+            [],
+        )?)
+    }
+
     /// The cloud refused this row for good: move it aside with the reason, so it neither blocks
     /// the queue nor disappears.
     pub fn outbox_reject(&mut self, seq: i64, reason: &str, now_ms: i64) -> Result<()> {

@@ -1,0 +1,462 @@
+//! The backend as the agent sees it: contract 1's RPCs and tables through PostgREST (the
+//! `postgrest` crate over reqwest), with the agent's JWT, re-read from its file when it changes.
+//! Every call has a timeout; every failure is classified as transient or final.
+
+mod token;
+
+use std::time::Duration;
+
+use reqwest011 as reqwest;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::store::{CommandRecord, CommandState, Reading, RuleRecord};
+pub use token::{TokenError, TokenSource};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CloudError {
+    /// No answer: network down, connection refused, timeout.
+    #[error("backend unreachable: {0}")]
+    Unreachable(String),
+    /// The backend answered that it cannot serve now (5xx, 408, 429).
+    #[error("backend error {status}: {body}")]
+    Server { status: u16, body: String },
+    /// The token was refused (401/403): rotated or revoked; retried, and shown in /health.
+    #[error("backend refused the agent's token ({status}): {body}")]
+    Unauthorized { status: u16, body: String },
+    /// The backend refused this request for good (another 4xx): retrying cannot help.
+    #[error("backend rejected the request ({status}): {body}")]
+    Rejected { status: u16, body: String },
+    #[error("unexpected answer from the backend: {0}")]
+    Decode(String),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+}
+
+impl CloudError {
+    /// Whether trying again later can succeed.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, CloudError::Rejected { .. } | CloudError::Decode(_))
+    }
+
+    /// Whether the backend answered at all (it is up, even if it said no).
+    pub fn backend_answered(&self) -> bool {
+        matches!(
+            self,
+            CloudError::Server { .. }
+                | CloudError::Unauthorized { .. }
+                | CloudError::Rejected { .. }
+                | CloudError::Decode(_)
+        )
+    }
+}
+
+/// A row of `relay_commands_slave` as the RPC returns it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CloudCommand {
+    pub id: i64,
+    pub master_device_id: String,
+    pub slave_mac_address: String,
+    pub slave_device_id: Option<String>,
+    pub relay_numbers: Vec<i64>,
+    pub actions: Vec<String>,
+    pub duration_seconds: Vec<i64>,
+    pub command_type: String,
+    pub triggered_by: String,
+    pub priority: i32,
+    pub rule_id: Option<String>,
+    pub rule_name: Option<String>,
+    pub status: String,
+    pub expires_at: String,
+}
+
+impl CloudCommand {
+    /// The agent's record of this command, or why it cannot be one.
+    pub fn to_record(&self) -> Result<CommandRecord, String> {
+        let expires_at_ms = parse_timestamp_ms(&self.expires_at)
+            .ok_or_else(|| format!("unreadable expires_at {:?}", self.expires_at))?;
+        let relay_numbers = self
+            .relay_numbers
+            .iter()
+            .map(|&n| u8::try_from(n).map_err(|_| format!("relay number {n} out of range")))
+            .collect::<Result<Vec<u8>, String>>()?;
+        let duration_seconds = self
+            .duration_seconds
+            .iter()
+            .map(|&d| u32::try_from(d).map_err(|_| format!("duration {d} out of range")))
+            .collect::<Result<Vec<u32>, String>>()?;
+        if self.actions.iter().any(|a| a != "on" && a != "off") {
+            return Err(format!("actions must be on/off, got {:?}", self.actions));
+        }
+        if relay_numbers.len() != self.actions.len()
+            || relay_numbers.len() != duration_seconds.len()
+        {
+            return Err("relay_numbers, actions and duration_seconds differ in length".into());
+        }
+        Ok(CommandRecord {
+            id: self.id,
+            master_device_id: self.master_device_id.clone(),
+            slave_mac_address: self.slave_mac_address.clone(),
+            slave_device_id: self.slave_device_id.clone(),
+            relay_numbers,
+            actions: self.actions.clone(),
+            duration_seconds,
+            command_type: self.command_type.clone(),
+            triggered_by: self.triggered_by.clone(),
+            priority: self.priority,
+            rule_id: self.rule_id.clone(),
+            rule_name: self.rule_name.clone(),
+            expires_at_ms,
+            state: CommandState::Accepted,
+            attempts: 0,
+            last_sent_at_ms: None,
+            polled_by: None,
+        })
+    }
+}
+
+/// A row of `get_decision_rule_changes`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RuleChange {
+    pub id: String,
+    pub device_id: String,
+    pub rule_id: String,
+    pub rule_name: Option<String>,
+    pub rule_description: Option<String>,
+    pub rule_json: Option<Value>,
+    pub enabled: bool,
+    pub priority: Option<i32>,
+    pub cooldown_seconds: Option<i32>,
+    pub max_executions_per_hour: Option<i32>,
+    pub revision: i64,
+    pub deleted: bool,
+    pub changed_at: String,
+}
+
+impl RuleChange {
+    pub fn to_record(&self) -> RuleRecord {
+        RuleRecord {
+            id: self.id.clone(),
+            device_id: self.device_id.clone(),
+            rule_id: self.rule_id.clone(),
+            rule_name: self.rule_name.clone(),
+            rule_description: self.rule_description.clone(),
+            rule_json: self.rule_json.clone(),
+            enabled: self.enabled && !self.deleted,
+            priority: self.priority.unwrap_or(0),
+            cooldown_seconds: self.cooldown_seconds.unwrap_or(0),
+            max_executions_per_hour: self.max_executions_per_hour.unwrap_or(1),
+            revision: self.revision,
+            deleted: self.deleted,
+            changed_at: self.changed_at.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CloudConfig {
+    pub rest_url: String,
+    pub api_key: Option<String>,
+    pub request_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct Cloud {
+    client: postgrest::Postgrest,
+    token: TokenSource,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Cloud {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cloud")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cloud {
+    pub fn new(config: &CloudConfig, token: TokenSource) -> Cloud {
+        let mut client = postgrest::Postgrest::new(config.rest_url.trim_end_matches('/'));
+        if let Some(key) = &config.api_key {
+            client = client.insert_header("apikey", key);
+        }
+        Cloud {
+            client,
+            token,
+            timeout: config.request_timeout,
+        }
+    }
+
+    async fn send(
+        &self,
+        builder: postgrest::Builder,
+        prefer: Option<&'static str>,
+    ) -> Result<String, CloudError> {
+        let token = self.token.current()?;
+        let (client, request) = builder
+            .auth(token)
+            .build()
+            .timeout(self.timeout)
+            .build_split();
+        let mut request = request.map_err(|e| CloudError::Decode(e.to_string()))?;
+        if let Some(prefer) = prefer {
+            request
+                .headers_mut()
+                .insert("Prefer", reqwest::header::HeaderValue::from_static(prefer));
+        }
+        let response = client
+            .execute(request)
+            .await
+            .map_err(|e| CloudError::Unreachable(e.to_string()))?;
+        let status = response.status().as_u16();
+        let body = response
+            .text()
+            .await
+            .map_err(|e| CloudError::Unreachable(e.to_string()))?;
+        match status {
+            200..=299 => Ok(body),
+            401 | 403 => Err(CloudError::Unauthorized {
+                status,
+                body: truncate(body),
+            }),
+            408 | 429 | 500..=599 => Err(CloudError::Server {
+                status,
+                body: truncate(body),
+            }),
+            _ => Err(CloudError::Rejected {
+                status,
+                body: truncate(body),
+            }),
+        }
+    }
+
+    async fn rpc<T: serde::de::DeserializeOwned>(
+        &self,
+        function: &str,
+        args: Value,
+    ) -> Result<T, CloudError> {
+        let body = self
+            .send(self.client.rpc(function, args.to_string()), None)
+            .await?;
+        serde_json::from_str(&body).map_err(|e| CloudError::Decode(format!("{function}: {e}")))
+    }
+
+    /// Locks up to `limit` commands of `master` for `timeout_seconds`.
+    pub async fn lock_commands(
+        &self,
+        master: &str,
+        limit: u32,
+        timeout_seconds: u32,
+    ) -> Result<Vec<CloudCommand>, CloudError> {
+        self.rpc(
+            "get_and_lock_slave_commands",
+            json!({"p_master_device_id": master, "p_limit": limit, "p_timeout_seconds": timeout_seconds}),
+        )
+        .await
+    }
+
+    /// Reports a command's end; returns the status the backend holds afterwards (a command that
+    /// expired or was cancelled there keeps that status), or None if the backend does not know it.
+    pub async fn report_completion(
+        &self,
+        completion: &Value,
+    ) -> Result<Option<String>, CloudError> {
+        let id = completion["command_id"]
+            .as_i64()
+            .ok_or_else(|| CloudError::Decode("completion without command_id".into()))?;
+        let rows: Vec<Value> = match completion["status"].as_str() {
+            Some("completed") => {
+                self.rpc(
+                    "complete_slave_command",
+                    json!({"p_command_id": id, "p_execution_time_ms": completion["execution_time_ms"], "p_relay_states": completion["relay_states"]}),
+                )
+                .await?
+            }
+            _ => {
+                let reason = completion["error_message"].as_str().unwrap_or("failed on the edge");
+                self.rpc(
+                    "fail_slave_command",
+                    json!({"p_command_id": id, "p_error_message": reason, "p_execution_time_ms": completion["execution_time_ms"]}),
+                )
+                .await?
+            }
+        };
+        Ok(rows
+            .first()
+            .and_then(|r| r["status"].as_str())
+            .map(str::to_string))
+    }
+
+    /// Rule changes of `device` after the cursor.
+    pub async fn rule_changes(
+        &self,
+        device: &str,
+        since: &str,
+        after_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RuleChange>, CloudError> {
+        self.rpc(
+            "get_decision_rule_changes",
+            json!({"p_device_id": device, "p_since": since, "p_after_id": after_id, "p_limit": limit}),
+        )
+        .await
+    }
+
+    /// Inserts readings in one request; readings the backend already has are ignored, so a
+    /// retried batch never duplicates.
+    pub async fn insert_readings(&self, readings: &[Reading]) -> Result<(), CloudError> {
+        let rows: Vec<Value> = readings
+            .iter()
+            .map(|r| {
+                json!({
+                    "device_id": r.device_id, "sensor_key": r.sensor_key, "value": r.value,
+                    "unit": r.unit, "recorded_at": format_timestamp_ms(r.recorded_at_ms),
+                })
+            })
+            .collect();
+        let builder = self
+            .client
+            .from("telemetry_data")
+            .insert(Value::Array(rows).to_string())
+            .on_conflict("device_id,sensor_key,recorded_at");
+        self.send(builder, Some("return=minimal,resolution=ignore-duplicates"))
+            .await?;
+        Ok(())
+    }
+
+    /// Inserts rows into a table keyed by `client_id`, ignoring rows already there.
+    pub async fn insert_idempotent(&self, table: &str, rows: &[Value]) -> Result<(), CloudError> {
+        let builder = self
+            .client
+            .from(table)
+            .insert(Value::Array(rows.to_vec()).to_string())
+            .on_conflict("client_id");
+        self.send(builder, Some("return=minimal,resolution=ignore-duplicates"))
+            .await?;
+        Ok(())
+    }
+
+    /// Updates the presence columns of one device row.
+    pub async fn update_device_status(
+        &self,
+        device_id: &str,
+        patch: &Value,
+    ) -> Result<(), CloudError> {
+        let builder = self
+            .client
+            .from("device_status")
+            .eq("device_id", device_id)
+            .update(patch.to_string());
+        self.send(builder, Some("return=minimal")).await?;
+        Ok(())
+    }
+
+    /// Registers a master seen for the first time (device discovery); a row that exists is left.
+    pub async fn register_device(&self, row: &Value) -> Result<(), CloudError> {
+        let builder = self
+            .client
+            .from("device_status")
+            .insert(row.to_string())
+            .on_conflict("device_id");
+        self.send(builder, Some("return=minimal,resolution=ignore-duplicates"))
+            .await?;
+        Ok(())
+    }
+}
+
+fn truncate(mut body: String) -> String {
+    const BODY_CHARS_MAX: usize = 500;
+    if body.len() > BODY_CHARS_MAX {
+        let mut cut = BODY_CHARS_MAX;
+        while !body.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        body.truncate(cut);
+        body.push('…');
+    }
+    body
+}
+
+/// Milliseconds since the epoch from PostgREST's timestamptz text.
+pub fn parse_timestamp_ms(text: &str) -> Option<i64> {
+    text.parse::<jiff::Timestamp>()
+        .ok()
+        .map(|t| t.as_millisecond())
+}
+
+pub fn format_timestamp_ms(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgrest_timestamps_are_read_to_the_millisecond() {
+        assert_eq!(
+            parse_timestamp_ms("1970-01-01T00:00:01.5+00:00"),
+            Some(1_500)
+        );
+        assert_eq!(
+            parse_timestamp_ms("2026-11-22T00:00:00+00:00"),
+            parse_timestamp_ms("2026-11-22T00:00:00Z")
+        );
+        assert_eq!(
+            parse_timestamp_ms("2026-11-22T01:00:00+01:00"),
+            parse_timestamp_ms("2026-11-22T00:00:00Z")
+        );
+        assert_eq!(parse_timestamp_ms("yesterday"), None);
+        assert_eq!(
+            parse_timestamp_ms(&format_timestamp_ms(1_763_770_000_123)),
+            Some(1_763_770_000_123)
+        );
+    }
+
+    #[test]
+    fn a_command_with_a_bad_relay_or_action_is_not_a_record() {
+        let mut cmd: CloudCommand = serde_json::from_value(json!({
+            "id": 1, "master_device_id": "M", "slave_mac_address": "14:33:5C:38:BF:60", "slave_device_id": null,
+            "relay_numbers": [0], "actions": ["on"], "duration_seconds": [60], "command_type": "manual",
+            "triggered_by": "manual", "priority": 10, "rule_id": null, "rule_name": null, "status": "processing",
+            "expires_at": "2026-11-22T00:05:00+00:00"
+        }))
+        .unwrap();
+        assert!(cmd.to_record().is_ok());
+        cmd.actions = vec!["toggle".into()];
+        assert!(cmd.to_record().unwrap_err().contains("on/off"));
+        cmd.actions = vec!["on".into()];
+        cmd.relay_numbers = vec![300];
+        assert!(cmd.to_record().is_err());
+    }
+
+    #[test]
+    fn only_a_final_refusal_is_not_transient() {
+        assert!(CloudError::Unreachable("refused".into()).is_transient());
+        assert!(
+            CloudError::Server {
+                status: 503,
+                body: String::new()
+            }
+            .is_transient()
+        );
+        assert!(
+            CloudError::Unauthorized {
+                status: 401,
+                body: String::new()
+            }
+            .is_transient()
+        );
+        assert!(
+            !CloudError::Rejected {
+                status: 400,
+                body: String::new()
+            }
+            .is_transient()
+        );
+        assert!(!CloudError::Unreachable("x".into()).backend_answered());
+    }
+}

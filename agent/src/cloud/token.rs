@@ -1,0 +1,101 @@
+//! Where the agent's JWT comes from: inline in the config, or a file re-read whenever it
+//! changes, so an operator rotates the token without restarting the agent.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use crate::config::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot read the JWT file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the JWT file {0} is empty")]
+    Empty(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    Inline(Secret),
+    File {
+        path: PathBuf,
+        cache: Arc<Mutex<Option<(SystemTime, u64, Secret)>>>,
+    },
+}
+
+impl TokenSource {
+    pub fn file(path: PathBuf) -> TokenSource {
+        TokenSource::File {
+            path,
+            cache: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The token to send now. A file is stat'ed on every call and read again only when its
+    /// modification time or size changed.
+    pub fn current(&self) -> Result<String, TokenError> {
+        match self {
+            TokenSource::Inline(secret) => Ok(secret.expose().to_string()),
+            TokenSource::File { path, cache } => {
+                let read_err = |source| TokenError::Read {
+                    path: path.clone(),
+                    source,
+                };
+                let meta = std::fs::metadata(path).map_err(read_err)?;
+                let stamp = (
+                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    meta.len(),
+                );
+                let mut cached = cache.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((modified, len, token)) = cached.as_ref()
+                    && (*modified, *len) == stamp
+                {
+                    return Ok(token.expose().to_string());
+                }
+                let text = std::fs::read_to_string(path).map_err(read_err)?;
+                let token = text.trim().to_string();
+                if token.is_empty() {
+                    return Err(TokenError::Empty(path.clone()));
+                }
+                *cached = Some((stamp.0, stamp.1, Secret::new(token.clone())));
+                Ok(token)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rotated_token_file_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.jwt");
+        std::fs::write(&path, "first.token\n").unwrap();
+        let source = TokenSource::file(path.clone());
+        assert_eq!(source.current().unwrap(), "first.token");
+        std::fs::write(&path, "second.token.longer\n").unwrap();
+        assert_eq!(source.current().unwrap(), "second.token.longer");
+    }
+
+    #[test]
+    fn a_missing_or_empty_token_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.jwt");
+        assert!(matches!(
+            TokenSource::file(path.clone()).current(),
+            Err(TokenError::Read { .. })
+        ));
+        std::fs::write(&path, "  \n").unwrap();
+        assert!(matches!(
+            TokenSource::file(path).current(),
+            Err(TokenError::Empty(_))
+        ));
+    }
+}

@@ -1,0 +1,149 @@
+//! The agent's Prometheus metrics (prometheus-client), shared by its tasks and rendered by
+//! `GET /metrics`.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub mqtt_messages_in: Family<Labels, Counter>,
+    pub mqtt_messages_out: Family<Labels, Counter>,
+    pub bad_messages: Family<Labels, Counter>,
+    pub readings_stored: Counter,
+    pub telemetry_dropped: Counter,
+    pub outbox_depth: Gauge,
+    pub outbox_oldest_age_seconds: Gauge<f64, AtomicU64>,
+    pub outbox_rejected: Gauge,
+    pub outbox_pushed: Family<Labels, Counter>,
+    pub commands: Family<Labels, Gauge>,
+    pub commands_finished: Family<Labels, Counter>,
+    pub backend_reachable: Gauge,
+    pub sync_stalled: Gauge,
+    pub sync_restarts: Counter,
+    pub masters_online: Gauge,
+}
+
+pub fn label(name: &str, value: &str) -> Labels {
+    vec![(name.to_string(), value.to_string())]
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("autocore_agent");
+        let m = Metrics {
+            mqtt_messages_in: Family::default(),
+            mqtt_messages_out: Family::default(),
+            bad_messages: Family::default(),
+            readings_stored: Counter::default(),
+            telemetry_dropped: Counter::default(),
+            outbox_depth: Gauge::default(),
+            outbox_oldest_age_seconds: Gauge::default(),
+            outbox_rejected: Gauge::default(),
+            outbox_pushed: Family::default(),
+            commands: Family::default(),
+            commands_finished: Family::default(),
+            backend_reachable: Gauge::default(),
+            sync_stalled: Gauge::default(),
+            sync_restarts: Counter::default(),
+            masters_online: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "mqtt_messages_in",
+            "MQTT messages received, by kind",
+            m.mqtt_messages_in.clone(),
+        );
+        registry.register(
+            "mqtt_messages_out",
+            "MQTT messages published, by kind",
+            m.mqtt_messages_out.clone(),
+        );
+        registry.register(
+            "bad_messages",
+            "MQTT messages refused, by reason",
+            m.bad_messages.clone(),
+        );
+        registry.register(
+            "readings_stored",
+            "Telemetry readings committed to the outbox",
+            m.readings_stored.clone(),
+        );
+        registry.register(
+            "telemetry_dropped",
+            "Readings dropped at the outbox bound (oldest first)",
+            m.telemetry_dropped.clone(),
+        );
+        registry.register(
+            "outbox_depth",
+            "Rows waiting in the outbox",
+            m.outbox_depth.clone(),
+        );
+        registry.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest row in the outbox",
+            m.outbox_oldest_age_seconds.clone(),
+        );
+        registry.register(
+            "outbox_rejected",
+            "Rows the backend refused for good, kept aside",
+            m.outbox_rejected.clone(),
+        );
+        registry.register(
+            "outbox_pushed",
+            "Rows delivered to the backend, by class",
+            m.outbox_pushed.clone(),
+        );
+        registry.register(
+            "commands",
+            "Commands in the local store, by state",
+            m.commands.clone(),
+        );
+        registry.register(
+            "commands_finished",
+            "Commands ended, by outcome",
+            m.commands_finished.clone(),
+        );
+        registry.register(
+            "backend_reachable",
+            "1 while the backend answers",
+            m.backend_reachable.clone(),
+        );
+        registry.register(
+            "sync_stalled",
+            "1 while the backend answers but the outbox makes no progress",
+            m.sync_stalled.clone(),
+        );
+        registry.register(
+            "sync_restarts",
+            "Times the agent restarted a stalled sync",
+            m.sync_restarts.clone(),
+        );
+        registry.register(
+            "masters_online",
+            "Masters currently online",
+            m.masters_online.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

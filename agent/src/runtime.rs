@@ -1,0 +1,1125 @@
+//! The thin tokio driver around the agent's state machines: it owns the MQTT connection, the
+//! store, the backend client and the timers, and moves data between them. Decisions live in
+//! `delivery`, `link` and `store`; this module only does the I/O they ask for.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use backon::BackoffBuilder;
+use bytes::Bytes;
+use firmware_protocol::{DeviceId, MasterKey};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
+use serde_json::json;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::bridge::{self, Inbound};
+use crate::cloud::{Cloud, CloudConfig, CloudError, TokenSource};
+use crate::config::AgentConfig;
+use crate::delivery::{Delivery, DeliveryAction, DeliveryLimits};
+use crate::link::{Link, LinkEvent};
+use crate::metrics::{Metrics, label};
+use crate::store::{
+    CommandOutcome, CommandRecord, OutboxClass, OutboxRow, Reading, Store, StoreError, StoreHandle,
+};
+
+/// Messages waiting between the MQTT connection and the handler.
+pub const INBOUND_QUEUE_MESSAGES_MAX: usize = 10_000;
+/// Commands and acks waiting for the delivery task.
+pub const DELIVERY_QUEUE_MAX: usize = 1_000;
+/// Rule changes read per request.
+pub const RULE_CHANGES_PAGE_MAX: u32 = 500;
+/// The rules mirror re-reads this far behind its cursor (see docs/decisions/0001).
+pub const RULE_CURSOR_OVERLAP_MS: i64 = 5_000;
+/// Bad messages logged per second at most; the rest are only counted.
+pub const BAD_MESSAGE_LOGS_PER_S_MAX: u32 = 5;
+/// Poll intervals without outbox progress, while the backend answers, before a stall.
+pub const STALL_POLL_INTERVALS: i64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("mqtt: {0}")]
+    Bridge(#[from] bridge::BridgeError),
+    #[error("masters[{device_id}].key: {reason}")]
+    MasterKey { device_id: String, reason: String },
+    #[error("local API: {0}")]
+    Api(std::io::Error),
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What the local API and `status` report about the agent.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Health {
+    pub backend_reachable: bool,
+    pub outage_began_ms: Option<i64>,
+    pub sync_stalled: bool,
+    pub last_backend_error: Option<String>,
+}
+
+/// State the tasks share. Everything mutable is behind the store or a small mutex.
+pub struct Shared {
+    pub config: AgentConfig,
+    pub store: StoreHandle,
+    pub cloud: Cloud,
+    pub metrics: Arc<Metrics>,
+    pub health: Mutex<Health>,
+    mqtt: AsyncClient,
+    keys: HashMap<String, MasterKey>,
+    masters: HashSet<String>,
+    outbox_ready: Notify,
+    link: Mutex<Link>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("agent", &self.config.agent.id)
+            .finish_non_exhaustive()
+    }
+}
+
+enum DeliveryInput {
+    Admit(Box<CommandRecord>),
+    Ack(firmware_protocol::message::CommandAck),
+}
+
+/// Runs the agent until `shutdown` completes: serves the local API on `api`, connects to the
+/// broker and the backend (neither needs to be up at start), and stops every task cleanly.
+pub async fn run(
+    config: AgentConfig,
+    api: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RuntimeError> {
+    let store = Store::open(&config.store.path)?;
+    let store = StoreHandle::new(store);
+    let token = match (&config.cloud.jwt, &config.cloud.jwt_file) {
+        (Some(jwt), _) => TokenSource::Inline(jwt.clone()),
+        (None, Some(path)) => TokenSource::file(path.clone()),
+        (None, None) => TokenSource::Inline(crate::config::Secret::new("")),
+    };
+    let cloud = Cloud::new(
+        &CloudConfig {
+            rest_url: config.cloud.rest_url.clone(),
+            api_key: config
+                .cloud
+                .api_key
+                .as_ref()
+                .map(|k| k.expose().to_string()),
+            request_timeout: Duration::from_millis(config.cloud.request_timeout_ms),
+        },
+        token,
+    );
+    let mut keys = HashMap::new();
+    for master in &config.masters {
+        let key =
+            MasterKey::from_hex(master.key.expose()).map_err(|e| RuntimeError::MasterKey {
+                device_id: master.device_id.clone(),
+                reason: e.to_string(),
+            })?;
+        keys.insert(master.device_id.clone(), key);
+    }
+    let (mqtt, eventloop) =
+        bridge::mqtt_client(bridge::mqtt_options(&config.mqtt, &config.agent.id)?);
+    let stall_after_ms = STALL_POLL_INTERVALS * config.cloud.poll_interval_ms as i64;
+    let shared = Arc::new(Shared {
+        masters: config.masters.iter().map(|m| m.device_id.clone()).collect(),
+        keys,
+        store,
+        cloud,
+        metrics: Arc::new(Metrics::new()),
+        health: Mutex::new(Health {
+            backend_reachable: true,
+            ..Health::default()
+        }),
+        mqtt,
+        outbox_ready: Notify::new(),
+        link: Mutex::new(Link::new(stall_after_ms, now_ms())),
+        config,
+    });
+
+    let cancel = CancellationToken::new();
+    let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE_MESSAGES_MAX);
+    let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_QUEUE_MAX);
+
+    // Commands open when the agent stopped are delivered again: masters apply an id once.
+    let open = shared.store.call(|s| s.open_commands()).await?;
+    if !open.is_empty() {
+        info!(
+            commands = open.len(),
+            "resuming commands that were open at the last stop"
+        );
+    }
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(mqtt_loop(
+        shared.clone(),
+        eventloop,
+        inbound_tx,
+        cancel.clone(),
+    ));
+    tasks.spawn(inbound_loop(
+        shared.clone(),
+        inbound_rx,
+        delivery_tx.clone(),
+        cancel.clone(),
+    ));
+    tasks.spawn(delivery_loop(shared.clone(), delivery_rx, cancel.clone()));
+    for command in open {
+        let _ = delivery_tx
+            .send(DeliveryInput::Admit(Box::new(command)))
+            .await;
+    }
+    tasks.spawn(poll_loop(shared.clone(), delivery_tx, cancel.clone()));
+    tasks.spawn(sync_supervisor(shared.clone(), cancel.clone()));
+    let app = crate::api::app(shared.clone());
+    let api_cancel = cancel.clone();
+    tasks.spawn(async move {
+        let served = axum::serve(api, app)
+            .with_graceful_shutdown(async move { api_cancel.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            error!(error = %e, "local API stopped");
+        }
+    });
+    info!(agent = %shared.config.agent.id, version = crate::VERSION, "agent running");
+
+    shutdown.await;
+    info!("shutting down");
+    let offline = firmware_protocol::Payload::encode(&firmware_protocol::message::Status {
+        v: firmware_protocol::PROTOCOL_VERSION,
+        status: firmware_protocol::message::Online::Offline,
+        reason: Some("agent stopped".into()),
+        emergency_latched: None,
+    })
+    .unwrap_or_default();
+    let _ = shared
+        .mqtt
+        .publish(
+            bridge::gateway_status_topic(&shared.config.agent.id),
+            QoS::AtLeastOnce,
+            true,
+            offline,
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cancel.cancel();
+    let _ = shared.mqtt.disconnect().await;
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------ MQTT
+
+async fn mqtt_loop(
+    shared: Arc<Shared>,
+    mut eventloop: EventLoop,
+    inbound: mpsc::Sender<(String, Bytes)>,
+    cancel: CancellationToken,
+) {
+    let mut connected = false;
+    loop {
+        let event = tokio::select! {
+            _ = cancel.cancelled() => return,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected = true;
+                info!("connected to the MQTT broker");
+                for filter in bridge::SUBSCRIPTIONS {
+                    if let Err(e) = shared.mqtt.subscribe(filter, QoS::AtLeastOnce).await {
+                        warn!(filter, error = %e, "subscribe failed");
+                    }
+                }
+                let online = firmware_protocol::Payload::encode(
+                    &firmware_protocol::message::Status::online(false),
+                )
+                .unwrap_or_default();
+                let _ = shared
+                    .mqtt
+                    .publish(
+                        bridge::gateway_status_topic(&shared.config.agent.id),
+                        QoS::AtLeastOnce,
+                        true,
+                        online,
+                    )
+                    .await;
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                // Waiting here pushes back on the broker instead of dropping messages.
+                if inbound.send((p.topic, p.payload)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if connected {
+                    warn!(error = %e, "MQTT connection lost; reconnecting");
+                    connected = false;
+                } else {
+                    debug!(error = %e, "MQTT broker unreachable; retrying");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Counts every bad message and logs at most a few a second, so a flood cannot fill the disk.
+struct BadMessageLog {
+    window_start_ms: i64,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl BadMessageLog {
+    fn report(&mut self, error: &bridge::InboundError, now: i64) {
+        if now - self.window_start_ms >= 1_000 {
+            if self.suppressed > 0 {
+                warn!(
+                    suppressed = self.suppressed,
+                    "more bad MQTT messages were counted but not logged"
+                );
+            }
+            self.window_start_ms = now;
+            self.logged = 0;
+            self.suppressed = 0;
+        }
+        if self.logged < BAD_MESSAGE_LOGS_PER_S_MAX {
+            self.logged += 1;
+            warn!(error = %error, "bad MQTT message refused");
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
+async fn inbound_loop(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<(String, Bytes)>,
+    delivery: mpsc::Sender<DeliveryInput>,
+    cancel: CancellationToken,
+) {
+    let batch_max = shared.config.store.telemetry_batch_rows_max;
+    let mut buffer: Vec<Reading> = Vec::with_capacity(batch_max);
+    let mut flush = tokio::time::interval(Duration::from_millis(
+        shared.config.store.telemetry_flush_ms,
+    ));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut bad = BadMessageLog {
+        window_start_ms: 0,
+        logged: 0,
+        suppressed: 0,
+    };
+    let known = |d: &DeviceId| shared.masters.contains(d.as_str());
+    loop {
+        let (topic, payload) = tokio::select! {
+            _ = cancel.cancelled() => {
+                flush_readings(&shared, &mut buffer).await;
+                return;
+            }
+            _ = flush.tick() => {
+                flush_readings(&shared, &mut buffer).await;
+                continue;
+            }
+            msg = rx.recv() => match msg {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let now = now_ms();
+        let inbound = match bridge::decode_inbound(&topic, &payload, known, now) {
+            Ok(inbound) => inbound,
+            Err(e) => {
+                shared
+                    .metrics
+                    .bad_messages
+                    .get_or_create(&label("reason", e.reason_label()))
+                    .inc();
+                bad.report(&e, now);
+                continue;
+            }
+        };
+        let kind = match &inbound {
+            Inbound::Telemetry(_) => "telemetry",
+            Inbound::Ack(..) => "ack",
+            Inbound::Announce(_) => "announce",
+            Inbound::Status(..) => "status",
+            Inbound::RelayState(..) => "relay_state",
+            Inbound::EmergencyStop | Inbound::EmergencyReset => "emergency",
+            Inbound::Ignored => "ignored",
+        };
+        shared
+            .metrics
+            .mqtt_messages_in
+            .get_or_create(&label("kind", kind))
+            .inc();
+        match inbound {
+            Inbound::Telemetry(readings) => {
+                buffer.extend(readings);
+                if buffer.len() >= batch_max {
+                    flush_readings(&shared, &mut buffer).await;
+                }
+            }
+            Inbound::Ack(_, ack) => {
+                let _ = delivery.send(DeliveryInput::Ack(ack)).await;
+            }
+            Inbound::Announce(a) => {
+                record_presence(
+                    &shared,
+                    a.device_id.as_str(),
+                    true,
+                    Some(a.firmware.clone()),
+                    now,
+                )
+                .await;
+            }
+            Inbound::Status(device, status) => {
+                record_presence(
+                    &shared,
+                    device.as_str(),
+                    bridge::is_online(&status),
+                    None,
+                    now,
+                )
+                .await;
+            }
+            Inbound::RelayState(..)
+            | Inbound::EmergencyStop
+            | Inbound::EmergencyReset
+            | Inbound::Ignored => {}
+        }
+    }
+}
+
+async fn flush_readings(shared: &Arc<Shared>, buffer: &mut Vec<Reading>) {
+    if buffer.is_empty() {
+        return;
+    }
+    let readings = std::mem::take(buffer);
+    let count = readings.len();
+    let rows_max = shared.config.store.outbox_rows_max;
+    let now = now_ms();
+    match shared
+        .store
+        .call(move |s| {
+            let added = s.enqueue_readings(&readings, now)?;
+            let dropped = s.enforce_outbox_bound(rows_max)?;
+            Ok((added, dropped))
+        })
+        .await
+    {
+        Ok((added, dropped)) => {
+            shared.metrics.readings_stored.inc_by(added as u64);
+            if dropped > 0 {
+                shared.metrics.telemetry_dropped.inc_by(dropped);
+                warn!(dropped, rows_max, "outbox full: oldest telemetry dropped");
+            }
+            shared.outbox_ready.notify_one();
+        }
+        Err(e) => error!(error = %e, readings = count, "could not store telemetry"),
+    }
+}
+
+async fn record_presence(
+    shared: &Arc<Shared>,
+    device: &str,
+    online: bool,
+    firmware: Option<String>,
+    now: i64,
+) {
+    let device_owned = device.to_string();
+    let fw = firmware.clone();
+    let result = shared
+        .store
+        .call(move |s| {
+            let first = s.record_presence(&device_owned, online, fw.as_deref(), None, now)?;
+            let payload = json!({
+                "device_id": device_owned, "is_online": online, "firmware_version": fw,
+                "last_seen": crate::cloud::format_timestamp_ms(now), "first_seen": first,
+            });
+            s.enqueue(
+                OutboxClass::DeviceStatus,
+                &format!("presence:{device_owned}:{now}"),
+                &payload,
+                now,
+            )?;
+            let online = s.devices()?.iter().filter(|d| d.1).count();
+            Ok((first, online))
+        })
+        .await;
+    match result {
+        Ok((first, online_count)) => {
+            shared.metrics.masters_online.set(online_count as i64);
+            if first {
+                info!(device, "master seen for the first time");
+            }
+            shared.outbox_ready.notify_one();
+        }
+        Err(e) => error!(error = %e, device, "could not record presence"),
+    }
+}
+
+// ------------------------------------------------------------------------------- delivery
+
+async fn delivery_loop(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<DeliveryInput>,
+    cancel: CancellationToken,
+) {
+    let mut delivery = Delivery::new(DeliveryLimits {
+        ack_timeout_ms: shared.config.mqtt.ack_timeout_ms as i64,
+        attempts_max: shared.config.mqtt.command_attempts_max,
+    });
+    loop {
+        let wait = delivery
+            .next_deadline_ms()
+            .map(|d| Duration::from_millis((d - now_ms()).clamp(1, 1_000) as u64))
+            .unwrap_or(Duration::from_secs(1));
+        let actions = tokio::select! {
+            _ = cancel.cancelled() => return,
+            input = rx.recv() => match input {
+                Some(DeliveryInput::Admit(command)) => delivery.admit(*command, now_ms()),
+                Some(DeliveryInput::Ack(ack)) => delivery.on_ack(&ack),
+                None => return,
+            },
+            _ = tokio::time::sleep(wait) => delivery.on_tick(now_ms()),
+        };
+        for action in actions {
+            perform(&shared, action).await;
+        }
+    }
+}
+
+async fn perform(shared: &Arc<Shared>, action: DeliveryAction) {
+    match action {
+        DeliveryAction::Send { command, attempt } => {
+            let Some(key) = shared.keys.get(&command.master_device_id).cloned() else {
+                finish(
+                    shared,
+                    command.id,
+                    CommandOutcome::Failed {
+                        reason: format!(
+                            "no signing key configured for master {}",
+                            command.master_device_id
+                        ),
+                        execution_time_ms: None,
+                    },
+                )
+                .await;
+                return;
+            };
+            let id = command.id;
+            let master = command.master_device_id.clone();
+            // The counter and the attempt are on disk before the command leaves.
+            let counter = shared
+                .store
+                .call(move |s| {
+                    let counter = s.next_signing_counter(&master)?;
+                    s.mark_sent(id, Some(counter), None, now_ms())?;
+                    Ok(counter)
+                })
+                .await;
+            let counter = match counter {
+                Ok(c) => c,
+                Err(e) => {
+                    error!(error = %e, command = id, "could not record the delivery; not sending");
+                    return;
+                }
+            };
+            match bridge::signed_command(&command, &key, counter) {
+                Ok((topic, bytes)) => {
+                    debug!(command = id, attempt, counter, "sending command");
+                    if let Err(e) = shared
+                        .mqtt
+                        .publish(topic, QoS::AtLeastOnce, false, bytes)
+                        .await
+                    {
+                        warn!(command = id, error = %e, "publish failed; the ack timeout will resend");
+                    } else {
+                        shared
+                            .metrics
+                            .mqtt_messages_out
+                            .get_or_create(&label("kind", "command"))
+                            .inc();
+                    }
+                }
+                Err(reason) => {
+                    finish(
+                        shared,
+                        id,
+                        CommandOutcome::Failed {
+                            reason: format!("cannot encode the command: {reason}"),
+                            execution_time_ms: None,
+                        },
+                    )
+                    .await
+                }
+            }
+        }
+        DeliveryAction::Finish { id, outcome } => finish(shared, id, outcome).await,
+    }
+}
+
+async fn finish(shared: &Arc<Shared>, id: i64, outcome: CommandOutcome) {
+    let label_value = match &outcome {
+        CommandOutcome::Completed { .. } => "completed",
+        CommandOutcome::Failed { .. } => "failed",
+        CommandOutcome::Expired => "expired",
+    };
+    if let CommandOutcome::Failed { reason, .. } = &outcome {
+        warn!(command = id, reason, "command failed");
+    } else {
+        info!(command = id, outcome = label_value, "command ended");
+    }
+    match shared
+        .store
+        .call(move |s| s.finish_command(id, &outcome, now_ms()))
+        .await
+    {
+        Ok(true) => {
+            shared
+                .metrics
+                .commands_finished
+                .get_or_create(&label("outcome", label_value))
+                .inc();
+            shared.outbox_ready.notify_one();
+        }
+        Ok(false) => {}
+        Err(e) => error!(error = %e, command = id, "could not record the command's end"),
+    }
+}
+
+// ---------------------------------------------------------------------------------- cloud
+
+fn note_cloud_result(shared: &Arc<Shared>, result: Result<(), &CloudError>) {
+    let now = now_ms();
+    let event = {
+        let mut link = shared.link.lock().unwrap_or_else(|p| p.into_inner());
+        let event = match result {
+            Ok(()) => link.on_answer(now),
+            Err(e) if e.backend_answered() => link.on_answer(now),
+            Err(_) => link.on_no_answer(now),
+        };
+        let mut health = shared.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.backend_reachable = link.is_reachable();
+        health.outage_began_ms = link.outage_began_ms();
+        health.last_backend_error = result.err().map(|e| e.to_string());
+        event
+    };
+    shared.metrics.backend_reachable.set(i64::from(
+        shared
+            .health
+            .lock()
+            .map(|h| h.backend_reachable)
+            .unwrap_or(false),
+    ));
+    if let Some(event) = event {
+        record_link_event(shared, event);
+    }
+}
+
+fn record_link_event(shared: &Arc<Shared>, event: LinkEvent) {
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        match event {
+            LinkEvent::OutageBegan { at_ms } => {
+                warn!("backend unreachable; controlling locally and queueing");
+                let _ = shared
+                    .store
+                    .call(move |s| {
+                        s.set_cursor(
+                            "outage_dropped_at_start",
+                            &s.counter("telemetry_dropped")?.to_string(),
+                        )
+                        .map(|_| at_ms)
+                    })
+                    .await;
+            }
+            LinkEvent::OutageEnded {
+                began_at_ms,
+                duration_ms,
+            } => {
+                let agent = shared.config.agent.id.clone();
+                let now = now_ms();
+                let result = shared
+                    .store
+                    .call(move |s| {
+                        let stats = s.outbox_stats(now)?;
+                        let dropped_before: i64 = s.cursor("outage_dropped_at_start")?.and_then(|v| v.parse().ok()).unwrap_or(0);
+                        let dropped = s.counter("telemetry_dropped")? - dropped_before;
+                        let payload = json!({
+                            "agent_id": agent, "event_type": "backend_outage", "severity": "warning",
+                            "source": "agent",
+                            "message": format!(
+                                "backend unreachable for {} s; {} rows waiting, {} readings dropped",
+                                duration_ms / 1000, stats.depth, dropped
+                            ),
+                            "payload": {"began_at_ms": began_at_ms, "duration_ms": duration_ms,
+                                        "queued_rows": stats.depth, "oldest_age_ms": stats.oldest_age_ms,
+                                        "readings_dropped": dropped},
+                            "occurred_at": crate::cloud::format_timestamp_ms(now),
+                        });
+                        s.enqueue(OutboxClass::Event, &format!("outage:{began_at_ms}"), &payload, now)?;
+                        Ok(stats.depth)
+                    })
+                    .await;
+                info!(duration_ms, queued = ?result.ok(), "backend reachable again; draining the outbox");
+                shared.outbox_ready.notify_one();
+            }
+            LinkEvent::Stalled { since_ms } => {
+                warn!(
+                    since_ms,
+                    "sync stalled while the backend answers; restarting it"
+                );
+            }
+        }
+    });
+}
+
+async fn poll_loop(
+    shared: Arc<Shared>,
+    delivery: mpsc::Sender<DeliveryInput>,
+    cancel: CancellationToken,
+) {
+    let mut tick =
+        tokio::time::interval(Duration::from_millis(shared.config.cloud.poll_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let masters: Vec<String> = shared
+        .config
+        .masters
+        .iter()
+        .map(|m| m.device_id.clone())
+        .collect();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for master in &masters {
+            pull_commands(&shared, master, &delivery).await;
+            pull_rules(&shared, master).await;
+        }
+    }
+}
+
+async fn pull_commands(shared: &Arc<Shared>, master: &str, delivery: &mpsc::Sender<DeliveryInput>) {
+    let cfg = &shared.config.cloud;
+    let rows = match shared
+        .cloud
+        .lock_commands(master, cfg.lock_batch_max, cfg.lock_timeout_seconds)
+        .await
+    {
+        Ok(rows) => {
+            note_cloud_result(shared, Ok(()));
+            rows
+        }
+        Err(e) => {
+            note_cloud_result(shared, Err(&e));
+            debug!(master, error = %e, "could not pull commands");
+            return;
+        }
+    };
+    for row in rows {
+        match row.to_record() {
+            Ok(record) => {
+                let to_store = record.clone();
+                match shared
+                    .store
+                    .call(move |s| s.accept_command(&to_store, now_ms()))
+                    .await
+                {
+                    Ok(crate::store::Accepted::New) => {
+                        info!(command = record.id, master, command_type = %record.command_type, "command accepted");
+                        let _ = delivery.send(DeliveryInput::Admit(Box::new(record))).await;
+                    }
+                    Ok(crate::store::Accepted::Known(state)) => {
+                        debug!(
+                            command = record.id,
+                            ?state,
+                            "command handed out again; already known"
+                        );
+                    }
+                    Err(e) => {
+                        error!(error = %e, command = record.id, "could not store the command; it will be handed out again")
+                    }
+                }
+            }
+            Err(reason) => {
+                warn!(
+                    command = row.id,
+                    reason, "unusable command from the backend; reporting it failed"
+                );
+                let id = row.id;
+                let payload = json!({"command_id": id, "status": "failed", "error_message": format!("agent cannot run it: {reason}")});
+                let _ = shared
+                    .store
+                    .call(move |s| {
+                        s.enqueue(
+                            OutboxClass::Completion,
+                            &format!("completion:{id}"),
+                            &payload,
+                            now_ms(),
+                        )
+                    })
+                    .await;
+                shared.outbox_ready.notify_one();
+            }
+        }
+    }
+}
+
+async fn pull_rules(shared: &Arc<Shared>, master: &str) {
+    let key = format!("rules:{master}");
+    let key_for_read = key.clone();
+    let cursor = shared
+        .store
+        .call(move |s| s.cursor(&key_for_read))
+        .await
+        .ok()
+        .flatten();
+    let since = cursor
+        .as_deref()
+        .and_then(crate::cloud::parse_timestamp_ms)
+        .map(|ms| crate::cloud::format_timestamp_ms(ms - RULE_CURSOR_OVERLAP_MS))
+        .unwrap_or_else(|| "-infinity".to_string());
+    let mut after: Option<String> = None;
+    let mut since_page = since;
+    loop {
+        let page = match shared
+            .cloud
+            .rule_changes(master, &since_page, after.as_deref(), RULE_CHANGES_PAGE_MAX)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                note_cloud_result(shared, Err(&e));
+                return;
+            }
+        };
+        let Some(last) = page.last() else { return };
+        let (last_at, last_id) = (last.changed_at.clone(), last.id.clone());
+        let records: Vec<_> = page.iter().map(|c| c.to_record()).collect();
+        let full = page.len() as u32 == RULE_CHANGES_PAGE_MAX;
+        let key = key.clone();
+        let cursor_value = last_at.clone();
+        match shared
+            .store
+            .call(move |s| {
+                let changed = s.apply_rule_changes(&records)?;
+                s.set_cursor(&key, &cursor_value)?;
+                Ok(changed)
+            })
+            .await
+        {
+            Ok(changed) if changed > 0 => info!(master, changed, "rules mirror updated"),
+            Ok(_) => {}
+            Err(e) => {
+                error!(error = %e, "could not update the rules mirror");
+                return;
+            }
+        }
+        if !full {
+            return;
+        }
+        since_page = last_at;
+        after = Some(last_id);
+    }
+}
+
+/// Runs the outbox pusher and restarts it when the link says sync stalled.
+async fn sync_supervisor(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut pusher = tokio::spawn(push_loop(shared.clone(), cancel.clone()));
+    let mut check =
+        tokio::time::interval(Duration::from_millis(shared.config.cloud.poll_interval_ms));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                let _ = pusher.await;
+                return;
+            }
+            _ = check.tick() => {}
+        }
+        let now = now_ms();
+        let Ok(stats) = shared.store.call(move |s| s.outbox_stats(now)).await else {
+            continue;
+        };
+        shared.metrics.outbox_depth.set(stats.depth as i64);
+        shared.metrics.outbox_rejected.set(stats.rejected as i64);
+        shared
+            .metrics
+            .outbox_oldest_age_seconds
+            .set(stats.oldest_age_ms.unwrap_or(0) as f64 / 1000.0);
+        if let Ok(counts) = shared.store.call(|s| s.command_counts()).await {
+            for (state, n) in counts {
+                shared
+                    .metrics
+                    .commands
+                    .get_or_create(&label("state", &state))
+                    .set(n as i64);
+            }
+        }
+        let stalled = {
+            let mut link = shared.link.lock().unwrap_or_else(|p| p.into_inner());
+            let event = link.check_stall(stats.depth, now);
+            let stalled = link.is_stalled();
+            if let Ok(mut h) = shared.health.lock() {
+                h.sync_stalled = stalled;
+            }
+            event
+        };
+        shared.metrics.sync_stalled.set(i64::from(
+            shared
+                .health
+                .lock()
+                .map(|h| h.sync_stalled)
+                .unwrap_or(false),
+        ));
+        if let Some(event) = stalled {
+            record_link_event(&shared, event);
+            shared.metrics.sync_restarts.inc();
+            pusher.abort();
+            let _ = (&mut pusher).await;
+            // Rows waiting for a backoff that outlived its cause are due again at once.
+            let _ = shared.store.call(|s| s.outbox_due_now()).await;
+            pusher = tokio::spawn(push_loop(shared.clone(), cancel.clone()));
+        }
+    }
+}
+
+async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
+    let batch = shared.config.cloud.push_batch_rows_max;
+    loop {
+        let now = now_ms();
+        let rows = match shared.store.call(move |s| s.outbox_due(now, batch)).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                error!(error = %e, "cannot read the outbox");
+                Vec::new()
+            }
+        };
+        if rows.is_empty() {
+            shared
+                .link
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .on_progress(now);
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = shared.outbox_ready.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        }
+        let mut blocked = false;
+        for group in group_by_class(rows) {
+            match push_group(&shared, &group).await {
+                Ok(()) => {}
+                Err(()) => {
+                    blocked = true;
+                    break;
+                }
+            }
+        }
+        if blocked {
+            // Order is kept: nothing behind a failed row goes first. Wait for its backoff.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    }
+}
+
+/// Consecutive rows of one class, in outbox order.
+fn group_by_class(rows: Vec<OutboxRow>) -> Vec<Vec<OutboxRow>> {
+    let mut groups: Vec<Vec<OutboxRow>> = Vec::new();
+    for row in rows {
+        match groups.last_mut() {
+            Some(g) if g[0].class == row.class => g.push(row),
+            _ => groups.push(vec![row]),
+        }
+    }
+    groups
+}
+
+/// Pushes one group; Err means a transient failure that blocks the queue for now.
+async fn push_group(shared: &Arc<Shared>, group: &[OutboxRow]) -> Result<(), ()> {
+    let class = group[0].class;
+    let result: Result<(), CloudError> = match class {
+        OutboxClass::Telemetry => {
+            let readings: Vec<Reading> = group
+                .iter()
+                .filter_map(|r| serde_json::from_value(r.payload.clone()).ok())
+                .collect();
+            shared.cloud.insert_readings(&readings).await
+        }
+        OutboxClass::Completion => {
+            // One RPC per completion; they are few.
+            for row in group {
+                match shared.cloud.report_completion(&row.payload).await {
+                    Ok(status) => {
+                        debug!(row = row.seq, ?status, "completion reported");
+                        delivered(shared, class, &[row.seq]).await;
+                    }
+                    Err(e) => return settle_failure(shared, std::slice::from_ref(row), e).await,
+                }
+            }
+            note_cloud_result(shared, Ok(()));
+            return Ok(());
+        }
+        OutboxClass::Event => {
+            let rows: Vec<_> = group.iter().map(event_row).collect();
+            shared.cloud.insert_idempotent("event_logs", &rows).await
+        }
+        OutboxClass::RuleCommand => {
+            let rows: Vec<_> = group.iter().map(|r| r.payload.clone()).collect();
+            shared
+                .cloud
+                .insert_idempotent("relay_commands_slave", &rows)
+                .await
+        }
+        OutboxClass::DeviceStatus => {
+            // Only the newest presence per device matters; older rows are delivered with it.
+            let mut latest: BTreeMap<String, &OutboxRow> = BTreeMap::new();
+            for row in group {
+                if let Some(d) = row.payload["device_id"].as_str() {
+                    latest.insert(d.to_string(), row);
+                }
+            }
+            let mut outcome = Ok(());
+            for row in latest.values() {
+                let patch = json!({
+                    "is_online": row.payload["is_online"], "last_seen": row.payload["last_seen"],
+                });
+                let mut patch = patch;
+                if let Some(fw) = row.payload["firmware_version"].as_str() {
+                    patch["firmware_version"] = json!(fw);
+                }
+                let device = row.payload["device_id"].as_str().unwrap_or_default();
+                if let Err(e) = shared.cloud.update_device_status(device, &patch).await {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+            outcome
+        }
+        OutboxClass::RelayState | OutboxClass::RuleFeedback => Ok(()),
+    };
+    match result {
+        Ok(()) => {
+            note_cloud_result(shared, Ok(()));
+            let seqs: Vec<i64> = group.iter().map(|r| r.seq).collect();
+            delivered(shared, class, &seqs).await;
+            Ok(())
+        }
+        Err(e) => settle_failure(shared, group, e).await,
+    }
+}
+
+fn event_row(row: &OutboxRow) -> serde_json::Value {
+    let mut value = row.payload.clone();
+    // The outbox key is the event's idempotency key in the cloud too.
+    value["client_id"] = json!(uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        row.idempotency_key.as_bytes()
+    ));
+    value
+}
+
+async fn delivered(shared: &Arc<Shared>, class: OutboxClass, seqs: &[i64]) {
+    let seqs_owned = seqs.to_vec();
+    if let Err(e) = shared
+        .store
+        .call(move |s| s.outbox_delivered(&seqs_owned))
+        .await
+    {
+        error!(error = %e, "could not remove delivered rows; they will be sent again (idempotently)");
+    }
+    shared
+        .metrics
+        .outbox_pushed
+        .get_or_create(&label("class", class.as_str()))
+        .inc_by(seqs.len() as u64);
+    shared
+        .link
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .on_progress(now_ms());
+}
+
+async fn settle_failure(
+    shared: &Arc<Shared>,
+    group: &[OutboxRow],
+    error: CloudError,
+) -> Result<(), ()> {
+    note_cloud_result(shared, Err(&error));
+    let now = now_ms();
+    if error.is_transient() {
+        let attempts = group.iter().map(|r| r.attempts).max().unwrap_or(0) as usize;
+        let delay = backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(250))
+            .with_max_delay(Duration::from_secs(30))
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build()
+            .nth(attempts.min(32))
+            .unwrap_or(Duration::from_secs(30));
+        let seqs: Vec<i64> = group.iter().map(|r| r.seq).collect();
+        let reason = error.to_string();
+        let _ = shared
+            .store
+            .call(move |s| s.outbox_retry_later(&seqs, &reason, now + delay.as_millis() as i64))
+            .await;
+        debug!(error = %error, delay_ms = delay.as_millis() as u64, "push failed; backing off");
+        return Err(());
+    }
+    // A final refusal: set the rows aside with the reason. A batch is retried row by row first,
+    // so that one bad reading does not take its neighbours with it.
+    if group.len() > 1 && group[0].class == OutboxClass::Telemetry {
+        for row in group {
+            let single = std::slice::from_ref(row);
+            let readings: Vec<Reading> = serde_json::from_value(row.payload.clone())
+                .map(|r| vec![r])
+                .unwrap_or_default();
+            match shared.cloud.insert_readings(&readings).await {
+                Ok(()) => delivered(shared, row.class, &[row.seq]).await,
+                Err(e) if e.is_transient() => {
+                    return Box::pin(settle_failure(shared, single, e)).await;
+                }
+                Err(e) => reject(shared, row, &e.to_string()).await,
+            }
+        }
+        return Ok(());
+    }
+    for row in group {
+        reject(shared, row, &error.to_string()).await;
+    }
+    Ok(())
+}
+
+async fn reject(shared: &Arc<Shared>, row: &OutboxRow, reason: &str) {
+    error!(class = row.class.as_str(), key = %row.idempotency_key, reason, "backend refused an outbox row for good; kept aside");
+    let seq = row.seq;
+    let reason = reason.to_string();
+    let _ = shared
+        .store
+        .call(move |s| s.outbox_reject(seq, &reason, now_ms()))
+        .await;
+}

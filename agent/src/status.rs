@@ -1,0 +1,76 @@
+//! `autocore-agent status`: the agent's state as a person reads it, from the running agent's
+//! `/health`, or straight from its database when the agent is not running.
+
+use std::time::Duration;
+
+use crate::config::AgentConfig;
+use crate::runtime::now_ms;
+use crate::store::Store;
+
+pub async fn report(config: &AgentConfig) -> String {
+    let url = format!("http://{}/health", config.api.listen);
+    let client = reqwest011::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build();
+    if let Ok(client) = client
+        && let Ok(resp) = client.get(&url).send().await
+        && let Ok(body) = resp.json::<serde_json::Value>().await
+    {
+        return format!(
+            "agent {} (running, {url})\n  backend reachable: {}\n  sync stalled: {}\n  outbox: {} rows, oldest {} ms, {} rejected\n  masters: {}",
+            body["agent_id"].as_str().unwrap_or("?"),
+            body["backend_reachable"],
+            body["sync_stalled"],
+            body["outbox"]["depth"],
+            body["outbox"]["oldest_age_ms"],
+            body["outbox"]["rejected"],
+            body["masters"]
+                .as_array()
+                .map(|m| m
+                    .iter()
+                    .map(|d| format!(
+                        "{} {}",
+                        d["device_id"].as_str().unwrap_or("?"),
+                        if d["online"].as_bool() == Some(true) {
+                            "online"
+                        } else {
+                            "offline"
+                        }
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default(),
+        );
+    }
+    match Store::open(&config.store.path) {
+        Ok(store) => {
+            let now = now_ms();
+            let stats = store.outbox_stats(now).unwrap_or_default();
+            let devices = store.devices().unwrap_or_default();
+            format!(
+                "agent {} (not running; read from {})\n  backend reachable: unknown\n  outbox: {} rows, oldest {:?} ms, {} rejected\n  masters: {}",
+                config.agent.id,
+                config.store.path.display(),
+                stats.depth,
+                stats.oldest_age_ms,
+                stats.rejected,
+                devices
+                    .iter()
+                    .map(|(id, online, _)| format!(
+                        "{id} {}",
+                        if *online {
+                            "online (last known)"
+                        } else {
+                            "offline"
+                        }
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+        Err(e) => format!(
+            "agent {}: not running, and its database is unreadable: {e}",
+            config.agent.id
+        ),
+    }
+}
