@@ -650,7 +650,7 @@ async fn commands_get_through_a_lossy_slow_radio_and_each_is_applied_once() {
     // With 20 % loss each way a round trip succeeds 64 % of the time; ten attempts fail with a
     // probability of 4e-5.
     config.timing.frame_attempts_max = 10;
-    config.timing.frame_ack_timeout_ms = 50;
+    config.timing.frame_ack_timeout_ms = 100;
     let sim = RunningSim::start(config);
     observer.wait_online().await;
     let mut signer = signer();
