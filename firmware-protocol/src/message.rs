@@ -323,7 +323,7 @@ impl Payload for Announce {
             return Err(field_error(Self::WHAT, "sensors", "too many sensors"));
         }
         for (i, name) in self.sensors.iter().enumerate() {
-            check_sensor_key(Self::WHAT, name)
+            check_sensor_key(name)
                 .map_err(|reason| field_error(Self::WHAT, format!("sensors[{i}]"), reason))?;
         }
         Ok(())
@@ -411,7 +411,7 @@ pub struct Telemetry {
 
 const TELEMETRY_RESERVED_KEYS: [&str; 2] = ["v", "ts_ms"];
 
-fn check_sensor_key(_what: &'static str, key: &str) -> Result<(), String> {
+fn check_sensor_key(key: &str) -> Result<(), String> {
     if key.is_empty() || key.len() > SENSOR_KEY_BYTES_MAX {
         return Err(format!(
             "sensor name must be 1..={SENSOR_KEY_BYTES_MAX} bytes"
@@ -487,7 +487,7 @@ impl Payload for Telemetry {
             ));
         }
         for (key, reading) in &self.readings {
-            check_sensor_key(Self::WHAT, key).map_err(|r| field_error(Self::WHAT, key, r))?;
+            check_sensor_key(key).map_err(|r| field_error(Self::WHAT, key, r))?;
             if !reading.value.is_finite() {
                 return Err(field_error(Self::WHAT, key, "value is not a finite number"));
             }

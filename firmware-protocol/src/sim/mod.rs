@@ -333,12 +333,12 @@ async fn run_master(
             _ = heartbeat.tick() => core.on_heartbeat(Instant::now()),
             _ = retry.tick() => core.on_retry_tick(Instant::now()),
         };
-        io.perform(outputs).await?;
+        io.perform(outputs)?;
     }
 
     if let Some(client) = &mqtt {
         let offline = core.offline_status();
-        let _ = io.perform(vec![offline]).await;
+        let _ = io.perform(vec![offline]);
         let _ = client.disconnect().await;
     }
     let flush = async { while tasks.join_next().await.is_some() {} };
@@ -367,7 +367,7 @@ struct MasterIo {
 const MASTER_MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x01]);
 
 impl MasterIo {
-    async fn perform(&self, outputs: Vec<Output>) -> Result<(), SimError> {
+    fn perform(&self, outputs: Vec<Output>) -> Result<(), SimError> {
         for output in outputs {
             match output {
                 Output::Publish { topic, payload } => {
