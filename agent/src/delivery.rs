@@ -132,6 +132,41 @@ impl Delivery {
         vec![DeliveryAction::Finish { id, outcome }]
     }
 
+    /// Time passed while the broker is unreachable: nothing can be sent, so no attempt is spent
+    /// and ack deadlines move on; only what expired ends.
+    pub fn on_tick_disconnected(&mut self, now_ms: i64) -> Vec<DeliveryAction> {
+        let ack_timeout_ms = self.limits.ack_timeout_ms;
+        let expired: Vec<i64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| now_ms >= f.command.expires_at_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for flight in self.in_flight.values_mut() {
+            flight.ack_deadline_ms = flight.ack_deadline_ms.max(now_ms + ack_timeout_ms);
+        }
+        let mut actions = Vec::new();
+        for id in expired {
+            if let Some(flight) = self.in_flight.remove(&id) {
+                actions.push(DeliveryAction::Finish {
+                    id,
+                    outcome: if flight.attempts == 0 {
+                        CommandOutcome::Expired
+                    } else {
+                        CommandOutcome::Failed {
+                            reason: format!(
+                                "no ack from the master before expiry ({} attempts; broker unreachable)",
+                                flight.attempts
+                            ),
+                            execution_time_ms: None,
+                        }
+                    },
+                });
+            }
+        }
+        actions
+    }
+
     /// Time passed: resend what waited too long for its ack, end what expired.
     pub fn on_tick(&mut self, now_ms: i64) -> Vec<DeliveryAction> {
         let due: Vec<i64> = self
@@ -326,6 +361,32 @@ mod tests {
             }
             other => panic!("expected a failure at expiry, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn while_the_broker_is_away_no_attempt_is_spent_but_expiry_still_ends_commands() {
+        let mut d = Delivery::new(LIMITS);
+        d.admit(command(1, 100_000), 0);
+        d.admit(command(2, 20_000), 0);
+        for t in (1_000..20_000).step_by(1_000) {
+            assert!(
+                d.on_tick_disconnected(t).is_empty(),
+                "nothing ends or resends at {t}"
+            );
+        }
+        match d.on_tick_disconnected(20_000).as_slice() {
+            [
+                DeliveryAction::Finish {
+                    id: 2,
+                    outcome: CommandOutcome::Failed { reason, .. },
+                },
+            ] => {
+                assert!(reason.contains("broker unreachable"))
+            }
+            other => panic!("expected command 2 to end at its expiry, got {other:?}"),
+        }
+        // Back online: the first resend is attempt 2, not a failure.
+        assert_eq!(sends(&d.on_tick(21_000)), vec![(1, 2)]);
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub struct Shared {
     masters: HashSet<String>,
     outbox_ready: Notify,
     link: Mutex<Link>,
+    mqtt_connected: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -146,6 +147,7 @@ pub async fn run(
         mqtt,
         outbox_ready: Notify::new(),
         link: Mutex::new(Link::new(stall_after_ms, now_ms())),
+        mqtt_connected: std::sync::atomic::AtomicBool::new(false),
         config,
     });
 
@@ -237,6 +239,9 @@ async fn mqtt_loop(
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected = true;
+                shared
+                    .mqtt_connected
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 info!("connected to the MQTT broker");
                 for filter in bridge::SUBSCRIPTIONS {
                     if let Err(e) = shared.mqtt.subscribe(filter, QoS::AtLeastOnce).await {
@@ -265,6 +270,9 @@ async fn mqtt_loop(
             }
             Ok(_) => {}
             Err(e) => {
+                shared
+                    .mqtt_connected
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 if connected {
                     warn!(error = %e, "MQTT connection lost; reconnecting");
                     connected = false;
@@ -498,7 +506,13 @@ async fn delivery_loop(
                 Some(DeliveryInput::Ack(ack)) => delivery.on_ack(&ack),
                 None => return,
             },
-            _ = tokio::time::sleep(wait) => delivery.on_tick(now_ms()),
+            _ = tokio::time::sleep(wait) => {
+                if shared.mqtt_connected.load(std::sync::atomic::Ordering::SeqCst) {
+                    delivery.on_tick(now_ms())
+                } else {
+                    delivery.on_tick_disconnected(now_ms())
+                }
+            }
         };
         for action in actions {
             perform(&shared, action).await;
