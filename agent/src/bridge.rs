@@ -33,14 +33,15 @@ pub enum BridgeError {
     },
 }
 
-/// The topics the agent subscribes to.
-pub const SUBSCRIPTIONS: [&str; 6] = [
-    filter::ALL_ANNOUNCE,
-    filter::ALL_STATUS,
-    filter::ALL_TELEMETRY,
-    filter::ALL_ACK,
-    filter::ALL_RELAY_STATE,
-    filter::EMERGENCY,
+/// The topics the agent subscribes to, with the QoS of each: telemetry is QoS 0 in the
+/// protocol, so a flood of it never fills the broker's in-flight window for the agent.
+pub const SUBSCRIPTIONS: [(&str, QoS); 6] = [
+    (filter::ALL_ANNOUNCE, QoS::AtLeastOnce),
+    (filter::ALL_STATUS, QoS::AtLeastOnce),
+    (filter::ALL_TELEMETRY, QoS::AtMostOnce),
+    (filter::ALL_ACK, QoS::AtLeastOnce),
+    (filter::ALL_RELAY_STATE, QoS::AtLeastOnce),
+    (filter::EMERGENCY, QoS::AtLeastOnce),
 ];
 
 pub fn mqtt_options(config: &MqttSection, agent_id: &str) -> Result<MqttOptions, BridgeError> {

@@ -243,8 +243,8 @@ async fn mqtt_loop(
                     .mqtt_connected
                     .store(true, std::sync::atomic::Ordering::SeqCst);
                 info!("connected to the MQTT broker");
-                for filter in bridge::SUBSCRIPTIONS {
-                    if let Err(e) = shared.mqtt.subscribe(filter, QoS::AtLeastOnce).await {
+                for (filter, qos) in bridge::SUBSCRIPTIONS {
+                    if let Err(e) = shared.mqtt.subscribe(filter, qos).await {
                         warn!(filter, error = %e, "subscribe failed");
                     }
                 }
@@ -296,7 +296,8 @@ struct BadMessageLog {
 }
 
 impl BadMessageLog {
-    fn report(&mut self, error: &bridge::InboundError, now: i64) {
+    /// Returns whether this one was logged.
+    fn report(&mut self, error: &bridge::InboundError, now: i64) -> bool {
         if now - self.window_start_ms >= 1_000 {
             if self.suppressed > 0 {
                 warn!(
@@ -311,8 +312,10 @@ impl BadMessageLog {
         if self.logged < BAD_MESSAGE_LOGS_PER_S_MAX {
             self.logged += 1;
             warn!(error = %error, "bad MQTT message refused");
+            true
         } else {
             self.suppressed += 1;
+            false
         }
     }
 }
@@ -359,7 +362,7 @@ async fn inbound_loop(
                     .bad_messages
                     .get_or_create(&label("reason", e.reason_label()))
                     .inc();
-                bad.report(&e, now);
+                let _ = bad.report(&e, now);
                 continue;
             }
         };
@@ -1136,4 +1139,47 @@ async fn reject(shared: &Arc<Shared>, row: &OutboxRow, reason: &str) {
         .store
         .call(move |s| s.outbox_reject(seq, &reason, now_ms()))
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_messages_are_logged_at_most_a_few_per_second() {
+        let mut log = BadMessageLog {
+            window_start_ms: 0,
+            logged: 0,
+            suppressed: 0,
+        };
+        let error = bridge::InboundError::Topic("x".into());
+        let logged_first_second = (0..10_000)
+            .filter(|i| log.report(&error, 1_000 + i / 100))
+            .count();
+        assert_eq!(logged_first_second, BAD_MESSAGE_LOGS_PER_S_MAX as usize);
+        assert!(log.report(&error, 2_500), "a new second logs again");
+    }
+
+    #[test]
+    fn outbox_rows_are_grouped_by_class_in_order() {
+        let row = |seq, class| OutboxRow {
+            seq,
+            class,
+            idempotency_key: seq.to_string(),
+            payload: json!({}),
+            created_at_ms: 0,
+            attempts: 0,
+        };
+        let groups = group_by_class(vec![
+            row(1, OutboxClass::Telemetry),
+            row(2, OutboxClass::Telemetry),
+            row(3, OutboxClass::Completion),
+            row(4, OutboxClass::Telemetry),
+        ]);
+        let seqs: Vec<Vec<i64>> = groups
+            .iter()
+            .map(|g| g.iter().map(|r| r.seq).collect())
+            .collect();
+        assert_eq!(seqs, vec![vec![1, 2], vec![3], vec![4]]);
+    }
 }
