@@ -35,7 +35,7 @@ use crate::mac::MacAddr;
 use crate::message::{Payload, Status};
 use crate::topic::{Qos, Topic};
 use master::{MasterCore, MasterState, Output};
-use radio::{Airframe, Radio};
+use radio::{Airframe, Link, Radio};
 use slave::SlaveNode;
 use state::SlavePersisted;
 
@@ -220,11 +220,12 @@ async fn run_master(
     let radio = Radio::new(config.radio);
     let mut tasks = JoinSet::new();
 
-    // Slaves, each behind its own radio queue; all answer into the master's queue.
-    let (to_master, mut master_rx) = Radio::channel();
-    let mut to_slaves: BTreeMap<MacAddr, mpsc::Sender<Airframe>> = BTreeMap::new();
+    // Slaves, each behind its own radio queue; all answer into the master's queue. Each link
+    // keeps its frames in order, as ESP-NOW between two peers does.
+    let (to_master, mut master_rx) = radio.channel();
+    let mut to_slaves: BTreeMap<MacAddr, Link> = BTreeMap::new();
     for slave_spec in &spec.slaves {
-        let (tx, rx) = Radio::channel();
+        let (tx, rx) = radio.channel();
         to_slaves.insert(slave_spec.mac, tx);
         let path = config
             .state_dir
@@ -241,7 +242,6 @@ async fn run_master(
             path,
             rx,
             to_master.clone(),
-            radio.clone(),
             stop.clone(),
         ));
     }
@@ -306,7 +306,6 @@ async fn run_master(
     let io = MasterIo {
         master: master_id.to_string(),
         mqtt: mqtt.clone(),
-        radio: radio.clone(),
         to_slaves,
         http,
         poll: config.poll.clone(),
@@ -356,8 +355,7 @@ async fn run_master(
 struct MasterIo {
     master: String,
     mqtt: Option<rumqttc::AsyncClient>,
-    radio: Radio,
-    to_slaves: BTreeMap<MacAddr, mpsc::Sender<Airframe>>,
+    to_slaves: BTreeMap<MacAddr, Link>,
     http: reqwest::Client,
     poll: Option<PollSpec>,
     state_path: Option<PathBuf>,
@@ -385,7 +383,7 @@ impl MasterIo {
                     }
                 }
                 Output::Frame { to, bytes } => match self.to_slaves.get(&to) {
-                    Some(tx) => self.radio.transmit(tx, MASTER_MAC, &bytes),
+                    Some(link) => link.transmit(MASTER_MAC, &bytes),
                     None => {
                         warn!(master = %self.master, slave = %to, "no radio link to this slave")
                     }
@@ -416,8 +414,7 @@ async fn run_slave(
     persisted: SlavePersisted,
     state_path: Option<PathBuf>,
     mut rx: mpsc::Receiver<Airframe>,
-    to_master: mpsc::Sender<Airframe>,
-    radio: Radio,
+    to_master: Link,
     mut stop: watch::Receiver<bool>,
 ) {
     let silent = Duration::from_millis(timing.master_silent_timeout_ms);
@@ -426,7 +423,7 @@ async fn run_slave(
     let send = |frames: Vec<FrameRepr>| {
         for frame in frames {
             match frame.to_bytes() {
-                Ok(bytes) => radio.transmit(&to_master, spec.mac, &bytes),
+                Ok(bytes) => to_master.transmit(spec.mac, &bytes),
                 Err(e) => error!(slave = %spec.mac, error = %e, "slave built an invalid frame"),
             }
         }

@@ -6,11 +6,14 @@ use std::time::Duration;
 use firmware_protocol::frame::{
     AckCode, FrameBody, FrameRepr, RelayStates, ReportReason, SwitchAction,
 };
-use firmware_protocol::message::{AckErrorCode, AckResult, CommandAck, Payload, RelayLimits};
+use firmware_protocol::message::{
+    AckErrorCode, AckResult, CommandAck, Payload, RelayAction, RelayLimits,
+};
 use firmware_protocol::sim::master::{MasterCore, MasterState, Output, SlaveCommandRow};
+use firmware_protocol::sim::radio::Radio;
 use firmware_protocol::sim::slave::{SlaveNode, SlaveSpec};
-use firmware_protocol::sim::{MasterSpec, MasterTiming};
-use firmware_protocol::{CommandId, CommandSigner, Topic};
+use firmware_protocol::sim::{MasterSpec, MasterTiming, RadioSpec};
+use firmware_protocol::{CommandId, CommandSigner, MacAddr, Topic};
 use tokio::time::Instant;
 
 use crate::fixtures::{command, key, master, slave_mac};
@@ -597,4 +600,162 @@ fn a_duplicate_answer_to_a_resent_frame_counts_as_applied() {
     );
     let out = core.on_radio(slave_mac(), &duplicate, t0 + timeout);
     assert_eq!(acks(&out)[0].result, AckResult::Completed);
+}
+
+// ---------------------------------------------------------------------------------------------
+// commands for several relays, and the radio between master and slave
+
+fn relay_command_seq(
+    sequence: u32,
+    command_id: u64,
+    relay: u8,
+    action: SwitchAction,
+    duration_s: u32,
+) -> Vec<u8> {
+    bytes(
+        FrameBody::RelayCommand {
+            command_id,
+            relay,
+            action,
+            duration_s,
+        },
+        sequence,
+        false,
+    )
+}
+
+fn ack_states(frames: &[FrameRepr]) -> RelayStates {
+    frames
+        .iter()
+        .find_map(|f| match f.body {
+            FrameBody::Ack { states, .. } => Some(states),
+            _ => None,
+        })
+        .expect("an ack")
+}
+
+#[test]
+fn a_slave_applies_each_relay_of_one_command_once() {
+    // One command id, two relays: the slave remembers (command id, relay), so the second relay
+    // is not mistaken for a duplicate of the first, while a repeat of either frame is.
+    let t0 = Instant::now();
+    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    let relay_0 = relay_command_seq(1, 7, 0, SwitchAction::On, 30);
+    let relay_2 = relay_command_seq(2, 7, 2, SwitchAction::On, 30);
+    let out = node.on_frame(&relay_0, t0).unwrap();
+    assert_eq!(ack_code(&out), AckCode::Applied);
+    assert_eq!(ack_states(&out).bits, 0b0001);
+    let out = node.on_frame(&relay_2, t0).unwrap();
+    assert_eq!(ack_code(&out), AckCode::Applied);
+    assert_eq!(ack_states(&out).bits, 0b0101);
+
+    // Another command switches relay 0 off; late copies of the first command's frames change
+    // nothing.
+    node.on_frame(&relay_command_seq(3, 8, 0, SwitchAction::Off, 0), t0)
+        .unwrap();
+    for frame in [&relay_0, &relay_2] {
+        let out = node.on_frame(frame, t0).unwrap();
+        assert_eq!(ack_code(&out), AckCode::Duplicate);
+        assert_eq!(ack_states(&out).bits, 0b0100);
+    }
+    assert_eq!(node.states().bits, 0b0100);
+}
+
+/// Carries every frame between a master and a slave, in order, until neither has more to say;
+/// returns what the master published on the way.
+fn exchange(
+    core: &mut MasterCore,
+    node: &mut SlaveNode,
+    outputs: Outputs,
+    now: Instant,
+) -> Outputs {
+    let mut published = Vec::new();
+    let mut to_slave: std::collections::VecDeque<Output> = outputs.into();
+    while let Some(output) = to_slave.pop_front() {
+        match output {
+            Output::Frame { bytes, .. } => {
+                for reply in node.on_frame(&bytes, now).unwrap() {
+                    let reply = reply.to_bytes().unwrap();
+                    to_slave.extend(core.on_radio(slave_mac(), &reply, now));
+                }
+            }
+            other => published.push(other),
+        }
+    }
+    published
+}
+
+type Outputs = Vec<Output>;
+
+#[test]
+fn a_master_acks_a_command_for_two_relays_with_both_relays_on() {
+    let t0 = Instant::now();
+    let mut core = master_core();
+    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    let mut signer = CommandSigner::new(key(), 1);
+    let mut both = command(9);
+    both.actions = vec![
+        RelayAction {
+            relay: 0,
+            action: SwitchAction::On,
+            duration_s: 30,
+        },
+        RelayAction {
+            relay: 2,
+            action: SwitchAction::On,
+            duration_s: 30,
+        },
+    ];
+    let sealed = signer.seal(both.clone());
+    let out = core.on_mqtt(&command_topic(), &sealed.encode().unwrap(), t0, NOW_MS);
+    assert_eq!(frames(&out).len(), 2, "one frame per relay");
+    let published = exchange(&mut core, &mut node, out, t0);
+    let done = acks(&published);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].result, AckResult::Completed);
+    assert_eq!(done[0].relay_states, vec![true, false, true, false]);
+    assert_eq!(node.states().bits, 0b0101);
+
+    // Signed again (same id, new counter): a duplicate, nothing switched twice.
+    let again = signer.seal(both);
+    let out = core.on_mqtt(&command_topic(), &again.encode().unwrap(), t0, NOW_MS);
+    assert!(frames(&out).is_empty());
+    let done = acks(&out);
+    assert_eq!(done[0].result, AckResult::Duplicate);
+    assert_eq!(done[0].relay_states, vec![true, false, true, false]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delaying_radio_keeps_every_frame_in_order() {
+    // A master's frames to a slave, and several slaves' frames to their master, cross the air
+    // in the order they were sent; the master relies on it to take a slave's states from the
+    // newest frame. (Delaying each frame on its own timer let later frames overtake earlier
+    // ones, so a command for relays 0 and 2 was acked with relay 0 off.)
+    let delay = Duration::from_millis(2);
+    let radio = Radio::new(RadioSpec {
+        loss_percent: 0,
+        delay_ms: 2,
+    });
+    let (link, mut rx) = radio.channel();
+    let started = Instant::now();
+    let senders: Vec<MacAddr> = (1..=3u8).map(|i| MacAddr([2, 0, 0, 0, 0, i])).collect();
+    for n in 0..60u8 {
+        // Clones of one link, as every slave holds a clone of its master's.
+        let from = senders[usize::from(n) % senders.len()];
+        link.clone().transmit(from, &[n]);
+        if n % 20 == 19 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let mut received = Vec::new();
+    while received.len() < 60 {
+        let (from, bytes) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("every frame arrives")
+            .expect("the link is open");
+        assert_eq!(from, senders[usize::from(bytes[0]) % senders.len()]);
+        received.push(bytes[0]);
+    }
+    assert!(started.elapsed() >= delay, "the radio delays frames");
+    assert_eq!(received, (0..60u8).collect::<Vec<_>>());
 }

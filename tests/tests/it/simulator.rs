@@ -719,3 +719,83 @@ async fn two_masters_run_side_by_side_each_accepting_only_its_own_key() {
     assert_eq!(ack.result, AckResult::Completed, "{ack:?}");
     sim.stop().await;
 }
+
+fn command_for(id: i64, actions: &[(u8, SwitchAction, u32)]) -> RelayCommand {
+    let mut command = command(id, actions[0].0, actions[0].1, actions[0].2);
+    command.actions = actions
+        .iter()
+        .map(|&(relay, action, duration_s)| RelayAction {
+            relay,
+            action,
+            duration_s,
+        })
+        .collect();
+    command
+}
+
+/// The agent's end-to-end setup: a radio with a small delay, on a runtime with several threads.
+/// A radio that let one frame overtake another left the master with the states of whichever ack
+/// arrived last, e.g. [false, false, true, false] after switching relays 0 and 2 on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_for_two_relays_switches_both_and_acks_both_states() {
+    let broker = Mosquitto::start().unwrap();
+    let mut observer = Observer::connect(&broker.url(), "observer-two-relays").await;
+    let mut config = config(&broker.url(), None);
+    config.radio = RadioSpec {
+        loss_percent: 0,
+        delay_ms: 1,
+    };
+    let heartbeat_ms = config.timing.heartbeat_interval_ms;
+    let sim = RunningSim::start(config);
+    observer.wait_online().await;
+    let mut signer = signer();
+    let on = SwitchAction::On;
+    let off = SwitchAction::Off;
+
+    let both = signer.seal(command_for(901, &[(0, on, 30), (2, on, 30)]));
+    observer.send_command(&both).await;
+    let ack = observer.ack_for(both.command_id).await;
+    assert_eq!(ack.result, AckResult::Completed, "{ack:?}");
+    assert_eq!(ack.slave_mac, Some(slave_mac()));
+    assert_eq!(ack.relay_states, vec![true, false, true, false], "{ack:?}");
+
+    // The slave itself holds both on: after a few heartbeats (each answered with the slave's
+    // states) a late subscriber's retained relay states still show them.
+    tokio::time::sleep(Duration::from_millis(3 * heartbeat_ms)).await;
+    let mut late = Observer::connect(&broker.url(), "observer-two-relays-late").await;
+    let report = late
+        .wait_for(&Topic::RelayState(master_id()), "relay states", |p| {
+            RelayStateReport::decode(p).ok()
+        })
+        .await;
+    assert!(report.slaves[0].online, "{report:?}");
+    assert_eq!(
+        report.slaves[0].relay_states,
+        vec![true, false, true, false],
+        "{report:?}"
+    );
+
+    // The same command again (same id, new counter) is a duplicate and switches nothing.
+    let again = signer.seal(command_for(901, &[(0, on, 30), (2, on, 30)]));
+    observer.send_command(&again).await;
+    let ack = observer.ack_for(again.command_id).await;
+    assert_eq!(ack.result, AckResult::Duplicate, "{ack:?}");
+    assert_eq!(ack.relay_states, vec![true, false, true, false], "{ack:?}");
+
+    // More pairs, in either order, each from every relay off: each ack shows exactly its pair.
+    for (id, relays) in [(902, [3u8, 1]), (903, [2, 0]), (904, [1, 2])] {
+        let all_off: Vec<(u8, SwitchAction, u32)> = (0..4).map(|r| (r, off, 0)).collect();
+        let clear = signer.seal(command_for(id + 100, &all_off));
+        observer.send_command(&clear).await;
+        let ack = observer.ack_for(clear.command_id).await;
+        assert_eq!(ack.relay_states, vec![false; 4], "{ack:?}");
+
+        let pair = signer.seal(command_for(id, &[(relays[0], on, 30), (relays[1], on, 30)]));
+        observer.send_command(&pair).await;
+        let ack = observer.ack_for(pair.command_id).await;
+        assert_eq!(ack.result, AckResult::Completed, "{ack:?}");
+        let expected: Vec<bool> = (0..4u8).map(|r| relays.contains(&r)).collect();
+        assert_eq!(ack.relay_states, expected, "command {id}: {ack:?}");
+    }
+    sim.stop().await;
+}
