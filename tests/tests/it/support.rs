@@ -18,7 +18,16 @@ pub struct World {
 
 impl World {
     pub fn start() -> World {
-        let stack = Stack::start(StackOptions::backend_only()).expect("backend starts");
+        World::start_with(StackOptions::backend_only())
+    }
+
+    /// The backend and Mosquitto.
+    pub fn start_full() -> World {
+        World::start_with(StackOptions::default())
+    }
+
+    fn start_with(options: StackOptions) -> World {
+        let stack = Stack::start(options).expect("stack starts");
         let world = World {
             stack,
             http: reqwest::Client::new(),
@@ -129,6 +138,24 @@ impl Rest {
             .collect();
         values.sort();
         values
+    }
+}
+
+/// Polls `probe` every 50 ms until it returns Some, or panics after `timeout` with `what`.
+pub async fn eventually<T>(
+    what: &str,
+    timeout: std::time::Duration,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

@@ -1,0 +1,510 @@
+//! The edge agent on the real stack with the ESP32 simulator: a command from the dashboard runs
+//! on the simulated slave and is completed in the cloud; telemetry reaches the backend.
+
+use std::time::Duration;
+
+use autocore_agent::config::AgentConfig;
+use autocore_stack::Claims;
+use firmware_protocol::message::RelayLimits;
+use firmware_protocol::sim::{
+    self, MasterSpec, MasterTiming, RadioSpec, SensorSource, SensorSpec, SimConfig, SlaveSpec,
+};
+use firmware_protocol::{DeviceId, MasterKey};
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use crate::support::{ALICE, World, eventually};
+
+/// How long the backend stays away in the outage test: short in CI, a minute with
+/// AUTOCORE_LONG_FAULTS=1.
+fn outage() -> Duration {
+    if std::env::var("AUTOCORE_LONG_FAULTS").is_ok_and(|v| v == "1") {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(8)
+    }
+}
+
+/// Collects the `ts_ms` of every telemetry payload the master publishes.
+async fn telemetry_observer(
+    mqtt_url: &str,
+) -> std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<i64>>> {
+    use firmware_protocol::sim::rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let (host, port) = sim::parse_mqtt_url(mqtt_url).unwrap();
+    let (client, mut eventloop) =
+        AsyncClient::new(MqttOptions::new("telemetry-observer", host, port), 100);
+    client
+        .subscribe(
+            format!("autocore/devices/{MASTER}/telemetry"),
+            QoS::AtMostOnce,
+        )
+        .await
+        .unwrap();
+    let (ready_tx, ready) = oneshot::channel();
+    let sink = seen.clone();
+    tokio::spawn(async move {
+        let _keep = client;
+        let mut ready_tx = Some(ready_tx);
+        while let Ok(event) = eventloop.poll().await {
+            match event {
+                Event::Incoming(Packet::SubAck(_)) => {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload)
+                        && let Some(ts) = v["ts_ms"].as_i64()
+                    {
+                        sink.lock().unwrap().insert(ts);
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    let _ = ready.await;
+    seen
+}
+
+const KEY_HEX: &str = "9a1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
+const MASTER: &str = "ESP32_ALICE_1";
+const SLAVE: &str = "14:33:5C:38:BF:60";
+
+/// A running simulator and agent, stopped when dropped.
+struct Edge {
+    _sim_stop: oneshot::Sender<()>,
+    _agent_stop: oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+    pub api: String,
+}
+
+async fn start_edge(world: &World) -> Edge {
+    let mqtt = world.stack.mqtt_url().unwrap();
+    let sim_config = SimConfig {
+        mqtt_url: Some(mqtt.clone()),
+        masters: vec![MasterSpec {
+            id: DeviceId::new(MASTER).unwrap(),
+            key: MasterKey::from_hex(KEY_HEX).unwrap(),
+            slaves: vec![SlaveSpec {
+                mac: SLAVE.parse().unwrap(),
+                relays: vec![
+                    RelayLimits {
+                        max_on_s: 3600,
+                        boot_on: false
+                    };
+                    4
+                ],
+            }],
+            sensors: vec![SensorSpec {
+                name: "ph".into(),
+                unit: Some("pH".into()),
+                source: SensorSource::Fixed(6.8),
+            }],
+        }],
+        timing: MasterTiming {
+            telemetry_interval_ms: 200,
+            ..MasterTiming::default()
+        },
+        radio: RadioSpec {
+            loss_percent: 0,
+            delay_ms: 1,
+        },
+        state_dir: None,
+        poll: None,
+    };
+    let (sim_stop, sim_stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = sim::run(sim_config, async move {
+            let _ = sim_stopped.await;
+        })
+        .await;
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
+    let toml = format!(
+        r#"
+        [agent]
+        id = "pi-alice"
+        [store]
+        path = "{db}"
+        telemetry_flush_ms = 100
+        [cloud]
+        rest_url = "{rest}"
+        jwt = "{jwt}"
+        poll_interval_ms = 200
+        [mqtt]
+        url = "{mqtt}"
+        ack_timeout_ms = 2000
+        [api]
+        listen = "127.0.0.1:0"
+        [[masters]]
+        device_id = "{MASTER}"
+        key = "{KEY_HEX}"
+        "#,
+        db = dir.path().join("agent.db").display(),
+        rest = world.stack.rest_url().unwrap(),
+    );
+    let config =
+        AgentConfig::from_toml(&toml, std::path::Path::new("test.toml"), std::iter::empty())
+            .unwrap();
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api_addr = format!("http://{}", api.local_addr().unwrap());
+    let (agent_stop, agent_stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        autocore_agent::run(config, api, async move {
+            let _ = agent_stopped.await;
+        })
+        .await
+        .expect("agent runs");
+    });
+    Edge {
+        _sim_stop: sim_stop,
+        _agent_stop: agent_stop,
+        _dir: dir,
+        api: api_addr,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_from_the_dashboard_runs_on_the_slave_and_is_completed_in_the_cloud() {
+    let world = World::start_full();
+    let edge = start_edge(&world).await;
+    let alice = world.caller(&Claims::user(ALICE));
+    let (status, body) = alice
+        .send(
+            Method::POST,
+            "/relay_commands_slave",
+            Some(json!({
+                "master_device_id": MASTER, "slave_mac_address": SLAVE,
+                "relay_numbers": [0, 2], "actions": ["on", "on"], "duration_seconds": [30, 30]
+            })),
+            Some("return=representation"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body[0]["id"].as_i64().unwrap();
+
+    let row = eventually("the command completed in the cloud", Duration::from_secs(30), || {
+        let row = world.sql_one(&format!(
+            "select status || ' ' || coalesce(execution_time_ms::text, '-') || ' ' || delivery_count from relay_commands_slave where id = {id}"
+        ));
+        row.starts_with("completed").then_some(row)
+    })
+    .await;
+    let parts: Vec<&str> = row.split(' ').collect();
+    assert_ne!(parts[1], "-", "execution time recorded");
+    assert_eq!(parts[2], "1", "handed out once");
+    assert_eq!(
+        world.sql_one(&format!(
+            "select relay_states[1:3]::text from relay_slaves where slave_mac_address = '{SLAVE}'"
+        )),
+        "{t,f,t}",
+        "the slave's reported relay states reached relay_slaves"
+    );
+
+    // Telemetry from the simulator reaches telemetry_data, and the master is online there.
+    eventually("telemetry in the cloud", Duration::from_secs(30), || {
+        let n: i64 = world.sql_one(&format!("select count(*) from telemetry_data where device_id = '{MASTER}' and sensor_key = 'ph'")).parse().unwrap();
+        (n >= 3).then_some(())
+    })
+    .await;
+    eventually(
+        "the master online in device_status",
+        Duration::from_secs(30),
+        || {
+            (world.sql_one(&format!(
+                "select is_online from device_status where device_id = '{MASTER}'"
+            )) == "t")
+                .then_some(())
+        },
+    )
+    .await;
+
+    let health: serde_json::Value = reqwest::get(format!("{}/health", edge.api))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["backend_reachable"], true);
+    assert_eq!(health["status"], "ok");
+    let metrics = reqwest::get(format!("{}/metrics", edge.api))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("autocore_agent_commands_finished_total{outcome=\"completed\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_backend_away_commands_run_and_every_reading_and_completion_arrives_once_it_returns()
+ {
+    let mut world = World::start_full();
+    let published = telemetry_observer(&world.stack.mqtt_url().unwrap()).await;
+    let edge = start_edge(&world).await;
+    eventually(
+        "first telemetry in the cloud",
+        Duration::from_secs(30),
+        || (world.sql_one("select count(*) from telemetry_data") != "0").then_some(()),
+    )
+    .await;
+
+    // Commands already pulled when the backend goes: the agent holds them in SQLite.
+    let ids: Vec<String> = world.sql(&format!(
+        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
+         select '{MASTER}', '{SLAVE}', array[r], array['on'], array[2] from generate_series(0, 2) r returning id"
+    ));
+    eventually(
+        "the agent locked the commands",
+        Duration::from_secs(30),
+        || {
+            (world.sql_one("select count(*) from relay_commands_slave where status = 'pending'")
+                == "0")
+                .then_some(())
+        },
+    )
+    .await;
+    world.stack.stop_backend();
+    let health: serde_json::Value = loop {
+        let h: serde_json::Value = reqwest::get(format!("{}/health", edge.api))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if h["backend_reachable"] == false {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(health["status"], "ok", "offline is a normal state");
+    tokio::time::sleep(outage()).await;
+    let during: serde_json::Value = reqwest::get(format!("{}/health", edge.api))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        during["outbox"]["depth"].as_u64().unwrap() > 3,
+        "readings and completions queued: {during}"
+    );
+    world.stack.restart_backend().expect("backend returns");
+
+    let list = ids.join(",");
+    eventually("every completion arrived", Duration::from_secs(60), || {
+        (world.sql_one(&format!("select count(*) from relay_commands_slave where id in ({list}) and status = 'completed'")) == "3")
+            .then_some(())
+    })
+    .await;
+    let drained = eventually_async_health(&edge.api, |h| h["outbox"]["depth"] == 0).await;
+    assert_eq!(drained["backend_reachable"], true);
+    drop(edge);
+
+    // Every reading the master published after the agent's first stored one is in the cloud,
+    // once (the table's key would refuse a second copy, so equal sets mean exactly once).
+    let stored: std::collections::BTreeSet<i64> = world
+        .sql(&format!(
+            "select (extract(epoch from recorded_at) * 1000)::bigint from telemetry_data where device_id = '{MASTER}' and sensor_key = 'ph'"
+        ))
+        .iter()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let first = *stored.first().unwrap();
+    let last = *stored.last().unwrap();
+    let expected: std::collections::BTreeSet<i64> = published
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|t| *t >= first && *t <= last)
+        .collect();
+    assert_eq!(
+        stored, expected,
+        "readings lost or invented across the outage"
+    );
+    assert!(
+        stored.len() as u64 >= outage().as_secs() * 4,
+        "readings from during the outage are there: {}",
+        stored.len()
+    );
+    assert_eq!(
+        world.sql_one("select count(*) from event_logs where event_type = 'backend_outage'"),
+        "1",
+        "the outage is recorded once, with its length"
+    );
+    let message =
+        world.sql_one("select message from event_logs where event_type = 'backend_outage'");
+    assert!(message.contains("backend unreachable for"), "{message}");
+}
+
+async fn eventually_async_health(
+    api: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let h: serde_json::Value = reqwest::get(format!("{api}/health"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if done(&h) {
+            return h;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health never got there: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_broker_restart_the_agent_resubscribes_and_a_command_sent_meanwhile_completes() {
+    let mut world = World::start_full();
+    let _edge = start_edge(&world).await;
+    eventually("the master online", Duration::from_secs(30), || {
+        (world.sql_one(&format!(
+            "select is_online from device_status where device_id = '{MASTER}'"
+        )) == "t")
+            .then_some(())
+    })
+    .await;
+    world.stack.mosquitto_mut().unwrap().stop();
+    let id = world.sql_one(&format!(
+        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
+         values ('{MASTER}', '{SLAVE}', '{{1}}', '{{on}}', '{{5}}') returning id"
+    ));
+    eventually(
+        "the agent pulled the command while the broker was down",
+        Duration::from_secs(30),
+        || {
+            (world.sql_one(&format!(
+                "select status from relay_commands_slave where id = {id}"
+            )) == "processing")
+                .then_some(())
+        },
+    )
+    .await;
+    // Longer than the ack timeout times the attempts: no attempt is spent while the broker is away.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    world
+        .stack
+        .mosquitto_mut()
+        .unwrap()
+        .restart()
+        .expect("broker restarts");
+    eventually(
+        "the command completed after the broker returned",
+        Duration::from_secs(60),
+        || {
+            (world.sql_one(&format!(
+                "select status from relay_commands_slave where id = {id}"
+            )) == "completed")
+                .then_some(())
+        },
+    )
+    .await;
+    // Telemetry flows again: the agent resubscribed.
+    let before: i64 = world
+        .sql_one("select count(*) from telemetry_data")
+        .parse()
+        .unwrap();
+    eventually(
+        "telemetry after the restart",
+        Duration::from_secs(30),
+        || {
+            let now: i64 = world
+                .sql_one("select count(*) from telemetry_data")
+                .parse()
+                .unwrap();
+            (now > before + 3).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_malformed_messages_are_counted_and_control_keeps_working() {
+    use firmware_protocol::sim::rumqttc::{AsyncClient, MqttOptions, QoS};
+    let world = World::start_full();
+    let edge = start_edge(&world).await;
+    let (host, port) = sim::parse_mqtt_url(&world.stack.mqtt_url().unwrap()).unwrap();
+    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("flooder", host, port), 20_000);
+    let pump = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let malformed: [&[u8]; 4] = [
+        b"{not json",
+        br#"{"v":99,"ph":{"value":1}}"#,
+        b"",
+        br#"{"v":1,"ph":{"value":"high"}}"#,
+    ];
+    let metrics_url = format!("{}/metrics", edge.api);
+    // The agent hears the master's telemetry: it is subscribed.
+    eventually("the agent subscribed", Duration::from_secs(30), || {
+        (world.sql_one(&format!(
+            "select is_online from device_status where device_id = '{MASTER}'"
+        )) == "t")
+            .then_some(())
+    })
+    .await;
+    // Half as telemetry (QoS 0 for the agent), half as acks (QoS 1).
+    for i in 0..10_000usize {
+        let topic = if i % 2 == 0 { "telemetry" } else { "ack" };
+        client
+            .publish(
+                format!("autocore/devices/{MASTER}/{topic}"),
+                QoS::AtLeastOnce,
+                false,
+                malformed[i % 4].to_vec(),
+            )
+            .await
+            .unwrap();
+    }
+    eventually_metric(
+        &metrics_url,
+        "autocore_agent_bad_messages_total{reason=\"payload\"} 10000",
+    )
+    .await;
+
+    let id = world.sql_one(&format!(
+        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
+         values ('{MASTER}', '{SLAVE}', '{{3}}', '{{on}}', '{{5}}') returning id"
+    ));
+    eventually(
+        "a command completes after the flood",
+        Duration::from_secs(30),
+        || {
+            (world.sql_one(&format!(
+                "select status from relay_commands_slave where id = {id}"
+            )) == "completed")
+                .then_some(())
+        },
+    )
+    .await;
+    pump.abort();
+}
+
+async fn eventually_metric(url: &str, line: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+        if text.lines().any(|l| l == line) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metric never reached {line}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
