@@ -14,7 +14,7 @@ const AGENT: &str = "pi-greenhouse";
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     step("Starting the local stack (Postgres 15, PostgREST 12, Mosquitto) on loopback");
-    let stack = Stack::start(StackOptions::default()).context("starting the local stack")?;
+    let mut stack = Stack::start(StackOptions::default()).context("starting the local stack")?;
     for line in stack.env_lines() {
         if !line.starts_with("AUTOCORE_JWT_SECRET") {
             println!("    {line}");
@@ -120,8 +120,228 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     println!("    relay_slaves as the dashboard sees it: {slaves}");
 
+    step("The dashboard cancels the two commands still locked, before the real agent starts");
+    for row in &locked[1..] {
+        let id = row["id"].as_i64().context("command id")?;
+        let cancelled = patch(
+            &http,
+            &rest,
+            &dashboard,
+            &format!("/relay_commands_slave?id=eq.{id}"),
+            json!({"status": "cancelled"}),
+        )
+        .await?;
+        println!("    {}", describe(&cancelled[0]));
+    }
+
+    edge_demo(&mut stack, &http, &dashboard, owner).await?;
+
     step("Done; the stack is torn down");
     Ok(())
+}
+
+const KEY_HEX: &str = "5f1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
+
+/// Part two: the real agent and a simulated ESP32 master with one slave board.
+async fn edge_demo(
+    stack: &mut Stack,
+    http: &reqwest::Client,
+    dashboard: &str,
+    owner: Uuid,
+) -> anyhow::Result<()> {
+    use firmware_protocol::message::RelayLimits;
+    use firmware_protocol::sim::{
+        self, MasterSpec, MasterTiming, RadioSpec, SensorSource, SensorSpec, SimConfig, SlaveSpec,
+    };
+
+    step(
+        "Starting esp32-sim: master ESP32_HIDRO_F44738 with slave 14:33:5C:38:BF:60 (4 relays), pH drifting 6.8 -> 6.0",
+    );
+    let sim_config = SimConfig {
+        mqtt_url: Some(stack.mqtt_url()?),
+        masters: vec![MasterSpec {
+            id: firmware_protocol::DeviceId::new(MASTER)?,
+            key: firmware_protocol::MasterKey::from_hex(KEY_HEX)?,
+            slaves: vec![SlaveSpec {
+                mac: SLAVE_MAC.parse()?,
+                relays: vec![
+                    RelayLimits {
+                        max_on_s: 600,
+                        boot_on: false
+                    };
+                    4
+                ],
+            }],
+            sensors: vec![SensorSpec {
+                name: "ph".into(),
+                unit: Some("pH".into()),
+                source: SensorSource::Ramp {
+                    from: 6.8,
+                    to: 6.0,
+                    steps: 120,
+                },
+            }],
+        }],
+        timing: MasterTiming {
+            telemetry_interval_ms: 500,
+            ..MasterTiming::default()
+        },
+        radio: RadioSpec {
+            loss_percent: 0,
+            delay_ms: 2,
+        },
+        state_dir: None,
+        poll: None,
+    };
+    let (sim_stop, sim_stopped) = tokio::sync::oneshot::channel::<()>();
+    let sim_task = tokio::spawn(sim::run(sim_config, async move {
+        let _ = sim_stopped.await;
+    }));
+
+    step(
+        "Starting autocore-agent for pi-greenhouse (its own SQLite, the agent's JWT, poll every 500 ms)",
+    );
+    let dir = tempfile::tempdir()?;
+    let toml = format!(
+        "[agent]\nid = \"{AGENT}\"\n[store]\npath = \"{db}\"\ntelemetry_flush_ms = 200\n\
+         [cloud]\nrest_url = \"{rest}\"\njwt = \"{jwt}\"\npoll_interval_ms = 500\n\
+         [mqtt]\nurl = \"{mqtt}\"\n[api]\nlisten = \"127.0.0.1:0\"\n\
+         [[masters]]\ndevice_id = \"{MASTER}\"\nkey = \"{KEY_HEX}\"\n",
+        db = dir.path().join("agent.db").display(),
+        rest = stack.rest_url()?,
+        jwt = stack.token(&Claims::agent(owner, AGENT)),
+        mqtt = stack.mqtt_url()?,
+    );
+    let config = autocore_agent::config::AgentConfig::from_toml(
+        &toml,
+        std::path::Path::new("demo.toml"),
+        std::iter::empty(),
+    )?;
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let health_url = format!("http://{}/health", api.local_addr()?);
+    let (agent_stop, agent_stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent_task = tokio::spawn(autocore_agent::run(config, api, async move {
+        let _ = agent_stopped.await;
+    }));
+    println!("    local API: {health_url}");
+
+    step(
+        "The dashboard sends relay 1 on for 10 s; the agent pulls it, signs it, the master runs it",
+    );
+    let rest = stack.rest_url()?;
+    let created = post(
+        http,
+        &rest,
+        dashboard,
+        "/relay_commands_slave",
+        json!({"master_device_id": MASTER, "slave_mac_address": SLAVE_MAC, "relay_numbers": [1], "actions": ["on"], "duration_seconds": [10]}),
+    )
+    .await?;
+    let id = created[0]["id"].as_i64().context("command id")?;
+    let done = wait_for(
+        http,
+        &rest,
+        dashboard,
+        &format!("/relay_commands_slave?id=eq.{id}"),
+        |rows| rows[0]["status"] == "completed",
+    )
+    .await?;
+    println!(
+        "    {}  execution {} ms",
+        describe(&done[0]),
+        done[0]["execution_time_ms"]
+    );
+    let slaves = get(http, &rest, dashboard, "/relay_slaves?select=relay_states").await?;
+    println!(
+        "    relay states in the cloud: {}",
+        slaves[0]["relay_states"]
+    );
+
+    step(
+        "The backend goes away (PostgREST and Postgres stopped); the agent keeps control and queues",
+    );
+    stack.stop_backend();
+    for _ in 0..5 {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let h: Value = http.get(&health_url).send().await?.json().await?;
+        println!(
+            "    backend reachable: {:<5}  outbox: {} rows waiting",
+            h["backend_reachable"], h["outbox"]["depth"]
+        );
+    }
+
+    step("The backend returns; the outbox drains in order, each row once");
+    stack.restart_backend().context("restarting the backend")?;
+    let mut last_depth = Value::Null;
+    for _ in 0..60 {
+        let h: Value = http.get(&health_url).send().await?.json().await?;
+        last_depth = h["outbox"]["depth"].clone();
+        if h["backend_reachable"] == true && h["outbox"]["depth"] == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    println!("    outbox depth now {last_depth}");
+    let events = get(
+        http,
+        &rest,
+        dashboard,
+        "/event_logs?select=event_type,message&event_type=eq.backend_outage",
+    )
+    .await;
+    match events {
+        Ok(rows) => println!("    event recorded in the cloud: {}", rows[0]["message"]),
+        Err(e) => println!("    (event not visible yet: {e})"),
+    }
+    let readings = get(
+        http,
+        &rest,
+        dashboard,
+        "/telemetry_data?select=value&sensor_key=eq.ph&order=recorded_at.desc&limit=1",
+    )
+    .await?;
+    println!("    latest pH in the cloud: {}", readings[0]["value"]);
+
+    let _ = agent_stop.send(());
+    let _ = sim_stop.send(());
+    let _ = agent_task.await;
+    let _ = sim_task.await;
+    Ok(())
+}
+
+async fn wait_for(
+    http: &reqwest::Client,
+    rest: &str,
+    token: &str,
+    path: &str,
+    done: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    for _ in 0..100 {
+        let rows = get(http, rest, token, path).await?;
+        if done(&rows) {
+            return Ok(rows);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    bail!("{path} never reached the expected state")
+}
+
+async fn patch(
+    http: &reqwest::Client,
+    rest: &str,
+    token: &str,
+    path: &str,
+    body: Value,
+) -> anyhow::Result<Value> {
+    let resp = http
+        .patch(format!("{rest}{path}"))
+        .bearer_auth(token)
+        .header("Prefer", "return=representation")
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("PATCH {path}"))?;
+    answer(resp, path).await
 }
 
 fn step(text: &str) {
