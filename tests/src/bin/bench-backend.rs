@@ -4,10 +4,15 @@
 //! locks and completes commands for a fixed time, and prints commands/s (completed rows counted
 //! in the database over wall time), the RPC's fraction of the floor, and cycle latencies.
 //!
-//! Environment: `AUTOCORE_BENCH_SECONDS` (per run, default 10), `AUTOCORE_BENCH_LOCKERS`
-//! (comma-separated concurrency levels, default `1,16`).
+//! The whole matrix runs `AUTOCORE_BENCH_ROUNDS` times (default 3); each fraction compares runs
+//! of the same round, and the summary gives medians, so that one noisy moment does not decide.
+//!
+//! Environment: `AUTOCORE_BENCH_SECONDS` (per run, default 10), `AUTOCORE_BENCH_ROUNDS` (default
+//! 3), `AUTOCORE_BENCH_LOCKERS` (comma-separated concurrency levels, default `1,16`),
+//! `AUTOCORE_BENCH_EXTRA_SQL` (a SQL file applied after the backend and before measuring, to try
+//! a change; the output says so).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -58,6 +63,7 @@ impl Variant {
 /// One timed run of one variant at one concurrency.
 #[derive(Debug)]
 struct Run {
+    round: u64,
     variant: Variant,
     lockers: usize,
     /// Lock+complete cycles that finished (pgbench transactions, or HTTP cycles).
@@ -83,6 +89,7 @@ impl Run {
 
 fn main() -> anyhow::Result<()> {
     let seconds = env_number("AUTOCORE_BENCH_SECONDS", 10)?;
+    let rounds = env_number("AUTOCORE_BENCH_ROUNDS", 3)?;
     let lockers = env_lockers("AUTOCORE_BENCH_LOCKERS", &[1, 16])?;
     let bench_dir = repo_root().join("sql/bench");
 
@@ -98,6 +105,10 @@ fn main() -> anyhow::Result<()> {
     })
     .context("starting the durable backend stack")?;
     let pg = stack.postgres().context("the stack has no Postgres")?;
+    let extra_sql = std::env::var_os("AUTOCORE_BENCH_EXTRA_SQL").map(PathBuf::from);
+    if let Some(extra) = &extra_sql {
+        run_sql_file(pg, extra).context("applying AUTOCORE_BENCH_EXTRA_SQL")?;
+    }
     run_sql_file(pg, &bench_dir.join("setup.sql")).context("applying sql/bench/setup.sql")?;
 
     let machine = machine_description();
@@ -106,6 +117,15 @@ fn main() -> anyhow::Result<()> {
     println!("## Machine\n\n{machine}");
     println!("load average before: {load_before}\n");
     println!("## Postgres\n\n{settings}\n");
+    match &extra_sql {
+        Some(extra) => println!(
+            "NOTE: {} was applied on top of the migrations; these are not the figures of the repository's backend.\n",
+            extra.display()
+        ),
+        None => println!(
+            "Backend: sql/bootstrap + supabase/migrations as in the repository, nothing else.\n"
+        ),
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -124,65 +144,69 @@ fn main() -> anyhow::Result<()> {
 
     let duration = Duration::from_secs(seconds);
     let mut runs = Vec::new();
-    for &n in &lockers {
-        // The variants of one concurrency run back to back, so that they share the machine's
-        // conditions of the moment (this machine has 2 cores and is shared).
-        for variant in Variant::ALL {
-            run_sql_file(pg, &bench_dir.join("seed.sql"))
-                .context("reseeding with sql/bench/seed.sql")?;
-            pg.psql(DATABASE, &["-c", "checkpoint"])
-                .context("checkpoint before the run")?;
-            eprintln!(
-                "bench-backend: {} with {n} locker(s) for {seconds} s",
-                variant.label()
-            );
-            let run = match variant {
-                Variant::FloorSql => run_pgbench(
-                    pg,
-                    variant,
-                    &bench_dir.join("floor_lock_complete.sql"),
-                    n,
-                    duration,
-                    work.path(),
-                )?,
-                Variant::RpcSql => run_pgbench(
-                    pg,
-                    variant,
-                    &bench_dir.join("rpc_lock_complete.sql"),
-                    n,
-                    duration,
-                    work.path(),
-                )?,
-                Variant::RpcRest => {
-                    let (cycles, wall, latencies) = runtime
-                        .block_on(run_rest(&http, &rest_url, &token, n, duration))
-                        .context("the PostgREST run")?;
-                    Run {
-                        variant,
-                        lockers: n,
-                        cycles,
-                        completed: 0,
-                        pending_left: 0,
-                        wall,
-                        cycle_latencies_us: latencies,
-                    }
-                }
-            };
-            let run = count_rows(pg, run)?;
-            eprintln!(
-                "bench-backend:   {} commands completed in {:.2} s = {:.0} commands/s",
-                run.completed,
-                run.wall.as_secs_f64(),
-                run.commands_per_second()
-            );
-            if run.pending_left < BACKLOG / 10 {
-                bail!(
-                    "the backlog nearly ran dry ({} pending left) during {} with {n} lockers; shorten AUTOCORE_BENCH_SECONDS",
-                    run.pending_left,
+    for round in 1..=rounds {
+        for &n in &lockers {
+            // The variants of one concurrency run back to back, so that they share the machine's
+            // conditions of the moment (this machine has 2 cores and is shared).
+            for variant in Variant::ALL {
+                run_sql_file(pg, &bench_dir.join("seed.sql"))
+                    .context("reseeding with sql/bench/seed.sql")?;
+                pg.psql(DATABASE, &["-c", "checkpoint"])
+                    .context("checkpoint before the run")?;
+                eprintln!(
+                    "bench-backend: round {round}/{rounds}: {} with {n} locker(s) for {seconds} s",
                     variant.label()
                 );
+                let mut run = match variant {
+                    Variant::FloorSql => run_pgbench(
+                        pg,
+                        variant,
+                        &bench_dir.join("floor_lock_complete.sql"),
+                        n,
+                        duration,
+                        work.path(),
+                    )?,
+                    Variant::RpcSql => run_pgbench(
+                        pg,
+                        variant,
+                        &bench_dir.join("rpc_lock_complete.sql"),
+                        n,
+                        duration,
+                        work.path(),
+                    )?,
+                    Variant::RpcRest => {
+                        let (cycles, wall, latencies) = runtime
+                            .block_on(run_rest(&http, &rest_url, &token, n, duration))
+                            .context("the PostgREST run")?;
+                        Run {
+                            round: 0,
+                            variant,
+                            lockers: n,
+                            cycles,
+                            completed: 0,
+                            pending_left: 0,
+                            wall,
+                            cycle_latencies_us: latencies,
+                        }
+                    }
+                };
+                run.round = round;
+                let run = count_rows(pg, run)?;
+                eprintln!(
+                    "bench-backend:   {} commands completed in {:.2} s = {:.0} commands/s",
+                    run.completed,
+                    run.wall.as_secs_f64(),
+                    run.commands_per_second()
+                );
+                if run.pending_left < BACKLOG / 10 {
+                    bail!(
+                        "the backlog nearly ran dry ({} pending left) during {} with {n} lockers; shorten AUTOCORE_BENCH_SECONDS",
+                        run.pending_left,
+                        variant.label()
+                    );
+                }
+                runs.push(run);
             }
-            runs.push(run);
         }
     }
 
@@ -190,6 +214,9 @@ fn main() -> anyhow::Result<()> {
     println!(
         "## Results ({seconds} s per run, backlog {BACKLOG} pending over {MASTERS} masters, lock limit {LOCK_LIMIT})\n"
     );
+    println!("### Summary: medians over {rounds} round(s)\n");
+    println!("{}", summary_table(&runs, &lockers));
+    println!("### Every run\n");
     println!("{}", results_table(&runs));
     Ok(())
 }
@@ -216,7 +243,15 @@ fn run_pgbench(
     let out = Command::new(pg.bindir().join("pgbench"))
         .envs(pg.client_env())
         .current_dir(work)
-        .args(["-n", "-M", "simple", "-l", "--log-prefix", &prefix])
+        .args([
+            "-n",
+            "-M",
+            "simple",
+            "--failures-detailed",
+            "-l",
+            "--log-prefix",
+            &prefix,
+        ])
         .args(["-c", &lockers.to_string(), "-j", &threads.to_string()])
         .args(["-T", &duration.as_secs().to_string()])
         .arg("-f")
@@ -252,6 +287,7 @@ fn run_pgbench(
     );
     let latencies = read_pgbench_logs(work, &prefix)?;
     Ok(Run {
+        round: 0,
         variant,
         lockers,
         cycles,
@@ -404,36 +440,99 @@ fn count_rows(pg: &Postgres, mut run: Run) -> anyhow::Result<Run> {
     }
 }
 
-fn results_table(runs: &[Run]) -> String {
-    let floor = |lockers: usize| {
-        runs.iter()
-            .find(|r| r.variant == Variant::FloorSql && r.lockers == lockers)
-            .map(Run::commands_per_second)
-    };
+/// The run's commands/s over the floor's in the same round at the same concurrency.
+fn fraction_of_floor(runs: &[Run], run: &Run) -> Option<f64> {
+    runs.iter()
+        .find(|r| {
+            r.variant == Variant::FloorSql && r.lockers == run.lockers && r.round == run.round
+        })
+        .map(Run::commands_per_second)
+        .filter(|f| *f > 0.0)
+        .map(|f| run.commands_per_second() / f)
+}
+
+fn format_ms(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into())
+}
+
+/// Medians over the rounds, with the range of the fraction; latencies pooled over the rounds.
+fn summary_table(runs: &[Run], lockers: &[usize]) -> String {
     let mut table = String::from(
-        "| variant | lockers | cycles | commands completed | wall s | commands/s | fraction of SQL floor | cycle p50 ms | cycle p99 ms |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| variant | lockers | commands/s (median) | fraction of SQL floor (median) | fraction min..max | cycle p50 ms | cycle p99 ms |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for &n in lockers {
+        for variant in Variant::ALL {
+            let mine: Vec<&Run> = runs
+                .iter()
+                .filter(|r| r.variant == variant && r.lockers == n)
+                .collect();
+            let rates: Vec<f64> = mine.iter().map(|r| r.commands_per_second()).collect();
+            let fractions: Vec<f64> = mine
+                .iter()
+                .filter_map(|r| fraction_of_floor(runs, r))
+                .collect();
+            let latencies: Vec<u64> = mine
+                .iter()
+                .flat_map(|r| r.cycle_latencies_us.iter().copied())
+                .collect();
+            let pooled = |p: f64| percentile(&latencies, p).map(|us| us as f64 / 1000.0);
+            let range = match (
+                fractions.iter().copied().reduce(f64::min),
+                fractions.iter().copied().reduce(f64::max),
+            ) {
+                (Some(lo), Some(hi)) => format!("{lo:.2}..{hi:.2}"),
+                _ => "-".into(),
+            };
+            table.push_str(&format!(
+                "| {} | {n} | {} | {} | {range} | {} | {} |\n",
+                variant.label(),
+                median(&rates).map_or("-".into(), |v| format!("{v:.0}")),
+                median(&fractions).map_or("-".into(), |v| format!("{v:.2}")),
+                format_ms(pooled(0.50)),
+                format_ms(pooled(0.99)),
+            ));
+        }
+    }
+    table
+}
+
+fn results_table(runs: &[Run]) -> String {
+    let mut table = String::from(
+        "| round | variant | lockers | cycles | commands completed | wall s | commands/s | fraction of SQL floor | cycle p50 ms | cycle p99 ms |\n\
+         | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for run in runs {
-        let fraction = floor(run.lockers)
-            .filter(|f| *f > 0.0)
-            .map(|f| format!("{:.2}", run.commands_per_second() / f))
-            .unwrap_or_else(|| "-".into());
-        let ms = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
         table.push_str(&format!(
-            "| {} | {} | {} | {} | {:.2} | {:.0} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {:.2} | {:.0} | {} | {} | {} |\n",
+            run.round,
             run.variant.label(),
             run.lockers,
             run.cycles,
             run.completed,
             run.wall.as_secs_f64(),
             run.commands_per_second(),
-            fraction,
-            ms(run.percentile_ms(0.50)),
-            ms(run.percentile_ms(0.99)),
+            fraction_of_floor(runs, run).map_or("-".into(), |v| format!("{v:.2}")),
+            format_ms(run.percentile_ms(0.50)),
+            format_ms(run.percentile_ms(0.99)),
         ));
     }
     table
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    Some(if sorted.len() % 2 == 0 {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    })
 }
 
 /// The nearest-rank percentile `p` (0..1) of `values`.
@@ -510,7 +609,7 @@ fn machine_description() -> String {
 fn data_disk_note() -> String {
     let tmp = std::env::temp_dir();
     let fs = Command::new("df")
-        .args(["-T", "--output=fstype,source"])
+        .args(["--output=fstype,source"])
         .arg(&tmp)
         .output()
         .ok()
