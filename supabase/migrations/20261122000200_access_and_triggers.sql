@@ -11,27 +11,33 @@
 -- Caller identity
 -- ---------------------------------------------------------------------------
 
+-- The helpers below are plpgsql, not SQL: a SQL function with SET search_path cannot be inlined
+-- and is parsed and planned again on every call, while plpgsql keeps its plans for the session.
+-- They run once per row a policy checks and once per RPC call (see BENCHMARKS.md).
 create or replace function private.caller_kind() returns text
-language sql stable
+language plpgsql stable
 set search_path = ''
 as $$
-  select case
+begin
+  return case
     when auth.role() = 'service_role' then 'service'
     when auth.uid() is null then null
     when auth.jwt() ->> 'agent_id' is not null then 'agent'
     when auth.jwt() ->> 'device_id' is not null then 'master'
     else 'user'
-  end
+  end;
+end
 $$;
 
 -- Whether the caller may see a device with these owner, agent and id columns. Takes the columns
 -- rather than the id so that policies on device_status itself need no second lookup.
 create or replace function private.may_see_device(p_owner_id uuid, p_agent_id text, p_device_id text)
 returns boolean
-language sql stable security definer
+language plpgsql stable security definer
 set search_path = ''
 as $$
-  select case private.caller_kind()
+begin
+  return case private.caller_kind()
     when 'service' then true
     when 'user' then p_owner_id = auth.uid()
     when 'agent' then
@@ -43,18 +49,26 @@ as $$
       )
     when 'master' then p_owner_id = auth.uid() and p_device_id = auth.jwt() ->> 'device_id'
     else false
-  end
+  end;
+end
 $$;
 
 create or replace function private.can_access_device(p_device_id text) returns boolean
-language sql stable security definer
+language plpgsql stable security definer
 set search_path = ''
 as $$
-  select coalesce((
-    select private.may_see_device(d.owner_id, d.agent_id, d.device_id)
+declare
+  v_owner uuid;
+  v_agent text;
+begin
+  select d.owner_id, d.agent_id into v_owner, v_agent
     from public.device_status d
-    where d.device_id = p_device_id
-  ), false)
+   where d.device_id = p_device_id;
+  if not found then
+    return false;
+  end if;
+  return coalesce(private.may_see_device(v_owner, v_agent, p_device_id), false);
+end
 $$;
 
 create or replace function private.can_access_agent(p_agent_id text) returns boolean

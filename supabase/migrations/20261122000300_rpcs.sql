@@ -1,28 +1,6 @@
 -- The RPCs of contract 1. Each is SECURITY DEFINER with a fixed search_path, checks the caller
--- itself through private.rpc_can_access_device, and returns nothing and changes nothing for a
+-- itself through private.can_access_device, and returns nothing and changes nothing for a
 -- device the caller may not see.
-
--- The RPCs' access check, once per call: the same answer as private.can_access_device (the rule
--- itself stays in private.may_see_device), but in plpgsql, whose plans are kept for the session.
--- A SQL function that cannot be inlined (security definer, SET search_path) has its body parsed
--- and planned again on every call, which made the check about half the cost of a completion.
-create or replace function private.rpc_can_access_device(p_device_id text) returns boolean
-language plpgsql stable security definer
-set search_path = ''
-as $$
-declare
-  v_owner uuid;
-  v_agent text;
-begin
-  select d.owner_id, d.agent_id into v_owner, v_agent
-    from public.device_status d
-   where d.device_id = p_device_id;
-  if not found then
-    return false;
-  end if;
-  return coalesce(private.may_see_device(v_owner, v_agent, p_device_id), false);
-end
-$$;
 
 -- The expiry sweep of get_and_lock_slave_commands: a master's open commands by expiry, so that
 -- the sweep is one index probe instead of a read of every open command of the master.
@@ -55,7 +33,7 @@ begin
     raise exception 'p_timeout_seconds must be between 1 and 3600, got %', p_timeout_seconds
       using errcode = 'invalid_parameter_value';
   end if;
-  if not private.rpc_can_access_device(p_master_device_id) then
+  if not private.can_access_device(p_master_device_id) then
     return;
   end if;
 
@@ -110,7 +88,7 @@ begin
   if p_limit is null or p_limit not between 1 and 1000 then
     raise exception 'p_limit must be between 1 and 1000, got %', p_limit using errcode = 'invalid_parameter_value';
   end if;
-  if not private.rpc_can_access_device(p_device_id) then
+  if not private.can_access_device(p_device_id) then
     return;
   end if;
   return query
@@ -158,7 +136,7 @@ begin
   if p_limit is null or p_limit not between 1 and 5000 then
     raise exception 'p_limit must be between 1 and 5000, got %', p_limit using errcode = 'invalid_parameter_value';
   end if;
-  if not private.rpc_can_access_device(p_device_id) then
+  if not private.can_access_device(p_device_id) then
     return;
   end if;
   return query
@@ -261,7 +239,7 @@ declare
   v_cmd public.relay_commands_slave;
 begin
   select * into v_cmd from public.relay_commands_slave where id = p_command_id for update;
-  if not found or not private.rpc_can_access_device(v_cmd.master_device_id) then
+  if not found or not private.can_access_device(v_cmd.master_device_id) then
     return;
   end if;
   if v_cmd.status in ('pending', 'processing', 'sent') then
@@ -292,7 +270,7 @@ begin
     raise exception 'p_error_message is required' using errcode = 'invalid_parameter_value';
   end if;
   select * into v_cmd from public.relay_commands_slave where id = p_command_id for update;
-  if not found or not private.rpc_can_access_device(v_cmd.master_device_id) then
+  if not found or not private.can_access_device(v_cmd.master_device_id) then
     return;
   end if;
   if v_cmd.status in ('pending', 'processing', 'sent') then
@@ -311,7 +289,7 @@ revoke all on function public.get_active_decision_rules(text, integer) from publ
 revoke all on function public.get_decision_rule_changes(text, timestamptz, uuid, integer) from public, anon;
 revoke all on function public.complete_slave_command(bigint, integer, boolean[]) from public, anon;
 revoke all on function public.fail_slave_command(bigint, text, integer) from public, anon;
-revoke all on function private.rpc_can_access_device(text) from public;
+revoke all on function private.can_access_device(text) from public;
 revoke all on function private.apply_relay_actions(boolean[], integer[], text[]) from public;
 revoke all on function private.record_relay_states(public.relay_commands_slave, boolean[]) from public;
 grant execute on function public.get_and_lock_slave_commands(text, integer, integer) to authenticated, service_role;
