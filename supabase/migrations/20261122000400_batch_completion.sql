@@ -1,0 +1,226 @@
+-- Batch completion: the outcome of several commands in one call, so that an edge agent that
+-- locked five commands reports them in one request and one commit instead of five (see
+-- BENCHMARKS.md). Same rules as complete_slave_command and fail_slave_command, called one after
+-- the other in the batch's order:
+--   * a command the caller may not see, or that does not exist, is skipped: nothing changes for
+--     it (it is not even locked) and it is not returned;
+--   * a command already completed, failed, expired or cancelled is returned unchanged;
+--   * a completed command records its slave's relay states (the reported ones, or its actions
+--     applied to the slave's states); two commands on one slave apply in the batch's order, so
+--     the last one wins, and each slave's row is written once.
+--
+-- p_completions: a JSON array of at most 100 objects
+--   {"command_id": bigint, "status": "completed" | "failed", "execution_time_ms": int | null,
+--    "relay_states": [bool, ...] | null, "error_message": text | null}
+-- error_message is required (non-empty) for "failed" and not allowed for "completed";
+-- relay_states is allowed only for "completed"; a command_id may appear once. Anything else is
+-- refused as a whole with invalid_parameter_value (22023), before anything changes.
+--
+-- Locks: the commands in id order, then the slaves' relay_slaves rows in
+-- (master_device_id, slave_mac_address) order, so that two batches cannot deadlock each other.
+create or replace function public.complete_slave_commands(p_completions jsonb)
+returns setof public.relay_commands_slave
+language plpgsql volatile security definer
+set search_path = ''
+as $$
+declare
+  v_count integer;
+  v_elem jsonb;
+  v_pos bigint;
+  v_status text;
+  v_ids bigint[] := '{}';
+  v_pos_of bigint[] := '{}';
+  v_statuses text[] := '{}';
+  v_times integer[] := '{}';
+  v_errors text[] := '{}';
+  v_states jsonb[] := '{}';
+  v_masters text[];
+  v_master text;
+  v_allowed text[] := '{}';
+  v_done bigint[];
+  v_slave record;
+  v_step record;
+  v_relay_states boolean[];
+  v_relay_count integer;
+  v_slave_device_id text;
+  v_found boolean;
+begin
+  if p_completions is null or jsonb_typeof(p_completions) <> 'array' then
+    raise exception 'p_completions must be a JSON array of completions'
+      using errcode = 'invalid_parameter_value';
+  end if;
+  v_count := jsonb_array_length(p_completions);
+  if v_count > 100 then
+    raise exception 'p_completions may hold at most 100 completions, got %', v_count
+      using errcode = 'invalid_parameter_value';
+  end if;
+  if v_count = 0 then
+    return;
+  end if;
+
+  -- Validate every element before touching anything.
+  for v_elem, v_pos in select e, o from jsonb_array_elements(p_completions) with ordinality t(e, o) loop
+    if jsonb_typeof(v_elem) is distinct from 'object' then
+      raise exception 'p_completions[%] must be an object', v_pos - 1 using errcode = 'invalid_parameter_value';
+    end if;
+    if v_elem - array['command_id', 'status', 'execution_time_ms', 'relay_states', 'error_message'] <> '{}'::jsonb then
+      raise exception 'p_completions[%] has unknown keys: %', v_pos - 1,
+        (select string_agg(k, ', ') from jsonb_object_keys(v_elem - array['command_id', 'status', 'execution_time_ms',
+                                                                         'relay_states', 'error_message']) k)
+        using errcode = 'invalid_parameter_value';
+    end if;
+    if jsonb_typeof(v_elem -> 'command_id') is distinct from 'number'
+       or (v_elem ->> 'command_id') !~ '^[0-9]{1,18}$' then
+      raise exception 'p_completions[%].command_id must be a positive whole number', v_pos - 1
+        using errcode = 'invalid_parameter_value';
+    end if;
+    if (v_elem ->> 'command_id')::bigint = any (v_ids) then
+      raise exception 'p_completions[%].command_id % appears more than once', v_pos - 1, v_elem ->> 'command_id'
+        using errcode = 'invalid_parameter_value';
+    end if;
+    v_status := v_elem ->> 'status';
+    if jsonb_typeof(v_elem -> 'status') is distinct from 'string' or v_status not in ('completed', 'failed') then
+      raise exception 'p_completions[%].status must be "completed" or "failed"', v_pos - 1
+        using errcode = 'invalid_parameter_value';
+    end if;
+    if coalesce(jsonb_typeof(v_elem -> 'execution_time_ms'), 'null') <> 'null'
+       and (jsonb_typeof(v_elem -> 'execution_time_ms') <> 'number'
+            or (v_elem ->> 'execution_time_ms') !~ '^[0-9]{1,9}$') then
+      raise exception 'p_completions[%].execution_time_ms must be null or a whole number of milliseconds', v_pos - 1
+        using errcode = 'invalid_parameter_value';
+    end if;
+    if coalesce(jsonb_typeof(v_elem -> 'relay_states'), 'null') <> 'null' then
+      if v_status <> 'completed' then
+        raise exception 'p_completions[%].relay_states is only for completed commands', v_pos - 1
+          using errcode = 'invalid_parameter_value';
+      end if;
+      if jsonb_typeof(v_elem -> 'relay_states') <> 'array'
+         or exists (select 1 from jsonb_array_elements(v_elem -> 'relay_states') s
+                     where jsonb_typeof(s) not in ('boolean', 'null')) then
+        raise exception 'p_completions[%].relay_states must be null or an array of booleans', v_pos - 1
+          using errcode = 'invalid_parameter_value';
+      end if;
+    end if;
+    if coalesce(jsonb_typeof(v_elem -> 'error_message'), 'null') <> 'null' then
+      if jsonb_typeof(v_elem -> 'error_message') <> 'string' then
+        raise exception 'p_completions[%].error_message must be null or text', v_pos - 1
+          using errcode = 'invalid_parameter_value';
+      end if;
+      if v_status = 'completed' then
+        raise exception 'p_completions[%].error_message is only for failed commands', v_pos - 1
+          using errcode = 'invalid_parameter_value';
+      end if;
+    end if;
+    if v_status = 'failed' and coalesce(length(v_elem ->> 'error_message'), 0) = 0 then
+      raise exception 'p_completions[%].error_message is required for a failed command', v_pos - 1
+        using errcode = 'invalid_parameter_value';
+    end if;
+    v_ids := array_append(v_ids, (v_elem ->> 'command_id')::bigint);
+    v_pos_of := array_append(v_pos_of, v_pos);
+    v_statuses := array_append(v_statuses, v_status);
+    v_times := array_append(v_times, (v_elem ->> 'execution_time_ms')::integer);
+    v_errors := array_append(v_errors, v_elem ->> 'error_message');
+    v_states := array_append(v_states, v_elem -> 'relay_states');
+  end loop;
+
+  -- Access, once per distinct master. master_device_id never changes (guard_relay_command), so
+  -- it can be read before locking; commands of other masters are neither locked nor changed.
+  select array_agg(distinct c.master_device_id order by c.master_device_id) into v_masters
+    from public.relay_commands_slave c
+   where c.id = any (v_ids);
+  foreach v_master in array coalesce(v_masters, '{}') loop
+    if private.can_access_device(v_master) then
+      v_allowed := array_append(v_allowed, v_master);
+    end if;
+  end loop;
+  if cardinality(v_allowed) = 0 then
+    return;
+  end if;
+
+  -- Lock the caller's commands in id order.
+  perform 1 from public.relay_commands_slave c
+   where c.id = any (v_ids) and c.master_device_id = any (v_allowed)
+   order by c.id
+   for update;
+
+  -- All outcomes in one statement; commands no longer open are left as they are.
+  with done as (
+  update public.relay_commands_slave c
+     set status = i.status,
+         completed_at = now(),
+         execution_time_ms = i.execution_time_ms,
+         error_message = case when i.status = 'failed' then left(i.error_message, 1000) else c.error_message end
+    from unnest(v_ids, v_statuses, v_times, v_errors) as i(command_id, status, execution_time_ms, error_message)
+   where c.id = i.command_id
+     and c.master_device_id = any (v_allowed)
+     and c.status in ('pending', 'processing', 'sent')
+  returning c.id
+  )
+  select coalesce(array_agg(done.id), '{}') into v_done from done;
+
+  -- Relay states of the commands this call completed, once per slave, slaves in a fixed order.
+  for v_slave in
+    select distinct c.master_device_id, c.slave_mac_address
+      from public.relay_commands_slave c
+     where c.id = any (v_done) and c.status = 'completed'
+     order by c.master_device_id, c.slave_mac_address
+  loop
+    select s.relay_states, s.relay_count, s.slave_device_id into v_relay_states, v_relay_count, v_slave_device_id
+      from public.relay_slaves s
+     where s.master_device_id = v_slave.master_device_id and s.slave_mac_address = v_slave.slave_mac_address
+       for update;
+    v_found := found;
+    if not v_found then
+      -- First seen: insert it as record_relay_states would (8 relays, all off, until it
+      -- reports), or lock the row a concurrent transaction inserted meanwhile.
+      insert into public.relay_slaves (master_device_id, slave_mac_address, relay_count, relay_states, is_online, last_seen)
+      values (v_slave.master_device_id, v_slave.slave_mac_address, 8, array_fill(false, array[8]), true, now())
+      on conflict (master_device_id, slave_mac_address) do nothing;
+      select s.relay_states, s.relay_count, s.slave_device_id into v_relay_states, v_relay_count, v_slave_device_id
+        from public.relay_slaves s
+       where s.master_device_id = v_slave.master_device_id and s.slave_mac_address = v_slave.slave_mac_address
+         for update;
+    end if;
+    for v_step in
+      select c.relay_numbers, c.actions, c.slave_device_id, i.states
+        from unnest(v_ids, v_pos_of, v_statuses, v_states) as i(command_id, pos, status, states)
+        join public.relay_commands_slave c on c.id = i.command_id
+       where c.id = any (v_done) and c.status = 'completed'
+         and c.master_device_id = v_slave.master_device_id and c.slave_mac_address = v_slave.slave_mac_address
+       order by i.pos
+    loop
+      if v_step.states is null or jsonb_typeof(v_step.states) = 'null' then
+        v_relay_states := private.apply_relay_actions(v_relay_states, v_step.relay_numbers, v_step.actions);
+      else
+        -- The reported states replace the computed ones, as in complete_slave_command.
+        v_relay_states := coalesce(
+          (select array_agg(case when jsonb_typeof(s.v) = 'boolean' then s.v::boolean end order by s.o)
+             from jsonb_array_elements(v_step.states) with ordinality s(v, o)),
+          '{}');
+      end if;
+      v_relay_count := greatest(v_relay_count, cardinality(v_relay_states));
+      v_slave_device_id := coalesce(v_step.slave_device_id, v_slave_device_id);
+    end loop;
+    update public.relay_slaves s
+       set relay_states = v_relay_states,
+           relay_count = v_relay_count,
+           slave_device_id = v_slave_device_id,
+           is_online = true,
+           last_seen = now()
+     where s.master_device_id = v_slave.master_device_id and s.slave_mac_address = v_slave.slave_mac_address;
+  end loop;
+
+  return query
+  select c.*
+    from unnest(v_ids, v_pos_of) as i(command_id, pos)
+    join public.relay_commands_slave c on c.id = i.command_id
+   where c.master_device_id = any (v_allowed)
+   order by i.pos;
+end
+$$;
+
+comment on function public.complete_slave_commands(jsonb) is
+  'Completes or fails up to 100 commands in one call; idempotent like complete_slave_command and fail_slave_command.';
+
+revoke all on function public.complete_slave_commands(jsonb) from public, anon;
+grant execute on function public.complete_slave_commands(jsonb) to authenticated, service_role;
