@@ -2,7 +2,7 @@
 -- in one call, with the rules of complete_slave_command and fail_slave_command.
 begin;
 \ir fixtures/world.sql
-select plan(27);
+select plan(29);
 
 select has_function('public', 'complete_slave_commands', array['jsonb'], 'complete_slave_commands(jsonb) exists');
 select is((select prosecdef from pg_proc where oid = 'public.complete_slave_commands(jsonb)'::regprocedure), true,
@@ -96,6 +96,8 @@ select is(
             :bob1, :stale)::jsonb)),
   array[:stale::bigint], 'bob''s command and an unknown id are not returned to alice''s agent');
 select tests.as_superuser();
+insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
+  values ('ESP32_ALICE_1', '14:33:5C:38:BF:60', '{1,0}', '{on,off}', '{0,0}') returning id as a3 \gset
 select results_eq(format('select status, completed_at, locked_at from relay_commands_slave where id = %s', :bob1),
   $$values ('pending'::text, null::timestamptz, null::timestamptz)$$, 'bob''s command is unchanged');
 select is((select count(*)::int from relay_slaves where master_device_id = 'ESP32_BOB_1'), 0,
@@ -106,6 +108,10 @@ select results_eq(format('select status, error_message, completed_at from relay_
   $$values ('expired'::text, 'expired before delivery'::text, null::timestamptz)$$,
   'the expired command is unchanged by the batch that tried to fail it');
 select tests.as_agent('pi-alice');
+select is((select status from complete_slave_commands(format('[{"command_id": %s, "status": "completed"}]', :a3)::jsonb)),
+  'completed', 'a pending command can be completed in a batch too');
+select results_eq('select relay_states from relay_slaves where slave_mac_address = ''14:33:5C:38:BF:60''',
+  $$values ('{f,t,f,f,f,f,f,f}'::boolean[])$$, 'a known slave''s states are updated from what they were');
 select results_eq(
   format($q$select status, execution_time_ms, completed_at from complete_slave_commands('[{"command_id": %s, "status": "completed", "execution_time_ms": 5}]')$q$, :stale),
   $$values ('expired'::text, null::integer, null::timestamptz)$$, 'completing an expired command returns it expired and unchanged');

@@ -8,7 +8,37 @@
 --   * a completed command records its slave's relay states (the reported ones, or its actions
 --     applied to the slave's states); two commands on one slave apply in the batch's order, so
 --     the last one wins, and each slave's row is written once.
---
+
+-- A slave's relay states after several completed commands, applied in order as
+-- private.record_relay_states applies one: a command's reported states (p_reported[i], a JSON
+-- array of booleans, or null) replace the states, otherwise its actions apply to them. Returns
+-- the final states and the largest number of relays seen on the way (relay_count never shrinks).
+create or replace function private.fold_relay_states(
+  p_states boolean[], p_commands public.relay_commands_slave[], p_reported jsonb[],
+  out states boolean[], out relay_count integer
+)
+language plpgsql immutable
+set search_path = ''
+as $$
+begin
+  states := p_states;
+  relay_count := 0;
+  for i in 1 .. coalesce(cardinality(p_commands), 0) loop
+    if p_reported[i] is null or jsonb_typeof(p_reported[i]) = 'null' then
+      states := private.apply_relay_actions(states, p_commands[i].relay_numbers, p_commands[i].actions);
+    else
+      states := coalesce(
+        (select array_agg(case when jsonb_typeof(r.v) = 'boolean' then r.v::boolean end order by r.o)
+           from jsonb_array_elements(p_reported[i]) with ordinality r(v, o)),
+        '{}');
+    end if;
+    relay_count := greatest(relay_count, coalesce(cardinality(states), 0));
+  end loop;
+end
+$$;
+
+revoke all on function private.fold_relay_states(boolean[], public.relay_commands_slave[], jsonb[]) from public;
+
 -- p_completions: a JSON array of at most 100 objects
 --   {"command_id": bigint, "status": "completed" | "failed", "execution_time_ms": int | null,
 --    "relay_states": [bool, ...] | null, "error_message": text | null}
@@ -38,12 +68,6 @@ declare
   v_master text;
   v_allowed text[] := '{}';
   v_done bigint[];
-  v_slave record;
-  v_step record;
-  v_relay_states boolean[];
-  v_relay_count integer;
-  v_slave_device_id text;
-  v_found boolean;
 begin
   if p_completions is null or jsonb_typeof(p_completions) <> 'array' then
     raise exception 'p_completions must be a JSON array of completions'
@@ -158,57 +182,41 @@ begin
   )
   select coalesce(array_agg(done.id), '{}') into v_done from done;
 
-  -- Relay states of the commands this call completed, once per slave, slaves in a fixed order.
-  for v_slave in
-    select distinct c.master_device_id, c.slave_mac_address
-      from public.relay_commands_slave c
-     where c.id = any (v_done) and c.status = 'completed'
-     order by c.master_device_id, c.slave_mac_address
-  loop
-    select s.relay_states, s.relay_count, s.slave_device_id into v_relay_states, v_relay_count, v_slave_device_id
-      from public.relay_slaves s
-     where s.master_device_id = v_slave.master_device_id and s.slave_mac_address = v_slave.slave_mac_address
-       for update;
-    v_found := found;
-    if not v_found then
-      -- First seen: insert it as record_relay_states would (8 relays, all off, until it
-      -- reports), or lock the row a concurrent transaction inserted meanwhile.
-      insert into public.relay_slaves (master_device_id, slave_mac_address, relay_count, relay_states, is_online, last_seen)
-      values (v_slave.master_device_id, v_slave.slave_mac_address, 8, array_fill(false, array[8]), true, now())
-      on conflict (master_device_id, slave_mac_address) do nothing;
-      select s.relay_states, s.relay_count, s.slave_device_id into v_relay_states, v_relay_count, v_slave_device_id
-        from public.relay_slaves s
-       where s.master_device_id = v_slave.master_device_id and s.slave_mac_address = v_slave.slave_mac_address
-         for update;
-    end if;
-    for v_step in
-      select c.relay_numbers, c.actions, c.slave_device_id, i.states
-        from unnest(v_ids, v_pos_of, v_statuses, v_states) as i(command_id, pos, status, states)
-        join public.relay_commands_slave c on c.id = i.command_id
-       where c.id = any (v_done) and c.status = 'completed'
-         and c.master_device_id = v_slave.master_device_id and c.slave_mac_address = v_slave.slave_mac_address
-       order by i.pos
-    loop
-      if v_step.states is null or jsonb_typeof(v_step.states) = 'null' then
-        v_relay_states := private.apply_relay_actions(v_relay_states, v_step.relay_numbers, v_step.actions);
-      else
-        -- The reported states replace the computed ones, as in complete_slave_command.
-        v_relay_states := coalesce(
-          (select array_agg(case when jsonb_typeof(s.v) = 'boolean' then s.v::boolean end order by s.o)
-             from jsonb_array_elements(v_step.states) with ordinality s(v, o)),
-          '{}');
-      end if;
-      v_relay_count := greatest(v_relay_count, cardinality(v_relay_states));
-      v_slave_device_id := coalesce(v_step.slave_device_id, v_slave_device_id);
-    end loop;
+  if cardinality(v_done) > 0 then
+    -- Relay states of the commands this call completed, each slave's row written once. First
+    -- lock the slaves in (master_device_id, slave_mac_address) order, creating a slave seen for
+    -- the first time as record_relay_states would (8 relays, all off, until it reports): the
+    -- DO UPDATE ... WHERE false locks an existing row without writing it.
+    insert into public.relay_slaves as s
+      (master_device_id, slave_mac_address, relay_count, relay_states, is_online, last_seen)
+    select k.master_device_id, k.slave_mac_address, 8, array_fill(false, array[8]), true, now()
+      from (select distinct c.master_device_id, c.slave_mac_address
+              from public.relay_commands_slave c
+             where c.id = any (v_done) and c.status = 'completed') k
+     order by k.master_device_id, k.slave_mac_address
+    on conflict (master_device_id, slave_mac_address) do update
+      set last_seen = excluded.last_seen
+      where false;
+
+    -- Then apply each slave's commands in the batch's order, in one statement.
     update public.relay_slaves s
-       set relay_states = v_relay_states,
-           relay_count = v_relay_count,
-           slave_device_id = v_slave_device_id,
+       set (relay_states, relay_count) =
+             (select f.states, greatest(s.relay_count, f.relay_count)
+                from private.fold_relay_states(s.relay_states, g.commands, g.reported) f),
+           slave_device_id = coalesce(g.slave_device_id, s.slave_device_id),
            is_online = true,
            last_seen = now()
-     where s.master_device_id = v_slave.master_device_id and s.slave_mac_address = v_slave.slave_mac_address;
-  end loop;
+      from (select c.master_device_id, c.slave_mac_address,
+                   array_agg(c order by i.pos) as commands,
+                   array_agg(i.states order by i.pos) as reported,
+                   (array_agg(c.slave_device_id order by i.pos desc)
+                      filter (where c.slave_device_id is not null))[1] as slave_device_id
+              from unnest(v_ids, v_pos_of, v_states) as i(command_id, pos, states)
+              join public.relay_commands_slave c on c.id = i.command_id
+             where c.id = any (v_done) and c.status = 'completed'
+             group by c.master_device_id, c.slave_mac_address) g
+     where s.master_device_id = g.master_device_id and s.slave_mac_address = g.slave_mac_address;
+  end if;
 
   return query
   select c.*
