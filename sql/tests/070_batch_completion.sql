@@ -7,8 +7,8 @@ select plan(29);
 select has_function('public', 'complete_slave_commands', array['jsonb'], 'complete_slave_commands(jsonb) exists');
 select is((select prosecdef from pg_proc where oid = 'public.complete_slave_commands(jsonb)'::regprocedure), true,
   'complete_slave_commands is SECURITY DEFINER');
-select is((select proconfig from pg_proc where oid = 'public.complete_slave_commands(jsonb)'::regprocedure),
-  array['search_path=""'], 'complete_slave_commands has an empty search_path');
+select ok((select 'search_path=""' = any (proconfig) from pg_proc where oid = 'public.complete_slave_commands(jsonb)'::regprocedure),
+  'complete_slave_commands has an empty search_path');
 
 -- Slave A: 14:33:5C:38:BF:60, slave B: 14:33:5C:38:BF:61, both on ESP32_ALICE_1.
 insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)

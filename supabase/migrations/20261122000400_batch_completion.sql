@@ -52,6 +52,10 @@ create or replace function public.complete_slave_commands(p_completions jsonb)
 returns setof public.relay_commands_slave
 language plpgsql volatile security definer
 set search_path = ''
+-- The statements below take the batch's ids as arrays; with custom plans (the default, since
+-- a generic plan's estimates look worse) each would be planned again on every call, which cost
+-- more than running them. Their generic plans are the same primary-key lookups.
+set plan_cache_mode = force_generic_plan
 as $$
 declare
   v_count integer;
