@@ -1,6 +1,6 @@
 //! `bench-backend`: the command-queue benchmark of issue 3. Starts a durable backend, loads
-//! sql/bench/setup.sql, and for {floor in SQL, RPC in SQL, RPC through PostgREST} × {1, 16
-//! lockers} reseeds a backlog of 100,000 pending commands over 50 masters (sql/bench/seed.sql),
+//! sql/bench/setup.sql, and for {floor in SQL, RPC in SQL, RPC through PostgREST, batch RPC in
+//! SQL, batch RPC through PostgREST} × {1, 16 lockers} reseeds a backlog of 100,000 pending commands over 50 masters (sql/bench/seed.sql),
 //! locks and completes commands for a fixed time, and prints commands/s (completed rows counted
 //! in the database over wall time), the RPC's fraction of the floor, and cycle latencies.
 //!
@@ -36,18 +36,51 @@ const BACKLOG: u64 = 100_000;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
     FloorSql,
+    /// Lock, then complete_slave_command once per locked command.
     RpcSql,
     RpcRest,
+    /// Lock, then one complete_slave_commands call for all the locked commands.
+    BatchSql,
+    BatchRest,
 }
 
 impl Variant {
-    const ALL: [Variant; 3] = [Variant::FloorSql, Variant::RpcSql, Variant::RpcRest];
+    const ALL: [Variant; 5] = [
+        Variant::FloorSql,
+        Variant::RpcSql,
+        Variant::RpcRest,
+        Variant::BatchSql,
+        Variant::BatchRest,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             Variant::FloorSql => "floor, SQL (pgbench)",
             Variant::RpcSql => "RPC, SQL (pgbench)",
             Variant::RpcRest => "RPC, PostgREST (HTTP)",
+            Variant::BatchSql => "batch RPC, SQL (pgbench)",
+            Variant::BatchRest => "batch RPC, PostgREST (HTTP)",
+        }
+    }
+
+    /// The pgbench script of a SQL variant; None for the HTTP variants.
+    fn script(self) -> Option<&'static str> {
+        match self {
+            Variant::FloorSql => Some("floor_lock_complete.sql"),
+            Variant::RpcSql => Some("rpc_lock_complete.sql"),
+            Variant::BatchSql => Some("rpc_batch_lock_complete.sql"),
+            Variant::RpcRest | Variant::BatchRest => None,
+        }
+    }
+
+    /// A short name for pgbench's log files.
+    fn slug(self) -> &'static str {
+        match self {
+            Variant::FloorSql => "floor",
+            Variant::RpcSql => "rpc",
+            Variant::RpcRest => "rpc-rest",
+            Variant::BatchSql => "batch",
+            Variant::BatchRest => "batch-rest",
         }
     }
 
@@ -55,7 +88,9 @@ impl Variant {
     fn table(self) -> &'static str {
         match self {
             Variant::FloorSql => "bench.floor_queue",
-            Variant::RpcSql | Variant::RpcRest => "public.relay_commands_slave",
+            Variant::RpcSql | Variant::RpcRest | Variant::BatchSql | Variant::BatchRest => {
+                "public.relay_commands_slave"
+            }
         }
     }
 }
@@ -157,26 +192,19 @@ fn main() -> anyhow::Result<()> {
                     "bench-backend: round {round}/{rounds}: {} with {n} locker(s) for {seconds} s",
                     variant.label()
                 );
-                let mut run = match variant {
-                    Variant::FloorSql => run_pgbench(
+                let mut run = match variant.script() {
+                    Some(script) => run_pgbench(
                         pg,
                         variant,
-                        &bench_dir.join("floor_lock_complete.sql"),
+                        &bench_dir.join(script),
                         n,
                         duration,
                         work.path(),
                     )?,
-                    Variant::RpcSql => run_pgbench(
-                        pg,
-                        variant,
-                        &bench_dir.join("rpc_lock_complete.sql"),
-                        n,
-                        duration,
-                        work.path(),
-                    )?,
-                    Variant::RpcRest => {
+                    None => {
+                        let batch = variant == Variant::BatchRest;
                         let (cycles, wall, latencies) = runtime
-                            .block_on(run_rest(&http, &rest_url, &token, n, duration))
+                            .block_on(run_rest(&http, &rest_url, &token, n, duration, batch))
                             .context("the PostgREST run")?;
                         Run {
                             round: 0,
@@ -231,13 +259,7 @@ fn run_pgbench(
     duration: Duration,
     work: &Path,
 ) -> anyhow::Result<Run> {
-    let prefix = format!(
-        "{}-{lockers}",
-        match variant {
-            Variant::FloorSql => "floor",
-            _ => "rpc",
-        }
-    );
+    let prefix = format!("{}-{lockers}", variant.slug());
     let threads = lockers.clamp(1, 2);
     let started = Instant::now();
     let out = Command::new(pg.bindir().join("pgbench"))
@@ -336,13 +358,15 @@ fn read_pgbench_logs(work: &Path, prefix: &str) -> anyhow::Result<Vec<u64>> {
 
 /// `lockers` tasks, each looping until `duration` is up: lock up to 5 commands of a random
 /// master through POST /rpc/get_and_lock_slave_commands, then complete each through POST
-/// /rpc/complete_slave_command. Returns finished cycles, wall time and cycle latencies (µs).
+/// /rpc/complete_slave_command, or (`batch`) all of them in one POST /rpc/complete_slave_commands.
+/// Returns finished cycles, wall time and cycle latencies (µs).
 async fn run_rest(
     http: &reqwest::Client,
     base: &str,
     token: &str,
     lockers: usize,
     duration: Duration,
+    batch: bool,
 ) -> anyhow::Result<(u64, Duration, Vec<u64>)> {
     let started = Instant::now();
     let deadline = started + duration;
@@ -351,6 +375,7 @@ async fn run_rest(
         let http = http.clone();
         let lock_url = format!("{base}/rpc/get_and_lock_slave_commands");
         let complete_url = format!("{base}/rpc/complete_slave_command");
+        let batch_url = format!("{base}/rpc/complete_slave_commands");
         let bearer = format!("Bearer {token}");
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -371,17 +396,41 @@ async fn run_rest(
                 let rows = locked
                     .as_array()
                     .context("get_and_lock_slave_commands did not return an array")?;
-                for row in rows {
-                    let id = row["id"]
-                        .as_i64()
-                        .context("a locked command without an id")?;
-                    post_json(
-                        &http,
-                        &complete_url,
-                        &bearer,
-                        json!({"p_command_id": id, "p_execution_time_ms": 12}),
-                    )
-                    .await?;
+                let ids = rows
+                    .iter()
+                    .map(|row| row["id"].as_i64().context("a locked command without an id"))
+                    .collect::<anyhow::Result<Vec<i64>>>()?;
+                if batch {
+                    if !ids.is_empty() {
+                        let completions: Vec<Value> = ids
+                            .iter()
+                            .map(|id| {
+                                json!({"command_id": id, "status": "completed", "execution_time_ms": 12})
+                            })
+                            .collect();
+                        let done = post_json(
+                            &http,
+                            &batch_url,
+                            &bearer,
+                            json!({"p_completions": completions}),
+                        )
+                        .await?;
+                        ensure!(
+                            done.as_array().map(Vec::len) == Some(ids.len()),
+                            "complete_slave_commands returned {done} for {} commands",
+                            ids.len()
+                        );
+                    }
+                } else {
+                    for id in ids {
+                        post_json(
+                            &http,
+                            &complete_url,
+                            &bearer,
+                            json!({"p_command_id": id, "p_execution_time_ms": 12}),
+                        )
+                        .await?;
+                    }
                 }
                 latencies.push(u64::try_from(cycle.elapsed().as_micros()).unwrap_or(u64::MAX));
             }
