@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod bridge;
+pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod delivery;

@@ -637,6 +637,12 @@ impl MasterCore {
             );
             return;
         }
+        if self.pending.iter().any(|p| p.id == id) {
+            // Still running: its one ack follows when it ends. Answering "duplicate" now would
+            // report relay states the slave has not reached yet.
+            info!(master = %self.id, command_id = %id, "command already in progress; its ack will follow");
+            return;
+        }
         if self.applied.contains(&id) {
             info!(master = %self.id, command_id = %id, "command already applied; not applying again");
             let states = self.slave_states(slave);

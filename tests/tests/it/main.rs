@@ -1,5 +1,6 @@
 //! End-to-end tests on the real local stack: one binary, one module per area.
 
+mod agent_crash;
 mod agent_flow;
 mod command_queue;
 mod harness;

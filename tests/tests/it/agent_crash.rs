@@ -1,0 +1,239 @@
+//! The agent as a separate process, killed with SIGKILL between locking a command in the cloud
+//! and hearing its ack, then started again on the same database: the command completes once, and
+//! the slave switches the relay once.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use autocore_stack::Claims;
+use firmware_protocol::message::RelayLimits;
+use firmware_protocol::sim::rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use firmware_protocol::sim::{
+    self, MasterSpec, MasterTiming, RadioSpec, SensorSource, SensorSpec, SimConfig, SlaveSpec,
+};
+use firmware_protocol::{DeviceId, MasterKey};
+use tokio::sync::oneshot;
+
+use crate::support::{ALICE, World, eventually};
+
+const KEY_HEX: &str = "7c1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
+const MASTER: &str = "ESP32_ALICE_1";
+const SLAVE: &str = "14:33:5C:38:BF:60";
+
+/// Every ack the master publishes, as (command id, result).
+async fn ack_observer(mqtt_url: &str) -> Arc<Mutex<Vec<(String, String)>>> {
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    let (host, port) = sim::parse_mqtt_url(mqtt_url).unwrap();
+    let (client, mut eventloop) =
+        AsyncClient::new(MqttOptions::new("ack-observer", host, port), 100);
+    client
+        .subscribe(format!("autocore/devices/{MASTER}/ack"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (ready_tx, ready) = oneshot::channel();
+    let sink = acks.clone();
+    tokio::spawn(async move {
+        let _keep = client;
+        let mut ready_tx = Some(ready_tx);
+        while let Ok(event) = eventloop.poll().await {
+            match event {
+                Event::Incoming(Packet::SubAck(_)) => {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&p.payload).unwrap_or_default();
+                    sink.lock().unwrap().push((
+                        v["command_id"].as_str().unwrap_or_default().to_string(),
+                        v["result"].as_str().unwrap_or_default().to_string(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+    });
+    let _ = ready.await;
+    acks
+}
+
+/// The agent's process; killed when dropped, so a failing test leaves no agent running.
+struct AgentProcess(Child);
+
+impl AgentProcess {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn_agent(config: &std::path::Path) -> AgentProcess {
+    AgentProcess(
+        Command::new(env!("CARGO_BIN_EXE_autocore-agent-under-test"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("the agent starts"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_between_lock_and_ack_completes_the_command_once_after_a_restart() {
+    let world = World::start_full();
+    let mqtt = world.stack.mqtt_url().unwrap();
+    let acks = ack_observer(&mqtt).await;
+
+    // A slow radio widens the window between the lock and the ack to well over a second.
+    let sim_config = SimConfig {
+        mqtt_url: Some(mqtt.clone()),
+        masters: vec![MasterSpec {
+            id: DeviceId::new(MASTER).unwrap(),
+            key: MasterKey::from_hex(KEY_HEX).unwrap(),
+            slaves: vec![SlaveSpec {
+                mac: SLAVE.parse().unwrap(),
+                relays: vec![
+                    RelayLimits {
+                        max_on_s: 3600,
+                        boot_on: false
+                    };
+                    4
+                ],
+            }],
+            sensors: vec![SensorSpec {
+                name: "ph".into(),
+                unit: None,
+                source: SensorSource::Fixed(6.8),
+            }],
+        }],
+        timing: MasterTiming {
+            frame_ack_timeout_ms: 3_000,
+            ..MasterTiming::default()
+        },
+        radio: RadioSpec {
+            loss_percent: 0,
+            delay_ms: 700,
+        },
+        state_dir: None,
+        poll: None,
+    };
+    let (_sim_stop, sim_stopped) = oneshot::channel::<()>();
+    tokio::spawn(sim::run(sim_config, async move {
+        let _ = sim_stopped.await;
+    }));
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("agent.db");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nid = \"pi-alice\"\n[store]\npath = \"{db}\"\n[cloud]\nrest_url = \"{rest}\"\njwt = \"{jwt}\"\npoll_interval_ms = 100\n\
+             [mqtt]\nurl = \"{mqtt}\"\nack_timeout_ms = 5000\n[api]\nlisten = \"127.0.0.1:0\"\n\
+             [[masters]]\ndevice_id = \"{MASTER}\"\nkey = \"{KEY_HEX}\"\n",
+            db = db.display(),
+            rest = world.stack.rest_url().unwrap(),
+            jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice")),
+        ),
+    )
+    .unwrap();
+    let mut agent = spawn_agent(&config);
+    eventually(
+        "the agent and the master connected",
+        Duration::from_secs(30),
+        || {
+            (world.sql_one(&format!(
+                "select is_online from device_status where device_id = '{MASTER}'"
+            )) == "t")
+                .then_some(())
+        },
+    )
+    .await;
+
+    let id = world.sql_one(&format!(
+        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
+         values ('{MASTER}', '{SLAVE}', '{{0}}', '{{on}}', '{{60}}') returning id"
+    ));
+    eventually(
+        "the agent locked the command",
+        Duration::from_secs(30),
+        || {
+            (world.sql_one(&format!(
+                "select status from relay_commands_slave where id = {id}"
+            )) == "processing")
+                .then_some(())
+        },
+    )
+    .await;
+    // Give the agent a moment to store and publish the command, then kill it outright.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGKILL: no shutdown code runs.
+    agent.kill();
+    let state = {
+        let store = autocore_agent::store::Store::open(&db).unwrap();
+        store
+            .command(id.parse().unwrap())
+            .unwrap()
+            .expect("the locked command was on disk")
+            .state
+    };
+    assert!(
+        !state.is_final(),
+        "the kill landed between lock and ack (state {state:?})"
+    );
+    assert_eq!(
+        world.sql_one(&format!(
+            "select status from relay_commands_slave where id = {id}"
+        )),
+        "processing",
+        "the cloud has not heard of an ack yet"
+    );
+
+    let mut agent = spawn_agent(&config);
+    eventually(
+        "the command completed after the restart",
+        Duration::from_secs(60),
+        || {
+            (world.sql_one(&format!(
+                "select status from relay_commands_slave where id = {id}"
+            )) == "completed")
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        world.sql_one(&format!(
+            "select delivery_count from relay_commands_slave where id = {id}"
+        )),
+        "1",
+        "the backend handed it out once"
+    );
+    let command_id = format!("backend:{id}");
+    let results: Vec<String> = acks
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(c, _)| *c == command_id)
+        .map(|(_, r)| r.clone())
+        .collect();
+    assert_eq!(
+        results.iter().filter(|r| *r == "completed").count(),
+        1,
+        "the slave applied the command once; acks: {results:?}"
+    );
+    assert!(
+        results.iter().all(|r| r == "completed" || r == "duplicate"),
+        "{results:?}"
+    );
+    agent.kill();
+}
