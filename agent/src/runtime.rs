@@ -987,14 +987,30 @@ async fn push_group(shared: &Arc<Shared>, group: &[OutboxRow]) -> Result<(), ()>
             shared.cloud.insert_readings(&readings).await
         }
         OutboxClass::Completion => {
-            // One RPC per completion; they are few.
-            for row in group {
-                match shared.cloud.report_completion(&row.payload).await {
-                    Ok(status) => {
-                        debug!(row = row.seq, ?status, "completion reported");
-                        delivered(shared, class, &[row.seq]).await;
+            // In batches through complete_slave_commands; a batch the backend refuses is
+            // retried one by one, so that one bad row is set aside alone.
+            for chunk in group.chunks(crate::cloud::COMPLETIONS_PER_CALL_MAX) {
+                let payloads: Vec<serde_json::Value> =
+                    chunk.iter().map(|r| r.payload.clone()).collect();
+                match shared.cloud.report_completions(&payloads).await {
+                    Ok(()) => {
+                        let seqs: Vec<i64> = chunk.iter().map(|r| r.seq).collect();
+                        delivered(shared, class, &seqs).await;
                     }
-                    Err(e) => return settle_failure(shared, std::slice::from_ref(row), e).await,
+                    Err(e) if e.is_transient() => return settle_failure(shared, chunk, e).await,
+                    Err(e) => {
+                        warn!(error = %e, rows = chunk.len(), "completion batch refused; reporting one by one");
+                        for row in chunk {
+                            match shared.cloud.report_completion(&row.payload).await {
+                                Ok(_) => delivered(shared, class, &[row.seq]).await,
+                                Err(e) if e.is_transient() => {
+                                    return settle_failure(shared, std::slice::from_ref(row), e)
+                                        .await;
+                                }
+                                Err(e) => reject(shared, row, &e.to_string()).await,
+                            }
+                        }
+                    }
                 }
             }
             note_cloud_result(shared, Ok(()));

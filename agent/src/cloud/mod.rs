@@ -153,6 +153,9 @@ impl RuleChange {
     }
 }
 
+/// The most completions `complete_slave_commands` takes in one call.
+pub const COMPLETIONS_PER_CALL_MAX: usize = 100;
+
 #[derive(Debug, Clone)]
 pub struct CloudConfig {
     pub rest_url: String,
@@ -286,6 +289,33 @@ impl Cloud {
             .first()
             .and_then(|r| r["status"].as_str())
             .map(str::to_string))
+    }
+
+    /// Reports up to [`COMPLETIONS_PER_CALL_MAX`] command ends in one call
+    /// (`complete_slave_commands`); the same idempotent semantics as one at a time. A command the
+    /// agent ended as expired is reported failed, with its reason.
+    pub async fn report_completions(&self, completions: &[Value]) -> Result<(), CloudError> {
+        let items: Vec<Value> = completions
+            .iter()
+            .map(|c| {
+                let completed = c["status"].as_str() == Some("completed");
+                json!({
+                    "command_id": c["command_id"],
+                    "status": if completed { "completed" } else { "failed" },
+                    "execution_time_ms": c["execution_time_ms"],
+                    "relay_states": if completed { c["relay_states"].clone() } else { Value::Null },
+                    "error_message": if completed {
+                        Value::Null
+                    } else {
+                        json!(c["error_message"].as_str().unwrap_or("failed on the edge"))
+                    },
+                })
+            })
+            .collect();
+        let _rows: Vec<Value> = self
+            .rpc("complete_slave_commands", json!({"p_completions": items}))
+            .await?;
+        Ok(())
     }
 
     /// Rule changes of `device` after the cursor.
