@@ -149,6 +149,18 @@ pub struct MasterSection {
     pub device_id: String,
     /// The master's HMAC-SHA256 command-signing key, hex.
     pub key: Secret,
+    /// How commands reach this master: pushed over MQTT, or handed out when the master polls
+    /// the agent's local API (`get_and_lock_slave_commands`), as the seed's masters poll Supabase.
+    #[serde(default)]
+    pub transport: Transport,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[default]
+    Mqtt,
+    Poll,
 }
 
 mod defaults {
@@ -348,6 +360,10 @@ impl AgentConfig {
         Ok(())
     }
 
+    pub fn master(&self, device_id: &str) -> Option<&MasterSection> {
+        self.masters.iter().find(|m| m.device_id == device_id)
+    }
+
     /// The master signing key as bytes; validated at load.
     pub fn master_key(&self, device_id: &str) -> Option<Vec<u8>> {
         self.masters
@@ -506,6 +522,19 @@ mod tests {
             "key = \"zz\"",
         );
         assert_eq!(error_key(load(&text, &[])), "masters[0].key");
+    }
+
+    #[test]
+    fn a_master_polls_or_takes_mqtt_and_nothing_else() {
+        let config = load(EXAMPLE, &[]).unwrap();
+        assert_eq!(config.masters[0].transport, Transport::Mqtt);
+        let text = EXAMPLE.replace("[[masters]]", "[[masters]]\ntransport = \"poll\"");
+        assert_eq!(
+            load(&text, &[]).unwrap().masters[0].transport,
+            Transport::Poll
+        );
+        let text = EXAMPLE.replace("[[masters]]", "[[masters]]\ntransport = \"pigeon\"");
+        assert_eq!(error_key(load(&text, &[])), "masters[0].transport");
     }
 
     #[test]

@@ -763,7 +763,12 @@ async fn pull_commands(shared: &Arc<Shared>, master: &str, delivery: &mpsc::Send
                 {
                     Ok(crate::store::Accepted::New) => {
                         info!(command = record.id, master, command_type = %record.command_type, "command accepted");
-                        let _ = delivery.send(DeliveryInput::Admit(Box::new(record))).await;
+                        // A polling master takes its commands from the local API instead.
+                        let polls = shared.config.master(master).map(|m| m.transport)
+                            == Some(crate::config::Transport::Poll);
+                        if !polls {
+                            let _ = delivery.send(DeliveryInput::Admit(Box::new(record))).await;
+                        }
                     }
                     Ok(crate::store::Accepted::Known(state)) => {
                         debug!(
