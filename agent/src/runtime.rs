@@ -179,9 +179,16 @@ pub async fn run(
     ));
     tasks.spawn(delivery_loop(shared.clone(), delivery_rx, cancel.clone()));
     for command in open {
-        let _ = delivery_tx
-            .send(DeliveryInput::Admit(Box::new(command)))
-            .await;
+        let polls = shared
+            .config
+            .master(&command.master_device_id)
+            .map(|m| m.transport)
+            == Some(crate::config::Transport::Poll);
+        if !polls {
+            let _ = delivery_tx
+                .send(DeliveryInput::Admit(Box::new(command)))
+                .await;
+        }
     }
     tasks.spawn(poll_loop(shared.clone(), delivery_tx, cancel.clone()));
     tasks.spawn(sync_supervisor(shared.clone(), cancel.clone()));
