@@ -37,6 +37,8 @@ pub const RULE_CHANGES_PAGE_MAX: u32 = 500;
 pub const RULE_CURSOR_OVERLAP_MS: i64 = 5_000;
 /// Bad messages logged per second at most; the rest are only counted.
 pub const BAD_MESSAGE_LOGS_PER_S_MAX: u32 = 5;
+/// Device configurations are checked every this many poll intervals.
+pub const CONFIG_CHECK_POLLS: u64 = 5;
 /// Poll intervals without outbox progress, while the backend answers, before a stall.
 pub const STALL_POLL_INTERVALS: i64 = 10;
 
@@ -730,6 +732,7 @@ async fn poll_loop(
         .iter()
         .map(|m| m.device_id.clone())
         .collect();
+    let mut polls: u64 = 0;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -739,6 +742,90 @@ async fn poll_loop(
             pull_commands(&shared, master, &delivery).await;
             pull_rules(&shared, master).await;
         }
+        polls += 1;
+        if polls % CONFIG_CHECK_POLLS == 1 {
+            deliver_configs(&shared, &masters).await;
+        }
+    }
+}
+
+/// Publishes a master's configuration (retained, so the broker hands it to the master whenever
+/// it reconnects) each time its version moves in the cloud.
+async fn deliver_configs(shared: &Arc<Shared>, masters: &[String]) {
+    let rows = match shared.cloud.device_configs(masters).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            debug!(error = %e, "could not read device configurations");
+            return;
+        }
+    };
+    for row in rows {
+        let device = row.device_id.clone();
+        let delivered = shared
+            .store
+            .call(move |s| s.delivered_config_version(&device))
+            .await
+            .ok()
+            .flatten();
+        if delivered.is_some_and(|v| v >= row.config_version) {
+            continue;
+        }
+        // An empty object means "nothing authored yet": nothing to deliver.
+        if row.config.as_object().is_some_and(|o| o.is_empty()) {
+            continue;
+        }
+        let mut config = row.config.clone();
+        config["v"] = json!(firmware_protocol::PROTOCOL_VERSION);
+        let encoded = serde_json::from_value::<firmware_protocol::message::DeviceConfig>(config)
+            .map_err(|e| e.to_string())
+            .and_then(|c| firmware_protocol::Payload::encode(&c).map_err(|e| e.to_string()));
+        let topic = DeviceId::new(row.device_id.as_str())
+            .map(|id| firmware_protocol::Topic::device_config(&id).to_string())
+            .map_err(|e| e.to_string());
+        match (encoded, topic) {
+            (Ok(bytes), Ok(topic)) => {
+                if let Err(e) = shared
+                    .mqtt
+                    .publish(topic, QoS::AtLeastOnce, true, bytes)
+                    .await
+                {
+                    warn!(device = %row.device_id, error = %e, "could not publish the configuration; will retry");
+                    continue;
+                }
+                shared
+                    .metrics
+                    .mqtt_messages_out
+                    .get_or_create(&label("kind", "config"))
+                    .inc();
+                info!(device = %row.device_id, version = row.config_version, "configuration delivered");
+            }
+            (Err(reason), _) | (_, Err(reason)) => {
+                let reason = reason.to_string();
+                warn!(device = %row.device_id, version = row.config_version, reason, "configuration refused; not delivered");
+                let (device, version, agent) = (
+                    row.device_id.clone(),
+                    row.config_version,
+                    shared.config.agent.id.clone(),
+                );
+                let _ = shared
+                    .store
+                    .call(move |s| {
+                        let payload = json!({
+                            "device_id": device, "agent_id": agent, "event_type": "config_rejected",
+                            "severity": "error", "source": "agent",
+                            "message": format!("configuration version {version} not delivered: {reason}"),
+                            "occurred_at": crate::cloud::format_timestamp_ms(now_ms()),
+                        });
+                        s.enqueue(OutboxClass::Event, &format!("config:{device}:{version}"), &payload, now_ms())
+                    })
+                    .await;
+            }
+        }
+        let (device, version) = (row.device_id.clone(), row.config_version);
+        let _ = shared
+            .store
+            .call(move |s| s.set_delivered_config_version(&device, version))
+            .await;
     }
 }
 
@@ -889,6 +976,20 @@ async fn sync_supervisor(shared: Arc<Shared>, cancel: CancellationToken) {
             continue;
         };
         shared.metrics.outbox_depth.set(stats.depth as i64);
+        let cutoff = now - shared.config.mqtt.heartbeat_timeout_ms as i64;
+        if let Ok(silent) = shared
+            .store
+            .call(move |s| s.mark_silent_offline(cutoff))
+            .await
+        {
+            for device in silent {
+                warn!(
+                    device,
+                    "master silent past its heartbeat timeout; marked offline"
+                );
+                record_presence(&shared, &device, false, None, now).await;
+            }
+        }
         shared.metrics.outbox_rejected.set(stats.rejected as i64);
         shared
             .metrics

@@ -153,6 +153,14 @@ impl RuleChange {
     }
 }
 
+/// One master's configuration as the dashboard wrote it in `device_status`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DeviceConfigRow {
+    pub device_id: String,
+    pub config: Value,
+    pub config_version: i64,
+}
+
 /// The most completions `complete_slave_commands` takes in one call.
 pub const COMPLETIONS_PER_CALL_MAX: usize = 100;
 
@@ -365,6 +373,20 @@ impl Cloud {
         self.send(builder, Some("return=minimal,resolution=ignore-duplicates"))
             .await?;
         Ok(())
+    }
+
+    /// The configuration the dashboard authored for these masters, with its version.
+    pub async fn device_configs(
+        &self,
+        device_ids: &[String],
+    ) -> Result<Vec<DeviceConfigRow>, CloudError> {
+        let builder = self
+            .client
+            .from("device_status")
+            .select("device_id,config,config_version")
+            .in_("device_id", device_ids);
+        let body = self.send(builder, None).await?;
+        serde_json::from_str(&body).map_err(|e| CloudError::Decode(format!("device_status: {e}")))
     }
 
     /// Updates the presence columns of one device row.

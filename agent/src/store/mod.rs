@@ -726,6 +726,43 @@ impl Store {
         Ok(!known)
     }
 
+    /// Marks offline every device still online whose last message is older than `cutoff_ms`;
+    /// returns their ids (a master that died without a last will goes quiet this way).
+    pub fn mark_silent_offline(&mut self, cutoff_ms: i64) -> Result<Vec<String>> {
+        let tx = self.conn.transaction()?;
+        let ids: Vec<String> = {
+            let mut stmt = tx.prepare_cached(
+                "update devices set online = 0 where online = 1 and coalesce(last_seen_ms, 0) < ?1 returning device_id",
+            )?;
+            stmt.query_map([cutoff_ms], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// The configuration version last delivered to a master, if any.
+    pub fn delivered_config_version(&self, device_id: &str) -> Result<Option<i64>> {
+        Ok(self
+            .conn
+            .query_row(
+                "select delivered_config_version from devices where device_id = ?1",
+                [device_id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    pub fn set_delivered_config_version(&mut self, device_id: &str, version: i64) -> Result<()> {
+        self.conn.execute(
+            "insert into devices (device_id, delivered_config_version) values (?1, ?2)
+             on conflict (device_id) do update set delivered_config_version = excluded.delivered_config_version",
+            params![device_id, version],
+        )?;
+        Ok(())
+    }
+
     /// Devices and whether each is online, for status and metrics.
     pub fn devices(&self) -> Result<Vec<(String, bool, Option<i64>)>> {
         let mut stmt = self.conn.prepare_cached(

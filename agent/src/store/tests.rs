@@ -248,3 +248,26 @@ fn a_master_seen_for_the_first_time_is_reported_as_new() {
         vec![("ESP32_A".to_string(), false, Some(2))]
     );
 }
+
+#[test]
+fn a_master_silent_past_the_cutoff_goes_offline_once() {
+    let mut store = Store::open_in_memory().unwrap();
+    store.record_presence("A", true, None, None, 1_000).unwrap();
+    store.record_presence("B", true, None, None, 5_000).unwrap();
+    assert_eq!(
+        store.mark_silent_offline(2_000).unwrap(),
+        vec!["A".to_string()]
+    );
+    assert!(
+        store.mark_silent_offline(2_000).unwrap().is_empty(),
+        "already offline"
+    );
+}
+
+#[test]
+fn the_delivered_config_version_is_remembered() {
+    let mut store = Store::open_in_memory().unwrap();
+    assert_eq!(store.delivered_config_version("A").unwrap(), None);
+    store.set_delivered_config_version("A", 3).unwrap();
+    assert_eq!(store.delivered_config_version("A").unwrap(), Some(3));
+}

@@ -508,3 +508,64 @@ async fn eventually_metric(url: &str, line: &str) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_changed_in_the_cloud_reaches_the_master_as_a_retained_message() {
+    use firmware_protocol::sim::rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let world = World::start_full();
+    let _edge = start_edge(&world).await;
+    world.sql(&format!(
+        "update device_status set config = '{{\"telemetry_interval_ms\": 2000, \"master_silent_timeout_ms\": 5000,
+           \"slaves\": [{{\"mac\": \"{SLAVE}\", \"relays\": [{{\"max_on_s\": 600}}, {{\"max_on_s\": 0, \"boot_on\": false}}]}}]}}',
+           config_version = config_version + 1 where device_id = '{MASTER}'"
+    ));
+    // A late subscriber still gets it: the message is retained.
+    let (host, port) = sim::parse_mqtt_url(&world.stack.mqtt_url().unwrap()).unwrap();
+    let mut found = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while found.is_none() && tokio::time::Instant::now() < deadline {
+        let (client, mut eventloop) =
+            AsyncClient::new(MqttOptions::new("config-reader", host.clone(), port), 10);
+        client
+            .subscribe(
+                format!("autocore/config/devices/{MASTER}"),
+                QoS::AtLeastOnce,
+            )
+            .await
+            .unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(1), async {
+            loop {
+                // Only a retained copy counts: that is what a master reconnecting later gets.
+                if let Ok(Event::Incoming(Packet::Publish(p))) = eventloop.poll().await
+                    && p.retain
+                {
+                    return Some((p.retain, p.payload));
+                }
+            }
+        })
+        .await;
+        if let Ok(Some(message)) = read {
+            found = Some(message);
+        }
+    }
+    let (retained, payload) = found.expect("the configuration was published");
+    assert!(retained);
+    let config: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(config["telemetry_interval_ms"], 2000);
+    assert_eq!(config["v"], 1);
+
+    // A configuration the protocol refuses is not delivered, and the dashboard learns why.
+    world.sql(&format!(
+        "update device_status set config = '{{\"telemetry_interval_ms\": 1}}', config_version = config_version + 1 where device_id = '{MASTER}'"
+    ));
+    eventually(
+        "the refusal reached event_logs",
+        Duration::from_secs(30),
+        || {
+            (world.sql_one("select count(*) from event_logs where event_type = 'config_rejected'")
+                == "1")
+                .then_some(())
+        },
+    )
+    .await;
+}
