@@ -419,11 +419,54 @@ async fn inbound_loop(
                 )
                 .await;
             }
-            Inbound::RelayState(..)
-            | Inbound::EmergencyStop
-            | Inbound::EmergencyReset
-            | Inbound::Ignored => {}
+            Inbound::RelayState(device, report) => {
+                record_relay_states(&shared, device.as_str(), &report, now).await;
+            }
+            Inbound::EmergencyStop | Inbound::EmergencyReset | Inbound::Ignored => {}
         }
+    }
+}
+
+/// A master's report of its slaves' relays (after a duration ended, a maximum on-time, a
+/// fail-safe, a reboot): queued so that `relay_slaves` shows what the relays really are.
+async fn record_relay_states(
+    shared: &Arc<Shared>,
+    master: &str,
+    report: &firmware_protocol::message::RelayStateReport,
+    now: i64,
+) {
+    let rows: Vec<serde_json::Value> = report
+        .slaves
+        .iter()
+        .map(|slave| {
+            json!({
+                "master_device_id": master,
+                "slave_mac_address": slave.mac.to_string(),
+                "relay_states": slave.relay_states,
+                "relay_count": slave.relay_states.len().clamp(1, 16),
+                "is_online": slave.online,
+                "last_seen": crate::cloud::format_timestamp_ms(now),
+            })
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let master = master.to_string();
+    let result = shared
+        .store
+        .call(move |s| {
+            s.enqueue(
+                OutboxClass::RelayState,
+                &format!("relays:{master}:{now}"),
+                &json!({"master_device_id": master, "slaves": rows}),
+                now,
+            )
+        })
+        .await;
+    match result {
+        Ok(_) => shared.outbox_ready.notify_one(),
+        Err(e) => error!(error = %e, "could not queue relay states"),
     }
 }
 
@@ -1165,7 +1208,32 @@ async fn push_group(shared: &Arc<Shared>, group: &[OutboxRow]) -> Result<(), ()>
             }
             outcome
         }
-        OutboxClass::RelayState | OutboxClass::RuleFeedback => Ok(()),
+        OutboxClass::RelayState => {
+            // The newest report per slave is the truth; older ones in the group go with it.
+            let mut latest: BTreeMap<(String, String), serde_json::Value> = BTreeMap::new();
+            for row in group {
+                for slave in row.payload["slaves"].as_array().into_iter().flatten() {
+                    let key = (
+                        slave["master_device_id"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                        slave["slave_mac_address"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    );
+                    latest.insert(key, slave.clone());
+                }
+            }
+            let rows: Vec<serde_json::Value> = latest.into_values().collect();
+            shared.cloud.upsert_relay_slaves(&rows).await
+        }
+        // Nothing produces these yet (the decision engine will); deliver nothing, lose nothing.
+        OutboxClass::RuleFeedback => Err(CloudError::Rejected {
+            status: 0,
+            body: "no pusher for rule feedback yet".into(),
+        }),
     };
     match result {
         Ok(()) => {

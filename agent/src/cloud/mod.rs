@@ -389,6 +389,18 @@ impl Cloud {
         serde_json::from_str(&body).map_err(|e| CloudError::Decode(format!("device_status: {e}")))
     }
 
+    /// Writes slaves' relay states (one row per master and slave, created when first seen).
+    pub async fn upsert_relay_slaves(&self, rows: &[Value]) -> Result<(), CloudError> {
+        let builder = self
+            .client
+            .from("relay_slaves")
+            .insert(Value::Array(rows.to_vec()).to_string())
+            .on_conflict("master_device_id,slave_mac_address");
+        self.send(builder, Some("return=minimal,resolution=merge-duplicates"))
+            .await?;
+        Ok(())
+    }
+
     /// Updates the presence columns of one device row.
     pub async fn update_device_status(
         &self,

@@ -569,3 +569,30 @@ async fn a_configuration_changed_in_the_cloud_reaches_the_master_as_a_retained_m
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_relays_duration_ends_the_cloud_shows_it_off() {
+    let world = World::start_full();
+    let _edge = start_edge(&world).await;
+    let id = world.sql_one(&format!(
+        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
+         values ('{MASTER}', '{SLAVE}', '{{3}}', '{{on}}', '{{2}}') returning id"
+    ));
+    eventually("relay 3 on in the cloud", Duration::from_secs(30), || {
+        let done = world.sql_one(&format!("select status from relay_commands_slave where id = {id}")) == "completed";
+        let on = world.sql_one(&format!("select coalesce(relay_states[4]::text, '-') from relay_slaves where slave_mac_address = '{SLAVE}'")) == "true";
+        (done && on).then_some(())
+    })
+    .await;
+    eventually(
+        "relay 3 off in the cloud after its 2 s",
+        Duration::from_secs(30),
+        || {
+            (world.sql_one(&format!(
+                "select relay_states[4]::text from relay_slaves where slave_mac_address = '{SLAVE}'"
+            )) == "false")
+                .then_some(())
+        },
+    )
+    .await;
+}
