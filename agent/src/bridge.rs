@@ -117,6 +117,9 @@ pub enum Inbound {
     Telemetry(Vec<Reading>),
     Ack(DeviceId, CommandAck),
     Announce(Announce),
+    /// A master this agent does not serve announced itself: reported to the backend for an
+    /// operator to adopt; nothing is sent to it.
+    Discovered(Announce),
     Status(DeviceId, Status),
     RelayState(DeviceId, RelayStateReport),
     EmergencyStop,
@@ -192,10 +195,11 @@ pub fn decode_inbound(
                     reason: format!("announce names {} on the topic of {device}", a.device_id),
                 });
             }
-            if !known(&device) {
-                return Err(InboundError::UnknownDevice(device.to_string()));
+            if known(&device) {
+                Inbound::Announce(a)
+            } else {
+                Inbound::Discovered(a)
             }
-            Inbound::Announce(a)
         }
         Topic::Status(device) => Inbound::Status(device, Status::decode(payload).map_err(bad)?),
         Topic::RelayState(device) => {
@@ -299,6 +303,19 @@ mod tests {
             let err = decode_inbound(topic, payload, known, 0).unwrap_err();
             assert_eq!(err.reason_label(), label, "{topic}: {err}");
         }
+    }
+
+    #[test]
+    fn an_unknown_master_that_announces_itself_is_discovered_not_served() {
+        let payload = br#"{"v":1,"device_id":"ESP32_NEW","kind":"master","firmware":"1.0.0","mac":null,"slaves":[],"sensors":["ph"],"telemetry_interval_ms":1000}"#;
+        let inbound = decode_inbound(
+            "autocore/devices/ESP32_NEW/announce",
+            payload,
+            |d| d.as_str() == "ESP32_A",
+            0,
+        )
+        .unwrap();
+        assert!(matches!(inbound, Inbound::Discovered(a) if a.device_id.as_str() == "ESP32_NEW"));
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub const RULE_CHANGES_PAGE_MAX: u32 = 500;
 pub const RULE_CURSOR_OVERLAP_MS: i64 = 5_000;
 /// Bad messages logged per second at most; the rest are only counted.
 pub const BAD_MESSAGE_LOGS_PER_S_MAX: u32 = 5;
+/// Unknown masters reported for adoption per run, at most.
+pub const DISCOVERED_DEVICES_MAX: usize = 100;
 /// Device configurations are checked every this many poll intervals.
 pub const CONFIG_CHECK_POLLS: u64 = 5;
 /// Poll intervals without outbox progress, while the backend answers, before a stall.
@@ -347,6 +349,7 @@ async fn inbound_loop(
         suppressed: 0,
     };
     let known = |d: &DeviceId| shared.masters.contains(d.as_str());
+    let mut discovered: HashSet<String> = HashSet::new();
     loop {
         let (topic, payload) = tokio::select! {
             _ = cancel.cancelled() => {
@@ -379,6 +382,7 @@ async fn inbound_loop(
             Inbound::Telemetry(_) => "telemetry",
             Inbound::Ack(..) => "ack",
             Inbound::Announce(_) => "announce",
+            Inbound::Discovered(_) => "discovered",
             Inbound::Status(..) => "status",
             Inbound::RelayState(..) => "relay_state",
             Inbound::EmergencyStop | Inbound::EmergencyReset => "emergency",
@@ -421,6 +425,24 @@ async fn inbound_loop(
             }
             Inbound::RelayState(device, report) => {
                 record_relay_states(&shared, device.as_str(), &report, now).await;
+            }
+            Inbound::Discovered(announce) => {
+                // Once per device per run: a chatty stranger must not fill the outbox.
+                if discovered.insert(announce.device_id.to_string())
+                    && discovered.len() <= DISCOVERED_DEVICES_MAX
+                {
+                    info!(device = %announce.device_id, "unknown master announced itself; reporting it for adoption");
+                    let payload = json!({
+                        "discovered": true, "device_id": announce.device_id.as_str(),
+                        "firmware_version": announce.firmware, "mac_address": announce.mac.map(|m| m.to_string()),
+                    });
+                    let key = format!("discovered:{}", announce.device_id);
+                    let _ = shared
+                        .store
+                        .call(move |s| s.enqueue(OutboxClass::DeviceStatus, &key, &payload, now))
+                        .await;
+                    shared.outbox_ready.notify_one();
+                }
             }
             Inbound::EmergencyStop | Inbound::EmergencyReset | Inbound::Ignored => {}
         }
@@ -1192,7 +1214,22 @@ async fn push_group(shared: &Arc<Shared>, group: &[OutboxRow]) -> Result<(), ()>
                 }
             }
             let mut outcome = Ok(());
-            for row in latest.values() {
+            for row in latest.values().filter(|r| r.payload["discovered"] == true) {
+                let p = &row.payload;
+                let device = p["device_id"].as_str().unwrap_or_default();
+                if let Err(e) = shared
+                    .cloud
+                    .register_discovered_device(
+                        device,
+                        p["firmware_version"].as_str(),
+                        p["mac_address"].as_str(),
+                    )
+                    .await
+                {
+                    return settle_failure(shared, group, e).await;
+                }
+            }
+            for row in latest.values().filter(|r| r.payload["discovered"] != true) {
                 let patch = json!({
                     "is_online": row.payload["is_online"], "last_seen": row.payload["last_seen"],
                 });

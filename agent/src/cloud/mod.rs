@@ -401,6 +401,23 @@ impl Cloud {
         Ok(())
     }
 
+    /// Reports a master heard but not served (`register_discovered_device`): the backend creates
+    /// it for this agent's owner, unassigned, unless it exists.
+    pub async fn register_discovered_device(
+        &self,
+        device_id: &str,
+        firmware: Option<&str>,
+        mac: Option<&str>,
+    ) -> Result<(), CloudError> {
+        let _rows: Vec<Value> = self
+            .rpc(
+                "register_discovered_device",
+                json!({"p_device_id": device_id, "p_firmware_version": firmware, "p_mac_address": mac}),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Updates the presence columns of one device row.
     pub async fn update_device_status(
         &self,

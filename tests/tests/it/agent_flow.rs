@@ -596,3 +596,49 @@ async fn when_a_relays_duration_ends_the_cloud_shows_it_off() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_master_that_announces_itself_is_registered_for_adoption() {
+    use firmware_protocol::sim::rumqttc::{AsyncClient, MqttOptions, QoS};
+    let world = World::start_full();
+    let _edge = start_edge(&world).await;
+    eventually("the agent subscribed", Duration::from_secs(30), || {
+        (world.sql_one(&format!(
+            "select is_online from device_status where device_id = '{MASTER}'"
+        )) == "t")
+            .then_some(())
+    })
+    .await;
+    let (host, port) = sim::parse_mqtt_url(&world.stack.mqtt_url().unwrap()).unwrap();
+    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("stranger", host, port), 10);
+    let pump = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let announce = br#"{"v":1,"device_id":"ESP32_STRANGER","kind":"master","firmware":"2.0.1","mac":"24:6F:28:00:00:77","slaves":[],"sensors":[],"telemetry_interval_ms":1000}"#;
+    for _ in 0..3 {
+        client
+            .publish(
+                "autocore/devices/ESP32_STRANGER/announce",
+                QoS::AtLeastOnce,
+                false,
+                announce.to_vec(),
+            )
+            .await
+            .unwrap();
+    }
+    let row = eventually("the stranger in device_status", Duration::from_secs(30), || {
+        world.sql(&format!(
+            "select owner_id::text || ' ' || coalesce(agent_id, 'unassigned') || ' ' || firmware_version from device_status where device_id = 'ESP32_STRANGER'"
+        ))
+        .into_iter()
+        .next()
+    })
+    .await;
+    assert_eq!(row, format!("{ALICE} unassigned 2.0.1"));
+    // Nothing is ever sent to it, and its telemetry is refused until someone adopts it.
+    assert_eq!(
+        world.sql_one(
+            "select count(*) from relay_commands_slave where master_device_id = 'ESP32_STRANGER'"
+        ),
+        "0"
+    );
+    pump.abort();
+}
