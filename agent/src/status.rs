@@ -74,3 +74,36 @@ pub async fn report(config: &AgentConfig) -> String {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn without_a_running_agent_status_reads_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("agent.db");
+        {
+            let mut store = Store::open(&db).unwrap();
+            store
+                .enqueue(
+                    crate::store::OutboxClass::Event,
+                    "e1",
+                    &serde_json::json!({}),
+                    now_ms(),
+                )
+                .unwrap();
+        }
+        // Port 9 (discard) on loopback: nothing of ours listens there.
+        let text = format!(
+            "[agent]\nid = \"pi-x\"\n[store]\npath = \"{}\"\n[cloud]\nrest_url = \"http://127.0.0.1:9\"\njwt = \"t\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n[api]\nlisten = \"127.0.0.1:9\"\n",
+            db.display()
+        );
+        let config =
+            AgentConfig::from_toml(&text, std::path::Path::new("t.toml"), std::iter::empty())
+                .unwrap();
+        let report = report(&config).await;
+        assert!(report.contains("not running"), "{report}");
+        assert!(report.contains("outbox: 1 rows"), "{report}");
+    }
+}

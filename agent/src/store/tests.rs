@@ -271,3 +271,41 @@ fn the_delivered_config_version_is_remembered() {
     store.set_delivered_config_version("A", 3).unwrap();
     assert_eq!(store.delivered_config_version("A").unwrap(), Some(3));
 }
+
+#[test]
+fn a_full_disk_is_a_clear_error_and_loses_nothing_already_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.db");
+    let mut store = Store::open(&path).unwrap();
+    store.accept_command(&command(1), 1).unwrap();
+    // SQLite reports SQLITE_FULL when the database may not grow: the same error a full SD card
+    // gives, without filling the machine's disk.
+    let pages: i64 = store
+        .conn
+        .query_row("pragma page_count", [], |r| r.get(0))
+        .unwrap();
+    store
+        .conn
+        .execute_batch(&format!("pragma max_page_count = {}", pages + 2))
+        .unwrap();
+    let mut failure = None;
+    for batch in 0..200 {
+        let readings: Vec<Reading> = (0..100).map(|i| reading("ph", batch * 100 + i)).collect();
+        if let Err(e) = store.enqueue_readings(&readings, 2) {
+            failure = Some(e);
+            break;
+        }
+    }
+    let error = failure.expect("the database filled up");
+    assert!(
+        error.to_string().contains("full"),
+        "the error says so: {error}"
+    );
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    assert_eq!(
+        store.open_commands().unwrap().len(),
+        1,
+        "the accepted command survived"
+    );
+}

@@ -79,6 +79,8 @@ struct Edge {
     _agent_stop: oneshot::Sender<()>,
     _dir: tempfile::TempDir,
     pub api: String,
+    pub db: std::path::PathBuf,
+    pub config: AgentConfig,
 }
 
 async fn start_edge(world: &World) -> Edge {
@@ -153,6 +155,8 @@ async fn start_edge(world: &World) -> Edge {
             .unwrap();
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api_addr = format!("http://{}", api.local_addr().unwrap());
+    let mut kept = config.clone();
+    kept.api.listen = api.local_addr().unwrap().to_string();
     let (agent_stop, agent_stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
         autocore_agent::run(config, api, async move {
@@ -164,8 +168,10 @@ async fn start_edge(world: &World) -> Edge {
     Edge {
         _sim_stop: sim_stop,
         _agent_stop: agent_stop,
+        db: dir.path().join("agent.db"),
         _dir: dir,
         api: api_addr,
+        config: kept,
     }
 }
 
@@ -641,4 +647,47 @@ async fn an_unknown_master_that_announces_itself_is_registered_for_adoption() {
         "0"
     );
     pump.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_changes_reach_the_mirror_within_a_poll_and_status_reports_the_agent() {
+    let world = World::start_full();
+    let edge = start_edge(&world).await;
+    let rule_id = world.sql_one(&format!(
+        "insert into decision_rules (device_id, rule_id, rule_name, rule_json, priority) values ('{MASTER}', 'RULE_001',
+           'Ajustar pH quando baixo', '{{\"conditions\":{{\"type\":\"sensor_compare\",\"sensor\":\"ph\",\"operator\":\"<\",\"value\":6.5}},
+           \"actions\":[{{\"type\":\"relay_on\",\"slave_mac_address\":\"{SLAVE}\",\"relay_number\":0,\"duration_seconds\":60}}]}}', 50)
+         returning id"
+    ));
+    let mirror = |check: &dyn Fn(Option<autocore_agent::store::RuleRecord>) -> bool| {
+        let store = autocore_agent::store::Store::open(&edge.db).unwrap();
+        check(store.rule(&rule_id).unwrap())
+    };
+    eventually("the new rule mirrored", Duration::from_secs(10), || {
+        mirror(&|r| r.is_some_and(|r| r.enabled && r.priority == 50)).then_some(())
+    })
+    .await;
+    world.sql("update decision_rules set priority = 70 where rule_id = 'RULE_001'");
+    eventually("the edit mirrored", Duration::from_secs(10), || {
+        mirror(&|r| r.is_some_and(|r| r.priority == 70)).then_some(())
+    })
+    .await;
+    world.sql("update decision_rules set enabled = false where rule_id = 'RULE_001'");
+    eventually(
+        "the rule disabled in the mirror",
+        Duration::from_secs(10),
+        || mirror(&|r| r.is_some_and(|r| !r.enabled)).then_some(()),
+    )
+    .await;
+    world.sql("delete from decision_rules where rule_id = 'RULE_001'");
+    eventually("the deletion mirrored", Duration::from_secs(10), || {
+        mirror(&|r| r.is_some_and(|r| r.deleted)).then_some(())
+    })
+    .await;
+
+    let report = autocore_agent::status::report(&edge.config).await;
+    assert!(report.contains("(running"), "{report}");
+    assert!(report.contains("backend reachable: true"), "{report}");
+    assert!(report.contains(&format!("{MASTER} online")), "{report}");
+    drop(edge);
 }
