@@ -691,3 +691,46 @@ async fn rule_changes_reach_the_mirror_within_a_poll_and_status_reports_the_agen
     assert!(report.contains(&format!("{MASTER} online")), "{report}");
     drop(edge);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_that_stops_moving_while_the_backend_answers_shows_and_heals() {
+    let world = World::start_full();
+    let edge = start_edge(&world).await;
+    eventually(
+        "first telemetry in the cloud",
+        Duration::from_secs(30),
+        || (world.sql_one("select count(*) from telemetry_data") != "0").then_some(()),
+    )
+    .await;
+    // The backend keeps answering, but refuses every telemetry push: nothing moves.
+    world.sql("revoke insert on telemetry_data from authenticated");
+    let stalled = eventually_async_health(&edge.api, |h| h["sync_stalled"] == true).await;
+    assert_eq!(stalled["status"], "degraded");
+    assert_eq!(
+        stalled["backend_reachable"], true,
+        "the backend answers: not an outage"
+    );
+    let metrics_url = format!("{}/metrics", edge.api);
+    let text = reqwest::get(&metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines().any(|l| l == "autocore_agent_sync_stalled 1"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("autocore_agent_sync_restarts_total ") && !l.ends_with(" 0")),
+        "the agent restarted its sync: {text}"
+    );
+    // The cause goes away: the queue drains and the stall clears without a restart of the agent.
+    world.sql("grant insert on telemetry_data to authenticated");
+    let healed = eventually_async_health(&edge.api, |h| {
+        h["sync_stalled"] == false && h["outbox"]["depth"].as_u64() < Some(20)
+    })
+    .await;
+    assert_eq!(healed["status"], "ok");
+}
