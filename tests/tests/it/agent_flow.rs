@@ -734,3 +734,30 @@ async fn a_sync_that_stops_moving_while_the_backend_answers_shows_and_heals() {
     .await;
     assert_eq!(healed["status"], "ok");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_with_broker_and_backend_down_waits_for_them_and_then_works() {
+    let mut world = World::start_full();
+    world.stack.stop_backend();
+    world.stack.mosquitto_mut().unwrap().stop();
+    let edge = start_edge(&world).await;
+    let down = eventually_async_health(&edge.api, |h| h["backend_reachable"] == false).await;
+    assert_eq!(down["status"], "ok", "the agent runs without them");
+    world.stack.mosquitto_mut().unwrap().restart().unwrap();
+    world.stack.restart_backend().unwrap();
+    let id = world.sql_one(&format!(
+        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
+         values ('{MASTER}', '{SLAVE}', '{{2}}', '{{on}}', '{{5}}') returning id"
+    ));
+    eventually(
+        "the command completed once both came up",
+        Duration::from_secs(60),
+        || {
+            (world.sql_one(&format!(
+                "select status from relay_commands_slave where id = {id}"
+            )) == "completed")
+                .then_some(())
+        },
+    )
+    .await;
+}
