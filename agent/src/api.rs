@@ -1,36 +1,237 @@
-//! The local HTTP API: `/health` and `/metrics` for operators. Internals never leak into
-//! responses: errors become a status code and a short message.
+//! The local HTTP API: `/health` and `/metrics` for operators, and under `/rest/v1` the
+//! backend's polling RPCs served from SQLite, so that an ESP32 master that polls
+//! `get_and_lock_slave_commands` can poll the Pi instead and keep working while the cloud is
+//! away. Each master authenticates with its own token (see [`master_token`]) and sees only its
+//! own commands and rules. Internals never leak into responses: every error becomes one
+//! PostgREST-shaped body (`code`, `message`, `details`, `hint`) with a message fit for the caller.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use serde_json::json;
+use axum::routing::{get, patch, post};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
 
+use crate::cloud::format_timestamp_ms;
+use crate::config::{MasterSection, Transport};
+use crate::metrics::{Metrics, label};
 use crate::runtime::{Shared, now_ms};
+use crate::store::polling::{PolledCommand, PolledFinish};
+use crate::store::{CommandOutcome, CommandState, RuleRecord, StoreError, StoreHandle};
 
-/// An error as the API shows it: a status and a message fit for the caller.
+/// What a master's token authenticates: HMAC-SHA256 under the master's key of this prefix
+/// followed by the master's device id. The prefix keeps the token from ever equalling a
+/// command signature made with the same key.
+pub const TOKEN_CONTEXT: &str = "autocore/local-api/v1:";
+/// `p_limit` of `get_and_lock_slave_commands`, as the backend bounds it.
+pub const COMMANDS_PER_POLL_MAX: i64 = 100;
+/// `p_timeout_seconds` of `get_and_lock_slave_commands`, as the backend bounds it.
+pub const LOCK_TIMEOUT_S_MAX: i64 = 3_600;
+/// `p_limit` of `get_active_decision_rules`, as the backend bounds it.
+pub const RULES_PER_CALL_MAX: i64 = 1_000;
+/// `execution_time_ms` as `relay_commands_slave` accepts it (one day).
+pub const EXECUTION_TIME_MS_MAX: i64 = 86_400_000;
+/// An error message is cut to this many characters, as `fail_slave_command` does.
+pub const ERROR_MESSAGE_CHARS_MAX: usize = 1_000;
+/// A request body to the polling API; every valid one is far smaller.
+pub const REQUEST_BODY_BYTES_MAX: usize = 16 * 1024;
+
+/// The bearer token of master `device_id` for the local API: the lowercase hex of
+/// HMAC-SHA256(`key`, `"autocore/local-api/v1:" + device_id`), where `key` is the master's
+/// command-signing key as bytes. Firmware computes the same (PROTOCOL.md, "Polling the Pi
+/// instead of the backend").
+pub fn master_token(key: &[u8], device_id: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    hex::encode(ring::hmac::sign(&key, token_message(device_id).as_bytes()).as_ref())
+}
+
+fn token_message(device_id: &str) -> String {
+    format!("{TOKEN_CONTEXT}{device_id}")
+}
+
+/// An error as the API shows it: a status and a PostgREST-style body fit for the caller.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    message: &'static str,
+    code: &'static str,
+    message: Cow<'static, str>,
+    hint: Option<&'static str>,
+}
+
+impl ApiError {
+    /// A parameter is missing, of the wrong type or out of range (Postgres'
+    /// `invalid_parameter_value`, which is what the backend's RPCs raise).
+    fn bad_parameter(message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "22023",
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// The body is not JSON, or not what PostgREST would take.
+    fn bad_body(message: impl Into<Cow<'static, str>>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "PGRST102",
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    fn unauthorized() -> ApiError {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            code: "PGRST301",
+            message: "the bearer token is missing or belongs to no master of this agent".into(),
+            hint: Some(
+                "a master's token is hex(HMAC-SHA256(master key, \"autocore/local-api/v1:\" + device_id))",
+            ),
+        }
+    }
+
+    /// The store failed: the reason goes to the log, the caller learns only that it failed.
+    fn store(error: &StoreError, what: &'static str) -> ApiError {
+        tracing::error!(error = %error, what, "local API: store failed");
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "PGRST000",
+            message: "the local store is unavailable".into(),
+            hint: None,
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(json!({"message": self.message}))).into_response()
+        let body = json!({
+            "code": self.code,
+            "message": self.message,
+            "details": null,
+            "hint": self.hint,
+        });
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+        }
+        response
+    }
+}
+
+/// A configured master as the polling API knows it.
+#[derive(Debug)]
+struct MasterAccess {
+    device_id: String,
+    key: ring::hmac::Key,
+    transport: Transport,
+}
+
+/// What the polling endpoints need, and nothing else: the store, each master's key and
+/// transport, the metrics, and the clock.
+#[derive(Debug, Clone)]
+pub struct LocalApi {
+    store: StoreHandle,
+    masters: Arc<[MasterAccess]>,
+    metrics: Arc<Metrics>,
+    clock: fn() -> i64,
+}
+
+impl LocalApi {
+    /// `masters` as configured; a master whose key is not hex (validation refuses that at
+    /// start-up) cannot authenticate.
+    pub fn new(store: StoreHandle, masters: &[MasterSection], metrics: Arc<Metrics>) -> LocalApi {
+        let masters = masters
+            .iter()
+            .filter_map(|m| {
+                let key = hex::decode(m.key.expose()).ok()?;
+                Some(MasterAccess {
+                    device_id: m.device_id.clone(),
+                    key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
+                    transport: m.transport,
+                })
+            })
+            .collect();
+        LocalApi {
+            store,
+            masters,
+            metrics,
+            clock: now_ms,
+        }
+    }
+
+    /// The same API with another clock (Unix milliseconds), for tests of lock timeouts and
+    /// expiry.
+    pub fn with_clock(mut self, clock: fn() -> i64) -> LocalApi {
+        self.clock = clock;
+        self
+    }
+
+    /// The master whose token the request carries. Every configured master's tag is checked
+    /// with ring's constant-time comparison, so a guess learns nothing from the timing.
+    fn authenticate(&self, headers: &HeaderMap) -> Result<&MasterAccess, ApiError> {
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .ok_or_else(ApiError::unauthorized)?;
+        let tag = hex::decode(token).map_err(|_| ApiError::unauthorized())?;
+        self.masters
+            .iter()
+            .find(|m| {
+                ring::hmac::verify(&m.key, token_message(&m.device_id).as_bytes(), &tag).is_ok()
+            })
+            .ok_or_else(ApiError::unauthorized)
     }
 }
 
 pub fn app(shared: Arc<Shared>) -> Router {
+    let local = LocalApi::new(
+        shared.store.clone(),
+        &shared.config.masters,
+        shared.metrics.clone(),
+    );
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(shared)
+        .merge(polling_app(local))
 }
+
+/// The backend's polling surface under `/rest/v1`, as PostgREST serves it.
+pub fn polling_app(api: LocalApi) -> Router {
+    Router::new()
+        .route(
+            "/rest/v1/rpc/get_and_lock_slave_commands",
+            post(get_and_lock_slave_commands),
+        )
+        .route(
+            "/rest/v1/rpc/complete_slave_command",
+            post(complete_slave_command),
+        )
+        .route("/rest/v1/rpc/fail_slave_command", post(fail_slave_command))
+        .route(
+            "/rest/v1/rpc/get_active_decision_rules",
+            post(get_active_decision_rules),
+        )
+        .route("/rest/v1/relay_commands_slave", patch(patch_command))
+        .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
+        .with_state(api)
+}
+
+// ------------------------------------------------------------------------------ operators
 
 async fn health(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
     let now = now_ms();
@@ -38,13 +239,7 @@ async fn health(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError>
         .store
         .call(move |s| Ok((s.outbox_stats(now)?, s.devices()?)))
         .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "health: store unreadable");
-            ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: "the local store is unreadable",
-            }
-        })?;
+        .map_err(|e| ApiError::store(&e, "health"))?;
     let health = shared.health.lock().map(|h| h.clone()).unwrap_or_default();
     // Offline is a normal state; a stalled sync is not.
     let status = if health.sync_stalled {
@@ -81,3 +276,387 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     )
         .into_response()
 }
+
+// -------------------------------------------------------------------------------- polling
+
+/// RPC arguments from a body; an empty body means "all defaults", as PostgREST takes it.
+fn arguments<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError {
+        status: e.status(),
+        code: "PGRST102",
+        message: "the request body could not be read".into(),
+        hint: Some("bodies are JSON objects of at most 16 KiB"),
+    })?;
+    let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &body
+    };
+    serde_json::from_slice(text).map_err(|e| match e.classify() {
+        // About the caller's own arguments: safe and useful to repeat.
+        serde_json::error::Category::Data => ApiError::bad_parameter(e.to_string()),
+        _ => ApiError::bad_body("the request body is not valid JSON"),
+    })
+}
+
+fn in_range(name: &str, value: Option<i64>, min: i64, max: i64) -> Result<i64, ApiError> {
+    match value {
+        Some(v) if (min..=max).contains(&v) => Ok(v),
+        Some(v) => Err(ApiError::bad_parameter(format!(
+            "{name} must be between {min} and {max}, got {v}"
+        ))),
+        None => Err(ApiError::bad_parameter(format!(
+            "{name} must be between {min} and {max}, got null"
+        ))),
+    }
+}
+
+fn five() -> Option<i64> {
+    Some(5)
+}
+fn thirty() -> Option<i64> {
+    Some(30)
+}
+fn ten() -> Option<i64> {
+    Some(10)
+}
+
+// An argument present as null is refused like the backend refuses it; an absent one takes the
+// backend's default.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LockArgs {
+    p_master_device_id: String,
+    #[serde(default = "five")]
+    p_limit: Option<i64>,
+    #[serde(default = "thirty")]
+    p_timeout_seconds: Option<i64>,
+}
+
+async fn get_and_lock_slave_commands(
+    State(api): State<LocalApi>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let master = api.authenticate(&headers)?;
+    let args: LockArgs = arguments(body)?;
+    let limit = in_range("p_limit", args.p_limit, 1, COMMANDS_PER_POLL_MAX)?;
+    let timeout_s = in_range(
+        "p_timeout_seconds",
+        args.p_timeout_seconds,
+        1,
+        LOCK_TIMEOUT_S_MAX,
+    )?;
+    // Like RLS: another master's id, or a master whose commands go over MQTT, is an empty list.
+    if args.p_master_device_id != master.device_id || master.transport != Transport::Poll {
+        return Ok(axum::Json(Vec::<Value>::new()).into_response());
+    }
+    let device = master.device_id.clone();
+    let now = (api.clock)();
+    let locked = api
+        .store
+        .call(move |s| s.lock_polled_commands(&device, limit as usize, timeout_s * 1_000, now))
+        .await
+        .map_err(|e| ApiError::store(&e, "get_and_lock_slave_commands"))?;
+    if !locked.is_empty() {
+        tracing::info!(master = %master.device_id, commands = locked.len(), "commands handed to a polling master");
+    }
+    let rows: Vec<Value> = locked.iter().map(command_row).collect();
+    Ok(axum::Json(rows).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompleteArgs {
+    p_command_id: i64,
+    #[serde(default)]
+    p_execution_time_ms: Option<i64>,
+    #[serde(default)]
+    p_relay_states: Option<Vec<bool>>,
+}
+
+async fn complete_slave_command(
+    State(api): State<LocalApi>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let master = api.authenticate(&headers)?;
+    let args: CompleteArgs = arguments(body)?;
+    let outcome = CommandOutcome::Completed {
+        execution_time_ms: execution_time("p_execution_time_ms", args.p_execution_time_ms)?
+            .unwrap_or(0),
+        relay_states: args.p_relay_states,
+    };
+    let rows = finish(&api, master, args.p_command_id, outcome).await?;
+    Ok(axum::Json(rows).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailArgs {
+    p_command_id: i64,
+    #[serde(default)]
+    p_error_message: Option<String>,
+    #[serde(default)]
+    p_execution_time_ms: Option<i64>,
+}
+
+async fn fail_slave_command(
+    State(api): State<LocalApi>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let master = api.authenticate(&headers)?;
+    let args: FailArgs = arguments(body)?;
+    let reason = args
+        .p_error_message
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| ApiError::bad_parameter("p_error_message is required"))?;
+    let outcome = CommandOutcome::Failed {
+        reason: reason.chars().take(ERROR_MESSAGE_CHARS_MAX).collect(),
+        execution_time_ms: execution_time("p_execution_time_ms", args.p_execution_time_ms)?,
+    };
+    let rows = finish(&api, master, args.p_command_id, outcome).await?;
+    Ok(axum::Json(rows).into_response())
+}
+
+/// An execution time as `relay_commands_slave` accepts it.
+fn execution_time(name: &str, value: Option<i64>) -> Result<Option<u32>, ApiError> {
+    value
+        .map(|v| in_range(name, Some(v), 0, EXECUTION_TIME_MS_MAX).map(|v| v as u32))
+        .transpose()
+}
+
+/// The columns a master may set when it ends a command with a PATCH, as the seed's
+/// `markCommandCompleted` does. `completed_at` and `updated_at` are taken but the Pi stamps
+/// its own time, as the backend's RPCs use `now()`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandPatch {
+    status: String,
+    #[serde(default)]
+    execution_time_ms: Option<i64>,
+    #[serde(default)]
+    error_message: Option<String>,
+    #[serde(default)]
+    #[allow(
+        dead_code,
+        reason = "accepted from the seed's masters, deliberately not used"
+    )]
+    completed_at: Option<String>,
+    #[serde(default)]
+    #[allow(
+        dead_code,
+        reason = "accepted from the seed's masters, deliberately not used"
+    )]
+    updated_at: Option<String>,
+}
+
+async fn patch_command(
+    State(api): State<LocalApi>,
+    headers: HeaderMap,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let master = api.authenticate(&headers)?;
+    let Query(filters) = query.map_err(|_| ApiError::bad_body("the query string is malformed"))?;
+    let id = command_filter(&filters)?;
+    let patch: CommandPatch = arguments(body)?;
+    let execution_time_ms = execution_time("execution_time_ms", patch.execution_time_ms)?;
+    let outcome = match patch.status.as_str() {
+        "completed" => CommandOutcome::Completed {
+            execution_time_ms: execution_time_ms.unwrap_or(0),
+            relay_states: None,
+        },
+        "failed" => CommandOutcome::Failed {
+            reason: patch
+                .error_message
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| "failed (the master gave no reason)".into())
+                .chars()
+                .take(ERROR_MESSAGE_CHARS_MAX)
+                .collect(),
+            execution_time_ms,
+        },
+        other => {
+            return Err(ApiError::bad_parameter(format!(
+                "status {other:?} cannot be set on the Pi: only \"completed\" or \"failed\""
+            )));
+        }
+    };
+    let rows = finish(&api, master, id, outcome).await?;
+    let representation = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == "return=representation");
+    if representation {
+        Ok(axum::Json(rows).into_response())
+    } else {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    }
+}
+
+/// The one filter the Pi serves on `relay_commands_slave`: `id=eq.N` (and a `select`, which
+/// it ignores: the whole row always comes back). A PATCH without it would, on PostgREST,
+/// change every row the caller may see; here it is refused.
+fn command_filter(filters: &[(String, String)]) -> Result<i64, ApiError> {
+    let mut id = None;
+    for (name, value) in filters {
+        match name.as_str() {
+            "select" => {}
+            "id" if id.is_none() => {
+                id = value
+                    .strip_prefix("eq.")
+                    .and_then(|v| v.parse::<i64>().ok());
+                if id.is_none() {
+                    return Err(ApiError::bad_parameter(format!(
+                        "id={value} is not a filter the Pi serves: use id=eq.<command id>"
+                    )));
+                }
+            }
+            _ => {
+                return Err(ApiError::bad_parameter(format!(
+                    "{name}={value} is not a filter the Pi serves: use id=eq.<command id>"
+                )));
+            }
+        }
+    }
+    id.ok_or_else(|| ApiError::bad_parameter("a PATCH needs the filter id=eq.<command id>"))
+}
+
+/// Ends a command of `master` and returns it as rows, as the backend's RPCs do: the row (as
+/// it now is) when it is the master's own, nothing otherwise. Only a polling master ends
+/// commands here; an MQTT master's commands are the delivery task's to end.
+async fn finish(
+    api: &LocalApi,
+    master: &MasterAccess,
+    id: i64,
+    outcome: CommandOutcome,
+) -> Result<Vec<Value>, ApiError> {
+    if master.transport != Transport::Poll {
+        return Ok(Vec::new());
+    }
+    let device = master.device_id.clone();
+    let now = (api.clock)();
+    let label_value = match &outcome {
+        CommandOutcome::Completed { .. } => "completed",
+        CommandOutcome::Failed { .. } => "failed",
+        CommandOutcome::Expired => "expired",
+    };
+    let finished = api
+        .store
+        .call(move |s| s.finish_polled_command(&device, id, &outcome, now))
+        .await
+        .map_err(|e| ApiError::store(&e, "finish a polled command"))?;
+    match finished {
+        PolledFinish::NotFound => Ok(Vec::new()),
+        PolledFinish::Found { command, changed } => {
+            if changed {
+                tracing::info!(command = id, master = %master.device_id, outcome = label_value, "polled command ended");
+                api.metrics
+                    .commands_finished
+                    .get_or_create(&label("outcome", label_value))
+                    .inc();
+            }
+            Ok(vec![command_row(&command)])
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesArgs {
+    p_device_id: String,
+    #[serde(default = "ten")]
+    p_limit: Option<i64>,
+}
+
+async fn get_active_decision_rules(
+    State(api): State<LocalApi>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let master = api.authenticate(&headers)?;
+    let args: RulesArgs = arguments(body)?;
+    let limit = in_range("p_limit", args.p_limit, 1, RULES_PER_CALL_MAX)?;
+    if args.p_device_id != master.device_id {
+        return Ok(axum::Json(Vec::<Value>::new()).into_response());
+    }
+    let device = master.device_id.clone();
+    let rules = api
+        .store
+        .call(move |s| s.active_rules(&device, limit as usize))
+        .await
+        .map_err(|e| ApiError::store(&e, "get_active_decision_rules"))?;
+    let rows: Vec<Value> = rules.iter().map(rule_row).collect();
+    Ok(axum::Json(rows).into_response())
+}
+
+/// A command as a `relay_commands_slave` row. `created_at` is when the Pi accepted it (the
+/// cloud's own creation time is not mirrored); `locked_at`/`locked_by` are the local lock.
+fn command_row(polled: &PolledCommand) -> Value {
+    let c = &polled.command;
+    let ended = matches!(c.state, CommandState::Completed | CommandState::Failed);
+    let updated = polled
+        .finished_at_ms
+        .or(c.last_sent_at_ms)
+        .unwrap_or(polled.accepted_at_ms);
+    let type_rank = match c.command_type.as_str() {
+        "peristaltic" => 0,
+        "rule" => 1,
+        "automation" => 2,
+        _ => 3,
+    };
+    json!({
+        "id": c.id,
+        "master_device_id": c.master_device_id,
+        "user_email": null,
+        "master_mac_address": null,
+        "slave_device_id": c.slave_device_id,
+        "slave_mac_address": c.slave_mac_address,
+        "relay_numbers": c.relay_numbers,
+        "actions": c.actions,
+        "duration_seconds": c.duration_seconds,
+        "command_type": c.command_type,
+        "triggered_by": c.triggered_by,
+        "priority": c.priority,
+        "rule_id": c.rule_id,
+        "rule_name": c.rule_name,
+        "status": polled.cloud_status(),
+        "created_at": format_timestamp_ms(polled.accepted_at_ms),
+        "updated_at": format_timestamp_ms(updated),
+        "expires_at": format_timestamp_ms(c.expires_at_ms),
+        "locked_at": c.polled_by.as_ref().and(c.last_sent_at_ms).map(format_timestamp_ms),
+        "locked_by": c.polled_by,
+        "delivery_count": c.attempts,
+        "sent_at": null,
+        "completed_at": polled.finished_at_ms.filter(|_| ended).map(format_timestamp_ms),
+        "execution_time_ms": polled.execution_time_ms,
+        "error_message": polled.error_message,
+        "type_rank": type_rank,
+    })
+}
+
+/// A rule as a `decision_rules` row, from the mirror (which keeps no `created_by` or
+/// `created_at`; `updated_at` is the change the mirror last applied).
+fn rule_row(rule: &RuleRecord) -> Value {
+    json!({
+        "id": rule.id,
+        "device_id": rule.device_id,
+        "rule_id": rule.rule_id,
+        "rule_name": rule.rule_name,
+        "rule_description": rule.rule_description,
+        "rule_json": rule.rule_json,
+        "enabled": rule.enabled,
+        "priority": rule.priority,
+        "cooldown_seconds": rule.cooldown_seconds,
+        "max_executions_per_hour": rule.max_executions_per_hour,
+        "updated_at": rule.changed_at,
+        "revision": rule.revision,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -3,6 +3,7 @@
 //! signing counters. Every promise (an accepted command, an outbox row, a counter) is on disk
 //! before the caller acts on it. No I/O but SQLite; time comes in as `now_ms`.
 
+pub mod polling;
 mod schema;
 
 use std::path::Path;
