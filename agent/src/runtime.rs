@@ -210,22 +210,16 @@ pub async fn run(
 
     shutdown.await;
     info!("shutting down");
-    let offline = firmware_protocol::Payload::encode(&firmware_protocol::message::Status {
-        v: firmware_protocol::PROTOCOL_VERSION,
-        status: firmware_protocol::message::Online::Offline,
-        reason: Some("agent stopped".into()),
-        emergency_latched: None,
-    })
-    .unwrap_or_default();
-    let _ = shared
-        .mqtt
-        .publish(
-            bridge::gateway_status_topic(&shared.config.agent.id),
-            QoS::AtLeastOnce,
-            true,
-            offline,
-        )
-        .await;
+    publish_gateway_status(
+        &shared,
+        firmware_protocol::message::Status {
+            v: firmware_protocol::PROTOCOL_VERSION,
+            status: firmware_protocol::message::Online::Offline,
+            reason: Some("agent stopped".into()),
+            emergency_latched: None,
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     cancel.cancel();
     let _ = shared.mqtt.disconnect().await;
@@ -234,6 +228,20 @@ pub async fn run(
 }
 
 // ------------------------------------------------------------------------------------ MQTT
+
+/// The agent's own presence, retained on `autocore/gateway/{id}/status` (the last will says
+/// offline if the agent vanishes without saying so).
+async fn publish_gateway_status(shared: &Arc<Shared>, status: firmware_protocol::message::Status) {
+    let payload = firmware_protocol::Payload::encode(&status).unwrap_or_default();
+    let topic = bridge::gateway_status_topic(&shared.config.agent.id);
+    if let Err(e) = shared
+        .mqtt
+        .publish(topic, QoS::AtLeastOnce, true, payload)
+        .await
+    {
+        debug!(error = %e, "could not publish the gateway status");
+    }
+}
 
 async fn mqtt_loop(
     shared: Arc<Shared>,
@@ -259,18 +267,7 @@ async fn mqtt_loop(
                         warn!(filter, error = %e, "subscribe failed");
                     }
                 }
-                let online = firmware_protocol::Payload::encode(
-                    &firmware_protocol::message::Status::online(false),
-                )
-                .unwrap_or_default();
-                let _ = shared
-                    .mqtt
-                    .publish(
-                        bridge::gateway_status_topic(&shared.config.agent.id),
-                        QoS::AtLeastOnce,
-                        true,
-                        online,
-                    )
+                publish_gateway_status(&shared, firmware_protocol::message::Status::online(false))
                     .await;
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {

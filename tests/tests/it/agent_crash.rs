@@ -7,19 +7,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use autocore_stack::Claims;
-use firmware_protocol::message::RelayLimits;
 use firmware_protocol::sim::rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use firmware_protocol::sim::{
-    self, MasterSpec, MasterTiming, RadioSpec, SensorSource, SensorSpec, SimConfig, SlaveSpec,
-};
-use firmware_protocol::{DeviceId, MasterKey};
+use firmware_protocol::sim::{self, MasterTiming, RadioSpec, SimConfig};
 use tokio::sync::oneshot;
 
-use crate::support::{ALICE, World, eventually};
+use crate::support::{
+    ALICE, MASTER, SLAVE, World, eventually, insert_command, one_master_sim, until_status,
+};
 
 const KEY_HEX: &str = "7c1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
-const MASTER: &str = "ESP32_ALICE_1";
-const SLAVE: &str = "14:33:5C:38:BF:60";
 
 /// Every ack the master publishes, as (command id, result).
 async fn ack_observer(mqtt_url: &str) -> Arc<Mutex<Vec<(String, String)>>> {
@@ -96,26 +92,6 @@ async fn an_agent_killed_between_lock_and_ack_completes_the_command_once_after_a
 
     // A slow radio widens the window between the lock and the ack to well over a second.
     let sim_config = SimConfig {
-        mqtt_url: Some(mqtt.clone()),
-        masters: vec![MasterSpec {
-            id: DeviceId::new(MASTER).unwrap(),
-            key: MasterKey::from_hex(KEY_HEX).unwrap(),
-            slaves: vec![SlaveSpec {
-                mac: SLAVE.parse().unwrap(),
-                relays: vec![
-                    RelayLimits {
-                        max_on_s: 3600,
-                        boot_on: false
-                    };
-                    4
-                ],
-            }],
-            sensors: vec![SensorSpec {
-                name: "ph".into(),
-                unit: None,
-                source: SensorSource::Fixed(6.8),
-            }],
-        }],
         timing: MasterTiming {
             frame_ack_timeout_ms: 3_000,
             ..MasterTiming::default()
@@ -124,8 +100,7 @@ async fn an_agent_killed_between_lock_and_ack_completes_the_command_once_after_a
             loss_percent: 0,
             delay_ms: 700,
         },
-        state_dir: None,
-        poll: None,
+        ..one_master_sim(&mqtt, KEY_HEX)
     };
     let (_sim_stop, sim_stopped) = oneshot::channel::<()>();
     tokio::spawn(sim::run(sim_config, async move {
@@ -160,21 +135,8 @@ async fn an_agent_killed_between_lock_and_ack_completes_the_command_once_after_a
     )
     .await;
 
-    let id = world.sql_one(&format!(
-        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
-         values ('{MASTER}', '{SLAVE}', '{{0}}', '{{on}}', '{{60}}') returning id"
-    ));
-    eventually(
-        "the agent locked the command",
-        Duration::from_secs(30),
-        || {
-            (world.sql_one(&format!(
-                "select status from relay_commands_slave where id = {id}"
-            )) == "processing")
-                .then_some(())
-        },
-    )
-    .await;
+    let id = insert_command(&world, MASTER, SLAVE, 0, 60);
+    until_status(&world, &id, "processing", Duration::from_secs(30)).await;
     // Give the agent a moment to store and publish the command, then kill it outright.
     tokio::time::sleep(Duration::from_millis(300)).await;
     // SIGKILL: no shutdown code runs.
@@ -200,17 +162,7 @@ async fn an_agent_killed_between_lock_and_ack_completes_the_command_once_after_a
     );
 
     let mut agent = spawn_agent(&config);
-    eventually(
-        "the command completed after the restart",
-        Duration::from_secs(60),
-        || {
-            (world.sql_one(&format!(
-                "select status from relay_commands_slave where id = {id}"
-            )) == "completed")
-                .then_some(())
-        },
-    )
-    .await;
+    until_status(&world, &id, "completed", Duration::from_secs(60)).await;
     assert_eq!(
         world.sql_one(&format!(
             "select delivery_count from relay_commands_slave where id = {id}"

@@ -5,16 +5,14 @@ use std::time::Duration;
 
 use autocore_agent::config::AgentConfig;
 use autocore_stack::Claims;
-use firmware_protocol::message::RelayLimits;
-use firmware_protocol::sim::{
-    self, MasterSpec, MasterTiming, RadioSpec, SensorSource, SensorSpec, SimConfig, SlaveSpec,
-};
-use firmware_protocol::{DeviceId, MasterKey};
+use firmware_protocol::sim;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::support::{ALICE, World, eventually};
+use crate::support::{
+    ALICE, MASTER, SLAVE, World, eventually, insert_command, one_master_sim, until_status,
+};
 
 /// How long the backend stays away in the outage test: short in CI, a minute with
 /// AUTOCORE_LONG_FAULTS=1.
@@ -70,8 +68,6 @@ async fn telemetry_observer(
 }
 
 const KEY_HEX: &str = "9a1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
-const MASTER: &str = "ESP32_ALICE_1";
-const SLAVE: &str = "14:33:5C:38:BF:60";
 
 /// A running simulator and agent, stopped when dropped.
 struct Edge {
@@ -85,38 +81,7 @@ struct Edge {
 
 async fn start_edge(world: &World) -> Edge {
     let mqtt = world.stack.mqtt_url().unwrap();
-    let sim_config = SimConfig {
-        mqtt_url: Some(mqtt.clone()),
-        masters: vec![MasterSpec {
-            id: DeviceId::new(MASTER).unwrap(),
-            key: MasterKey::from_hex(KEY_HEX).unwrap(),
-            slaves: vec![SlaveSpec {
-                mac: SLAVE.parse().unwrap(),
-                relays: vec![
-                    RelayLimits {
-                        max_on_s: 3600,
-                        boot_on: false
-                    };
-                    4
-                ],
-            }],
-            sensors: vec![SensorSpec {
-                name: "ph".into(),
-                unit: Some("pH".into()),
-                source: SensorSource::Fixed(6.8),
-            }],
-        }],
-        timing: MasterTiming {
-            telemetry_interval_ms: 200,
-            ..MasterTiming::default()
-        },
-        radio: RadioSpec {
-            loss_percent: 0,
-            delay_ms: 1,
-        },
-        state_dir: None,
-        poll: None,
-    };
+    let sim_config = one_master_sim(&mqtt, KEY_HEX);
     let (sim_stop, sim_stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {
         let _ = sim::run(sim_config, async move {
@@ -387,21 +352,8 @@ async fn after_a_broker_restart_the_agent_resubscribes_and_a_command_sent_meanwh
     })
     .await;
     world.stack.mosquitto_mut().unwrap().stop();
-    let id = world.sql_one(&format!(
-        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
-         values ('{MASTER}', '{SLAVE}', '{{1}}', '{{on}}', '{{5}}') returning id"
-    ));
-    eventually(
-        "the agent pulled the command while the broker was down",
-        Duration::from_secs(30),
-        || {
-            (world.sql_one(&format!(
-                "select status from relay_commands_slave where id = {id}"
-            )) == "processing")
-                .then_some(())
-        },
-    )
-    .await;
+    let id = insert_command(&world, MASTER, SLAVE, 1, 5);
+    until_status(&world, &id, "processing", Duration::from_secs(30)).await;
     // Longer than the ack timeout times the attempts: no attempt is spent while the broker is away.
     tokio::time::sleep(Duration::from_secs(7)).await;
     world
@@ -410,17 +362,7 @@ async fn after_a_broker_restart_the_agent_resubscribes_and_a_command_sent_meanwh
         .unwrap()
         .restart()
         .expect("broker restarts");
-    eventually(
-        "the command completed after the broker returned",
-        Duration::from_secs(60),
-        || {
-            (world.sql_one(&format!(
-                "select status from relay_commands_slave where id = {id}"
-            )) == "completed")
-                .then_some(())
-        },
-    )
-    .await;
+    until_status(&world, &id, "completed", Duration::from_secs(60)).await;
     // Telemetry flows again: the agent resubscribed.
     let before: i64 = world
         .sql_one("select count(*) from telemetry_data")
@@ -482,21 +424,8 @@ async fn ten_thousand_malformed_messages_are_counted_and_control_keeps_working()
     )
     .await;
 
-    let id = world.sql_one(&format!(
-        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
-         values ('{MASTER}', '{SLAVE}', '{{3}}', '{{on}}', '{{5}}') returning id"
-    ));
-    eventually(
-        "a command completes after the flood",
-        Duration::from_secs(30),
-        || {
-            (world.sql_one(&format!(
-                "select status from relay_commands_slave where id = {id}"
-            )) == "completed")
-                .then_some(())
-        },
-    )
-    .await;
+    let id = insert_command(&world, MASTER, SLAVE, 3, 5);
+    until_status(&world, &id, "completed", Duration::from_secs(30)).await;
     pump.abort();
 }
 
@@ -580,10 +509,7 @@ async fn a_configuration_changed_in_the_cloud_reaches_the_master_as_a_retained_m
 async fn when_a_relays_duration_ends_the_cloud_shows_it_off() {
     let world = World::start_full();
     let _edge = start_edge(&world).await;
-    let id = world.sql_one(&format!(
-        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
-         values ('{MASTER}', '{SLAVE}', '{{3}}', '{{on}}', '{{2}}') returning id"
-    ));
+    let id = insert_command(&world, MASTER, SLAVE, 3, 2);
     eventually("relay 3 on in the cloud", Duration::from_secs(30), || {
         let done = world.sql_one(&format!("select status from relay_commands_slave where id = {id}")) == "completed";
         let on = world.sql_one(&format!("select coalesce(relay_states[4]::text, '-') from relay_slaves where slave_mac_address = '{SLAVE}'")) == "true";
@@ -745,19 +671,6 @@ async fn an_agent_started_with_broker_and_backend_down_waits_for_them_and_then_w
     assert_eq!(down["status"], "ok", "the agent runs without them");
     world.stack.mosquitto_mut().unwrap().restart().unwrap();
     world.stack.restart_backend().unwrap();
-    let id = world.sql_one(&format!(
-        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
-         values ('{MASTER}', '{SLAVE}', '{{2}}', '{{on}}', '{{5}}') returning id"
-    ));
-    eventually(
-        "the command completed once both came up",
-        Duration::from_secs(60),
-        || {
-            (world.sql_one(&format!(
-                "select status from relay_commands_slave where id = {id}"
-            )) == "completed")
-                .then_some(())
-        },
-    )
-    .await;
+    let id = insert_command(&world, MASTER, SLAVE, 2, 5);
+    until_status(&world, &id, "completed", Duration::from_secs(60)).await;
 }

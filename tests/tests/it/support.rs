@@ -159,6 +159,77 @@ pub async fn eventually<T>(
     }
 }
 
+/// The world's master that the edge tests drive, and its one slave board.
+pub const MASTER: &str = "ESP32_ALICE_1";
+pub const SLAVE: &str = "14:33:5C:38:BF:60";
+
+/// The simulator playing MASTER with SLAVE (4 relays, at most an hour on) and a pH sensor at
+/// 6.8, on a fast radio; tests adjust timing and radio with struct update syntax.
+pub fn one_master_sim(mqtt_url: &str, key_hex: &str) -> firmware_protocol::sim::SimConfig {
+    use firmware_protocol::message::RelayLimits;
+    use firmware_protocol::sim::{
+        MasterSpec, MasterTiming, RadioSpec, SensorSource, SensorSpec, SimConfig, SlaveSpec,
+    };
+    SimConfig {
+        mqtt_url: Some(mqtt_url.to_string()),
+        masters: vec![MasterSpec {
+            id: firmware_protocol::DeviceId::new(MASTER).unwrap(),
+            key: firmware_protocol::MasterKey::from_hex(key_hex).unwrap(),
+            slaves: vec![SlaveSpec {
+                mac: SLAVE.parse().unwrap(),
+                relays: vec![
+                    RelayLimits {
+                        max_on_s: 3600,
+                        boot_on: false
+                    };
+                    4
+                ],
+            }],
+            sensors: vec![SensorSpec {
+                name: "ph".into(),
+                unit: Some("pH".into()),
+                source: SensorSource::Fixed(6.8),
+            }],
+        }],
+        timing: MasterTiming {
+            telemetry_interval_ms: 200,
+            ..MasterTiming::default()
+        },
+        radio: RadioSpec {
+            loss_percent: 0,
+            delay_ms: 1,
+        },
+        state_dir: None,
+        poll: None,
+    }
+}
+
+/// Inserts one pending command for `relay` of `slave` (on for `duration_s`) as the dashboard
+/// would; returns its id.
+pub fn insert_command(
+    world: &World,
+    master: &str,
+    slave: &str,
+    relay: u8,
+    duration_s: u32,
+) -> String {
+    world.sql_one(&format!(
+        "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds)
+         values ('{master}', '{slave}', '{{{relay}}}', '{{on}}', '{{{duration_s}}}') returning id"
+    ))
+}
+
+/// Waits until command `id` has `status` in the cloud.
+pub async fn until_status(world: &World, id: &str, status: &str, timeout: std::time::Duration) {
+    eventually(&format!("command {id} {status}"), timeout, || {
+        (world.sql_one(&format!(
+            "select status from relay_commands_slave where id = {id}"
+        )) == status)
+            .then_some(())
+    })
+    .await;
+}
+
 /// Inserts `n` pending manual commands for `master` with one statement; returns nothing.
 pub fn insert_pending_commands(world: &World, master: &str, n: usize) {
     world.sql(&format!(
