@@ -2,6 +2,7 @@
 
 mod agent_crash;
 mod agent_flow;
+mod agent_local_api;
 mod command_queue;
 mod harness;
 mod pgtap;
