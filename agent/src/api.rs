@@ -177,8 +177,8 @@ impl LocalApi {
         self
     }
 
-    /// The master whose token the request carries. Every configured master's tag is checked
-    /// with ring's constant-time comparison, so a guess learns nothing from the timing.
+    /// The master whose token the request carries. Tags are compared in constant time (ring's
+    /// `hmac::verify`), so a guessed token learns nothing about a key from the timing.
     fn authenticate(&self, headers: &HeaderMap) -> Result<&MasterAccess, ApiError> {
         let token = headers
             .get(header::AUTHORIZATION)
@@ -311,13 +311,14 @@ fn in_range(name: &str, value: Option<i64>, min: i64, max: i64) -> Result<i64, A
     }
 }
 
-fn five() -> Option<i64> {
+// The backend's defaults for arguments left out.
+fn default_commands_per_poll() -> Option<i64> {
     Some(5)
 }
-fn thirty() -> Option<i64> {
+fn default_lock_timeout_s() -> Option<i64> {
     Some(30)
 }
-fn ten() -> Option<i64> {
+fn default_rules_per_call() -> Option<i64> {
     Some(10)
 }
 
@@ -327,9 +328,9 @@ fn ten() -> Option<i64> {
 #[serde(deny_unknown_fields)]
 struct LockArgs {
     p_master_device_id: String,
-    #[serde(default = "five")]
+    #[serde(default = "default_commands_per_poll")]
     p_limit: Option<i64>,
-    #[serde(default = "thirty")]
+    #[serde(default = "default_lock_timeout_s")]
     p_timeout_seconds: Option<i64>,
 }
 
@@ -353,11 +354,19 @@ async fn get_and_lock_slave_commands(
     }
     let device = master.device_id.clone();
     let now = (api.clock)();
-    let locked = api
+    let handed = api
         .store
         .call(move |s| s.lock_polled_commands(&device, limit as usize, timeout_s * 1_000, now))
         .await
         .map_err(|e| ApiError::store(&e, "get_and_lock_slave_commands"))?;
+    if handed.expired > 0 {
+        tracing::warn!(master = %master.device_id, commands = handed.expired, "commands expired before their master polled them");
+        api.metrics
+            .commands_finished
+            .get_or_create(&label("outcome", "expired"))
+            .inc_by(handed.expired as u64);
+    }
+    let locked = handed.commands;
     if !locked.is_empty() {
         tracing::info!(master = %master.device_id, commands = locked.len(), "commands handed to a polling master");
     }
@@ -569,7 +578,7 @@ async fn finish(
 #[serde(deny_unknown_fields)]
 struct RulesArgs {
     p_device_id: String,
-    #[serde(default = "ten")]
+    #[serde(default = "default_rules_per_call")]
     p_limit: Option<i64>,
 }
 

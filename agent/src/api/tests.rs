@@ -251,6 +251,11 @@ async fn an_expired_command_is_never_handed_out_and_the_cloud_learns_it_expired(
     assert_eq!(due[0].class, OutboxClass::Completion);
     assert_eq!(due[0].payload["command_id"], 1);
     assert_eq!(due[0].payload["status"], "expired");
+    assert!(
+        api.metrics
+            .render()
+            .contains("autocore_agent_commands_finished_total{outcome=\"expired\"} 1")
+    );
 }
 
 #[tokio::test]

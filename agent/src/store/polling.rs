@@ -20,6 +20,14 @@ pub struct PolledCommand {
     pub error_message: Option<String>,
 }
 
+/// What one poll got: the commands now locked for the master, and how many of its commands
+/// were ended as expired on the way (for the metrics).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandOut {
+    pub commands: Vec<PolledCommand>,
+    pub expired: usize,
+}
+
 /// How `finish_polled_command` went.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PolledFinish {
@@ -55,7 +63,7 @@ impl Store {
         limit: usize,
         lock_timeout_ms: i64,
         now_ms: i64,
-    ) -> Result<Vec<PolledCommand>> {
+    ) -> Result<HandOut> {
         let held_since = now_ms - lock_timeout_ms;
         let expired: Vec<i64> = {
             let mut stmt = self.conn.prepare_cached(&format!(
@@ -67,8 +75,9 @@ impl Store {
             stmt.query_map(params![master, held_since, now_ms], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?
         };
+        let mut ended = 0;
         for id in expired {
-            self.finish_command(id, &CommandOutcome::Expired, now_ms)?;
+            ended += usize::from(self.finish_command(id, &CommandOutcome::Expired, now_ms)?);
         }
 
         let tx = self.conn.transaction()?;
@@ -101,7 +110,10 @@ impl Store {
             }
         }
         tx.commit()?;
-        Ok(locked)
+        Ok(HandOut {
+            commands: locked,
+            expired: ended,
+        })
     }
 
     /// One command of `master`, or None if there is none with this id for this master.
@@ -198,6 +210,13 @@ mod tests {
         }
     }
 
+    fn poll(store: &mut Store, now_ms: i64) -> Vec<PolledCommand> {
+        store
+            .lock_polled_commands(MASTER, 5, TIMEOUT_MS, now_ms)
+            .unwrap()
+            .commands
+    }
+
     fn ids(commands: &[PolledCommand]) -> Vec<i64> {
         commands.iter().map(|c| c.command.id).collect()
     }
@@ -226,43 +245,27 @@ mod tests {
                 .accept_command(&command(id, kind, priority), i as i64)
                 .unwrap();
         }
-        let first = store
-            .lock_polled_commands(MASTER, 5, TIMEOUT_MS, 100)
-            .unwrap();
+        let first = poll(&mut store, 100);
         assert_eq!(ids(&first), vec![4, 6, 3, 2, 1]);
-        let rest = store
-            .lock_polled_commands(MASTER, 5, TIMEOUT_MS, 101)
-            .unwrap();
+        let rest = poll(&mut store, 101);
         assert_eq!(ids(&rest), vec![5, 7], "equal priority: accepted order");
-        assert!(
-            store
-                .lock_polled_commands(MASTER, 5, TIMEOUT_MS, 102)
-                .unwrap()
-                .is_empty()
-        );
+        assert!(poll(&mut store, 102).is_empty());
     }
 
     #[test]
     fn a_locked_command_is_handed_out_again_only_after_the_timeout() {
         let mut store = Store::open_in_memory().unwrap();
         store.accept_command(&command(1, "manual", 10), 0).unwrap();
-        let first = store
-            .lock_polled_commands(MASTER, 5, TIMEOUT_MS, 1_000)
-            .unwrap();
+        let first = poll(&mut store, 1_000);
         assert_eq!(first[0].command.state, CommandState::Sent);
         assert_eq!(first[0].command.attempts, 1);
         assert_eq!(first[0].command.polled_by.as_deref(), Some(MASTER));
         assert_eq!(first[0].cloud_status(), "processing");
         assert!(
-            store
-                .lock_polled_commands(MASTER, 5, TIMEOUT_MS, 1_000 + TIMEOUT_MS)
-                .unwrap()
-                .is_empty(),
+            poll(&mut store, 1_000 + TIMEOUT_MS).is_empty(),
             "a lock exactly as old as the timeout still holds"
         );
-        let again = store
-            .lock_polled_commands(MASTER, 5, TIMEOUT_MS, 1_001 + TIMEOUT_MS)
-            .unwrap();
+        let again = poll(&mut store, 1_001 + TIMEOUT_MS);
         assert_eq!(ids(&again), vec![1]);
         assert_eq!(again[0].command.attempts, 2, "delivery count");
     }
@@ -277,7 +280,8 @@ mod tests {
         let handed = store
             .lock_polled_commands(MASTER, 5, TIMEOUT_MS, 500)
             .unwrap();
-        assert_eq!(ids(&handed), vec![2]);
+        assert_eq!(ids(&handed.commands), vec![2]);
+        assert_eq!(handed.expired, 1);
         assert_eq!(
             store.command(1).unwrap().unwrap().state,
             CommandState::Expired
@@ -295,21 +299,11 @@ mod tests {
         let mut short = command(1, "manual", 10);
         short.expires_at_ms = 2_000;
         store.accept_command(&short, 0).unwrap();
-        assert_eq!(
-            store
-                .lock_polled_commands(MASTER, 5, TIMEOUT_MS, 1_000)
-                .unwrap()
-                .len(),
-            1
-        );
+        assert_eq!(poll(&mut store, 1_000).len(), 1);
         // The master may be running it right now: its completion must still count.
-        store
-            .lock_polled_commands(MASTER, 5, TIMEOUT_MS, 3_000)
-            .unwrap();
+        poll(&mut store, 3_000);
         assert_eq!(store.command(1).unwrap().unwrap().state, CommandState::Sent);
-        store
-            .lock_polled_commands(MASTER, 5, TIMEOUT_MS, 1_001 + TIMEOUT_MS)
-            .unwrap();
+        poll(&mut store, 1_001 + TIMEOUT_MS);
         assert_eq!(
             store.command(1).unwrap().unwrap().state,
             CommandState::Expired
@@ -322,12 +316,7 @@ mod tests {
         let mut other = command(1, "manual", 10);
         other.master_device_id = "ESP32_OTHER".into();
         store.accept_command(&other, 0).unwrap();
-        assert!(
-            store
-                .lock_polled_commands(MASTER, 5, TIMEOUT_MS, 1)
-                .unwrap()
-                .is_empty()
-        );
+        assert!(poll(&mut store, 1).is_empty());
         assert_eq!(store.polled_command(MASTER, 1).unwrap(), None);
         assert_eq!(
             store
@@ -346,9 +335,7 @@ mod tests {
     fn finishing_a_polled_command_twice_queues_one_completion_and_keeps_the_first_outcome() {
         let mut store = Store::open_in_memory().unwrap();
         store.accept_command(&command(1, "manual", 10), 0).unwrap();
-        store
-            .lock_polled_commands(MASTER, 5, TIMEOUT_MS, 10)
-            .unwrap();
+        poll(&mut store, 10);
         let PolledFinish::Found { command, changed } = store
             .finish_polled_command(MASTER, 1, &completed(), 20)
             .unwrap()
@@ -381,16 +368,11 @@ mod tests {
         {
             let mut store = Store::open(&path).unwrap();
             store.accept_command(&command(1, "manual", 10), 0).unwrap();
-            store
-                .lock_polled_commands(MASTER, 5, TIMEOUT_MS, 10)
-                .unwrap();
+            poll(&mut store, 10);
         }
         let mut store = Store::open(&path).unwrap();
         assert!(
-            store
-                .lock_polled_commands(MASTER, 5, TIMEOUT_MS, 20)
-                .unwrap()
-                .is_empty(),
+            poll(&mut store, 20).is_empty(),
             "still locked after a restart"
         );
         assert_eq!(
