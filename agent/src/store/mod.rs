@@ -220,11 +220,12 @@ impl Store {
 
     fn init(conn: Connection) -> Result<Store> {
         // FULL: the WAL is synced at every commit, so what we promised survives power loss.
+        // The busy timeout first: another process (`status`, a test) may hold the file briefly.
         conn.execute_batch(
-            "pragma journal_mode = wal;
+            "pragma busy_timeout = 5000;
+             pragma journal_mode = wal;
              pragma synchronous = full;
-             pragma foreign_keys = on;
-             pragma busy_timeout = 5000;",
+             pragma foreign_keys = on;",
         )?;
         let mut store = Store { conn };
         store.migrate()?;

@@ -557,9 +557,7 @@ async fn an_unknown_master_that_announces_itself_is_registered_for_adoption() {
             .unwrap();
     }
     let row = eventually("the stranger in device_status", Duration::from_secs(30), || {
-        world.sql(&format!(
-            "select owner_id::text || ' ' || coalesce(agent_id, 'unassigned') || ' ' || firmware_version from device_status where device_id = 'ESP32_STRANGER'"
-        ))
+        world.sql("select owner_id::text || ' ' || coalesce(agent_id, 'unassigned') || ' ' || firmware_version from device_status where device_id = 'ESP32_STRANGER'")
         .into_iter()
         .next()
     })
@@ -585,6 +583,8 @@ async fn rule_changes_reach_the_mirror_within_a_poll_and_status_reports_the_agen
            \"actions\":[{{\"type\":\"relay_on\",\"slave_mac_address\":\"{SLAVE}\",\"relay_number\":0,\"duration_seconds\":60}}]}}', 50)
          returning id"
     ));
+    // The agent has created its database before the test reads it.
+    eventually_async_health(&edge.api, |h| h["status"] == "ok").await;
     let mirror = |check: &dyn Fn(Option<autocore_agent::store::RuleRecord>) -> bool| {
         let store = autocore_agent::store::Store::open(&edge.db).unwrap();
         check(store.rule(&rule_id).unwrap())
