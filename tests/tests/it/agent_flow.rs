@@ -512,7 +512,7 @@ async fn when_a_relays_duration_ends_the_cloud_shows_it_off() {
     let id = insert_command(&world, MASTER, SLAVE, 3, 2);
     eventually("relay 3 on in the cloud", Duration::from_secs(30), || {
         let done = world.sql_one(&format!("select status from relay_commands_slave where id = {id}")) == "completed";
-        let on = world.sql_one(&format!("select coalesce(relay_states[4]::text, '-') from relay_slaves where slave_mac_address = '{SLAVE}'")) == "true";
+        let on = world.sql_one(&format!("select coalesce((select relay_states[4]::text from relay_slaves where slave_mac_address = '{SLAVE}'), '-')")) == "true";
         (done && on).then_some(())
     })
     .await;
@@ -521,7 +521,7 @@ async fn when_a_relays_duration_ends_the_cloud_shows_it_off() {
         Duration::from_secs(30),
         || {
             (world.sql_one(&format!(
-                "select relay_states[4]::text from relay_slaves where slave_mac_address = '{SLAVE}'"
+                "select coalesce((select relay_states[4]::text from relay_slaves where slave_mac_address = '{SLAVE}'), '-')"
             )) == "false")
                 .then_some(())
         },
