@@ -341,8 +341,9 @@ impl Cloud {
         .await
     }
 
-    /// Inserts readings in one request; readings the backend already has are ignored, so a
-    /// retried batch never duplicates.
+    /// Inserts readings in one request (`insert_telemetry`: one access check per device, not
+    /// per row); readings the backend already has are skipped, so a retried batch never
+    /// duplicates.
     pub async fn insert_readings(&self, readings: &[Reading]) -> Result<(), CloudError> {
         let rows: Vec<Value> = readings
             .iter()
@@ -353,12 +354,8 @@ impl Cloud {
                 })
             })
             .collect();
-        let builder = self
-            .client
-            .from("telemetry_data")
-            .insert(Value::Array(rows).to_string())
-            .on_conflict("device_id,sensor_key,recorded_at");
-        self.send(builder, Some("return=minimal,resolution=ignore-duplicates"))
+        let _inserted: Value = self
+            .rpc("insert_telemetry", json!({"p_readings": rows}))
             .await?;
         Ok(())
     }
