@@ -629,7 +629,7 @@ async fn a_sync_that_stops_moving_while_the_backend_answers_shows_and_heals() {
     )
     .await;
     // The backend keeps answering, but refuses every telemetry push: nothing moves.
-    world.sql("revoke insert on telemetry_data from authenticated");
+    world.sql("revoke execute on function insert_telemetry(jsonb) from authenticated");
     let stalled = eventually_async_health(&edge.api, |h| h["sync_stalled"] == true).await;
     assert_eq!(stalled["status"], "degraded");
     assert_eq!(
@@ -653,7 +653,7 @@ async fn a_sync_that_stops_moving_while_the_backend_answers_shows_and_heals() {
         "the agent restarted its sync: {text}"
     );
     // The cause goes away: the queue drains and the stall clears without a restart of the agent.
-    world.sql("grant insert on telemetry_data to authenticated");
+    world.sql("grant execute on function insert_telemetry(jsonb) to authenticated");
     let healed = eventually_async_health(&edge.api, |h| {
         h["sync_stalled"] == false && h["outbox"]["depth"].as_u64() < Some(20)
     })
