@@ -333,15 +333,7 @@ async fn patch(
     path: &str,
     body: Value,
 ) -> anyhow::Result<Value> {
-    let resp = http
-        .patch(format!("{rest}{path}"))
-        .bearer_auth(token)
-        .header("Prefer", "return=representation")
-        .json(&body)
-        .send()
-        .await
-        .with_context(|| format!("PATCH {path}"))?;
-    answer(resp, path).await
+    write(http.patch(format!("{rest}{path}")), token, path, body).await
 }
 
 fn step(text: &str) {
@@ -367,14 +359,23 @@ async fn post(
     path: &str,
     body: Value,
 ) -> anyhow::Result<Value> {
-    let resp = http
-        .post(format!("{rest}{path}"))
+    write(http.post(format!("{rest}{path}")), token, path, body).await
+}
+
+/// A write as the dashboard sends it: the caller's token, the written rows back.
+async fn write(
+    request: reqwest::RequestBuilder,
+    token: &str,
+    path: &str,
+    body: Value,
+) -> anyhow::Result<Value> {
+    let resp = request
         .bearer_auth(token)
         .header("Prefer", "return=representation")
         .json(&body)
         .send()
         .await
-        .with_context(|| format!("POST {path}"))?;
+        .with_context(|| format!("writing {path}"))?;
     answer(resp, path).await
 }
 

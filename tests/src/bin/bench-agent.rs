@@ -134,7 +134,10 @@ fn main() -> anyhow::Result<()> {
     let poll_ms = defaults.cloud.poll_interval_ms;
 
     println!("## Machine\n\n{}", machine_description());
-    println!("load average before: {}\n", load_average());
+    println!(
+        "load average before: {}\n",
+        autocore_stack::bench::load_average()
+    );
     println!(
         "Agent defaults: telemetry_batch_rows_max = {batch_rows}, telemetry_flush_ms = {}, push_batch_rows_max = {push_rows}, poll_interval_ms = {poll_ms}; SQLite WAL, synchronous=FULL; Postgres durable (fsync, synchronous_commit on).\n",
         defaults.store.telemetry_flush_ms
@@ -168,7 +171,10 @@ fn main() -> anyhow::Result<()> {
             .context("the memory benchmark")?,
     );
 
-    println!("load average after: {}\n", load_average());
+    println!(
+        "load average after: {}\n",
+        autocore_stack::bench::load_average()
+    );
     println!("## Figures\n");
     println!("| figure | agent | baseline (same run) | agent / baseline | target | met |");
     println!("| --- | ---: | ---: | ---: | --- | --- |");
@@ -1159,28 +1165,6 @@ fn percentile(values: &[u64], p: f64) -> Option<u64> {
 }
 
 fn machine_description() -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get().to_string())
-        .unwrap_or_else(|_| "?".into());
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']))
-        })
-        .unwrap_or("unknown")
-        .to_string();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let memory = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map(|kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0))
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
     let tmp = std::env::temp_dir();
     let fs = Command::new("df")
         .args(["--output=fstype,source"])
@@ -1196,15 +1180,10 @@ fn machine_description() -> String {
         })
         .unwrap_or_else(|| "unknown".into());
     format!(
-        "- CPUs (nproc): {cpus}\n- model name: {model}\n- memory: {memory}\n- kernel: Linux {kernel}\n- data folder (SQLite, Postgres): {} ({fs})",
+        "{}\n- data folder (SQLite, Postgres): {} ({fs})",
+        autocore_stack::bench::machine_lines(),
         tmp.display()
     )
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn env_number(name: &str, default: u64) -> anyhow::Result<u64> {

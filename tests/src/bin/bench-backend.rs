@@ -148,7 +148,7 @@ fn main() -> anyhow::Result<()> {
 
     let machine = machine_description();
     let settings = postgres_settings(pg)?;
-    let load_before = load_average();
+    let load_before = autocore_stack::bench::load_average();
     println!("## Machine\n\n{machine}");
     println!("load average before: {load_before}\n");
     println!("## Postgres\n\n{settings}\n");
@@ -238,7 +238,10 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    println!("load average after: {}\n", load_average());
+    println!(
+        "load average after: {}\n",
+        autocore_stack::bench::load_average()
+    );
     println!(
         "## Results ({seconds} s per run, backlog {BACKLOG} pending over {MASTERS} masters, lock limit {LOCK_LIMIT})\n"
     );
@@ -626,31 +629,10 @@ fn postgres_settings(pg: &Postgres) -> anyhow::Result<String> {
 }
 
 fn machine_description() -> String {
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get().to_string())
-        .unwrap_or_else(|_| "?".into());
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']))
-        })
-        .unwrap_or("unknown")
-        .to_string();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let memory = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .map(|kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0))
-        .unwrap_or_else(|| "unknown".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into());
-    let disk = data_disk_note();
     format!(
-        "- CPUs (nproc): {cpus}\n- model name: {model}\n- memory: {memory}\n- kernel: Linux {kernel}\n- {disk}"
+        "{}\n- {}",
+        autocore_stack::bench::machine_lines(),
+        data_disk_note()
     )
 }
 
@@ -671,12 +653,6 @@ fn data_disk_note() -> String {
         })
         .unwrap_or_else(|| "unknown".into());
     format!("data folder: {} ({fs})", tmp.display())
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn env_number(name: &str, default: u64) -> anyhow::Result<u64> {
