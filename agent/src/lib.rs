@@ -10,8 +10,11 @@ pub mod cloud;
 pub mod config;
 pub mod delivery;
 pub mod link;
+pub mod macros;
 pub mod metrics;
+pub mod rules;
 pub mod runtime;
+pub mod safety;
 pub mod status;
 pub mod store;
 

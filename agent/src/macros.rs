@@ -1,0 +1,1 @@
+//! Macros: ordered relay, delay, MQTT and nested-macro steps (filled in by issue 6).

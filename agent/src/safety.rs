@@ -1,0 +1,1 @@
+//! Interlocks and the emergency stop (filled in by issue 6).
