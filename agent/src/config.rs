@@ -62,7 +62,79 @@ pub struct AgentConfig {
     #[serde(default)]
     pub api: ApiSection,
     #[serde(default)]
+    pub engine: EngineSection,
+    #[serde(default)]
+    pub safety: SafetySection,
+    #[serde(default)]
     pub masters: Vec<MasterSection>,
+}
+
+/// The decision engine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSection {
+    /// A reading older than this is unknown and never makes a rule fire.
+    #[serde(default = "defaults::stale_after_ms")]
+    pub stale_after_ms: u64,
+    /// IANA time zone of time windows and cron schedules; empty = the system's.
+    #[serde(default)]
+    pub time_zone: String,
+    /// How long readings are kept on the Pi for `autocore-agent rules test`.
+    #[serde(default = "defaults::history_hours")]
+    pub history_hours: u64,
+    /// Expiry of the commands the Pi creates (rules, macros, controls, safety offs).
+    #[serde(default = "defaults::command_ttl_ms")]
+    pub command_ttl_ms: u64,
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        EngineSection {
+            stale_after_ms: defaults::stale_after_ms(),
+            time_zone: String::new(),
+            history_hours: defaults::history_hours(),
+            command_ttl_ms: defaults::command_ttl_ms(),
+        }
+    }
+}
+
+/// Interlocks that hold whatever sends the command, and who may reset the emergency stop.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SafetySection {
+    /// Bearer token of the local API's operator endpoints (emergency reset, macros, hold
+    /// controls). Without it those endpoints answer 401; the emergency stop itself needs none.
+    #[serde(default)]
+    pub operator_token: Option<Secret>,
+    /// Cap on any relay's on-time unless a limit says otherwise.
+    #[serde(default)]
+    pub default_max_on_seconds: Option<u32>,
+    #[serde(default)]
+    pub mutex_groups: Vec<MutexGroupSection>,
+    #[serde(default)]
+    pub limits: Vec<RelayLimitSection>,
+}
+
+/// Relays of one slave of which at most one may be on ("Marcha Frente" / "Marcha Ré").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MutexGroupSection {
+    pub name: String,
+    pub master: String,
+    pub slave_mac: String,
+    pub relays: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayLimitSection {
+    pub master: String,
+    pub slave_mac: String,
+    pub relay: u8,
+    #[serde(default)]
+    pub max_on_seconds: Option<u32>,
+    #[serde(default)]
+    pub min_off_seconds: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -197,12 +269,21 @@ mod defaults {
     pub fn heartbeat_timeout_ms() -> u64 {
         30_000
     }
+    pub fn stale_after_ms() -> u64 {
+        60_000
+    }
+    pub fn history_hours() -> u64 {
+        168
+    }
+    pub fn command_ttl_ms() -> u64 {
+        30_000
+    }
     pub fn api_listen() -> String {
         "127.0.0.1:8787".to_string()
     }
 }
 
-const SECTIONS: [&str; 5] = ["agent", "store", "cloud", "mqtt", "api"];
+const SECTIONS: [&str; 7] = ["agent", "store", "cloud", "mqtt", "api", "engine", "safety"];
 
 impl AgentConfig {
     /// Reads `path`, applies `AUTOCORE_*` overrides from the process environment, validates.
@@ -339,6 +420,25 @@ impl AgentConfig {
                 format!("{e} (want host:port, e.g. 127.0.0.1:8787)"),
             )
         })?;
+        in_range(
+            "engine.stale_after_ms",
+            self.engine.stale_after_ms,
+            1_000,
+            86_400_000,
+        )?;
+        in_range(
+            "engine.history_hours",
+            self.engine.history_hours,
+            0,
+            24 * 366,
+        )?;
+        in_range(
+            "engine.command_ttl_ms",
+            self.engine.command_ttl_ms,
+            1_000,
+            3_600_000,
+        )?;
+        self.engine_time_zone()?;
         let mut seen = BTreeSet::new();
         for (i, master) in self.masters.iter().enumerate() {
             check_id(&format!("masters[{i}].device_id"), &master.device_id)?;
@@ -358,6 +458,22 @@ impl AgentConfig {
             }
         }
         Ok(())
+    }
+
+    /// The engine's time zone: `engine.time_zone`, else the system's.
+    pub fn engine_time_zone(&self) -> Result<jiff::tz::TimeZone, ConfigError> {
+        if self.engine.time_zone.is_empty() {
+            return Ok(jiff::tz::TimeZone::try_system().unwrap_or(jiff::tz::TimeZone::UTC));
+        }
+        jiff::tz::TimeZone::get(&self.engine.time_zone).map_err(|e| {
+            invalid(
+                "engine.time_zone",
+                format!(
+                    "{:?} is not a known IANA time zone ({e})",
+                    self.engine.time_zone
+                ),
+            )
+        })
     }
 
     pub fn master(&self, device_id: &str) -> Option<&MasterSection> {

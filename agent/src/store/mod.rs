@@ -3,8 +3,11 @@
 //! signing counters. Every promise (an accepted command, an outbox row, a counter) is on disk
 //! before the caller acts on it. No I/O but SQLite; time comes in as `now_ms`.
 
+mod automation;
 pub mod polling;
 mod schema;
+
+pub use automation::{AutomationWrite, OutboxEntry};
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -401,6 +404,18 @@ impl Store {
                 params![master, slave, serde_json::to_string(states)?, now_ms],
             )?;
         }
+        if id < 0 {
+            automation::edge_command_report(
+                &tx,
+                id,
+                state.as_str(),
+                exec_ms,
+                error.as_deref(),
+                now_ms,
+            )?;
+            tx.commit()?;
+            return Ok(true);
+        }
         let payload = serde_json::json!({
             "command_id": id,
             "status": state.as_str(),
@@ -445,9 +460,19 @@ impl Store {
                 "insert into outbox (class, idempotency_key, payload, created_at_ms)
                  values ('telemetry', ?1, ?2, ?3) on conflict (idempotency_key) do nothing",
             )?;
+            let mut history = tx.prepare_cached(
+                "insert into readings_history (device_id, sensor_key, recorded_at_ms, value)
+                 values (?1, ?2, ?3, ?4) on conflict do nothing",
+            )?;
             for r in readings {
                 let key = format!("t:{}:{}:{}", r.device_id, r.sensor_key, r.recorded_at_ms);
                 added += stmt.execute(params![key, serde_json::to_string(r)?, now_ms])?;
+                history.execute(params![
+                    r.device_id,
+                    r.sensor_key,
+                    r.recorded_at_ms,
+                    r.value
+                ])?;
             }
         }
         tx.commit()?;
@@ -773,9 +798,15 @@ impl Store {
     }
 }
 
-const COMMAND_SELECT: &str = "select id, master_device_id, slave_mac_address, slave_device_id, relay_numbers, actions,
-    duration_seconds, command_type, triggered_by, priority, rule_id, rule_name, expires_at_ms, state,
-    attempts, last_sent_at_ms, polled_by from commands";
+macro_rules! command_columns {
+    () => {
+        "select id, master_device_id, slave_mac_address, slave_device_id, relay_numbers, actions,
+        duration_seconds, command_type, triggered_by, priority, rule_id, rule_name, expires_at_ms, state,
+        attempts, last_sent_at_ms, polled_by"
+    };
+}
+use command_columns;
+const COMMAND_SELECT: &str = concat!(command_columns!(), " from commands");
 
 fn command_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CommandRecord> {
     fn json<T: serde::de::DeserializeOwned>(

@@ -106,4 +106,46 @@ pub const MIGRATIONS: &[&str] = &[
         value integer not null
     );
     "#,
+    // 2: the decision engine's state (rule timers, the interlock arbiter), a short reading
+    // history for `rules test`, macros, and the cloud row id of commands the Pi created.
+    r#"
+    create table rule_states (
+        rule text primary key,               -- decision_rules.id
+        state text not null,                 -- JSON: cooldown, hourly firings, held-for starts, arming
+        updated_at_ms integer not null
+    );
+
+    -- One row: relays on with their off-deadline, off-since times, holds, the emergency latch.
+    create table safety_state (
+        id integer primary key check (id = 1),
+        snapshot text not null,
+        updated_at_ms integer not null
+    );
+
+    create table readings_history (
+        device_id text not null,
+        sensor_key text not null,
+        recorded_at_ms integer not null,
+        value real not null,
+        primary key (device_id, sensor_key, recorded_at_ms)
+    ) without rowid;
+    create index readings_history_time on readings_history (recorded_at_ms);
+
+    create table macros (
+        id text primary key,                 -- macros.id in the cloud
+        definition text not null,            -- the row with its macro_actions, as the cloud sent it
+        revision integer not null
+    );
+
+    -- What was last reported about each rule the engine cannot run, so it is reported once.
+    create table rule_problems (
+        rule text primary key,
+        revision integer not null,
+        reason text
+    );
+
+    -- Commands a local rule, macro or control created get negative ids here, and this key as
+    -- relay_commands_slave.client_id when the cloud learns of them.
+    alter table commands add column client_id text;
+    "#,
 ];

@@ -309,3 +309,147 @@ fn a_full_disk_is_a_clear_error_and_loses_nothing_already_stored() {
         "the accepted command survived"
     );
 }
+
+fn edge_command(id: i64) -> CommandRecord {
+    CommandRecord {
+        command_type: "rule".into(),
+        triggered_by: "rule".into(),
+        priority: 50,
+        rule_id: Some("RULE_001".into()),
+        rule_name: Some("pH low".into()),
+        ..command(id)
+    }
+}
+
+#[test]
+fn a_firing_is_written_whole_and_its_command_reports_the_cloud_row_when_it_ends() {
+    let mut store = Store::open_in_memory().unwrap();
+    let write = AutomationWrite {
+        commands: vec![(
+            edge_command(-1),
+            "6f1c1d1e-0000-5000-8000-000000000001".into(),
+        )],
+        rule_states: vec![("rule-a".into(), json!({"last_fired_ms": 10}))],
+        safety: Some(json!({"latched": false})),
+        outbox: vec![OutboxEntry {
+            class: OutboxClass::RuleFeedback,
+            idempotency_key: "execution:1".into(),
+            payload: json!({"kind": "execution"}),
+        }],
+    };
+    store.write_automation(&write, 10).unwrap();
+    assert_eq!(store.last_edge_command_number().unwrap(), 1);
+    assert_eq!(
+        store.rule_states().unwrap()["rule-a"],
+        json!({"last_fired_ms": 10})
+    );
+    assert_eq!(
+        store.safety_snapshot().unwrap(),
+        Some(json!({"latched": false}))
+    );
+    assert_eq!(
+        store.command(-1).unwrap().unwrap().state,
+        CommandState::Accepted
+    );
+    // Nothing about the command reaches the cloud while it runs: a master polling the cloud
+    // must never find it pending.
+    let before = store.outbox_due(i64::MAX, 100).unwrap();
+    assert!(before.iter().all(|r| r.class != OutboxClass::RuleCommand));
+
+    let done = CommandOutcome::Completed {
+        execution_time_ms: 40,
+        relay_states: Some(vec![true]),
+    };
+    assert!(store.finish_command(-1, &done, 20).unwrap());
+    assert!(!store.finish_command(-1, &done, 21).unwrap(), "ends once");
+    let rows = store.outbox_due(i64::MAX, 100).unwrap();
+    let reports: Vec<_> = rows
+        .iter()
+        .filter(|r| r.class == OutboxClass::RuleCommand)
+        .collect();
+    assert_eq!(reports.len(), 1);
+    let p = &reports[0].payload;
+    assert_eq!(p["status"], "completed");
+    assert_eq!(p["command_type"], "rule");
+    assert_eq!(p["rule_id"], "RULE_001");
+    assert_eq!(p["client_id"], "6f1c1d1e-0000-5000-8000-000000000001");
+    assert!(rows.iter().all(|r| r.class != OutboxClass::Completion));
+}
+
+#[test]
+fn edge_numbers_never_go_back_even_without_the_counter_row() {
+    let mut store = Store::open_in_memory().unwrap();
+    let write = AutomationWrite {
+        commands: vec![(edge_command(-7), "c7".into())],
+        ..AutomationWrite::default()
+    };
+    store.write_automation(&write, 1).unwrap();
+    store
+        .conn
+        .execute(
+            "delete from counters where name = 'edge_command_number'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(store.last_edge_command_number().unwrap(), 7);
+}
+
+#[test]
+fn a_rule_problem_is_reported_once_per_revision_and_reason() {
+    let mut store = Store::open_in_memory().unwrap();
+    assert!(
+        !store.note_rule_problem("r", 1, None, 1).unwrap(),
+        "a fine rule needs no report"
+    );
+    assert!(
+        store
+            .note_rule_problem("r", 1, Some("bad operator"), 2)
+            .unwrap()
+    );
+    assert!(
+        !store
+            .note_rule_problem("r", 1, Some("bad operator"), 3)
+            .unwrap()
+    );
+    assert!(
+        store.note_rule_problem("r", 2, None, 4).unwrap(),
+        "fixed: the error is cleared"
+    );
+    let reports: Vec<_> = store
+        .outbox_due(i64::MAX, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.class == OutboxClass::RuleFeedback)
+        .map(|r| r.payload)
+        .collect();
+    assert_eq!(reports.len(), 2);
+    assert_eq!(reports[0]["error"], "bad operator");
+    assert_eq!(reports[1]["error"], serde_json::Value::Null);
+}
+
+#[test]
+fn readings_are_kept_for_replay_and_pruned_by_age() {
+    let mut store = Store::open_in_memory().unwrap();
+    store
+        .enqueue_readings(
+            &[
+                reading("ph", 1_000),
+                reading("ec", 2_000),
+                reading("ph", 3_000),
+            ],
+            5,
+        )
+        .unwrap();
+    let kept = store.readings_between("ESP32_A", 0, 10_000).unwrap();
+    assert_eq!(
+        kept.iter()
+            .map(|r| (r.sensor_key.as_str(), r.recorded_at_ms))
+            .collect::<Vec<_>>(),
+        vec![("ph", 1_000), ("ec", 2_000), ("ph", 3_000)]
+    );
+    assert_eq!(store.prune_history(2_500).unwrap(), 2);
+    assert_eq!(
+        store.readings_between("ESP32_A", 0, 10_000).unwrap().len(),
+        1
+    );
+}

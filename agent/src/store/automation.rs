@@ -1,0 +1,334 @@
+//! What the decision engine, the interlock arbiter and macros keep on disk: rule timers and
+//! arming, the arbiter's snapshot (relays on with their off-deadline, the emergency latch), a
+//! short reading history for `rules test`, the macros mirror, and the commands the Pi itself
+//! created. A firing's commands, the rule's new state and its reports go in one transaction.
+
+use std::collections::HashMap;
+
+use rusqlite::{OptionalExtension, params};
+use serde_json::{Value, json};
+
+use super::{
+    CommandRecord, OutboxClass, RULE_SELECT, Reading, Result, RuleRecord, Store, insert_outbox,
+    rule_from_row,
+};
+
+/// One outbox row to queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxEntry {
+    pub class: OutboxClass,
+    pub idempotency_key: String,
+    pub payload: Value,
+}
+
+/// Everything one automation step decided, written atomically before anything is sent.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AutomationWrite {
+    /// Commands the Pi created (negative ids), with their cloud `client_id`.
+    pub commands: Vec<(CommandRecord, String)>,
+    /// Rule states to persist, by `decision_rules.id`.
+    pub rule_states: Vec<(String, Value)>,
+    /// The arbiter's new snapshot.
+    pub safety: Option<Value>,
+    pub outbox: Vec<OutboxEntry>,
+}
+
+impl AutomationWrite {
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+            && self.rule_states.is_empty()
+            && self.safety.is_none()
+            && self.outbox.is_empty()
+    }
+}
+
+const EDGE_NUMBER_COUNTER: &str = "edge_command_number";
+
+impl Store {
+    /// The last number used for a command the Pi created; numbers never go back, even if the
+    /// counter row were lost, because every such command is on disk with id = -number.
+    pub fn last_edge_command_number(&self) -> Result<u64> {
+        let counted = self.counter(EDGE_NUMBER_COUNTER)?;
+        let lowest: Option<i64> =
+            self.conn
+                .query_row("select min(id) from commands where id < 0", [], |r| {
+                    r.get(0)
+                })?;
+        Ok(counted.max(-lowest.unwrap_or(0)).max(0) as u64)
+    }
+
+    /// Writes one automation step in a single transaction.
+    pub fn write_automation(&mut self, w: &AutomationWrite, now_ms: i64) -> Result<()> {
+        if w.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        let mut highest = 0i64;
+        for (cmd, client_id) in &w.commands {
+            debug_assert!(cmd.id < 0, "Pi-created commands have negative ids");
+            highest = highest.max(-cmd.id);
+            tx.execute(
+                "insert into commands (id, master_device_id, slave_mac_address, slave_device_id, relay_numbers,
+                    actions, duration_seconds, command_type, triggered_by, priority, rule_id, rule_name,
+                    expires_at_ms, state, accepted_at_ms, client_id)
+                 values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'accepted', ?14, ?15)
+                 on conflict (id) do nothing",
+                params![
+                    cmd.id,
+                    cmd.master_device_id,
+                    cmd.slave_mac_address,
+                    cmd.slave_device_id,
+                    serde_json::to_string(&cmd.relay_numbers)?,
+                    serde_json::to_string(&cmd.actions)?,
+                    serde_json::to_string(&cmd.duration_seconds)?,
+                    cmd.command_type,
+                    cmd.triggered_by,
+                    cmd.priority,
+                    cmd.rule_id,
+                    cmd.rule_name,
+                    cmd.expires_at_ms,
+                    now_ms,
+                    client_id,
+                ],
+            )?;
+        }
+        if highest > 0 {
+            tx.execute(
+                "insert into counters (name, value) values (?1, ?2)
+                 on conflict (name) do update set value = max(value, excluded.value)",
+                params![EDGE_NUMBER_COUNTER, highest],
+            )?;
+        }
+        {
+            let mut stmt = tx.prepare_cached(
+                "insert into rule_states (rule, state, updated_at_ms) values (?1, ?2, ?3)
+                 on conflict (rule) do update set state = excluded.state, updated_at_ms = excluded.updated_at_ms",
+            )?;
+            for (rule, state) in &w.rule_states {
+                stmt.execute(params![rule, state.to_string(), now_ms])?;
+            }
+        }
+        if let Some(snapshot) = &w.safety {
+            tx.execute(
+                "insert into safety_state (id, snapshot, updated_at_ms) values (1, ?1, ?2)
+                 on conflict (id) do update set snapshot = excluded.snapshot, updated_at_ms = excluded.updated_at_ms",
+                params![snapshot.to_string(), now_ms],
+            )?;
+        }
+        for e in &w.outbox {
+            insert_outbox(&tx, e.class, &e.idempotency_key, &e.payload, now_ms)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn rule_states(&self) -> Result<HashMap<String, Value>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("select rule, state from rule_states")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut states = HashMap::new();
+        for row in rows {
+            let (rule, text) = row?;
+            // A state this agent cannot read starts afresh rather than stopping the engine.
+            if let Ok(value) = serde_json::from_str(&text) {
+                states.insert(rule, value);
+            }
+        }
+        Ok(states)
+    }
+
+    pub fn safety_snapshot(&self) -> Result<Option<Value>> {
+        let text: Option<String> = self
+            .conn
+            .query_row("select snapshot from safety_state where id = 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(text.map(|t| serde_json::from_str(&t)).transpose()?)
+    }
+
+    /// Every rule the mirror holds, enabled or not (the engine skips what it must).
+    pub fn all_rules(&self) -> Result<Vec<RuleRecord>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "{RULE_SELECT} where not deleted order by device_id, priority desc, rule_id"
+        ))?;
+        let rows = stmt.query_map([], rule_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Rules matching `rule_id` (the dashboard's name for it) or the uuid.
+    pub fn rules_named(&self, name: &str) -> Result<Vec<RuleRecord>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "{RULE_SELECT} where (rule_id = ?1 or id = ?1) and not deleted order by device_id"
+        ))?;
+        let rows = stmt.query_map([name], rule_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Readings of one device in `[from_ms, to_ms]`, oldest first.
+    pub fn readings_between(
+        &self,
+        device_id: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<Reading>> {
+        let mut stmt = self.conn.prepare_cached(
+            "select sensor_key, recorded_at_ms, value from readings_history
+             where device_id = ?1 and recorded_at_ms between ?2 and ?3
+             order by recorded_at_ms, sensor_key",
+        )?;
+        let rows = stmt.query_map(params![device_id, from_ms, to_ms], |r| {
+            Ok(Reading {
+                device_id: device_id.to_string(),
+                sensor_key: r.get(0)?,
+                recorded_at_ms: r.get(1)?,
+                value: r.get(2)?,
+                unit: None,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Forgets readings older than `before_ms`; returns how many.
+    pub fn prune_history(&mut self, before_ms: i64) -> Result<usize> {
+        Ok(self.conn.execute(
+            "delete from readings_history where recorded_at_ms < ?1",
+            [before_ms],
+        )?)
+    }
+
+    /// Replaces the macros mirror with what the cloud holds now: `(id, revision, definition)`.
+    pub fn replace_macros(&mut self, macros: &[(String, i64, Value)]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("delete from macros", [])?;
+        for (id, revision, def) in macros {
+            tx.execute(
+                "insert into macros (id, definition, revision) values (?1, ?2, ?3)",
+                params![id, def.to_string(), revision],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn macros(&self) -> Result<Vec<Value>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("select definition from macros order by id")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for text in rows {
+            out.push(serde_json::from_str(&text?)?);
+        }
+        Ok(out)
+    }
+
+    /// Records what the engine thinks of a rule (`None`: it runs) and queues the report for the
+    /// cloud when that changed. Returns true if a report was queued.
+    pub fn note_rule_problem(
+        &mut self,
+        rule: &str,
+        revision: i64,
+        reason: Option<&str>,
+        now_ms: i64,
+    ) -> Result<bool> {
+        let tx = self.conn.transaction()?;
+        let last: Option<(i64, Option<String>)> = tx
+            .query_row(
+                "select revision, reason from rule_problems where rule = ?1",
+                [rule],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let unchanged = match &last {
+            Some((rev, last_reason)) => *rev == revision && last_reason.as_deref() == reason,
+            // A rule never reported and running fine needs no report.
+            None => reason.is_none(),
+        };
+        if unchanged {
+            return Ok(false);
+        }
+        tx.execute(
+            "insert into rule_problems (rule, revision, reason) values (?1, ?2, ?3)
+             on conflict (rule) do update set revision = excluded.revision, reason = excluded.reason",
+            params![rule, revision, reason],
+        )?;
+        let payload =
+            json!({"kind": "rule_error", "id": rule, "revision": revision, "error": reason});
+        let key = format!("rule-error:{rule}:{revision}:{now_ms}");
+        insert_outbox(&tx, OutboxClass::RuleFeedback, &key, &payload, now_ms)?;
+        tx.commit()?;
+        Ok(true)
+    }
+}
+
+/// The `relay_commands_slave` row that tells the cloud what a Pi-created command did, queued
+/// when the command ends (so a master polling the cloud never sees it pending and runs it).
+pub(super) fn edge_command_report(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    status: &str,
+    execution_time_ms: Option<u32>,
+    error: Option<&str>,
+    now_ms: i64,
+) -> Result<()> {
+    let row: Option<(CommandRecord, Option<String>, i64, Option<i64>)> = tx
+        .query_row(
+            concat!(
+                super::command_columns!(),
+                ", client_id, accepted_at_ms, last_sent_at_ms from commands where id = ?1"
+            ),
+            [id],
+            |r| {
+                Ok((
+                    super::command_from_row(r)?,
+                    r.get(17)?,
+                    r.get(18)?,
+                    r.get(19)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((cmd, Some(client_id), accepted_at_ms, sent_at_ms)) = row else {
+        return Ok(());
+    };
+    let iso = |ms: i64| {
+        jiff::Timestamp::from_millisecond(ms)
+            .map(|t| t.to_string())
+            .unwrap_or_default()
+    };
+    // The cloud refuses an expiry at or before creation; a command is always created before it
+    // expires, but keep the row valid whatever the clocks did.
+    let expires_at_ms = cmd.expires_at_ms.max(accepted_at_ms + 1);
+    let payload = json!({
+        "client_id": client_id,
+        "master_device_id": cmd.master_device_id,
+        "slave_mac_address": cmd.slave_mac_address,
+        "slave_device_id": cmd.slave_device_id,
+        "relay_numbers": cmd.relay_numbers,
+        "actions": cmd.actions,
+        "duration_seconds": cmd.duration_seconds,
+        "command_type": cmd.command_type,
+        "triggered_by": cmd.triggered_by,
+        "priority": cmd.priority,
+        "rule_id": cmd.rule_id,
+        "rule_name": cmd.rule_name,
+        "status": status,
+        "created_at": iso(accepted_at_ms),
+        "expires_at": iso(expires_at_ms),
+        "sent_at": sent_at_ms.map(iso),
+        "completed_at": iso(now_ms.max(accepted_at_ms)),
+        "execution_time_ms": execution_time_ms,
+        "error_message": error,
+        "delivery_count": cmd.attempts,
+    });
+    insert_outbox(
+        tx,
+        OutboxClass::RuleCommand,
+        &format!("edge-command:{client_id}"),
+        &payload,
+        now_ms,
+    )?;
+    Ok(())
+}
