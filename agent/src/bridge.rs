@@ -122,7 +122,9 @@ pub enum Inbound {
     Discovered(Announce),
     Status(DeviceId, Status),
     RelayState(DeviceId, RelayStateReport),
-    EmergencyStop,
+    /// Someone pressed stop; the reason if the payload said one. Stopping is always safe, so a
+    /// payload that does not decode still stops (PROTOCOL.md).
+    EmergencyStop(Option<String>),
     EmergencyReset,
     /// A topic of ours that the agent does not act on (its own publications, config echoes).
     Ignored,
@@ -205,10 +207,34 @@ pub fn decode_inbound(
         Topic::RelayState(device) => {
             Inbound::RelayState(device, RelayStateReport::decode(payload).map_err(bad)?)
         }
-        Topic::EmergencyStop => Inbound::EmergencyStop,
+        // An empty retained payload is how the agent clears a stop; it releases nothing.
+        Topic::EmergencyStop if payload.is_empty() => Inbound::Ignored,
+        Topic::EmergencyStop => Inbound::EmergencyStop(
+            firmware_protocol::message::Emergency::decode(payload)
+                .map(|e| e.reason)
+                .unwrap_or_else(|e| Some(format!("stop payload did not decode ({e})"))),
+        ),
         Topic::EmergencyReset => Inbound::EmergencyReset,
         Topic::Command(_) | Topic::Config(_) | Topic::GatewayStatus(_) => Inbound::Ignored,
     })
+}
+
+/// The wire id of a command the agent keeps under `id`: cloud rows by their id, commands the Pi
+/// created (negative ids here) as edge ids.
+pub fn command_id(id: i64) -> Result<CommandId, firmware_protocol::command_id::CommandIdError> {
+    if id < 0 {
+        CommandId::edge(id.unsigned_abs())
+    } else {
+        CommandId::backend(id)
+    }
+}
+
+/// The inverse of [`command_id`].
+pub fn local_command_id(id: CommandId) -> i64 {
+    match id.backend_id() {
+        Some(backend) => backend,
+        None => -(id.number() as i64),
+    }
 }
 
 pub fn is_online(status: &Status) -> bool {
@@ -226,7 +252,7 @@ pub fn signed_command(
         .slave_mac_address
         .parse()
         .map_err(|e: firmware_protocol::mac::MacAddrError| e.to_string())?;
-    let id = CommandId::backend(command.id).map_err(|e| e.to_string())?;
+    let id = command_id(command.id).map_err(|e| e.to_string())?;
     let actions = command
         .relay_numbers
         .iter()

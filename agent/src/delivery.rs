@@ -94,10 +94,44 @@ impl Delivery {
         })
     }
 
+    /// A command already sent once by its creator (the automation path signs and publishes a
+    /// command in the step that decided it, to save a hop): only its ack is awaited here.
+    pub fn track(&mut self, command: CommandRecord, sent_at_ms: i64) {
+        let id = command.id;
+        let attempts = command.attempts.max(1);
+        self.in_flight.entry(id).or_insert(InFlight {
+            command,
+            attempts,
+            ack_deadline_ms: sent_at_ms + self.limits.ack_timeout_ms,
+        });
+    }
+
+    /// The emergency stop: nothing in flight is sent again. Commands made only of `off` actions
+    /// stay (switching off is always safe); the others end as failed with `reason`.
+    pub fn cancel_switching_on(&mut self, reason: &str) -> Vec<DeliveryAction> {
+        let doomed: Vec<i64> = self
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.command.actions.iter().any(|a| a == "on"))
+            .map(|(id, _)| *id)
+            .collect();
+        doomed
+            .into_iter()
+            .filter_map(|id| self.in_flight.remove(&id))
+            .map(|f| DeliveryAction::Finish {
+                id: f.command.id,
+                outcome: CommandOutcome::Failed {
+                    reason: reason.to_string(),
+                    execution_time_ms: None,
+                },
+            })
+            .collect()
+    }
+
     /// The master's answer. An ack for a command not in flight (a duplicate, or one that
     /// already ended) is ignored.
     pub fn on_ack(&mut self, ack: &CommandAck) -> Vec<DeliveryAction> {
-        let Some(id) = ack.command_id.and_then(|c| c.backend_id()) else {
+        let Some(id) = ack.command_id.map(crate::bridge::local_command_id) else {
             return vec![];
         };
         if !self.in_flight.contains_key(&id) {
@@ -438,5 +472,46 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(sends(&d.on_tick(1_000)), vec![(1, 2)]);
+    }
+
+    #[test]
+    fn a_command_sent_by_its_creator_is_only_awaited_and_resent_on_timeout() {
+        let mut d = Delivery::new(LIMITS);
+        let mut edge = command(-3, 10_000);
+        edge.attempts = 1;
+        d.track(edge, 0);
+        assert!(
+            d.on_tick(999).is_empty(),
+            "not sent again before the ack timeout"
+        );
+        assert_eq!(sends(&d.on_tick(1_000)), vec![(-3, 2)]);
+        let mut done = ack(1, AckResult::Completed, None);
+        done.command_id = Some(CommandId::edge(3).unwrap());
+        assert!(matches!(
+            d.on_ack(&done).as_slice(),
+            [DeliveryAction::Finish {
+                id: -3,
+                outcome: CommandOutcome::Completed { .. }
+            }]
+        ));
+    }
+
+    #[test]
+    fn the_emergency_stop_ends_every_command_that_switches_on_and_keeps_the_offs() {
+        let mut d = Delivery::new(LIMITS);
+        d.admit(command(1, 10_000), 0);
+        let mut off = command(2, 10_000);
+        off.actions = vec!["off".into()];
+        d.admit(off, 0);
+        let ended = d.cancel_switching_on("emergency stop");
+        assert!(matches!(
+            ended.as_slice(),
+            [DeliveryAction::Finish {
+                id: 1,
+                outcome: CommandOutcome::Failed { .. }
+            }]
+        ));
+        assert_eq!(d.in_flight(), 1);
+        assert!(sends(&d.on_tick(1_000)).iter().all(|(id, _)| *id == 2));
     }
 }

@@ -382,7 +382,7 @@ async fn inbound_loop(
             Inbound::Discovered(_) => "discovered",
             Inbound::Status(..) => "status",
             Inbound::RelayState(..) => "relay_state",
-            Inbound::EmergencyStop | Inbound::EmergencyReset => "emergency",
+            Inbound::EmergencyStop(_) | Inbound::EmergencyReset => "emergency",
             Inbound::Ignored => "ignored",
         };
         shared
@@ -441,7 +441,7 @@ async fn inbound_loop(
                     shared.outbox_ready.notify_one();
                 }
             }
-            Inbound::EmergencyStop | Inbound::EmergencyReset | Inbound::Ignored => {}
+            Inbound::EmergencyStop(_) | Inbound::EmergencyReset | Inbound::Ignored => {}
         }
     }
 }
@@ -1263,11 +1263,7 @@ async fn push_group(shared: &Arc<Shared>, group: &[OutboxRow]) -> Result<(), ()>
             let rows: Vec<serde_json::Value> = latest.into_values().collect();
             shared.cloud.upsert_relay_slaves(&rows).await
         }
-        // Nothing produces these yet (the decision engine will); deliver nothing, lose nothing.
-        OutboxClass::RuleFeedback => Err(CloudError::Rejected {
-            status: 0,
-            body: "no pusher for rule feedback yet".into(),
-        }),
+        OutboxClass::RuleFeedback => push_feedback(shared, group).await,
     };
     match result {
         Ok(()) => {
@@ -1278,6 +1274,40 @@ async fn push_group(shared: &Arc<Shared>, group: &[OutboxRow]) -> Result<(), ()>
         }
         Err(e) => settle_failure(shared, group, e).await,
     }
+}
+
+/// The engine's reports: execution records, rule errors, the emergency latch (in order within
+/// each kind; a group holds a few hundred rows at most).
+async fn push_feedback(shared: &Arc<Shared>, group: &[OutboxRow]) -> Result<(), CloudError> {
+    let of_kind = |kind: &str| -> Vec<serde_json::Value> {
+        group
+            .iter()
+            .filter(|r| r.payload["kind"] == kind)
+            .map(|r| r.payload["row"].clone())
+            .collect()
+    };
+    let executions = of_kind("execution");
+    if !executions.is_empty() {
+        shared
+            .cloud
+            .insert_idempotent("rule_executions", &executions)
+            .await?;
+    }
+    let errors: Vec<serde_json::Value> = group
+        .iter()
+        .filter(|r| r.payload["kind"] == "rule_error")
+        .map(|r| {
+            json!({"id": r.payload["id"], "revision": r.payload["revision"], "error": r.payload["error"]})
+        })
+        .collect();
+    for chunk in errors.chunks(500) {
+        shared.cloud.report_rule_errors(chunk).await?;
+    }
+    // Only the newest latch state matters.
+    if let Some(latch) = of_kind("system_status").last() {
+        shared.cloud.set_system_status(latch).await?;
+    }
+    Ok(())
 }
 
 fn event_row(row: &OutboxRow) -> serde_json::Value {

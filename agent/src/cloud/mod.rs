@@ -161,6 +161,16 @@ pub struct DeviceConfigRow {
     pub config_version: i64,
 }
 
+/// The owner's emergency latch in the cloud (`system_status`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SystemStatusRow {
+    pub owner_id: String,
+    pub emergency_stop: bool,
+    pub emergency_reason: Option<String>,
+    pub emergency_changed_at: Option<String>,
+    pub emergency_changed_by: Option<String>,
+}
+
 /// The most completions `complete_slave_commands` takes in one call.
 pub const COMPLETIONS_PER_CALL_MAX: usize = 100;
 
@@ -370,6 +380,71 @@ impl Cloud {
         self.send(builder, Some("return=minimal,resolution=ignore-duplicates"))
             .await?;
         Ok(())
+    }
+
+    /// Writes back why the engine cannot run rules (`decision_rules.last_error`, null = fine).
+    pub async fn report_rule_errors(&self, errors: &[Value]) -> Result<(), CloudError> {
+        let _: Value = self
+            .rpc("report_rule_errors", json!({ "p_errors": errors }))
+            .await?;
+        Ok(())
+    }
+
+    /// The owner's emergency latch as the cloud has it (none: never set).
+    pub async fn system_status(&self) -> Result<Option<SystemStatusRow>, CloudError> {
+        let builder = self.client.from("system_status").select(
+            "owner_id,emergency_stop,emergency_reason,emergency_changed_at,emergency_changed_by",
+        );
+        let body = self.send(builder, None).await?;
+        let mut rows: Vec<SystemStatusRow> = serde_json::from_str(&body)
+            .map_err(|e| CloudError::Decode(format!("system_status: {e}")))?;
+        Ok(rows.pop())
+    }
+
+    /// Sets the owner's emergency latch (the owner is the `sub` of the agent's token).
+    pub async fn set_system_status(&self, row: &Value) -> Result<(), CloudError> {
+        let owner = self.owner_id()?;
+        let mut row = row.clone();
+        row["owner_id"] = json!(owner);
+        let builder = self
+            .client
+            .from("system_status")
+            .insert(Value::Array(vec![row]).to_string())
+            .on_conflict("owner_id");
+        self.send(builder, Some("return=minimal,resolution=merge-duplicates"))
+            .await?;
+        Ok(())
+    }
+
+    /// The macros this agent runs, each with its steps embedded.
+    pub async fn macros(&self) -> Result<Vec<Value>, CloudError> {
+        let builder = self
+            .client
+            .from("macros")
+            .select("id,name,description,enabled,revision,macro_actions(*)");
+        let body = self.send(builder, None).await?;
+        serde_json::from_str(&body).map_err(|e| CloudError::Decode(format!("macros: {e}")))
+    }
+
+    /// The owner's user id: the `sub` claim of the agent's own token (read, not verified: the
+    /// backend verifies it on every request).
+    fn owner_id(&self) -> Result<String, CloudError> {
+        use base64::Engine as _;
+        let token = self.token.current()?;
+        let claims = token
+            .split('.')
+            .nth(1)
+            .and_then(|p| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(p.trim_end_matches('='))
+                    .ok()
+            })
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+        claims
+            .as_ref()
+            .and_then(|c| c["sub"].as_str())
+            .map(str::to_string)
+            .ok_or_else(|| CloudError::Decode("the agent's token has no sub claim".into()))
     }
 
     /// The configuration the dashboard authored for these masters, with its version.
