@@ -1,0 +1,386 @@
+//! The sans-I/O decision engine: readings and the time go in, firings and state changes come
+//! out. The runtime (or `driver`) owns the clock and the I/O.
+
+use std::collections::{BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use super::compile::{Catalog, CompiledRule, Node, NodeKind, compile};
+use super::contradiction::{Contradiction, contradictions};
+use super::eval::{Ctx, Latest, Tri, eval};
+use super::model::Action;
+use super::state::{HOUR_MS, RuleState};
+use crate::store::{Reading, RuleRecord};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineSettings {
+    /// A reading older than this is unknown.
+    pub stale_after_ms: i64,
+    /// Time zone of time windows and cron schedules.
+    pub time_zone: jiff::tz::TimeZone,
+}
+
+/// A rule that could not be loaded, with the reason for `decision_rules.last_error`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleProblem {
+    /// decision_rules.id.
+    pub rule: String,
+    pub rule_id: String,
+    pub device_id: String,
+    pub revision: i64,
+    pub reason: String,
+}
+
+/// A reading that made a rule true.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FiringReading {
+    pub sensor: String,
+    pub value: f64,
+    pub recorded_at_ms: i64,
+}
+
+/// A rule fired: run its actions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Firing {
+    /// decision_rules.id.
+    pub rule: String,
+    pub rule_id: String,
+    pub rule_name: String,
+    pub device_id: String,
+    pub priority: i32,
+    pub actions: Vec<Action>,
+    pub fired_at_ms: i64,
+    pub readings: Vec<FiringReading>,
+    /// E.g. "ph 6.31 < 6.5 held 32 s; 3/10 this hour".
+    pub explanation: String,
+    /// Firings in the last hour, this one included.
+    pub hourly_count: u32,
+    /// max_executions_per_hour (0 = no limit).
+    pub hourly_max: u32,
+    pub cooldown_seconds: i32,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    rule: CompiledRule,
+    state: RuleState,
+    /// Whether time alone can change the rule's truth (held-for, window, schedule).
+    timed: bool,
+    /// When on_tick must next evaluate it (timed rules only).
+    due_ms: Option<i64>,
+}
+
+#[derive(Debug)]
+pub struct Engine {
+    settings: EngineSettings,
+    /// Sorted by priority DESC, rule_id, uuid: the order firings come out in.
+    rules: Vec<Loaded>,
+    /// device -> sensor -> indices into `rules`, ascending (so in priority order).
+    index: HashMap<String, HashMap<String, Vec<usize>>>,
+    /// device -> sensor -> latest reading.
+    latest: HashMap<String, HashMap<String, Latest>>,
+    blocked: bool,
+    dirty: BTreeSet<String>,
+    contradictions: Vec<Contradiction>,
+    evaluations: u64,
+}
+
+impl Engine {
+    pub fn new(settings: EngineSettings) -> Engine {
+        Engine {
+            settings,
+            rules: Vec::new(),
+            index: HashMap::new(),
+            latest: HashMap::new(),
+            blocked: false,
+            dirty: BTreeSet::new(),
+            contradictions: Vec::new(),
+            evaluations: 0,
+        }
+    }
+
+    /// Replaces the rule set. Disabled and deleted rules are skipped; a rule that does not
+    /// compile is returned as a problem and the others run. State is kept in memory for a rule
+    /// whose revision is unchanged, else restored from `states` if it has the same revision.
+    pub fn load(
+        &mut self,
+        rules: &[RuleRecord],
+        catalog: &Catalog,
+        states: &HashMap<String, RuleState>,
+    ) -> Vec<RuleProblem> {
+        let mut problems = Vec::new();
+        let mut compiled = Vec::new();
+        for record in rules.iter().filter(|r| r.enabled && !r.deleted) {
+            match compile(record, catalog) {
+                Ok(rule) => compiled.push(rule),
+                Err(e) => problems.push(RuleProblem {
+                    rule: record.id.clone(),
+                    rule_id: record.rule_id.clone(),
+                    device_id: record.device_id.clone(),
+                    revision: record.revision,
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        compiled.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then_with(|| a.rule_id.cmp(&b.rule_id))
+                .then_with(|| a.uuid.cmp(&b.uuid))
+        });
+        self.contradictions = contradictions(&compiled);
+
+        let mut old: HashMap<String, Loaded> = self
+            .rules
+            .drain(..)
+            .map(|l| (l.rule.uuid.clone(), l))
+            .collect();
+        self.dirty.clear();
+        for rule in compiled {
+            let timed = rule.root.is_timed();
+            let loaded = match old.remove(&rule.uuid) {
+                Some(prev) if prev.state.revision == rule.revision => Loaded {
+                    rule,
+                    timed,
+                    ..prev
+                },
+                _ => {
+                    let state = match states.get(&rule.uuid) {
+                        Some(s) if s.revision == rule.revision => s.clone(),
+                        _ => {
+                            self.dirty.insert(rule.uuid.clone());
+                            RuleState::fresh(rule.revision)
+                        }
+                    };
+                    let due_ms = initial_due(&rule.root, &state);
+                    Loaded {
+                        rule,
+                        state,
+                        timed,
+                        due_ms,
+                    }
+                }
+            };
+            self.rules.push(loaded);
+        }
+        self.index.clear();
+        for (i, loaded) in self.rules.iter().enumerate() {
+            let sensors = self.index.entry(loaded.rule.device_id.clone()).or_default();
+            for sensor in &loaded.rule.sensors {
+                sensors.entry(sensor.clone()).or_default().push(i);
+            }
+        }
+        problems
+    }
+
+    /// Contradicting rule pairs of the last load.
+    pub fn contradictions(&self) -> &[Contradiction] {
+        &self.contradictions
+    }
+
+    /// The compiled rules of the last load, in firing order.
+    pub fn rules(&self) -> impl Iterator<Item = &CompiledRule> {
+        self.rules.iter().map(|l| &l.rule)
+    }
+
+    /// Rule evaluations so far (the index test counts them).
+    pub fn evaluations(&self) -> u64 {
+        self.evaluations
+    }
+
+    pub fn is_blocked(&self) -> bool {
+        self.blocked
+    }
+
+    /// Emergency stop: readings are still remembered, but nothing is evaluated, so nothing
+    /// fires and no timer or arming changes.
+    pub fn set_blocked(&mut self, blocked: bool) {
+        self.blocked = blocked;
+    }
+
+    /// Remembers the reading, then evaluates the rules of its device that read its sensor.
+    pub fn on_reading(&mut self, reading: &Reading, now_ms: i64) -> Vec<Firing> {
+        if !reading.value.is_finite() {
+            return Vec::new();
+        }
+        let at_ms = reading.recorded_at_ms.min(now_ms);
+        let sensors = self.latest.entry(reading.device_id.clone()).or_default();
+        match sensors.get_mut(&reading.sensor_key) {
+            // An older reading arriving late changes nothing.
+            Some(prev) if prev.at_ms > at_ms => return Vec::new(),
+            Some(prev) => {
+                *prev = Latest {
+                    value: reading.value,
+                    at_ms,
+                }
+            }
+            None => {
+                sensors.insert(
+                    reading.sensor_key.clone(),
+                    Latest {
+                        value: reading.value,
+                        at_ms,
+                    },
+                );
+            }
+        }
+        if self.blocked {
+            return Vec::new();
+        }
+        let targets = self
+            .index
+            .get(&reading.device_id)
+            .and_then(|s| s.get(&reading.sensor_key))
+            .cloned()
+            .unwrap_or_default();
+        targets
+            .into_iter()
+            .filter_map(|i| self.evaluate(i, now_ms))
+            .collect()
+    }
+
+    /// Evaluates the rules whose held-for, schedule, window or limit deadline has come.
+    pub fn on_tick(&mut self, now_ms: i64) -> Vec<Firing> {
+        if self.blocked {
+            return Vec::new();
+        }
+        let due: Vec<usize> = (0..self.rules.len())
+            .filter(|&i| self.rules[i].due_ms.is_some_and(|d| d <= now_ms))
+            .collect();
+        due.into_iter()
+            .filter_map(|i| self.evaluate(i, now_ms))
+            .collect()
+    }
+
+    /// When on_tick should next run; None while blocked or when only readings matter.
+    pub fn next_deadline_ms(&self) -> Option<i64> {
+        if self.blocked {
+            return None;
+        }
+        self.rules.iter().filter_map(|l| l.due_ms).min()
+    }
+
+    /// States changed since the last call, for the runtime to persist.
+    pub fn take_dirty(&mut self) -> Vec<(String, RuleState)> {
+        let dirty = std::mem::take(&mut self.dirty);
+        self.rules
+            .iter()
+            .filter(|l| dirty.contains(&l.rule.uuid))
+            .map(|l| (l.rule.uuid.clone(), l.state.clone()))
+            .collect()
+    }
+
+    /// The state of a loaded rule (by decision_rules.id).
+    pub fn state(&self, uuid: &str) -> Option<&RuleState> {
+        self.rules
+            .iter()
+            .find(|l| l.rule.uuid == uuid)
+            .map(|l| &l.state)
+    }
+
+    fn evaluate(&mut self, i: usize, now_ms: i64) -> Option<Firing> {
+        self.evaluations += 1;
+        let loaded = self.rules.get_mut(i)?;
+        let before = loaded.state.clone();
+        let mut ctx = Ctx {
+            latest: self.latest.get(&loaded.rule.device_id),
+            now_ms,
+            stale_after_ms: self.settings.stale_after_ms,
+            tz: &self.settings.time_zone,
+            state: &mut loaded.state,
+            hysteresis_true: Vec::new(),
+            due_ms: None,
+            stale_edge_ms: None,
+        };
+        let outcome = eval(&loaded.rule.root, &mut ctx);
+        let (hysteresis_true, mut due, stale_edge) =
+            (ctx.hysteresis_true, ctx.due_ms, ctx.stale_edge_ms);
+        let rule = &loaded.rule;
+        let state = &mut loaded.state;
+        // A running held-for timer must reset when one of its readings goes stale.
+        if !state.held_since_ms.is_empty() {
+            if let Some(edge) = stale_edge {
+                earlier(&mut due, edge);
+            }
+        }
+
+        let mut firing = None;
+        if outcome.tri == Tri::True {
+            state.prune(now_ms);
+            let cooldown_ms = i64::from(rule.cooldown_seconds.max(0)) * 1000;
+            let cooldown_end = state.last_fired_ms.map(|t| t.saturating_add(cooldown_ms));
+            let max = u32::try_from(rule.max_executions_per_hour).unwrap_or(0);
+            let in_cooldown = cooldown_end.is_some_and(|end| now_ms < end);
+            let at_limit = max > 0 && state.recent_firings_ms.len() >= max as usize;
+            if !in_cooldown && !at_limit {
+                state.last_fired_ms = Some(now_ms);
+                state.recent_firings_ms.push(now_ms);
+                for path in hysteresis_true {
+                    state.armed.insert(path, false);
+                }
+                let count = u32::try_from(state.recent_firings_ms.len()).unwrap_or(u32::MAX);
+                let limit = if max > 0 {
+                    format!("{count}/{max} this hour")
+                } else {
+                    format!("{count} this hour")
+                };
+                firing = Some(Firing {
+                    rule: rule.uuid.clone(),
+                    rule_id: rule.rule_id.clone(),
+                    rule_name: rule.rule_name.clone(),
+                    device_id: rule.device_id.clone(),
+                    priority: rule.priority,
+                    actions: rule.rule.actions.clone(),
+                    fired_at_ms: now_ms,
+                    readings: outcome.readings,
+                    explanation: format!("{}; {limit}", outcome.why.join(" and ")),
+                    hourly_count: count,
+                    hourly_max: max,
+                    cooldown_seconds: rule.cooldown_seconds,
+                });
+            } else if loaded.timed {
+                // True but limited: look again when the limit lifts (readings do that for
+                // sensor-only rules).
+                if let Some(end) = cooldown_end.filter(|_| in_cooldown) {
+                    earlier(&mut due, end);
+                }
+                if at_limit {
+                    if let Some(first) = state.recent_firings_ms.iter().min() {
+                        earlier(&mut due, first + HOUR_MS);
+                    }
+                }
+            }
+        }
+        loaded.due_ms = if loaded.timed {
+            due.filter(|d| *d > now_ms)
+        } else {
+            None
+        };
+        if loaded.state != before {
+            self.dirty.insert(loaded.rule.uuid.clone());
+        }
+        firing
+    }
+}
+
+fn earlier(slot: &mut Option<i64>, t: i64) {
+    if slot.is_none_or(|s| t < s) {
+        *slot = Some(t);
+    }
+}
+
+/// First evaluation of a freshly loaded rule: at once if it has a window or schedule (a
+/// schedule needs its baseline); else when a restored held-for timer ends. A held-for rule is
+/// not evaluated before its readings arrive, so a restored timer keeps counting.
+fn initial_due(root: &Node, state: &RuleState) -> Option<i64> {
+    let mut due: Option<i64> = None;
+    root.visit(&mut |n| {
+        if matches!(n.kind, NodeKind::Window { .. } | NodeKind::Schedule(_)) {
+            due = Some(i64::MIN);
+        }
+        if let (Some(hold), Some(since)) = (n.held_for_ms, state.held_since_ms.get(&n.path)) {
+            earlier(&mut due, since.saturating_add(hold));
+        }
+    });
+    due
+}

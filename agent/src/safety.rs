@@ -1,1 +1,0 @@
-//! Interlocks and the emergency stop (filled in by issue 6).
