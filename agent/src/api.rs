@@ -5,6 +5,8 @@
 //! own commands and rules. Internals never leak into responses: every error becomes one
 //! PostgREST-shaped body (`code`, `message`, `details`, `hint`) with a message fit for the caller.
 
+mod operator;
+
 use std::borrow::Cow;
 use std::sync::Arc;
 
@@ -206,7 +208,8 @@ pub fn app(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .with_state(shared)
+        .with_state(shared.clone())
+        .merge(operator::operator_app(shared))
         .merge(polling_app(local))
 }
 
@@ -256,6 +259,7 @@ async fn health(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError>
         "sync_stalled": health.sync_stalled,
         "last_backend_error": health.last_backend_error,
         "outbox": {"depth": stats.depth, "oldest_age_ms": stats.oldest_age_ms, "rejected": stats.rejected},
+        "automation": shared.automation_status.lock().map(|a| a.clone()).unwrap_or_default(),
         "masters": devices.iter().map(|(id, online, last_seen)| json!({"device_id": id, "online": online, "last_seen_ms": last_seen})).collect::<Vec<_>>(),
     });
     let code = if health.sync_stalled {

@@ -1,4 +1,4 @@
-//! The `autocore-agent` command line: `run`, `status`, `check-config`. Kept in the library so
+//! The `autocore-agent` command line: `run`, `status`, `check-config`, `rules test|schema`. Kept in the library so
 //! that the binary and the end-to-end tests run exactly the same code.
 
 use std::path::PathBuf;
@@ -37,6 +37,132 @@ enum Command {
         #[arg(long, short, default_value = "/etc/autocore/agent.toml")]
         config: PathBuf,
     },
+    /// Rules: replay one over stored telemetry, or print the rule_json schema.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RulesCommand {
+    /// Replay a rule over the readings stored on this Pi and list when it would have fired.
+    Test {
+        #[arg(long, short, default_value = "/etc/autocore/agent.toml")]
+        config: PathBuf,
+        /// The rule: its rule_id or uuid in the mirror.
+        #[arg(required_unless_present = "file")]
+        rule: Option<String>,
+        /// Test a rule_json file instead (not yet in the cloud); needs --device.
+        #[arg(long, requires = "device")]
+        file: Option<PathBuf>,
+        /// The master whose readings the rule from --file reads.
+        #[arg(long)]
+        device: Option<String>,
+        /// How far back to replay.
+        #[arg(long, default_value_t = 24)]
+        hours: u64,
+        /// Cooldown and hourly limit for a rule from --file.
+        #[arg(long, default_value_t = 60)]
+        cooldown_seconds: i32,
+        #[arg(long, default_value_t = 10)]
+        max_executions_per_hour: i32,
+    },
+    /// Print the JSON Schema of rule_json (the same as schemas/rule_json.schema.json).
+    Schema,
+}
+
+/// What `rules test` replays.
+#[derive(Debug, Clone)]
+pub enum RuleUnderTest {
+    /// A rule in the mirror, by rule_id or uuid.
+    Named(String),
+    /// A rule_json of one's own, against a device's readings.
+    Json {
+        rule_json: serde_json::Value,
+        device_id: String,
+        cooldown_seconds: i32,
+        max_executions_per_hour: i32,
+    },
+}
+
+/// Replays a rule over the readings stored in the agent's database from `since_ms` to `until_ms`
+/// and describes each firing, one per line (the report ends with a count).
+pub fn rules_test(
+    config: &AgentConfig,
+    rule: &RuleUnderTest,
+    since_ms: i64,
+    until_ms: i64,
+) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let store = crate::store::Store::open(&config.store.path)
+        .with_context(|| format!("opening {}", config.store.path.display()))?;
+    let records = match rule {
+        RuleUnderTest::Named(name) => {
+            let found = store.rules_named(name)?;
+            anyhow::ensure!(
+                !found.is_empty(),
+                "no rule {name:?} in the mirror at {}",
+                config.store.path.display()
+            );
+            found
+        }
+        RuleUnderTest::Json {
+            rule_json,
+            device_id,
+            cooldown_seconds,
+            max_executions_per_hour,
+        } => vec![crate::store::RuleRecord {
+            id: "00000000-0000-0000-0000-000000000000".into(),
+            device_id: device_id.clone(),
+            rule_id: "RULE_UNDER_TEST".into(),
+            rule_name: Some("rule under test".into()),
+            rule_description: None,
+            rule_json: Some(rule_json.clone()),
+            enabled: true,
+            priority: 50,
+            cooldown_seconds: *cooldown_seconds,
+            max_executions_per_hour: *max_executions_per_hour,
+            revision: 1,
+            deleted: false,
+            changed_at: String::new(),
+        }],
+    };
+    let catalog = crate::rules::Catalog {
+        relay_counts: store.relay_counts()?,
+        macros: store
+            .macros()?
+            .iter()
+            .filter_map(|m| m["id"].as_str().map(str::to_string))
+            .collect(),
+    };
+    let settings = crate::rules::EngineSettings {
+        stale_after_ms: config.engine.stale_after_ms as i64,
+        time_zone: config.engine_time_zone()?,
+    };
+    let mut out = String::new();
+    for record in records {
+        let readings = store.readings_between(&record.device_id, since_ms, until_ms)?;
+        let firings = crate::rules::replay(&record, &catalog, &settings, readings.iter().cloned())
+            .map_err(|e| anyhow::anyhow!("rule {} cannot run: {e}", record.rule_id))?;
+        writeln!(
+            out,
+            "rule {} on {}: {} readings replayed, {} firings",
+            record.rule_id,
+            record.device_id,
+            readings.len(),
+            firings.len()
+        )?;
+        for f in &firings {
+            writeln!(
+                out,
+                "  {}  {}",
+                crate::cloud::format_timestamp_ms(f.fired_at_ms),
+                f.explanation
+            )?;
+        }
+    }
+    Ok(out)
 }
 
 /// Parses the process's arguments and runs the chosen subcommand.
@@ -77,6 +203,45 @@ pub fn main() -> anyhow::Result<()> {
         Command::CheckConfig { config } => {
             load(&config)?;
             println!("{}: valid", config.display());
+            Ok(())
+        }
+        Command::Rules {
+            command: RulesCommand::Schema,
+        } => {
+            println!("{}", crate::rules::schema_json());
+            Ok(())
+        }
+        Command::Rules {
+            command:
+                RulesCommand::Test {
+                    config,
+                    rule,
+                    file,
+                    device,
+                    hours,
+                    cooldown_seconds,
+                    max_executions_per_hour,
+                },
+        } => {
+            let config = load(&config)?;
+            let rule = match (rule, file, device) {
+                (_, Some(file), Some(device_id)) => {
+                    let text = std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    RuleUnderTest::Json {
+                        rule_json: serde_json::from_str(&text)
+                            .with_context(|| format!("{} is not JSON", file.display()))?,
+                        device_id,
+                        cooldown_seconds,
+                        max_executions_per_hour,
+                    }
+                }
+                (Some(name), _, _) => RuleUnderTest::Named(name),
+                _ => anyhow::bail!("name a rule, or give --file and --device"),
+            };
+            let now = crate::runtime::now_ms();
+            let since = now - (hours as i64) * 3_600_000;
+            print!("{}", rules_test(&config, &rule, since, now)?);
             Ok(())
         }
     }

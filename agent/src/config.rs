@@ -439,6 +439,9 @@ impl AgentConfig {
             3_600_000,
         )?;
         self.engine_time_zone()?;
+        crate::automation::interlocks(self)
+            .validate()
+            .map_err(|e| invalid("safety", e.to_string()))?;
         let mut seen = BTreeSet::new();
         for (i, master) in self.masters.iter().enumerate() {
             check_id(&format!("masters[{i}].device_id"), &master.device_id)?;

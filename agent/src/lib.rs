@@ -4,6 +4,7 @@
 //! that take inputs and the time and return what to do; `store` owns SQLite.
 
 pub mod api;
+pub mod automation;
 pub mod bridge;
 pub mod cli;
 pub mod cloud;

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub bad_messages: Family<Labels, Counter>,
     pub readings_stored: Counter,
     pub telemetry_dropped: Counter,
+    pub engine_readings_dropped: Counter,
     pub outbox_depth: Gauge,
     pub outbox_oldest_age_seconds: Gauge<f64, AtomicU64>,
     pub outbox_rejected: Gauge,
@@ -50,6 +51,7 @@ impl Metrics {
             bad_messages: Family::default(),
             readings_stored: Counter::default(),
             telemetry_dropped: Counter::default(),
+            engine_readings_dropped: Counter::default(),
             outbox_depth: Gauge::default(),
             outbox_oldest_age_seconds: Gauge::default(),
             outbox_rejected: Gauge::default(),
@@ -86,6 +88,11 @@ impl Metrics {
             "telemetry_dropped",
             "Readings dropped at the outbox bound (oldest first)",
             m.telemetry_dropped.clone(),
+        );
+        registry.register(
+            "engine_readings_dropped",
+            "Readings the rule engine could not take (its queue was full); they were stored",
+            m.engine_readings_dropped.clone(),
         );
         registry.register(
             "outbox_depth",

@@ -17,12 +17,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::automation::task::AutomationInput;
+use crate::automation::{Automation, LatchSource};
 use crate::bridge::{self, Inbound};
 use crate::cloud::{Cloud, CloudConfig, CloudError, TokenSource};
 use crate::config::AgentConfig;
 use crate::delivery::{Delivery, DeliveryAction, DeliveryLimits};
 use crate::link::{Link, LinkEvent};
 use crate::metrics::{Metrics, label};
+use crate::rules::EngineInput;
 use crate::store::{
     CommandOutcome, CommandRecord, OutboxClass, OutboxRow, Reading, Store, StoreError, StoreHandle,
 };
@@ -43,6 +46,10 @@ pub const DISCOVERED_DEVICES_MAX: usize = 100;
 pub const CONFIG_CHECK_POLLS: u64 = 5;
 /// Poll intervals without outbox progress, while the backend answers, before a stall.
 pub const STALL_POLL_INTERVALS: i64 = 10;
+/// Requests waiting for the automation task.
+pub const AUTOMATION_QUEUE_MAX: usize = 1_000;
+/// Readings waiting for the rule engine; beyond it readings skip the engine (counted).
+pub const ENGINE_QUEUE_MAX: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -50,6 +57,8 @@ pub enum RuntimeError {
     Store(#[from] StoreError),
     #[error("mqtt: {0}")]
     Bridge(#[from] bridge::BridgeError),
+    #[error("safety/engine configuration: {0}")]
+    Interlocks(String),
     #[error("masters[{device_id}].key: {reason}")]
     MasterKey { device_id: String, reason: String },
     #[error("local API: {0}")]
@@ -85,6 +94,38 @@ pub struct Shared {
     outbox_ready: Notify,
     link: Mutex<Link>,
     mqtt_connected: std::sync::atomic::AtomicBool,
+    /// Requests to the automation task (interlocks, emergency stop, macros, controls).
+    pub automation: mpsc::Sender<AutomationInput>,
+    engine: mpsc::Sender<EngineInput>,
+    /// The latest value per (device, sensor) and its time, for macro conditions.
+    latest: Mutex<HashMap<(String, String), (f64, i64)>>,
+    pub automation_status: Mutex<AutomationStatus>,
+}
+
+/// What the automation task last reported, for /health and `status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AutomationStatus {
+    pub emergency: Option<serde_json::Value>,
+    pub relays_on: usize,
+    pub macros_running: Vec<String>,
+}
+
+impl Shared {
+    pub(crate) fn key(&self, master: &str) -> Option<MasterKey> {
+        self.keys.get(master).cloned()
+    }
+
+    pub(crate) fn mqtt(&self) -> &AsyncClient {
+        &self.mqtt
+    }
+
+    pub(crate) fn notify_outbox(&self) {
+        self.outbox_ready.notify_one();
+    }
+
+    pub(crate) fn latest_readings(&self) -> HashMap<(String, String), (f64, i64)> {
+        self.latest.lock().map(|l| l.clone()).unwrap_or_default()
+    }
 }
 
 impl std::fmt::Debug for Shared {
@@ -95,9 +136,14 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-enum DeliveryInput {
+#[derive(Debug)]
+pub(crate) enum DeliveryInput {
     Admit(Box<CommandRecord>),
     Ack(firmware_protocol::message::CommandAck),
+    /// Sent already by the automation task (at this time); await its ack.
+    Track(Box<CommandRecord>, i64),
+    /// The emergency stop: end what would switch something on.
+    CancelSwitchingOn(String),
 }
 
 /// Runs the agent until `shutdown` completes: serves the local API on `api`, connects to the
@@ -138,6 +184,9 @@ pub async fn run(
     let (mqtt, eventloop) =
         bridge::mqtt_client(bridge::mqtt_options(&config.mqtt, &config.agent.id)?);
     let stall_after_ms = STALL_POLL_INTERVALS * config.cloud.poll_interval_ms as i64;
+    let (automation_tx, automation_rx) = mpsc::channel(AUTOMATION_QUEUE_MAX);
+    let (engine_tx, engine_rx) = mpsc::channel(ENGINE_QUEUE_MAX);
+    let (engine_out_tx, engine_out_rx) = mpsc::channel(ENGINE_QUEUE_MAX);
     let shared = Arc::new(Shared {
         masters: config.masters.iter().map(|m| m.device_id.clone()).collect(),
         keys,
@@ -152,8 +201,13 @@ pub async fn run(
         outbox_ready: Notify::new(),
         link: Mutex::new(Link::new(stall_after_ms, now_ms())),
         mqtt_connected: std::sync::atomic::AtomicBool::new(false),
+        automation: automation_tx,
+        engine: engine_tx.clone(),
+        latest: Mutex::new(HashMap::new()),
+        automation_status: Mutex::new(AutomationStatus::default()),
         config,
     });
+    let (automation, engine) = start_automation(&shared).await?;
 
     let cancel = CancellationToken::new();
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE_MESSAGES_MAX);
@@ -194,6 +248,21 @@ pub async fn run(
                 .await;
         }
     }
+    tasks.spawn(crate::rules::run_engine(
+        engine,
+        crate::rules::Clock::new(),
+        engine_rx,
+        engine_out_tx,
+    ));
+    tasks.spawn(crate::automation::task::run(
+        shared.clone(),
+        automation,
+        automation_rx,
+        engine_out_rx,
+        engine_tx,
+        delivery_tx.clone(),
+        cancel.clone(),
+    ));
     tasks.spawn(poll_loop(shared.clone(), delivery_tx, cancel.clone()));
     tasks.spawn(sync_supervisor(shared.clone(), cancel.clone()));
     let app = crate::api::app(shared.clone());
@@ -225,6 +294,73 @@ pub async fn run(
     let _ = shared.mqtt.disconnect().await;
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// The engine and the automation executor, restored from disk: rule timers and arming, relays
+/// on with their off-deadline, the emergency latch, macros.
+async fn start_automation(
+    shared: &Arc<Shared>,
+) -> Result<(Automation, crate::rules::Engine), RuntimeError> {
+    let config = &shared.config;
+    let interlocks = crate::automation::interlocks(config);
+    let mut safety = crate::safety::Safety::try_new(interlocks)
+        .map_err(|e| RuntimeError::Interlocks(e.to_string()))?;
+    let (snapshot, last_edge, latch_changed, macros, rules, relay_counts, states) = shared
+        .store
+        .call(|s| {
+            Ok((
+                s.safety_snapshot()?,
+                s.last_edge_command_number()?,
+                s.cursor("latch_changed_ms")?
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .unwrap_or(0),
+                s.macros()?,
+                s.all_rules()?,
+                s.relay_counts()?,
+                s.rule_states()?,
+            ))
+        })
+        .await?;
+    if let Some(snapshot) = snapshot.and_then(|v| serde_json::from_value(v).ok()) {
+        safety.restore(snapshot);
+    }
+    let latch_changed = latch_changed.max(safety.emergency().map(|e| e.since_ms).unwrap_or(0));
+    let mut automation = Automation::new(config, safety, last_edge, latch_changed);
+    for (id, problem) in automation.set_macros(&macros) {
+        warn!(macro_id = %id, %problem, "macro refused");
+    }
+    let time_zone = config
+        .engine_time_zone()
+        .map_err(|e| RuntimeError::Interlocks(e.to_string()))?;
+    let mut engine = crate::rules::Engine::new(crate::rules::EngineSettings {
+        stale_after_ms: config.engine.stale_after_ms as i64,
+        time_zone,
+    });
+    let states: HashMap<String, crate::rules::RuleState> = states
+        .into_iter()
+        .filter_map(|(k, v)| serde_json::from_value(v).ok().map(|s| (k, s)))
+        .collect();
+    let catalog = crate::rules::Catalog {
+        relay_counts,
+        macros: automation.macro_ids().into_iter().collect(),
+    };
+    let problems = engine.load(&rules, &catalog, &states);
+    if automation.safety().emergency().is_some() {
+        engine.set_blocked(true);
+        warn!("the emergency stop is still latched from before the restart");
+    }
+    let loaded: Vec<(String, i64)> = rules
+        .iter()
+        .filter(|r| r.enabled && !r.deleted)
+        .map(|r| (r.id.clone(), r.revision))
+        .collect();
+    crate::automation::task::record_problems(shared, &loaded, problems).await;
+    info!(
+        rules = loaded.len(),
+        contradictions = engine.contradictions().len(),
+        "decision engine loaded"
+    );
+    Ok((automation, engine))
 }
 
 // ------------------------------------------------------------------------------------ MQTT
@@ -392,12 +528,36 @@ async fn inbound_loop(
             .inc();
         match inbound {
             Inbound::Telemetry(readings) => {
+                if let Ok(mut latest) = shared.latest.lock() {
+                    for r in &readings {
+                        latest.insert(
+                            (r.device_id.clone(), r.sensor_key.clone()),
+                            (r.value, r.recorded_at_ms.min(now)),
+                        );
+                    }
+                }
+                for r in &readings {
+                    if shared
+                        .engine
+                        .try_send(EngineInput::Reading(r.clone()))
+                        .is_err()
+                    {
+                        shared.metrics.engine_readings_dropped.inc();
+                    }
+                }
                 buffer.extend(readings);
                 if buffer.len() >= batch_max {
                     flush_readings(&shared, &mut buffer).await;
                 }
             }
-            Inbound::Ack(_, ack) => {
+            Inbound::Ack(device, ack) => {
+                if let Some(slave) = ack.slave_mac.filter(|_| !ack.relay_states.is_empty()) {
+                    let _ = shared.automation.try_send(AutomationInput::Observe {
+                        master: device.to_string(),
+                        slave_mac: slave.to_string(),
+                        states: ack.relay_states.clone(),
+                    });
+                }
                 let _ = delivery.send(DeliveryInput::Ack(ack)).await;
             }
             Inbound::Announce(a) => {
@@ -421,7 +581,33 @@ async fn inbound_loop(
                 .await;
             }
             Inbound::RelayState(device, report) => {
+                for slave in &report.slaves {
+                    let _ = shared.automation.try_send(AutomationInput::Observe {
+                        master: device.to_string(),
+                        slave_mac: slave.mac.to_string(),
+                        states: slave.relay_states.clone(),
+                    });
+                }
                 record_relay_states(&shared, device.as_str(), &report, now).await;
+            }
+            Inbound::EmergencyStop(reason) => {
+                let _ = shared
+                    .automation
+                    .send(AutomationInput::Stop {
+                        reason: reason.unwrap_or_else(|| "stop published on MQTT".into()),
+                        by: "mqtt".into(),
+                        source: LatchSource::Mqtt,
+                        reply: None,
+                    })
+                    .await;
+            }
+            Inbound::EmergencyReset => {
+                // Only someone allowed to reset may: the operator through the local API, or the
+                // dashboard through system_status. A reset on MQTT (ours echoed, or forged) is
+                // not one.
+                debug!(
+                    "emergency reset seen on MQTT; the agent resets only from its API or the cloud"
+                );
             }
             Inbound::Discovered(announce) => {
                 // Once per device per run: a chatty stranger must not fill the outbox.
@@ -441,7 +627,7 @@ async fn inbound_loop(
                     shared.outbox_ready.notify_one();
                 }
             }
-            Inbound::EmergencyStop(_) | Inbound::EmergencyReset | Inbound::Ignored => {}
+            Inbound::Ignored => {}
         }
     }
 }
@@ -578,6 +764,11 @@ async fn delivery_loop(
             input = rx.recv() => match input {
                 Some(DeliveryInput::Admit(command)) => delivery.admit(*command, now_ms()),
                 Some(DeliveryInput::Ack(ack)) => delivery.on_ack(&ack),
+                Some(DeliveryInput::Track(command, sent_at)) => {
+                    delivery.track(*command, sent_at);
+                    vec![]
+                }
+                Some(DeliveryInput::CancelSwitchingOn(reason)) => delivery.cancel_switching_on(&reason),
                 None => return,
             },
             _ = tokio::time::sleep(wait) => {
@@ -670,6 +861,11 @@ async fn finish(shared: &Arc<Shared>, id: i64, outcome: CommandOutcome) {
         CommandOutcome::Failed { .. } => "failed",
         CommandOutcome::Expired => "expired",
     };
+    let failure_reason = match &outcome {
+        CommandOutcome::Failed { reason, .. } => Some(reason.clone()),
+        CommandOutcome::Expired => Some("expired".to_string()),
+        CommandOutcome::Completed { .. } => None,
+    };
     if let CommandOutcome::Failed { reason, .. } = &outcome {
         warn!(command = id, reason, "command failed");
     } else {
@@ -681,6 +877,12 @@ async fn finish(shared: &Arc<Shared>, id: i64, outcome: CommandOutcome) {
         .await
     {
         Ok(true) => {
+            if id < 0 {
+                let _ = shared.automation.try_send(AutomationInput::CommandEnded {
+                    id,
+                    failure: failure_reason,
+                });
+            }
             shared
                 .metrics
                 .commands_finished
@@ -804,11 +1006,53 @@ async fn poll_loop(
             pull_commands(&shared, master, &delivery).await;
             pull_rules(&shared, master).await;
         }
+        pull_latch(&shared).await;
         polls += 1;
         if polls % CONFIG_CHECK_POLLS == 1 {
             deliver_configs(&shared, &masters).await;
+            pull_macros(&shared).await;
         }
     }
+}
+
+/// The owner's emergency latch as the dashboard sees it.
+async fn pull_latch(shared: &Arc<Shared>) {
+    match shared.cloud.system_status().await {
+        Ok(Some(row)) => {
+            let _ = shared
+                .automation
+                .send(AutomationInput::CloudLatch(row))
+                .await;
+        }
+        Ok(None) => {}
+        Err(e) => debug!(error = %e, "could not read system_status"),
+    }
+}
+
+/// The macros this agent runs, mirrored so they run offline too.
+async fn pull_macros(shared: &Arc<Shared>) {
+    let rows = match shared.cloud.macros().await {
+        Ok(rows) => rows,
+        Err(e) => {
+            debug!(error = %e, "could not read macros");
+            return;
+        }
+    };
+    let mirror: Vec<(String, i64, serde_json::Value)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap_or_default().to_string(),
+                r["revision"].as_i64().unwrap_or(0),
+                r.clone(),
+            )
+        })
+        .collect();
+    if let Err(e) = shared.store.call(move |s| s.replace_macros(&mirror)).await {
+        error!(error = %e, "could not mirror macros");
+        return;
+    }
+    let _ = shared.automation.send(AutomationInput::Macros(rows)).await;
 }
 
 /// Publishes a master's configuration (retained, so the broker hands it to the master whenever
@@ -911,12 +1155,60 @@ async fn pull_commands(shared: &Arc<Shared>, master: &str, delivery: &mpsc::Send
     for row in rows {
         match row.to_record() {
             Ok(record) => {
+                let id = record.id;
+                match shared.store.call(move |s| s.command(id)).await {
+                    Ok(Some(known)) => {
+                        debug!(command = id, state = ?known.state, "command handed out again; already known");
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        error!(error = %e, command = id, "could not read the store; the command will be handed out again");
+                        continue;
+                    }
+                }
+                // Through the interlocks first: refused, or rewritten to carry the plan.
+                let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+                let asked = shared
+                    .automation
+                    .send(AutomationInput::CloudCommand {
+                        command: Box::new(record.clone()),
+                        reply: reply_tx,
+                    })
+                    .await;
+                let verdict = match (asked, reply_rx.await) {
+                    (Ok(()), Ok(verdict)) => verdict,
+                    _ => Err("the agent is shutting down".to_string()),
+                };
+                let (record, refusal) = match verdict {
+                    Ok(planned) => (planned, None),
+                    Err(reason) => (record, Some(reason)),
+                };
                 let to_store = record.clone();
-                match shared
+                let refused = refusal.clone();
+                let accepted = shared
                     .store
-                    .call(move |s| s.accept_command(&to_store, now_ms()))
-                    .await
-                {
+                    .call(move |s| {
+                        let accepted = s.accept_command(&to_store, now_ms())?;
+                        if let (crate::store::Accepted::New, Some(reason)) = (&accepted, refused) {
+                            s.finish_command(
+                                to_store.id,
+                                &CommandOutcome::Failed {
+                                    reason,
+                                    execution_time_ms: None,
+                                },
+                                now_ms(),
+                            )?;
+                        }
+                        Ok(accepted)
+                    })
+                    .await;
+                if let Some(reason) = refusal {
+                    warn!(command = id, master, %reason, "command refused by the interlocks");
+                    shared.outbox_ready.notify_one();
+                    continue;
+                }
+                match accepted {
                     Ok(crate::store::Accepted::New) => {
                         info!(command = record.id, master, command_type = %record.command_type, "command accepted");
                         // A polling master takes its commands from the local API instead.
@@ -1005,7 +1297,10 @@ async fn pull_rules(shared: &Arc<Shared>, master: &str) {
             })
             .await
         {
-            Ok(changed) if changed > 0 => info!(master, changed, "rules mirror updated"),
+            Ok(changed) if changed > 0 => {
+                info!(master, changed, "rules mirror updated");
+                let _ = shared.automation.send(AutomationInput::ReloadRules).await;
+            }
             Ok(_) => {}
             Err(e) => {
                 error!(error = %e, "could not update the rules mirror");

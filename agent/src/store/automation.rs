@@ -31,6 +31,11 @@ pub struct AutomationWrite {
     /// The arbiter's new snapshot.
     pub safety: Option<Value>,
     pub outbox: Vec<OutboxEntry>,
+    /// Ids (of `commands`) sent right after the commit: each gets its master's next signing
+    /// counter and its first attempt recorded in the same transaction.
+    pub send_now: Vec<i64>,
+    /// Cursors to set (name, value), e.g. when the emergency latch last changed.
+    pub cursors: Vec<(String, String)>,
 }
 
 impl AutomationWrite {
@@ -39,6 +44,7 @@ impl AutomationWrite {
             && self.rule_states.is_empty()
             && self.safety.is_none()
             && self.outbox.is_empty()
+            && self.cursors.is_empty()
     }
 }
 
@@ -57,10 +63,16 @@ impl Store {
         Ok(counted.max(-lowest.unwrap_or(0)).max(0) as u64)
     }
 
-    /// Writes one automation step in a single transaction.
-    pub fn write_automation(&mut self, w: &AutomationWrite, now_ms: i64) -> Result<()> {
+    /// Writes one automation step in a single transaction; returns the signing counter of each
+    /// command in `send_now`.
+    pub fn write_automation(
+        &mut self,
+        w: &AutomationWrite,
+        now_ms: i64,
+    ) -> Result<HashMap<i64, u64>> {
+        let mut counters = HashMap::new();
         if w.is_empty() {
-            return Ok(());
+            return Ok(counters);
         }
         let tx = self.conn.transaction()?;
         let mut highest = 0i64;
@@ -118,8 +130,33 @@ impl Store {
         for e in &w.outbox {
             insert_outbox(&tx, e.class, &e.idempotency_key, &e.payload, now_ms)?;
         }
+        for (name, value) in &w.cursors {
+            tx.execute(
+                "insert into cursors (name, value) values (?1, ?2)
+                 on conflict (name) do update set value = excluded.value",
+                params![name, value],
+            )?;
+        }
+        for id in &w.send_now {
+            let Some((cmd, _)) = w.commands.iter().find(|(c, _)| c.id == *id) else {
+                continue;
+            };
+            let counter: i64 = tx.query_row(
+                "insert into signing_counters (master_device_id, counter) values (?1, 1)
+                 on conflict (master_device_id) do update set counter = counter + 1
+                 returning counter",
+                [&cmd.master_device_id],
+                |r| r.get(0),
+            )?;
+            tx.execute(
+                "update commands set state = 'sent', attempts = attempts + 1, last_sent_at_ms = ?2,
+                    signing_counter = ?3 where id = ?1",
+                params![id, now_ms, counter],
+            )?;
+            counters.insert(*id, counter as u64);
+        }
         tx.commit()?;
-        Ok(())
+        Ok(counters)
     }
 
     pub fn rule_states(&self) -> Result<HashMap<String, Value>> {
@@ -164,6 +201,31 @@ impl Store {
         ))?;
         let rows = stmt.query_map([name], rule_from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// How many relays each slave has, as its last report showed.
+    pub fn relay_counts(&self) -> Result<HashMap<(String, String), u8>> {
+        let mut stmt = self.conn.prepare_cached(
+            "select master_device_id, slave_mac_address, states from relay_states",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut counts = HashMap::new();
+        for row in rows {
+            let (master, slave, states) = row?;
+            let n = serde_json::from_str::<Vec<bool>>(&states)
+                .map(|s| s.len())
+                .unwrap_or(0);
+            if (1..=16).contains(&n) {
+                counts.insert((master, slave.to_ascii_uppercase()), n as u8);
+            }
+        }
+        Ok(counts)
     }
 
     /// Readings of one device in `[from_ms, to_ms]`, oldest first.

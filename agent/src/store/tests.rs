@@ -336,6 +336,8 @@ fn a_firing_is_written_whole_and_its_command_reports_the_cloud_row_when_it_ends(
             idempotency_key: "execution:1".into(),
             payload: json!({"kind": "execution"}),
         }],
+        send_now: vec![],
+        cursors: vec![],
     };
     store.write_automation(&write, 10).unwrap();
     assert_eq!(store.last_edge_command_number().unwrap(), 1);

@@ -1,0 +1,478 @@
+//! The tokio task around [`Automation`]: takes firings from the engine task and requests from
+//! the rest of the agent, persists each decision in one transaction, then signs and publishes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::QoS;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use super::{Automation, LatchSource, Step};
+use crate::bridge;
+use crate::cloud::SystemStatusRow;
+use crate::rules::compile::Catalog;
+use crate::rules::driver::{EngineInput, EngineOutput};
+use crate::rules::engine::Firing;
+use crate::runtime::{DeliveryInput, Shared, now_ms};
+use crate::safety::RelayRef;
+use crate::store::CommandRecord;
+
+/// Requests to the automation task.
+#[derive(Debug)]
+pub enum AutomationInput {
+    /// A slave's relay states as it reported them.
+    Observe {
+        master: String,
+        slave_mac: String,
+        states: Vec<bool>,
+    },
+    /// A command from the cloud, through the interlocks before it is accepted.
+    CloudCommand {
+        command: Box<CommandRecord>,
+        reply: oneshot::Sender<Result<CommandRecord, String>>,
+    },
+    /// A command the Pi created ended (`failure`: why it failed).
+    CommandEnded {
+        id: i64,
+        failure: Option<String>,
+    },
+    Stop {
+        reason: String,
+        by: String,
+        source: LatchSource,
+        reply: Option<oneshot::Sender<bool>>,
+    },
+    Reset {
+        by: String,
+        source: LatchSource,
+        reply: Option<oneshot::Sender<bool>>,
+    },
+    CloudLatch(SystemStatusRow),
+    /// The rules mirror changed.
+    ReloadRules,
+    /// The macros as the cloud holds them now.
+    Macros(Vec<Value>),
+    StartMacro {
+        id: String,
+        by: String,
+        reply: oneshot::Sender<Result<u64, String>>,
+    },
+    CancelMacro {
+        id: String,
+        reply: oneshot::Sender<bool>,
+    },
+    Press {
+        relay: RelayRef,
+        max_seconds: u32,
+        by: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Release {
+        relay: RelayRef,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// How long the task waits for the engine's state after a firing; the engine sends it at once.
+const STATE_WAIT: Duration = Duration::from_millis(200);
+
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    mut automation: Automation,
+    mut input: mpsc::Receiver<AutomationInput>,
+    mut engine_out: mpsc::Receiver<EngineOutput>,
+    engine_in: mpsc::Sender<EngineInput>,
+    delivery: mpsc::Sender<DeliveryInput>,
+    cancel: CancellationToken,
+) {
+    let mut loaded: Vec<(String, i64)> = Vec::new();
+    loop {
+        publish_status(&shared, &automation);
+        let wait = automation
+            .next_deadline_ms()
+            .map(|d| Duration::from_millis((d - now_ms()).clamp(0, 1_000) as u64))
+            .unwrap_or(Duration::from_secs(1));
+        let step = tokio::select! {
+            _ = cancel.cancelled() => return,
+            out = engine_out.recv() => match out {
+                Some(EngineOutput::Fired(firing)) => {
+                    let (firings, states) = collect_firing(firing, &mut engine_out).await;
+                    automation.on_firings(firings, states, now_ms())
+                }
+                Some(EngineOutput::State(states)) => {
+                    let mut step = Step::default();
+                    step.write.rule_states = encode_states(states);
+                    step
+                }
+                Some(EngineOutput::Problems(problems)) => {
+                    record_problems(&shared, &loaded, problems).await;
+                    continue;
+                }
+                Some(EngineOutput::Contradictions(found)) => {
+                    record_contradictions(&shared, found).await;
+                    continue;
+                }
+                None => return,
+            },
+            request = input.recv() => match request {
+                None => return,
+                Some(request) => match request {
+                    AutomationInput::ReloadRules => {
+                        match rules_and_catalog(&shared, &automation).await {
+                            Ok((rules, catalog)) => {
+                                loaded = rules.iter().filter(|r| r.enabled && !r.deleted).map(|r| (r.id.clone(), r.revision)).collect();
+                                let _ = engine_in.send(EngineInput::Rules { rules, catalog }).await;
+                            }
+                            Err(e) => error!(error = %e, "could not read the rules mirror"),
+                        }
+                        continue;
+                    }
+                    other => handle(&shared, &mut automation, other),
+                },
+            },
+            _ = tokio::time::sleep(wait) => {
+                let latest = shared.latest_readings();
+                automation.tick(now_ms(), &mut |c| check_condition(c, &latest, now_ms(), shared.config.engine.stale_after_ms as i64))
+            }
+        };
+        perform(&shared, step, &engine_in, &delivery).await;
+    }
+}
+
+/// The firings of one engine step and the states that go with them (sent right after).
+async fn collect_firing(
+    first: Firing,
+    engine_out: &mut mpsc::Receiver<EngineOutput>,
+) -> (Vec<Firing>, Vec<(String, Value)>) {
+    let mut firings = vec![first];
+    loop {
+        match tokio::time::timeout(STATE_WAIT, engine_out.recv()).await {
+            Ok(Some(EngineOutput::Fired(f))) => firings.push(f),
+            Ok(Some(EngineOutput::State(states))) => return (firings, encode_states(states)),
+            // Anything else (or nothing): persist what we have; states come with the next step.
+            _ => return (firings, vec![]),
+        }
+    }
+}
+
+fn encode_states<S: serde::Serialize>(states: Vec<(String, S)>) -> Vec<(String, Value)> {
+    states
+        .into_iter()
+        .filter_map(|(rule, state)| serde_json::to_value(state).ok().map(|v| (rule, v)))
+        .collect()
+}
+
+fn handle(shared: &Arc<Shared>, automation: &mut Automation, request: AutomationInput) -> Step {
+    let now = now_ms();
+    match request {
+        AutomationInput::Observe {
+            master,
+            slave_mac,
+            states,
+        } => automation.observe(&master, &slave_mac, &states, now),
+        AutomationInput::CloudCommand { command, reply } => {
+            let (result, step) = automation.check_cloud_command(*command, now);
+            let _ = reply.send(result);
+            step
+        }
+        AutomationInput::CommandEnded { id, failure } => {
+            automation.command_ended(id, failure.as_deref(), now)
+        }
+        AutomationInput::Stop {
+            reason,
+            by,
+            source,
+            reply,
+        } => {
+            let (newly, step) = automation.emergency_stop(&reason, &by, source, now);
+            if let Some(reply) = reply {
+                let _ = reply.send(newly);
+            }
+            step
+        }
+        AutomationInput::Reset { by, source, reply } => {
+            let (done, step) = automation.emergency_reset(&by, source, now);
+            if let Some(reply) = reply {
+                let _ = reply.send(done);
+            }
+            step
+        }
+        AutomationInput::CloudLatch(row) => automation.cloud_latch(
+            row.emergency_stop,
+            row.emergency_reason.as_deref(),
+            row.emergency_changed_by.as_deref(),
+            row.emergency_changed_at
+                .as_deref()
+                .and_then(crate::cloud::parse_timestamp_ms),
+            now,
+        ),
+        AutomationInput::Macros(rows) => {
+            for (id, problem) in automation.set_macros(&rows) {
+                warn!(macro_id = %id, %problem, "macro refused");
+            }
+            Step::default()
+        }
+        AutomationInput::StartMacro { id, by, reply } => {
+            let latest = shared.latest_readings();
+            let stale = shared.config.engine.stale_after_ms as i64;
+            let (result, step) = automation.start_macro(&id, &by, now, &mut |c| {
+                check_condition(c, &latest, now, stale)
+            });
+            let _ = reply.send(result);
+            step
+        }
+        AutomationInput::CancelMacro { id, reply } => {
+            let (cancelled, step) = automation.cancel_macro(&id, now);
+            let _ = reply.send(cancelled);
+            step
+        }
+        AutomationInput::Press {
+            relay,
+            max_seconds,
+            by,
+            reply,
+        } => {
+            let (result, step) = automation.press(relay, max_seconds, &by, now);
+            let _ = reply.send(result);
+            step
+        }
+        AutomationInput::Release { relay, reply } => {
+            let (result, step) = automation.release(&relay, now);
+            let _ = reply.send(result);
+            step
+        }
+        AutomationInput::ReloadRules => Step::default(),
+    }
+}
+
+/// Persists the step in one transaction, then performs it: sign and publish each command,
+/// hand it to delivery to await its ack, publish the rest, block or resume the engine.
+pub(crate) async fn perform(
+    shared: &Arc<Shared>,
+    mut step: Step,
+    engine_in: &mpsc::Sender<EngineInput>,
+    delivery: &mpsc::Sender<DeliveryInput>,
+) {
+    step.write.send_now = step.send.iter().map(|c| c.id).collect();
+    let write = std::mem::take(&mut step.write);
+    let had_outbox = !write.outbox.is_empty() || !write.commands.is_empty();
+    let now = now_ms();
+    let counters = match shared
+        .store
+        .call(move |s| s.write_automation(&write, now))
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            // Nothing is sent that is not on disk; the relays stay as they are.
+            error!(error = %e, "could not record an automation step; nothing sent");
+            return;
+        }
+    };
+    if let Some(reason) = step.cancel_switching_on.take() {
+        let _ = delivery
+            .send(DeliveryInput::CancelSwitchingOn(reason))
+            .await;
+    }
+    if let Some(blocked) = step.block_engine {
+        let _ = engine_in.send(EngineInput::Blocked(blocked)).await;
+    }
+    for mut command in step.send {
+        let Some(&counter) = counters.get(&command.id) else {
+            continue;
+        };
+        let Some(key) = shared.key(&command.master_device_id) else {
+            warn!(master = %command.master_device_id, "no signing key; the command waits for delivery to fail it");
+            let _ = delivery.send(DeliveryInput::Admit(Box::new(command))).await;
+            continue;
+        };
+        match bridge::signed_command(&command, &key, counter) {
+            Ok((topic, bytes)) => {
+                if let Err(e) = shared
+                    .mqtt()
+                    .publish(topic, QoS::AtLeastOnce, false, bytes)
+                    .await
+                {
+                    warn!(command = command.id, error = %e, "publish failed; the ack timeout will resend");
+                }
+                command.attempts = 1;
+                let _ = delivery
+                    .send(DeliveryInput::Track(Box::new(command), now))
+                    .await;
+            }
+            Err(reason) => error!(command = command.id, %reason, "cannot encode a command"),
+        }
+    }
+    for (topic, payload, retain) in step.publish {
+        if let Err(e) = shared
+            .mqtt()
+            .publish(topic.clone(), QoS::AtLeastOnce, retain, payload)
+            .await
+        {
+            warn!(%topic, error = %e, "publish failed");
+        }
+    }
+    if had_outbox {
+        shared.notify_outbox();
+    }
+}
+
+/// The rules mirror and what the engine needs to check them (relay counts, macro ids).
+pub(crate) async fn rules_and_catalog(
+    shared: &Arc<Shared>,
+    automation: &Automation,
+) -> Result<(Vec<crate::store::RuleRecord>, Catalog), crate::store::StoreError> {
+    let macros: HashSet<String> = automation.macro_ids().into_iter().collect();
+    shared
+        .store
+        .call(move |s| {
+            let rules = s.all_rules()?;
+            let relay_counts = s.relay_counts()?;
+            Ok((
+                rules,
+                Catalog {
+                    relay_counts,
+                    macros,
+                },
+            ))
+        })
+        .await
+}
+
+/// Every loaded rule the engine did not complain about has its error cleared; the others get
+/// theirs written back (each change once).
+pub(crate) async fn record_problems(
+    shared: &Arc<Shared>,
+    loaded: &[(String, i64)],
+    problems: Vec<crate::rules::engine::RuleProblem>,
+) {
+    let bad: HashMap<String, (i64, String)> = problems
+        .into_iter()
+        .map(|p| {
+            warn!(rule = %p.rule_id, device = %p.device_id, reason = %p.reason, "rule skipped: the engine cannot run it");
+            (p.rule, (p.revision, p.reason))
+        })
+        .collect();
+    let loaded = loaded.to_vec();
+    let now = now_ms();
+    let result = shared
+        .store
+        .call(move |s| {
+            let mut queued = 0;
+            for (rule, (revision, reason)) in &bad {
+                queued += s.note_rule_problem(rule, *revision, Some(reason), now)? as usize;
+            }
+            for (rule, revision) in loaded.iter().filter(|(r, _)| !bad.contains_key(r)) {
+                queued += s.note_rule_problem(rule, *revision, None, now)? as usize;
+            }
+            Ok(queued)
+        })
+        .await;
+    match result {
+        Ok(n) if n > 0 => shared.notify_outbox(),
+        Ok(_) => {}
+        Err(e) => error!(error = %e, "could not record rule problems"),
+    }
+}
+
+async fn record_contradictions(
+    shared: &Arc<Shared>,
+    found: Vec<crate::rules::contradiction::Contradiction>,
+) {
+    if found.is_empty() {
+        return;
+    }
+    let agent = shared.config.agent.id.clone();
+    let now = now_ms();
+    let rows: Vec<crate::store::OutboxEntry> = found
+        .iter()
+        .map(|c| {
+            warn!(a = %c.a, b = %c.b, relay = c.relay_number, reason = %c.reason, "rules contradict each other");
+            crate::store::OutboxEntry {
+                class: crate::store::OutboxClass::Event,
+                idempotency_key: format!("contradiction:{}:{}:{}:{}", c.a, c.b, c.relay_number, c.reason),
+                payload: serde_json::json!({
+                    "agent_id": agent, "device_id": c.device_id, "event_type": "rule_contradiction",
+                    "severity": "warning", "source": "agent",
+                    "message": format!("rules {} and {} contradict each other on relay {} of {}: {}",
+                                       c.a, c.b, c.relay_number, c.slave_mac_address, c.reason),
+                    "payload": {"rules": [c.a, c.b], "slave_mac_address": c.slave_mac_address,
+                                "relay_number": c.relay_number},
+                    "occurred_at": crate::cloud::format_timestamp_ms(now),
+                }),
+            }
+        })
+        .collect();
+    let write = crate::store::AutomationWrite {
+        outbox: rows,
+        ..Default::default()
+    };
+    match shared
+        .store
+        .call(move |s| s.write_automation(&write, now))
+        .await
+    {
+        Ok(_) => shared.notify_outbox(),
+        Err(e) => error!(error = %e, "could not record contradictions"),
+    }
+}
+
+/// A macro step's condition: `{"device_id", "sensor", "operator", "value"}` against the latest
+/// reading; a stale or missing reading is an error (the run stops rather than guess).
+pub fn check_condition(
+    condition: &Value,
+    latest: &HashMap<(String, String), (f64, i64)>,
+    now_ms: i64,
+    stale_after_ms: i64,
+) -> Result<bool, String> {
+    let field = |k: &str| {
+        condition[k]
+            .as_str()
+            .ok_or_else(|| format!("condition needs a string \"{k}\""))
+    };
+    let device = field("device_id")?;
+    let sensor = field("sensor")?;
+    let operator = field("operator")?;
+    let value = condition["value"]
+        .as_f64()
+        .ok_or("condition needs a number \"value\"")?;
+    let Some(&(reading, at)) = latest.get(&(device.to_string(), sensor.to_string())) else {
+        return Err(format!("no reading of {sensor} from {device}"));
+    };
+    if now_ms - at > stale_after_ms {
+        return Err(format!(
+            "the last reading of {sensor} from {device} is stale"
+        ));
+    }
+    Ok(match operator {
+        "<" => reading < value,
+        "<=" => reading <= value,
+        ">" => reading > value,
+        ">=" => reading >= value,
+        "==" => reading == value,
+        "!=" => reading != value,
+        other => return Err(format!("operator {other:?} is not one of < <= > >= == !=")),
+    })
+}
+
+fn publish_status(shared: &Arc<Shared>, automation: &Automation) {
+    let emergency = automation
+        .safety()
+        .emergency()
+        .map(|e| serde_json::json!({"reason": e.reason, "by": e.by, "since_ms": e.since_ms}));
+    let relays_on = automation.safety().relays_on().len();
+    let macros_running: Vec<String> = automation
+        .running_macros()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    if let Ok(mut status) = shared.automation_status.lock() {
+        status.emergency = emergency;
+        status.relays_on = relays_on;
+        status.macros_running = macros_running;
+    }
+}
