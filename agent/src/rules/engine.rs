@@ -346,7 +346,7 @@ impl Engine {
                 }
                 if at_limit {
                     if let Some(first) = state.recent_firings_ms.iter().min() {
-                        earlier(&mut due, first + HOUR_MS);
+                        earlier(&mut due, first.saturating_add(HOUR_MS));
                     }
                 }
             }

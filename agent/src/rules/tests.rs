@@ -357,6 +357,44 @@ proptest! {
     }
 }
 
+prop_compose! {
+    fn arb_state()(
+        last in proptest::option::of(any::<i64>()),
+        recent in prop::collection::vec(any::<i64>(), 0..4),
+        held in any::<i64>(),
+        sched in any::<i64>(),
+        armed in any::<bool>(),
+    ) -> RuleState {
+        let mut s = RuleState::fresh(1);
+        s.last_fired_ms = last;
+        s.recent_firings_ms = recent;
+        for path in ["conditions", "conditions.conditions[0]", "conditions.conditions[1]"] {
+            s.held_since_ms.insert(path.into(), held);
+            s.schedule_last_ms.insert(path.into(), sched);
+            s.armed.insert(path.into(), armed);
+        }
+        s
+    }
+}
+
+proptest! {
+    #[test]
+    fn restored_state_and_odd_times_never_panic(state in arb_state(), now in any::<i64>(), at in any::<i64>(), v in any::<f64>()) {
+        let mut rule = record("r", with_conditions(json!({"type": "all", "held_for_seconds": 5, "conditions": [
+            {"type": "sensor_compare", "sensor": "ph", "operator": "<", "value": 6.5, "hysteresis": 0.2, "held_for_seconds": 4000000000u32},
+            {"type": "schedule", "cron": "* * * * * *"}]})));
+        rule.cooldown_seconds = i32::MAX;
+        rule.max_executions_per_hour = 2;
+        let mut engine = Engine::new(settings());
+        engine.load(&[rule], &Catalog::default(), &HashMap::from([("uuid-r".to_owned(), state)]));
+        let _ = engine.next_deadline_ms();
+        let _ = engine.on_tick(now);
+        let _ = engine.on_reading(&reading("ph", v, at), now);
+        let _ = engine.next_deadline_ms();
+        let _ = engine.take_dirty();
+    }
+}
+
 // ---- engine ----
 
 #[test]
