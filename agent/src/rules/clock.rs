@@ -66,3 +66,23 @@ impl TimeSource for Clock {
         tokio::time::sleep_until(self.instant_at(unix_ms))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_unix_ms_to_instants_and_back() {
+        let clock = Clock::starting_at(1_000_000);
+        let now = clock.now_ms();
+        assert!((1_000_000..1_060_000).contains(&now));
+        assert_eq!(
+            clock.instant_at(1_005_000) - clock.instant_at(1_000_000),
+            Duration::from_secs(5)
+        );
+        // Past times map to the anchor; far futures are capped rather than overflowing.
+        assert_eq!(clock.instant_at(i64::MIN), clock.instant_at(0));
+        assert!(clock.instant_at(i64::MAX) > clock.instant_at(1_000_000));
+        assert!(Clock::new().now_ms() > 1_600_000_000_000);
+    }
+}

@@ -135,7 +135,6 @@ impl Engine {
             .drain(..)
             .map(|l| (l.rule.uuid.clone(), l))
             .collect();
-        self.dirty.clear();
         for rule in compiled {
             let timed = rule.root.is_timed();
             let loaded = match old.remove(&rule.uuid) {

@@ -434,6 +434,64 @@ fn three_valued_logic_fires_only_when_definitely_true() {
 }
 
 #[test]
+fn firing_carries_rule_fields_readings_and_explanation() {
+    let mut rule = record(
+        "warm",
+        with_conditions(
+            json!({"type": "sensors_compare", "sensor": "t_in", "operator": ">",
+        "other_sensor": "t_out", "offset": 2.0}),
+        ),
+    );
+    rule.rule_name = Some("Vent when warm".into());
+    rule.max_executions_per_hour = 10;
+    rule.cooldown_seconds = 5;
+    let mut engine = engine_with(&[rule]);
+    assert!(
+        engine.on_reading(&reading("t_in", 25.0, T0), T0).is_empty(),
+        "t_out unknown"
+    );
+    assert!(
+        engine
+            .on_reading(&reading("t_out", 23.5, T0), T0)
+            .is_empty(),
+        "25 > 25.5 is false"
+    );
+    let f = engine.on_reading(&reading("t_out", 21.0, T0 + S), T0 + S);
+    assert_eq!(f.len(), 1);
+    let f = &f[0];
+    assert_eq!(
+        (f.rule.as_str(), f.rule_name.as_str(), f.device_id.as_str()),
+        ("uuid-warm", "Vent when warm", DEV)
+    );
+    assert_eq!(
+        (
+            f.hourly_count,
+            f.hourly_max,
+            f.cooldown_seconds,
+            f.fired_at_ms
+        ),
+        (1, 10, 5, T0 + S)
+    );
+    assert_eq!(f.explanation, "t_in 25 > t_out 21 + 2; 1/10 this hour");
+    assert_eq!(f.readings.len(), 2);
+    assert_eq!(
+        f.actions,
+        serde_json::from_value::<Vec<Action>>(relay_on()).unwrap()
+    );
+    // Cooldown 5 s: not at +4 s, again at +6 s, counting 2/10.
+    assert!(
+        engine
+            .on_reading(&reading("t_in", 25.0, T0 + 5 * S), T0 + 5 * S)
+            .is_empty()
+    );
+    let again = engine.on_reading(&reading("t_in", 25.0, T0 + 6 * S), T0 + 6 * S);
+    assert_eq!(
+        again.first().map(|f| f.explanation.as_str()),
+        Some("t_in 25 > t_out 21 + 2; 2/10 this hour")
+    );
+}
+
+#[test]
 fn stale_and_future_readings() {
     let mut engine = engine_with(&[record("seed", seed_json())]);
     // Recorded 601 s ago with stale_after 600 s: unknown.
