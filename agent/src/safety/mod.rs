@@ -716,6 +716,11 @@ impl Safety {
         }
     }
 
+    /// Why the interlocks given to [`Safety::new`] are invalid (then every on is refused).
+    pub fn config_error(&self) -> Option<&str> {
+        self.config_error.as_deref()
+    }
+
     pub fn emergency(&self) -> Option<&EmergencyLatch> {
         self.emergency.as_ref()
     }
