@@ -12,6 +12,9 @@
 //!   on-time (the slave gets the capped duration too, so it switches off even if the Pi dies);
 //! - while the emergency stop is latched nothing is switched on; switching off stays allowed for
 //!   everyone, because off is always the safe direction.
+//!
+//! The runtime owns one `Safety` and calls `check`, sends the plan and calls `apply` before the
+//! next `check` (two plans checked against the same state could otherwise both pass a hold).
 
 mod holds;
 mod interlocks;
@@ -750,6 +753,8 @@ impl Safety {
         self.relays = snapshot
             .relays
             .into_iter()
+            // A relay number no slave has cannot be on; keeping it would only make bad plans.
+            .filter(|e| e.relay.relay <= MAX_RELAY)
             .map(|e| {
                 let mut relay = e.relay;
                 relay.slave_mac = relay.slave_mac.to_ascii_uppercase();
