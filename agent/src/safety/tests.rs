@@ -116,6 +116,15 @@ fn interlocks_deserialize_from_toml_shaped_json() {
 }
 
 #[test]
+fn interlocks_refuse_unknown_keys() {
+    let e = serde_json::from_value::<Interlocks>(serde_json::json!({
+        "limits": [{"master": M, "slave_mac": MAC, "relay": 2, "max_on_second": 60}]
+    }))
+    .unwrap_err();
+    assert!(e.to_string().contains("max_on_second"), "{e}");
+}
+
+#[test]
 fn invalid_config_refuses_ons_but_allows_offs() {
     let mut i = interlocks();
     i.limits[0].max_on_seconds = Some(0);
