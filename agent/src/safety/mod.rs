@@ -762,6 +762,17 @@ impl Safety {
             })
             .collect();
         self.emergency = snapshot.emergency;
+        // A latched snapshot with relays on (cut short while sending the offs): off at once.
+        if let Some(latch) = &self.emergency {
+            for st in self.relays.values_mut() {
+                if matches!(st, RelayState::On { .. }) {
+                    *st = RelayState::OffPending {
+                        since_ms: latch.since_ms,
+                        send_at_ms: latch.since_ms,
+                    };
+                }
+            }
+        }
     }
 
     /// Relays believed on, with their off-deadline.

@@ -480,6 +480,22 @@ fn snapshot_restore_keeps_deadlines_and_latch() {
 }
 
 #[test]
+fn restoring_a_latched_snapshot_with_relays_on_switches_them_off() {
+    let mut s = Safety::new(interlocks());
+    run(&mut s, req(Source::Rule, 50, vec![(7, on(0))]), 0);
+    let mut snap = s.snapshot();
+    snap.emergency = Some(EmergencyLatch {
+        reason: "x".into(),
+        by: "y".into(),
+        since_ms: 5,
+    });
+    let mut t = Safety::new(interlocks());
+    t.restore(snap);
+    assert!(t.relays_on().is_empty());
+    assert_eq!(t.due(6)[0].switches[0].relay, 7);
+}
+
+#[test]
 fn apply_during_latch_switches_straight_back_off() {
     let mut s = Safety::new(interlocks());
     let plan = s
