@@ -637,3 +637,84 @@ proptest! {
         }
     }
 }
+
+const N: usize = 14;
+
+/// Brute force: is `id` runnable (every nested macro known, no cycle, at most 8 levels)?
+fn oracle(id: usize, graph: &[Vec<usize>], path: &mut Vec<usize>) -> bool {
+    if id >= graph.len() || path.contains(&id) || path.len() > MAX_NESTING {
+        return false;
+    }
+    path.push(id);
+    let ok = graph[id].iter().all(|&c| oracle(c, graph, path));
+    path.pop();
+    ok
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The catalog keeps exactly the macros the brute force accepts, and each kept macro runs
+    /// to completion.
+    #[test]
+    fn catalog_matches_brute_force(
+        random in prop::collection::vec(
+            prop::collection::vec(prop_oneof![6 => Just(usize::MAX), 1 => 0usize..N + 1], 0..3),
+            N,
+        ),
+        chain in prop::collection::vec(prop::bool::weighted(0.85), N),
+        skip in prop::collection::vec(prop::bool::weighted(0.2), N),
+    ) {
+        // Mostly forward edges (deep chains, diamonds), some arbitrary ones (cycles, unknown id N).
+        let graph: Vec<Vec<usize>> = (0..N)
+            .map(|i| {
+                let mut kids: Vec<usize> = random[i].iter().copied().filter(|c| *c != usize::MAX).collect();
+                if chain[i] && i + 1 < N {
+                    kids.push(i + 1);
+                }
+                if skip[i] && i + 2 < N {
+                    kids.push(i + 2);
+                }
+                kids
+            })
+            .collect();
+        let defs: Vec<MacroDef> = graph
+            .iter()
+            .enumerate()
+            .map(|(i, kids)| {
+                let mut steps: Vec<Value> = kids.iter().enumerate()
+                    .map(|(s, c)| nested(s as i64, &format!("n{c}"))).collect();
+                steps.push(json!({"sequence": 100, "action_type": "delay", "delay_ms": 10}));
+                def(&format!("n{i}"), steps)
+            })
+            .collect();
+        let (c, bad) = MacroCatalog::new(defs);
+        for i in 0..N {
+            let want = oracle(i, &graph, &mut Vec::new());
+            let id = format!("n{i}");
+            prop_assert_eq!(c.get(&id).is_some(), want, "{} {:?} {:?}", id, graph, bad);
+            if want {
+                let mut r = MacroRunner::new();
+                r.start(&c, &id, "p", 0).unwrap();
+                let mut now = 0;
+                let mut done = None;
+                for _ in 0..100_000 {
+                    let Some(d) = r.next_deadline_ms() else { break };
+                    now = now.max(d);
+                    for e in r.poll(&c, now, &mut |_| Ok(true)) {
+                        if let MacroEffect::Finished { outcome, .. } = e {
+                            done = Some(outcome);
+                        }
+                    }
+                }
+                prop_assert!(
+                    matches!(done, Some(MacroOutcome::Completed) | Some(MacroOutcome::Failed(_))),
+                    "{:?}", done
+                );
+                if let Some(MacroOutcome::Failed(w)) = done {
+                    prop_assert!(w.contains("more than"), "{}", w);
+                }
+            }
+        }
+    }
+}

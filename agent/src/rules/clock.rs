@@ -1,6 +1,7 @@
 //! Unix milliseconds from tokio's clock, so rule timing follows `tokio::time::pause` and
 //! `advance` in tests and the wall clock in production.
 
+use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
@@ -45,5 +46,43 @@ impl Clock {
         // Far-future deadlines are capped at a year; the loop recomputes them on wake.
         let ahead = ahead.min(365 * 86_400_000);
         self.anchor + Duration::from_millis(ahead)
+    }
+}
+
+/// Where the driver gets the time and how it waits. `Clock` (tokio's clock) in production;
+/// tests may drive a manual source so no test ever sleeps for real.
+pub trait TimeSource {
+    fn now_ms(&self) -> i64;
+    /// Completes once the time is at or past `unix_ms`.
+    fn sleep_until_ms(&self, unix_ms: i64) -> impl Future<Output = ()> + Send;
+}
+
+impl TimeSource for Clock {
+    fn now_ms(&self) -> i64 {
+        Clock::now_ms(self)
+    }
+
+    fn sleep_until_ms(&self, unix_ms: i64) -> impl Future<Output = ()> + Send {
+        tokio::time::sleep_until(self.instant_at(unix_ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_unix_ms_to_instants_and_back() {
+        let clock = Clock::starting_at(1_000_000);
+        let now = clock.now_ms();
+        assert!((1_000_000..1_060_000).contains(&now));
+        assert_eq!(
+            clock.instant_at(1_005_000) - clock.instant_at(1_000_000),
+            Duration::from_secs(5)
+        );
+        // Past times map to the anchor; far futures are capped rather than overflowing.
+        assert_eq!(clock.instant_at(i64::MIN), clock.instant_at(0));
+        assert!(clock.instant_at(i64::MAX) > clock.instant_at(1_000_000));
+        assert!(Clock::new().now_ms() > 1_600_000_000_000);
     }
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use tokio::sync::mpsc;
 
-use super::clock::Clock;
+use super::clock::{Clock, TimeSource};
 use super::compile::Catalog;
 use super::contradiction::Contradiction;
 use super::engine::{Engine, Firing, RuleProblem};
@@ -36,8 +36,18 @@ pub enum EngineOutput {
 
 /// Runs until `input` closes (or `output` does).
 pub async fn run_engine(
-    mut engine: Engine,
+    engine: Engine,
     clock: Clock,
+    input: mpsc::Receiver<EngineInput>,
+    output: mpsc::Sender<EngineOutput>,
+) {
+    run_engine_with(engine, clock, input, output).await;
+}
+
+/// `run_engine` on any time source.
+pub async fn run_engine_with<T: TimeSource>(
+    mut engine: Engine,
+    clock: T,
     mut input: mpsc::Receiver<EngineInput>,
     output: mpsc::Sender<EngineOutput>,
 ) {
@@ -61,7 +71,7 @@ pub async fn run_engine(
                     EngineInput::Blocked(blocked) => engine.set_blocked(blocked),
                 }
             }
-            () = tokio::time::sleep_until(clock.instant_at(deadline.unwrap_or(i64::MAX))), if deadline.is_some() => {
+            () = clock.sleep_until_ms(deadline.unwrap_or(i64::MAX)), if deadline.is_some() => {
                 out.extend(engine.on_tick(clock.now_ms()).into_iter().map(EngineOutput::Fired));
             }
         }

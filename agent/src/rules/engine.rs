@@ -135,7 +135,6 @@ impl Engine {
             .drain(..)
             .map(|l| (l.rule.uuid.clone(), l))
             .collect();
-        self.dirty.clear();
         for rule in compiled {
             let timed = rule.root.is_timed();
             let loaded = match old.remove(&rule.uuid) {
@@ -346,7 +345,7 @@ impl Engine {
                 }
                 if at_limit {
                     if let Some(first) = state.recent_firings_ms.iter().min() {
-                        earlier(&mut due, first + HOUR_MS);
+                        earlier(&mut due, first.saturating_add(HOUR_MS));
                     }
                 }
             }

@@ -255,7 +255,7 @@ pub fn eval(node: &Node, ctx: &mut Ctx<'_>) -> Outcome {
                     Some(occurrence) if occurrence <= now => {
                         // Consumed whether or not the rule fires: edge-triggered.
                         ctx.state.schedule_last_ms.insert(node.path.clone(), now);
-                        now - occurrence <= SCHEDULE_GRACE_MS
+                        now.saturating_sub(occurrence) <= SCHEDULE_GRACE_MS
                     }
                     _ => false,
                 },
@@ -280,7 +280,7 @@ pub fn eval(node: &Node, ctx: &mut Ctx<'_>) -> Outcome {
                 .entry(node.path.clone())
                 .or_insert(now))
             .min(now);
-            let held = now - since;
+            let held = now.saturating_sub(since);
             let what = out.why.join(" and ");
             if held >= hold_ms {
                 out.why = vec![format!("{what} held {} s", held / 1000)];
@@ -291,7 +291,7 @@ pub fn eval(node: &Node, ctx: &mut Ctx<'_>) -> Outcome {
                     held / 1000,
                     hold_ms / 1000
                 )];
-                ctx.deadline(since + hold_ms);
+                ctx.deadline(since.saturating_add(hold_ms));
             }
         } else {
             ctx.state.held_since_ms.remove(&node.path);

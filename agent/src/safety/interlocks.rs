@@ -8,6 +8,8 @@ pub const MAX_RELAY: u8 = 15;
 
 /// Relays of one slave that must never be on together (e.g. "Marcha Frente" / "Marcha Ré").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+// A misspelt key ("max_on_second") must not silently drop a protection.
+#[serde(deny_unknown_fields)]
 pub struct MutexGroup {
     pub name: String,
     pub master: String,
@@ -17,6 +19,7 @@ pub struct MutexGroup {
 
 /// Time limits of one relay; `None` means no limit (max-on falls back to the default).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RelayLimit {
     pub master: String,
     pub slave_mac: String,
@@ -29,6 +32,7 @@ pub struct RelayLimit {
 
 /// The `[interlocks]` part of the config.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Interlocks {
     #[serde(default)]
     pub mutex_groups: Vec<MutexGroup>,

@@ -116,6 +116,15 @@ fn interlocks_deserialize_from_toml_shaped_json() {
 }
 
 #[test]
+fn interlocks_refuse_unknown_keys() {
+    let e = serde_json::from_value::<Interlocks>(serde_json::json!({
+        "limits": [{"master": M, "slave_mac": MAC, "relay": 2, "max_on_second": 60}]
+    }))
+    .unwrap_err();
+    assert!(e.to_string().contains("max_on_second"), "{e}");
+}
+
+#[test]
 fn invalid_config_refuses_ons_but_allows_offs() {
     let mut i = interlocks();
     i.limits[0].max_on_seconds = Some(0);
@@ -468,6 +477,22 @@ fn snapshot_restore_keeps_deadlines_and_latch() {
     t.restore(s.snapshot());
     // Down past the deadline: due at once after the restart.
     assert_eq!(t.due(100_000).len(), 1);
+}
+
+#[test]
+fn restoring_a_latched_snapshot_with_relays_on_switches_them_off() {
+    let mut s = Safety::new(interlocks());
+    run(&mut s, req(Source::Rule, 50, vec![(7, on(0))]), 0);
+    let mut snap = s.snapshot();
+    snap.emergency = Some(EmergencyLatch {
+        reason: "x".into(),
+        by: "y".into(),
+        since_ms: 5,
+    });
+    let mut t = Safety::new(interlocks());
+    t.restore(snap);
+    assert!(t.relays_on().is_empty());
+    assert_eq!(t.due(6)[0].switches[0].relay, 7);
 }
 
 #[test]
