@@ -124,7 +124,11 @@ pub enum Inbound {
     RelayState(DeviceId, RelayStateReport),
     /// Someone pressed stop; the reason if the payload said one. Stopping is always safe, so a
     /// payload that does not decode still stops (PROTOCOL.md).
-    EmergencyStop(Option<String>),
+    EmergencyStop {
+        reason: Option<String>,
+        /// When the stop was issued (absent from buttons that do not say).
+        issued_at_ms: Option<u64>,
+    },
     EmergencyReset,
     /// A topic of ours that the agent does not act on (its own publications, config echoes).
     Ignored,
@@ -209,11 +213,16 @@ pub fn decode_inbound(
         }
         // An empty retained payload is how the agent clears a stop; it releases nothing.
         Topic::EmergencyStop if payload.is_empty() => Inbound::Ignored,
-        Topic::EmergencyStop => Inbound::EmergencyStop(
-            firmware_protocol::message::Emergency::decode(payload)
-                .map(|e| e.reason)
-                .unwrap_or_else(|e| Some(format!("stop payload did not decode ({e})"))),
-        ),
+        Topic::EmergencyStop => match firmware_protocol::message::Emergency::decode(payload) {
+            Ok(e) => Inbound::EmergencyStop {
+                reason: e.reason,
+                issued_at_ms: e.issued_at_ms,
+            },
+            Err(e) => Inbound::EmergencyStop {
+                reason: Some(format!("stop payload did not decode ({e})")),
+                issued_at_ms: None,
+            },
+        },
         Topic::EmergencyReset => Inbound::EmergencyReset,
         Topic::Command(_) | Topic::Config(_) | Topic::GatewayStatus(_) => Inbound::Ignored,
     })

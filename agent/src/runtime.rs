@@ -518,7 +518,7 @@ async fn inbound_loop(
             Inbound::Discovered(_) => "discovered",
             Inbound::Status(..) => "status",
             Inbound::RelayState(..) => "relay_state",
-            Inbound::EmergencyStop(_) | Inbound::EmergencyReset => "emergency",
+            Inbound::EmergencyStop { .. } | Inbound::EmergencyReset => "emergency",
             Inbound::Ignored => "ignored",
         };
         shared
@@ -590,13 +590,16 @@ async fn inbound_loop(
                 }
                 record_relay_states(&shared, device.as_str(), &report, now).await;
             }
-            Inbound::EmergencyStop(reason) => {
+            Inbound::EmergencyStop {
+                reason,
+                issued_at_ms,
+            } => {
                 let _ = shared
                     .automation
                     .send(AutomationInput::Stop {
                         reason: reason.unwrap_or_else(|| "stop published on MQTT".into()),
                         by: "mqtt".into(),
-                        source: LatchSource::Mqtt,
+                        source: LatchSource::Mqtt { issued_at_ms },
                         reply: None,
                     })
                     .await;

@@ -28,7 +28,10 @@ pub const MACRO_PRIORITY: i32 = 60;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LatchSource {
     LocalApi,
-    Mqtt,
+    /// A stop heard on `autocore/emergency/stop`, with its issue time if it said one.
+    Mqtt {
+        issued_at_ms: Option<u64>,
+    },
     Cloud,
 }
 
@@ -36,7 +39,7 @@ impl LatchSource {
     fn as_str(self) -> &'static str {
         match self {
             LatchSource::LocalApi => "local API",
-            LatchSource::Mqtt => "MQTT",
+            LatchSource::Mqtt { .. } => "MQTT",
             LatchSource::Cloud => "cloud",
         }
     }
@@ -750,9 +753,19 @@ impl Automation {
         now_ms: i64,
     ) -> (bool, Step) {
         let mut step = Step::default();
+        if let LatchSource::Mqtt { issued_at_ms } = source {
+            // Our own stop comes back to us from the broker (and a retained one on every
+            // reconnect): one issued before the latch last changed here is not news.
+            let old = issued_at_ms.is_some_and(|t| t as i64 <= self.latch_changed_ms);
+            if old || self.safety.emergency().is_some() {
+                return (false, step);
+            }
+        }
         let newly = self.safety.emergency_stop(reason, by, now_ms);
-        // The stop is published even when already latched: a master that missed it hears it.
-        let stop = firmware_protocol::message::Emergency::new(reason);
+        // Published even when already latched (from the API or the cloud): a master that missed
+        // the stop hears it. Stamped, so that its echo is recognised.
+        let mut stop = firmware_protocol::message::Emergency::new(reason);
+        stop.issued_at_ms = Some(now_ms.max(0) as u64);
         if let Ok(bytes) = firmware_protocol::Payload::encode(&stop) {
             step.publish.push((
                 firmware_protocol::topic::Topic::EmergencyStop.to_string(),
@@ -764,7 +777,9 @@ impl Automation {
             return (false, step);
         }
         self.latch_changed_ms = now_ms;
-        step.write.cursors.push(("latch_changed_ms".into(), now_ms.to_string()));
+        step.write
+            .cursors
+            .push(("latch_changed_ms".into(), now_ms.to_string()));
         for (id, _) in self.runner.running() {
             let (_, cancelled) = self.cancel_macro(&id, now_ms);
             step.merge(cancelled);
@@ -801,11 +816,14 @@ impl Automation {
             return (false, step);
         }
         self.latch_changed_ms = now_ms;
-        step.write.cursors.push(("latch_changed_ms".into(), now_ms.to_string()));
+        step.write
+            .cursors
+            .push(("latch_changed_ms".into(), now_ms.to_string()));
         // Clear the retained stop first, so a master reconnecting later does not latch again.
         let stop_topic = firmware_protocol::topic::Topic::EmergencyStop.to_string();
         step.publish.push((stop_topic, Vec::new(), true));
-        let reset = firmware_protocol::message::Emergency::new(format!("reset by {by}"));
+        let mut reset = firmware_protocol::message::Emergency::new(format!("reset by {by}"));
+        reset.issued_at_ms = Some(now_ms.max(0) as u64);
         if let Ok(bytes) = firmware_protocol::Payload::encode(&reset) {
             step.publish.push((
                 firmware_protocol::topic::Topic::EmergencyReset.to_string(),

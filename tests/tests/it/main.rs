@@ -3,6 +3,7 @@
 mod agent_crash;
 mod agent_flow;
 mod agent_local_api;
+mod agent_rules;
 mod command_queue;
 mod harness;
 mod pgtap;

@@ -238,3 +238,84 @@ pub fn insert_pending_commands(world: &World, master: &str, n: usize) {
            from generate_series(1, {n}) g"
     ));
 }
+
+/// Runs a simulator until the returned sender is dropped.
+pub fn start_sim(config: firmware_protocol::sim::SimConfig) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = firmware_protocol::sim::run(config, async move {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    stop
+}
+
+/// An agent serving MASTER for alice (pi-alice), stopped when dropped.
+pub struct Agent {
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+    /// The local API's base URL.
+    pub api: String,
+    pub db: std::path::PathBuf,
+    pub config: autocore_agent::config::AgentConfig,
+}
+
+/// Starts an agent on the world's stack; `extra_toml` adds sections ([engine], [safety], ...).
+pub async fn start_agent(world: &World, key_hex: &str, extra_toml: &str) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = world
+        .stack
+        .token(&autocore_stack::Claims::agent(ALICE, "pi-alice"));
+    let toml = format!(
+        r#"
+        [agent]
+        id = "pi-alice"
+        [store]
+        path = "{db}"
+        telemetry_flush_ms = 100
+        [cloud]
+        rest_url = "{rest}"
+        jwt = "{jwt}"
+        poll_interval_ms = 200
+        request_timeout_ms = 2000
+        [mqtt]
+        url = "{mqtt}"
+        ack_timeout_ms = 2000
+        [api]
+        listen = "127.0.0.1:0"
+        {extra_toml}
+        [[masters]]
+        device_id = "{MASTER}"
+        key = "{key_hex}"
+        "#,
+        db = dir.path().join("agent.db").display(),
+        rest = world.stack.rest_url().unwrap(),
+        mqtt = world.stack.mqtt_url().unwrap(),
+    );
+    let config = autocore_agent::config::AgentConfig::from_toml(
+        &toml,
+        std::path::Path::new("test.toml"),
+        std::iter::empty(),
+    )
+    .unwrap();
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api_url = format!("http://{}", api.local_addr().unwrap());
+    let mut kept = config.clone();
+    kept.api.listen = api.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        autocore_agent::run(config, api, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("agent runs");
+    });
+    Agent {
+        _stop: stop,
+        _dir: dir,
+        api: api_url,
+        db: kept.store.path.clone(),
+        config: kept,
+    }
+}
