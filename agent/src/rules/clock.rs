@@ -1,7 +1,6 @@
 //! Unix milliseconds from tokio's clock, so rule timing follows `tokio::time::pause` and
 //! `advance` in tests and the wall clock in production.
 
-use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
@@ -46,24 +45,6 @@ impl Clock {
         // Far-future deadlines are capped at a year; the loop recomputes them on wake.
         let ahead = ahead.min(365 * 86_400_000);
         self.anchor + Duration::from_millis(ahead)
-    }
-}
-
-/// Where the driver gets the time and how it waits. `Clock` (tokio's clock) in production;
-/// tests may drive a manual source so no test ever sleeps for real.
-pub trait TimeSource {
-    fn now_ms(&self) -> i64;
-    /// Completes once the time is at or past `unix_ms`.
-    fn sleep_until_ms(&self, unix_ms: i64) -> impl Future<Output = ()> + Send;
-}
-
-impl TimeSource for Clock {
-    fn now_ms(&self) -> i64 {
-        Clock::now_ms(self)
-    }
-
-    fn sleep_until_ms(&self, unix_ms: i64) -> impl Future<Output = ()> + Send {
-        tokio::time::sleep_until(self.instant_at(unix_ms))
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use tokio::sync::mpsc;
 
-use super::clock::{Clock, TimeSource};
+use super::clock::Clock;
 use super::compile::Catalog;
 use super::contradiction::Contradiction;
 use super::engine::{Engine, Firing, RuleProblem};
@@ -34,20 +34,11 @@ pub enum EngineOutput {
     Contradictions(Vec<Contradiction>),
 }
 
-/// Runs until `input` closes (or `output` does).
+/// Runs until `input` closes (or `output` does). Time comes from `clock`, i.e. tokio's clock:
+/// the wall clock in production, the paused clock (`advance`, auto-advance) in tests.
 pub async fn run_engine(
-    engine: Engine,
-    clock: Clock,
-    input: mpsc::Receiver<EngineInput>,
-    output: mpsc::Sender<EngineOutput>,
-) {
-    run_engine_with(engine, clock, input, output).await;
-}
-
-/// `run_engine` on any time source.
-pub async fn run_engine_with<T: TimeSource>(
     mut engine: Engine,
-    clock: T,
+    clock: Clock,
     mut input: mpsc::Receiver<EngineInput>,
     output: mpsc::Sender<EngineOutput>,
 ) {
@@ -71,7 +62,7 @@ pub async fn run_engine_with<T: TimeSource>(
                     EngineInput::Blocked(blocked) => engine.set_blocked(blocked),
                 }
             }
-            () = clock.sleep_until_ms(deadline.unwrap_or(i64::MAX)), if deadline.is_some() => {
+            () = tokio::time::sleep_until(clock.instant_at(deadline.unwrap_or(i64::MAX))), if deadline.is_some() => {
                 out.extend(engine.on_tick(clock.now_ms()).into_iter().map(EngineOutput::Fired));
             }
         }

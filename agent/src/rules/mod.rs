@@ -21,10 +21,10 @@ pub mod window;
 #[cfg(test)]
 mod tests;
 
-pub use clock::{Clock, TimeSource};
+pub use clock::Clock;
 pub use compile::{Catalog, CompiledRule, compile};
 pub use contradiction::{Contradiction, contradictions};
-pub use driver::{EngineInput, EngineOutput, run_engine, run_engine_with};
+pub use driver::{EngineInput, EngineOutput, run_engine};
 pub use engine::{Engine, EngineSettings, Firing, FiringReading, RuleProblem};
 pub use error::RuleError;
 pub use model::{Action, Condition, Operator, RuleJson, Weekday, schema_json};

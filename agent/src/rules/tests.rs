@@ -1,7 +1,9 @@
-//! Rule language, compiler, engine and driver tests. Driver tests run on a manual clock: time
-//! only moves when a test advances it, so minutes of rule time take milliseconds.
+//! Rule language, compiler, engine and driver tests. Driver tests run `run_engine` on tokio's
+//! paused clock: time only moves when a test advances it (or every task waits on a timer), so
+//! hours of rule time take milliseconds.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use jiff::tz::TimeZone;
 use proptest::prelude::*;
@@ -782,70 +784,49 @@ fn replay_applies_cooldown_and_fires_held_for_between_readings() {
     );
 }
 
-// ---- driver on a manual clock ----
+// ---- driver on tokio's paused clock ----
 //
-// tokio's paused clock needs tokio's `test-util` feature, which the agent's dev-dependencies
-// do not enable; a manual `TimeSource` drives the same loop, and nothing sleeps for real.
+// `start_paused`: tokio's clock stands still until a test calls `tokio::time::advance`, or
+// until every task waits on a timer, when the runtime jumps to the earliest one
+// (auto-advance). The real `run_engine` runs on `Clock::starting_at` a fixed Unix time, so
+// hours of rule time take milliseconds and nothing sleeps for real.
 
-/// Time that moves only when the test says so.
-#[derive(Debug, Clone)]
-struct ManualTime(std::sync::Arc<tokio::sync::watch::Sender<i64>>);
-
-impl TimeSource for ManualTime {
-    fn now_ms(&self) -> i64 {
-        *self.0.borrow()
-    }
-
-    fn sleep_until_ms(&self, unix_ms: i64) -> impl std::future::Future<Output = ()> + Send {
-        let mut now = self.0.subscribe();
-        async move {
-            let _ = now.wait_for(|t| *t >= unix_ms).await;
-        }
-    }
-}
-
-struct Harness {
+struct Driver {
     input: mpsc::Sender<EngineInput>,
     output: mpsc::Receiver<EngineOutput>,
-    clock: ManualTime,
+    clock: Clock,
 }
 
-impl Harness {
-    fn start(engine: Engine, start_ms: i64) -> Harness {
-        let clock = ManualTime(std::sync::Arc::new(tokio::sync::watch::Sender::new(
-            start_ms,
-        )));
+impl Driver {
+    /// Spawns `run_engine`; call inside a paused runtime, where `start_ms` is now.
+    fn start(engine: Engine, start_ms: i64) -> Driver {
+        let clock = Clock::starting_at(start_ms);
         let (input, input_rx) = mpsc::channel(16);
         let (output_tx, output) = mpsc::channel(100_000);
-        tokio::spawn(run_engine_with(engine, clock.clone(), input_rx, output_tx));
-        Harness {
+        tokio::spawn(run_engine(engine, clock, input_rx, output_tx));
+        Driver {
             input,
             output,
             clock,
         }
     }
 
-    async fn advance_ms(&self, ms: i64) {
-        self.clock.0.send_modify(|t| *t += ms);
-        Self::settle().await;
-    }
-
-    fn with_rules(rules: Vec<RuleRecord>, tz: TimeZone, start_ms: i64) -> Harness {
+    fn with_rules(rules: Vec<RuleRecord>, tz: TimeZone, start_ms: i64) -> Driver {
         let engine = Engine::new(EngineSettings {
             stale_after_ms: 600 * S,
             time_zone: tz,
         });
-        let h = Harness::start(engine, start_ms);
-        h.input
+        let d = Driver::start(engine, start_ms);
+        d.input
             .try_send(EngineInput::Rules {
                 rules,
                 catalog: Catalog::default(),
             })
             .unwrap();
-        h
+        d
     }
 
-    /// Lets the engine task run until it waits again.
+    /// Lets the engine task run until it waits again (yielding never moves the paused clock).
     async fn settle() {
         for _ in 0..8 {
             tokio::task::yield_now().await;
@@ -866,36 +847,61 @@ impl Harness {
         .await;
     }
 
-    /// Advances one second at a time so timers fire at their exact second.
+    /// `tokio::time::advance` one second at a time, so the engine wakes at each second a
+    /// timer is due and sees the time it was due at.
     async fn advance_secs(&self, secs: u64) {
         Self::settle().await;
         for _ in 0..secs {
-            self.advance_ms(S).await;
+            tokio::time::advance(Duration::from_secs(1)).await;
+            Self::settle().await;
         }
+    }
+
+    /// Sleeps on the paused clock: with every task waiting, tokio jumps from one timer to the
+    /// next (the engine's deadlines, then this sleep's end).
+    async fn wait_secs(&self, secs: u64) {
+        Self::settle().await;
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        Self::settle().await;
     }
 
     fn outputs(&mut self) -> Vec<EngineOutput> {
         std::iter::from_fn(|| self.output.try_recv().ok()).collect()
     }
 
-    /// Firing times in seconds since `since_ms`.
-    fn fired_secs(&mut self, since_ms: i64) -> Vec<i64> {
+    fn firings(&mut self) -> Vec<Firing> {
         self.outputs()
             .into_iter()
             .filter_map(|o| match o {
-                EngineOutput::Fired(f) => Some((f.fired_at_ms - since_ms) / S),
+                EngineOutput::Fired(f) => Some(f),
                 _ => None,
             })
             .collect()
     }
+
+    /// Firing times in seconds since `since_ms`.
+    fn fired_secs(&mut self, since_ms: i64) -> Vec<i64> {
+        self.firings()
+            .iter()
+            .map(|f| (f.fired_at_ms - since_ms) / S)
+            .collect()
+    }
+
+    /// (rule_id, seconds since `since_ms`) of each firing.
+    fn fired_rules(&mut self, since_ms: i64) -> Vec<(String, i64)> {
+        self.firings()
+            .into_iter()
+            .map(|f| (f.rule_id, (f.fired_at_ms - since_ms) / S))
+            .collect()
+    }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn driver_cooldown_fires_every_60_s_while_true() {
     let mut rule = record("seed", seed_json());
     rule.cooldown_seconds = 60;
-    let mut h = Harness::with_rules(vec![rule], TimeZone::UTC, T0);
-    Harness::settle().await;
+    let mut h = Driver::with_rules(vec![rule], TimeZone::UTC, T0);
+    Driver::settle().await;
     for _ in 0..=300 {
         h.ph(6.0).await;
         h.advance_secs(1).await;
@@ -903,14 +909,14 @@ async fn driver_cooldown_fires_every_60_s_while_true() {
     assert_eq!(h.fired_secs(T0), [0, 60, 120, 180, 240, 300]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn driver_emits_state_after_its_firing_and_problems_on_load() {
-    let mut h = Harness::with_rules(
+    let mut h = Driver::with_rules(
         vec![record("seed", seed_json()), record("bad", Value::Null)],
         TimeZone::UTC,
         T0,
     );
-    Harness::settle().await;
+    Driver::settle().await;
     h.ph(6.0).await;
     let kinds: Vec<&str> = h
         .outputs()
@@ -931,21 +937,21 @@ async fn driver_emits_state_after_its_firing_and_problems_on_load() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn driver_hourly_limit_is_a_sliding_hour() {
     let mut rule = record("seed", seed_json());
     rule.max_executions_per_hour = 3;
-    let mut h = Harness::with_rules(vec![rule], TimeZone::UTC, T0);
-    Harness::settle().await;
+    let mut h = Driver::with_rules(vec![rule], TimeZone::UTC, T0);
+    Driver::settle().await;
     for _ in 0..=(2 * 360) {
         h.ph(6.0).await;
-        h.advance_ms(10 * S).await;
+        h.advance_secs(10).await;
     }
     let fired = h.fired_secs(T0);
     assert_eq!(fired, [0, 10, 20, 3600, 3610, 3620, 7200]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn driver_held_for_fires_from_the_timer_and_resets_on_false() {
     let rule = record(
         "held",
@@ -953,8 +959,8 @@ async fn driver_held_for_fires_from_the_timer_and_resets_on_false() {
             json!({"type": "sensor_compare", "sensor": "ph", "operator": "<", "value": 6.5, "held_for_seconds": 30}),
         ),
     );
-    let mut h = Harness::with_rules(vec![rule], TimeZone::UTC, T0);
-    Harness::settle().await;
+    let mut h = Driver::with_rules(vec![rule], TimeZone::UTC, T0);
+    Driver::settle().await;
     h.ph(6.0).await; // t=0 starts the timer
     h.advance_secs(10).await;
     h.ph(6.0).await;
@@ -962,24 +968,14 @@ async fn driver_held_for_fires_from_the_timer_and_resets_on_false() {
     h.ph(7.0).await; // t=25 resets it
     h.advance_secs(5).await;
     h.ph(6.0).await; // t=30 starts again
-    h.advance_secs(40).await; // no more readings: the timer fires at t=60
-    let outputs = h.outputs();
-    let fired: Vec<&Firing> = outputs
-        .iter()
-        .filter_map(|o| {
-            if let EngineOutput::Fired(f) = o {
-                Some(f)
-            } else {
-                None
-            }
-        })
-        .collect();
+    h.wait_secs(40).await; // no more readings: the timer fires at t=60
+    let fired = h.firings();
     assert_eq!(fired.len(), 1);
     assert_eq!(fired[0].fired_at_ms, T0 + 60 * S);
     assert_eq!(fired[0].explanation, "ph 6 < 6.5 held 30 s; 1 this hour");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn driver_held_for_resets_when_its_reading_goes_stale() {
     let rule = record(
         "held",
@@ -987,12 +983,12 @@ async fn driver_held_for_resets_when_its_reading_goes_stale() {
             json!({"type": "sensor_compare", "sensor": "ph", "operator": "<", "value": 6.5, "held_for_seconds": 900}),
         ),
     );
-    let mut h = Harness::with_rules(vec![rule], TimeZone::UTC, T0);
-    Harness::settle().await;
+    let mut h = Driver::with_rules(vec![rule], TimeZone::UTC, T0);
+    Driver::settle().await;
     h.ph(6.0).await; // stale at 601 s
-    h.advance_secs(700).await;
+    h.wait_secs(700).await;
     h.ph(6.0).await; // restarts the timer at 700
-    h.advance_secs(950).await;
+    h.wait_secs(950).await;
     assert_eq!(
         h.fired_secs(T0),
         Vec::<i64>::new(),
@@ -1000,7 +996,7 @@ async fn driver_held_for_resets_when_its_reading_goes_stale() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn driver_hysteresis_needs_the_value_to_pass_back() {
     let rule = record(
         "hyst",
@@ -1008,8 +1004,8 @@ async fn driver_hysteresis_needs_the_value_to_pass_back() {
             json!({"type": "sensor_compare", "sensor": "ph", "operator": "<", "value": 6.5, "hysteresis": 0.2}),
         ),
     );
-    let mut h = Harness::with_rules(vec![rule], TimeZone::UTC, T0);
-    Harness::settle().await;
+    let mut h = Driver::with_rules(vec![rule], TimeZone::UTC, T0);
+    Driver::settle().await;
     // Tenths: down 6.8->6.0, wobble up to 6.6 and down (no re-arm), up to 6.8, down to 6.0.
     let mut ramp: Vec<i32> = (60..=68).rev().collect();
     ramp.extend(61..=66);
@@ -1028,7 +1024,7 @@ async fn driver_hysteresis_needs_the_value_to_pass_back() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn driver_schedule_fires_at_each_occurrence() {
     let six = record(
         "six",
@@ -1038,19 +1034,16 @@ async fn driver_schedule_fires_at_each_occurrence() {
         "five",
         json!({"conditions": {"type": "schedule", "cron": "*/10 * * * *"}, "actions": relay_on()}),
     );
-    let mut h = Harness::with_rules(vec![six, five], TimeZone::UTC, T0 + 30 * S);
-    h.advance_secs(20 * 60).await;
-    let fired: Vec<(String, i64)> = h
-        .outputs()
-        .into_iter()
-        .filter_map(|o| {
-            if let EngineOutput::Fired(f) = o {
-                Some((f.rule_id, (f.fired_at_ms - T0) / S))
-            } else {
-                None
-            }
-        })
-        .collect();
+    let wall = std::time::Instant::now();
+    let mut h = Driver::with_rules(vec![six, five], TimeZone::UTC, T0 + 30 * S);
+    h.wait_secs(20 * 60).await;
+    // Twenty minutes of rule time, no real sleeping.
+    assert!(
+        wall.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        wall.elapsed()
+    );
+    let fired = h.fired_rules(T0);
     let at = |id: &str| {
         fired
             .iter()
@@ -1062,7 +1055,7 @@ async fn driver_schedule_fires_at_each_occurrence() {
     assert_eq!(at("five"), [600, 1200]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn driver_time_window_in_a_fixed_zone() {
     // 08:00-08:10 at UTC+2 is 06:00-06:10 UTC.
     let rule = record(
@@ -1071,15 +1064,15 @@ async fn driver_time_window_in_a_fixed_zone() {
         {"type": "time_window", "from": "08:00", "to": "08:10", "days": ["mon"]}]})),
     );
     let open = T0 + 6 * 3600 * S;
-    let mut h = Harness::with_rules(
+    let mut h = Driver::with_rules(
         vec![rule],
         TimeZone::fixed(jiff::tz::offset(2)),
         open - 5 * 60 * S - 30 * S,
     );
-    Harness::settle().await;
+    Driver::settle().await;
     for _ in 0..20 {
         h.ph(6.0).await;
-        h.advance_secs(60).await;
+        h.wait_secs(60).await;
     }
     let fired = h.fired_secs(open);
     // The tick at 08:00:00 fires with the 07:59:30 reading; then each reading until 08:10.
@@ -1088,10 +1081,10 @@ async fn driver_time_window_in_a_fixed_zone() {
     assert!(fired.iter().all(|t| (0..600).contains(t)), "{fired:?}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn driver_stale_readings_never_fire() {
-    let mut h = Harness::with_rules(vec![record("seed", seed_json())], TimeZone::UTC, T0);
-    Harness::settle().await;
+    let mut h = Driver::with_rules(vec![record("seed", seed_json())], TimeZone::UTC, T0);
+    Driver::settle().await;
     for _ in 0..10 {
         let old = h.clock.now_ms() - 601 * S;
         h.send(EngineInput::Reading(reading("ph", 6.0, old))).await;
@@ -1100,9 +1093,9 @@ async fn driver_stale_readings_never_fire() {
     assert_eq!(h.fired_secs(T0), Vec::<i64>::new());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn driver_blocked_fires_nothing_until_unblocked() {
-    let mut h = Harness::with_rules(vec![record("seed", seed_json())], TimeZone::UTC, T0);
+    let mut h = Driver::with_rules(vec![record("seed", seed_json())], TimeZone::UTC, T0);
     h.send(EngineInput::Blocked(true)).await;
     h.ph(6.0).await;
     h.advance_secs(5).await;
@@ -1111,7 +1104,7 @@ async fn driver_blocked_fires_nothing_until_unblocked() {
     assert_eq!(h.fired_secs(T0), [5]);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn driver_restored_state_keeps_cooldown_and_held_for() {
     let mut cool = record("cool", seed_json());
     cool.cooldown_seconds = 60;
@@ -1143,20 +1136,10 @@ async fn driver_restored_state_keeps_cooldown_and_held_for() {
         "restored states are not dirty"
     );
 
-    let mut h = Harness::start(engine, T0);
+    let mut h = Driver::start(engine, T0);
     h.ph(6.0).await;
-    h.advance_secs(40).await;
-    let fired: Vec<(String, i64)> = h
-        .outputs()
-        .into_iter()
-        .filter_map(|o| {
-            if let EngineOutput::Fired(f) = o {
-                Some((f.rule_id, (f.fired_at_ms - T0) / S))
-            } else {
-                None
-            }
-        })
-        .collect();
+    h.wait_secs(40).await;
+    let fired = h.fired_rules(T0);
     // held: 20 s before restart + 10 s after. cool: 30 s left of its cooldown, but only
     // readings drive it and there is one, at t=0.
     assert_eq!(fired, [("held".to_owned(), 10)]);
