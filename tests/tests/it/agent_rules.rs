@@ -241,6 +241,7 @@ async fn with_the_backend_stopped_the_rule_still_fires_and_the_records_arrive_af
                 .ok()?
                 .iter()
                 .filter(|r| r.class == autocore_agent::store::OutboxClass::RuleCommand)
+                .filter(|r| r.payload["command_type"] == "rule")
                 .filter(|r| r.payload["status"] == "completed")
                 .count();
             (completed >= 3 && open.is_empty()).then_some(completed)
@@ -361,4 +362,61 @@ async fn the_emergency_stop_switches_everything_off_blocks_commands_and_holds_un
     }
     let refused = insert_command(&world, MASTER, SLAVE, 3, 5);
     until_status(&world, &refused, "failed", Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_the_engine_cannot_run_gets_its_reason_in_the_dashboard_and_clears_when_fixed() {
+    let world = World::start_full();
+    let alice = world.caller(&Claims::user(ALICE));
+    let (status, body) = alice
+        .send(
+            Method::POST,
+            "/decision_rules",
+            Some(json!({
+                "device_id": MASTER, "rule_id": "RULE_BAD", "rule_name": "typo",
+                "rule_json": {
+                    "conditions": {"type": "sensor_compare", "sensor": "ph", "operator": "=<", "value": 6.5},
+                    "actions": [{"type": "relay_on", "slave_mac_address": SLAVE, "relay_number": 0}]
+                }
+            })),
+            Some("return=representation"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let _agent = agent(&world).await;
+    let error = eventually(
+        "the engine's reason in last_error",
+        Duration::from_secs(30),
+        || {
+            let e = world.sql_one(
+                "select coalesce(last_error, '-') from decision_rules where rule_id = 'RULE_BAD'",
+            );
+            (e != "-").then_some(e)
+        },
+    )
+    .await;
+    assert!(
+        error.contains("=<") && error.contains("operator"),
+        "{error}"
+    );
+    assert_eq!(
+        world.sql_one("select revision from decision_rules where rule_id = 'RULE_BAD'"),
+        "1",
+        "writing the error back is not an edit"
+    );
+    world.sql(
+        "update decision_rules set rule_json = jsonb_set(rule_json, '{conditions,operator}', '\"<=\"')
+          where rule_id = 'RULE_BAD'",
+    );
+    eventually(
+        "the error cleared once the rule is fixed",
+        Duration::from_secs(30),
+        || {
+            (world.sql_one(
+                "select coalesce(last_error, '-') from decision_rules where rule_id = 'RULE_BAD'",
+            ) == "-")
+                .then_some(())
+        },
+    )
+    .await;
 }
