@@ -163,11 +163,11 @@ async fn the_seed_ph_rule_fires_once_per_cooldown_and_the_cloud_learns_each_firi
 
     // The relay goes on when pH falls below 6.5.
     eventually("relay 0 on in the cloud", Duration::from_secs(30), || {
-        (world.sql_one(&format!(
+        (world.sql(&format!(
             "select coalesce(relay_states[1], false) from relay_slaves
               where master_device_id = '{MASTER}' and slave_mac_address = '{SLAVE}'"
-        )) == "t")
-            .then_some(())
+        )) == ["t"])
+        .then_some(())
     })
     .await;
     eventually("four firings in the cloud", Duration::from_secs(30), || {
@@ -200,6 +200,24 @@ async fn the_seed_ph_rule_fires_once_per_cooldown_and_the_cloud_learns_each_firi
     })
     .await;
     assert_each_execution_has_its_one_command(&world);
+
+    // `autocore-agent rules test` replays the rule over the readings the Pi kept and lists when
+    // it would have fired: the same firings, a cooldown apart.
+    let now = autocore_agent::runtime::now_ms();
+    let report = autocore_agent::cli::rules_test(
+        &agent.config,
+        &autocore_agent::cli::RuleUnderTest::Named("RULE_001".into()),
+        now - 600_000,
+        now,
+    )
+    .unwrap();
+    let replayed = report.lines().filter(|l| l.starts_with("  ")).count();
+    assert!(
+        replayed + 1 >= times.len() && replayed <= times.len() + 1,
+        "replay lists about the live firings ({} live):\n{report}",
+        times.len()
+    );
+    assert!(report.contains("< 6.5"), "{report}");
     let explanation = world.sql_one(
         "select explanation from rule_executions where rule_id = 'RULE_001' order by executed_at limit 1",
     );
