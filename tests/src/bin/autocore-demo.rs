@@ -1,6 +1,8 @@
-//! `autocore-demo`: the whole flow on the local stack, narrated for a person. At this stage: a
-//! dashboard user registers an agent and a master, sends three commands through PostgREST, and
-//! the agent locks them through the RPC in hand-out order and completes one.
+//! `autocore-demo`: the whole flow on the local stack, narrated for a person: a dashboard user
+//! registers an agent and a master, sends commands through PostgREST, and the RPC hands them out
+//! in order; then the real agent with a simulated ESP32 runs a dashboard command, the seed's pH
+//! rule fires on the simulator's falling pH with the backend up and again with it down (the
+//! records arrive when it returns), and the emergency stop holds until the operator resets it.
 
 use anyhow::{Context, bail};
 use autocore_stack::{Claims, Stack, StackOptions};
@@ -141,6 +143,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 const KEY_HEX: &str = "5f1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
+/// The local API's operator token in this demo (a real one lives in the agent's config only).
+const OPERATOR: &str = "demo-operator-token";
+const RULE_COOLDOWN_S: u32 = 5;
+const RULE_DURATION_S: u32 = 3;
 
 /// Part two: the real agent and a simulated ESP32 master with one slave board.
 async fn edge_demo(
@@ -178,12 +184,12 @@ async fn edge_demo(
                 source: SensorSource::Ramp {
                     from: 6.8,
                     to: 6.0,
-                    steps: 120,
+                    steps: 60,
                 },
             }],
         }],
         timing: MasterTiming {
-            telemetry_interval_ms: 500,
+            telemetry_interval_ms: 250,
             ..MasterTiming::default()
         },
         radio: RadioSpec {
@@ -206,6 +212,7 @@ async fn edge_demo(
         "[agent]\nid = \"{AGENT}\"\n[store]\npath = \"{db}\"\ntelemetry_flush_ms = 200\n\
          [cloud]\nrest_url = \"{rest}\"\njwt = \"{jwt}\"\npoll_interval_ms = 500\n\
          [mqtt]\nurl = \"{mqtt}\"\n[api]\nlisten = \"127.0.0.1:0\"\n\
+         [engine]\nstale_after_ms = 10000\n[safety]\noperator_token = \"{OPERATOR}\"\n\
          [[masters]]\ndevice_id = \"{MASTER}\"\nkey = \"{KEY_HEX}\"\n",
         db = dir.path().join("agent.db").display(),
         rest = stack.rest_url()?,
@@ -219,6 +226,8 @@ async fn edge_demo(
     )?;
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let health_url = format!("http://{}/health", api.local_addr()?);
+    let local_api = format!("http://{}", api.local_addr()?);
+    let db = dir.path().join("agent.db");
     let (agent_stop, agent_stopped) = tokio::sync::oneshot::channel::<()>();
     let agent_task = tokio::spawn(autocore_agent::run(config, api, async move {
         let _ = agent_stopped.await;
@@ -257,11 +266,68 @@ async fn edge_demo(
         slaves[0]["relay_states"]
     );
 
+    step("The dashboard creates the seed's rule through PostgREST: pH < 6.5 -> relay 0 on");
+    let rule = post(
+        http,
+        &rest,
+        dashboard,
+        "/decision_rules",
+        json!({
+            "device_id": MASTER, "rule_id": "RULE_001", "rule_name": "Ajustar pH quando baixo",
+            "rule_json": {
+                "conditions": {"type": "sensor_compare", "sensor": "ph", "operator": "<", "value": 6.5},
+                "actions": [{"type": "relay_on", "slave_mac_address": SLAVE_MAC, "relay_number": 0,
+                             "duration_seconds": RULE_DURATION_S}]
+            },
+            "priority": 50, "cooldown_seconds": RULE_COOLDOWN_S, "max_executions_per_hour": 60
+        }),
+    )
+    .await?;
+    println!(
+        "    rule {} (cooldown {RULE_COOLDOWN_S} s, relay on {RULE_DURATION_S} s); the agent mirrors it and evaluates every reading",
+        rule[0]["id"]
+    );
+
+    step(
+        "pH falls below 6.5: the rule fires on the Pi, the slave runs it, the cloud learns afterwards",
+    );
+    let fired = wait_for(
+        http,
+        &rest,
+        dashboard,
+        "/rule_executions?select=executed_at,result,explanation&order=executed_at",
+        |rows| rows.as_array().is_some_and(|r| r.len() >= 2),
+    )
+    .await?;
+    for row in fired.as_array().into_iter().flatten() {
+        println!(
+            "    {}  {}",
+            row["executed_at"],
+            row["explanation"].as_str().unwrap_or("")
+        );
+    }
+    let rule_commands = get(
+        http,
+        &rest,
+        dashboard,
+        "/relay_commands_slave?select=id,command_type,triggered_by,rule_id,priority,relay_numbers,actions,status&command_type=eq.rule&triggered_by=eq.rule&status=eq.completed&order=id",
+    )
+    .await?;
+    for row in rule_commands.as_array().into_iter().flatten() {
+        println!(
+            "    {}  triggered_by {}  rule {}",
+            describe(row),
+            row["triggered_by"],
+            row["rule_id"]
+        );
+    }
+
     step(
         "The backend goes away (PostgREST and Postgres stopped); the agent keeps control and queues",
     );
+    let before = rule_commands.as_array().map_or(0, |r| r.len());
     stack.stop_backend();
-    for _ in 0..5 {
+    for _ in 0..8 {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let h: Value = http.get(&health_url).send().await?.json().await?;
         println!(
@@ -269,6 +335,15 @@ async fn edge_demo(
             h["backend_reachable"], h["outbox"]["depth"]
         );
     }
+
+    let offline = autocore_agent::store::Store::open(&db)?
+        .outbox_due(i64::MAX, 10_000)?
+        .into_iter()
+        .filter(|r| r.payload["kind"] == "execution")
+        .count();
+    println!(
+        "    the rule fired {offline} times while the backend was away; the records wait in the outbox"
+    );
 
     step("The backend returns; the outbox drains in order, each row once");
     stack.restart_backend().context("restarting the backend")?;
@@ -301,6 +376,100 @@ async fn edge_demo(
     )
     .await?;
     println!("    latest pH in the cloud: {}", readings[0]["value"]);
+    let after = get(
+        http,
+        &rest,
+        dashboard,
+        "/relay_commands_slave?select=id&command_type=eq.rule&triggered_by=eq.rule&status=eq.completed",
+    )
+    .await?;
+    println!(
+        "    rule commands in the cloud: {before} before the outage, {} now (each once)",
+        after.as_array().map_or(0, |r| r.len())
+    );
+
+    step(
+        "Emergency stop from the Pi's local API: every relay off on every master, all commands blocked",
+    );
+    let stopped: Value = http
+        .post(format!("{local_api}/emergency/stop"))
+        .json(&json!({"reason": "demo: water on the floor", "by": "grower"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    println!("    {stopped}");
+    let latched = wait_for(
+        http,
+        &rest,
+        dashboard,
+        "/system_status?select=emergency_stop,emergency_reason",
+        |rows| rows[0]["emergency_stop"] == true,
+    )
+    .await?;
+    println!("    system_status in the cloud: {}", latched[0]);
+    let refused = post(
+        http,
+        &rest,
+        dashboard,
+        "/relay_commands_slave",
+        json!({"master_device_id": MASTER, "slave_mac_address": SLAVE_MAC, "relay_numbers": [2], "actions": ["on"], "duration_seconds": [5]}),
+    )
+    .await?;
+    let id = refused[0]["id"].as_i64().context("command id")?;
+    let failed = wait_for(
+        http,
+        &rest,
+        dashboard,
+        &format!("/relay_commands_slave?id=eq.{id}"),
+        |rows| rows[0]["status"] == "failed",
+    )
+    .await?;
+    println!(
+        "    {}  {}",
+        describe(&failed[0]),
+        failed[0]["error_message"].as_str().unwrap_or("")
+    );
+    let critical = get(
+        http,
+        &rest,
+        dashboard,
+        "/event_logs?select=severity,message&event_type=eq.emergency_stop",
+    )
+    .await?;
+    println!(
+        "    event: {} {}",
+        critical[0]["severity"], critical[0]["message"]
+    );
+
+    step(
+        "Reset: refused without the operator token, accepted with it; nothing switches back on by itself",
+    );
+    let anonymous = http
+        .post(format!("{local_api}/emergency/reset"))
+        .send()
+        .await?;
+    println!("    without the token: {}", anonymous.status());
+    let reset = http
+        .post(format!("{local_api}/emergency/reset"))
+        .bearer_auth(OPERATOR)
+        .json(&json!({"by": "grower"}))
+        .send()
+        .await?;
+    println!(
+        "    with the operator token: {} {}",
+        reset.status(),
+        reset.text().await?
+    );
+    let cleared = wait_for(
+        http,
+        &rest,
+        dashboard,
+        "/system_status?select=emergency_stop",
+        |rows| rows[0]["emergency_stop"] == false,
+    )
+    .await?;
+    println!("    system_status in the cloud: {}", cleared[0]);
 
     let _ = agent_stop.send(());
     let _ = sim_stop.send(());
