@@ -295,3 +295,92 @@ fn a_hold_switches_on_for_at_most_its_maximum_and_off_when_released() {
     assert_eq!(step.send[0].actions, vec!["off"]);
     assert!(a.release(&relay, 3_000).0.is_err());
 }
+
+fn relay_step(sequence: i32, relay: u8, action: &str, delay_ms: u32) -> serde_json::Value {
+    json!({"sequence": sequence, "action_type": "relay", "delay_ms": delay_ms,
+           "action_payload": {"master_device_id": MASTER, "slave_mac_address": SLAVE,
+                              "relay_number": relay, "action": action, "duration_seconds": 0}})
+}
+
+fn macros() -> Vec<serde_json::Value> {
+    vec![
+        json!({"id": "fill", "name": "fill the tank", "enabled": true, "revision": 1, "macro_actions": [
+            relay_step(10, 1, "on", 0),
+            relay_step(20, 1, "off", 5_000),
+        ]}),
+        json!({"id": "loop-a", "name": "a", "enabled": true, "revision": 1, "macro_actions": [
+            {"sequence": 1, "action_type": "macro", "action_target": "loop-b"}]}),
+        json!({"id": "loop-b", "name": "b", "enabled": true, "revision": 1, "macro_actions": [
+            {"sequence": 1, "action_type": "macro", "action_target": "loop-a"}]}),
+    ]
+}
+
+fn no_conditions(_: &serde_json::Value) -> Result<bool, String> {
+    Ok(true)
+}
+
+#[test]
+fn a_macro_runs_its_steps_in_order_with_delays_through_the_interlocks_and_once_at_a_time() {
+    let mut a = automation();
+    let refused = a.set_macros(&macros());
+    assert_eq!(
+        refused.len(),
+        2,
+        "both macros of the cycle are refused: {refused:?}"
+    );
+    assert!(
+        refused.iter().all(|(_, why)| why.contains("cycl")),
+        "{refused:?}"
+    );
+    let (run, step) = a.start_macro("fill", "op", 0, &mut no_conditions);
+    run.unwrap();
+    assert_eq!(step.send.len(), 1);
+    assert_eq!(
+        (
+            step.send[0].triggered_by.as_str(),
+            step.send[0].actions.clone()
+        ),
+        ("macro", vec!["on".to_string()])
+    );
+    let (again, _) = a.start_macro("fill", "op", 1, &mut no_conditions);
+    assert!(again.is_err(), "one run at a time");
+    assert!(
+        a.tick(4_000, &mut no_conditions).send.is_empty(),
+        "the delay holds"
+    );
+    let off = a.tick(5_001, &mut no_conditions);
+    assert_eq!(off.send.len(), 1);
+    assert_eq!(off.send[0].actions, vec!["off"]);
+    let done = a.tick(5_002, &mut no_conditions);
+    assert!(
+        done.write
+            .outbox
+            .iter()
+            .any(|e| e.payload["event_type"] == "macro_run"),
+        "the run's end is recorded"
+    );
+    let (cyclic, step) = a.start_macro("loop-a", "op", 6_000, &mut no_conditions);
+    assert!(
+        cyclic.is_err() && step.send.is_empty(),
+        "a cyclic macro runs nothing"
+    );
+}
+
+#[test]
+fn a_cancelled_macro_runs_no_further_step_and_a_stop_cancels_it() {
+    let mut a = automation();
+    a.set_macros(&macros());
+    a.start_macro("fill", "op", 0, &mut no_conditions)
+        .0
+        .unwrap();
+    let (cancelled, _) = a.cancel_macro("fill", 1_000);
+    assert!(cancelled);
+    assert!(a.tick(6_000, &mut no_conditions).send.is_empty());
+    a.start_macro("fill", "op", 7_000, &mut no_conditions)
+        .0
+        .unwrap();
+    a.emergency_stop("test", "op", LatchSource::LocalApi, 8_000);
+    assert!(a.running_macros().is_empty(), "the stop ends every run");
+    let (blocked, _) = a.start_macro("fill", "op", 9_000, &mut no_conditions);
+    assert!(blocked.is_err());
+}
