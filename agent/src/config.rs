@@ -109,32 +109,12 @@ pub struct SafetySection {
     /// Cap on any relay's on-time unless a limit says otherwise.
     #[serde(default)]
     pub default_max_on_seconds: Option<u32>,
+    /// Mutex groups (per slave: at most one relay of a group on, the others switched off
+    /// first, "Marcha Frente" / "Marcha Ré") and per-relay limits.
     #[serde(default)]
-    pub mutex_groups: Vec<MutexGroupSection>,
+    pub mutex_groups: Vec<crate::safety::MutexGroup>,
     #[serde(default)]
-    pub limits: Vec<RelayLimitSection>,
-}
-
-/// Relays of one slave of which at most one may be on ("Marcha Frente" / "Marcha Ré").
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MutexGroupSection {
-    pub name: String,
-    pub master: String,
-    pub slave_mac: String,
-    pub relays: Vec<u8>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RelayLimitSection {
-    pub master: String,
-    pub slave_mac: String,
-    pub relay: u8,
-    #[serde(default)]
-    pub max_on_seconds: Option<u32>,
-    #[serde(default)]
-    pub min_off_seconds: Option<u32>,
+    pub limits: Vec<crate::safety::RelayLimit>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

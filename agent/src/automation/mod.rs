@@ -14,8 +14,7 @@ use crate::macros::{MacroCatalog, MacroEffect, MacroOutcome, MacroRunner};
 use crate::rules::engine::Firing;
 use crate::rules::model::Action;
 use crate::safety::{
-    Holds, Interlocks, MutexGroup, Plan, RelayLimit, RelayRef, Safety, SafetySnapshot, Source,
-    Switch, SwitchRequest,
+    Holds, Interlocks, Plan, RelayRef, Safety, SafetySnapshot, Source, Switch, SwitchRequest,
 };
 use crate::store::{AutomationWrite, CommandRecord, CommandState, OutboxClass, OutboxEntry};
 
@@ -108,29 +107,8 @@ impl Origin {
 /// The interlocks as configured.
 pub fn interlocks(config: &AgentConfig) -> Interlocks {
     Interlocks {
-        mutex_groups: config
-            .safety
-            .mutex_groups
-            .iter()
-            .map(|g| MutexGroup {
-                name: g.name.clone(),
-                master: g.master.clone(),
-                slave_mac: g.slave_mac.clone(),
-                relays: g.relays.clone(),
-            })
-            .collect(),
-        limits: config
-            .safety
-            .limits
-            .iter()
-            .map(|l| RelayLimit {
-                master: l.master.clone(),
-                slave_mac: l.slave_mac.clone(),
-                relay: l.relay,
-                max_on_seconds: l.max_on_seconds,
-                min_off_seconds: l.min_off_seconds,
-            })
-            .collect(),
+        mutex_groups: config.safety.mutex_groups.clone(),
+        limits: config.safety.limits.clone(),
         default_max_on_seconds: config.safety.default_max_on_seconds,
     }
 }
@@ -572,29 +550,15 @@ impl Automation {
     fn macro_effects(&mut self, step: &mut Step, effects: Vec<MacroEffect>, now_ms: i64) {
         for effect in effects {
             match effect {
-                MacroEffect::Switch {
-                    macro_id,
-                    sequence,
-                    master,
-                    slave_mac,
-                    relay,
-                    on,
-                    duration_s,
-                    ..
-                } => {
-                    let request = SwitchRequest {
-                        source: Source::Macro,
-                        priority: MACRO_PRIORITY,
-                        master,
-                        slave_mac: slave_mac.to_ascii_uppercase(),
-                        switches: vec![(
-                            relay,
-                            if on {
-                                Switch::On { duration_s }
-                            } else {
-                                Switch::Off
-                            },
-                        )],
+                effect @ MacroEffect::Switch { .. } => {
+                    let Some(request) = effect.switch_request(MACRO_PRIORITY) else {
+                        continue;
+                    };
+                    let MacroEffect::Switch {
+                        macro_id, sequence, ..
+                    } = effect
+                    else {
+                        continue;
                     };
                     match self.safety.check(&request, now_ms) {
                         Ok(plan) => {

@@ -9,8 +9,8 @@ use rusqlite::{OptionalExtension, params};
 use serde_json::{Value, json};
 
 use super::{
-    CommandRecord, OutboxClass, RULE_SELECT, Reading, Result, RuleRecord, Store, insert_outbox,
-    rule_from_row,
+    CommandRecord, OutboxClass, RULE_SELECT, Reading, Result, RuleRecord, Store, insert_command,
+    insert_outbox, rule_from_row,
 };
 
 /// One outbox row to queue.
@@ -79,30 +79,7 @@ impl Store {
         for (cmd, client_id) in &w.commands {
             debug_assert!(cmd.id < 0, "Pi-created commands have negative ids");
             highest = highest.max(-cmd.id);
-            tx.execute(
-                "insert into commands (id, master_device_id, slave_mac_address, slave_device_id, relay_numbers,
-                    actions, duration_seconds, command_type, triggered_by, priority, rule_id, rule_name,
-                    expires_at_ms, state, accepted_at_ms, client_id)
-                 values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'accepted', ?14, ?15)
-                 on conflict (id) do nothing",
-                params![
-                    cmd.id,
-                    cmd.master_device_id,
-                    cmd.slave_mac_address,
-                    cmd.slave_device_id,
-                    serde_json::to_string(&cmd.relay_numbers)?,
-                    serde_json::to_string(&cmd.actions)?,
-                    serde_json::to_string(&cmd.duration_seconds)?,
-                    cmd.command_type,
-                    cmd.triggered_by,
-                    cmd.priority,
-                    cmd.rule_id,
-                    cmd.rule_name,
-                    cmd.expires_at_ms,
-                    now_ms,
-                    client_id,
-                ],
-            )?;
+            insert_command(&tx, cmd, Some(client_id), now_ms)?;
         }
         if highest > 0 {
             tx.execute(

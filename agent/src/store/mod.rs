@@ -277,28 +277,7 @@ impl Store {
         if let Some(state) = known {
             return Ok(Accepted::Known(CommandState::parse(&state)));
         }
-        tx.execute(
-            "insert into commands (id, master_device_id, slave_mac_address, slave_device_id, relay_numbers,
-                actions, duration_seconds, command_type, triggered_by, priority, rule_id, rule_name,
-                expires_at_ms, state, accepted_at_ms)
-             values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'accepted', ?14)",
-            params![
-                cmd.id,
-                cmd.master_device_id,
-                cmd.slave_mac_address,
-                cmd.slave_device_id,
-                serde_json::to_string(&cmd.relay_numbers)?,
-                serde_json::to_string(&cmd.actions)?,
-                serde_json::to_string(&cmd.duration_seconds)?,
-                cmd.command_type,
-                cmd.triggered_by,
-                cmd.priority,
-                cmd.rule_id,
-                cmd.rule_name,
-                cmd.expires_at_ms,
-                now_ms,
-            ],
-        )?;
+        insert_command(&tx, cmd, None, now_ms)?;
         tx.commit()?;
         Ok(Accepted::New)
     }
@@ -868,6 +847,41 @@ fn rule_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RuleRecord> {
         deleted: r.get(11)?,
         changed_at: r.get(12)?,
     })
+}
+
+/// Records a command as accepted (nothing if its id is known); `client_id` for commands the Pi
+/// created.
+fn insert_command(
+    conn: &Connection,
+    cmd: &CommandRecord,
+    client_id: Option<&str>,
+    now_ms: i64,
+) -> Result<()> {
+    conn.execute(
+        "insert into commands (id, master_device_id, slave_mac_address, slave_device_id, relay_numbers,
+            actions, duration_seconds, command_type, triggered_by, priority, rule_id, rule_name,
+            expires_at_ms, state, accepted_at_ms, client_id)
+         values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'accepted', ?14, ?15)
+         on conflict (id) do nothing",
+        params![
+            cmd.id,
+            cmd.master_device_id,
+            cmd.slave_mac_address,
+            cmd.slave_device_id,
+            serde_json::to_string(&cmd.relay_numbers)?,
+            serde_json::to_string(&cmd.actions)?,
+            serde_json::to_string(&cmd.duration_seconds)?,
+            cmd.command_type,
+            cmd.triggered_by,
+            cmd.priority,
+            cmd.rule_id,
+            cmd.rule_name,
+            cmd.expires_at_ms,
+            now_ms,
+            client_id,
+        ],
+    )?;
+    Ok(())
 }
 
 fn insert_outbox(

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use autocore_agent::config::AgentConfig;
 use autocore_stack::Claims;
 use firmware_protocol::sim;
 use reqwest::{Method, StatusCode};
@@ -11,7 +10,8 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::support::{
-    ALICE, MASTER, SLAVE, World, eventually, insert_command, one_master_sim, until_status,
+    ALICE, Agent, MASTER, SLAVE, World, eventually, insert_command, master_toml, one_master_sim,
+    start_agent, start_sim, until_status,
 };
 
 /// How long the backend stays away in the outage test: short in CI, a minute with
@@ -72,71 +72,22 @@ const KEY_HEX: &str = "9a1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c
 /// A running simulator and agent, stopped when dropped.
 struct Edge {
     _sim_stop: oneshot::Sender<()>,
-    _agent_stop: oneshot::Sender<()>,
-    _dir: tempfile::TempDir,
-    pub api: String,
-    pub db: std::path::PathBuf,
-    pub config: AgentConfig,
+    agent: Agent,
+}
+
+impl std::ops::Deref for Edge {
+    type Target = Agent;
+    fn deref(&self) -> &Agent {
+        &self.agent
+    }
 }
 
 async fn start_edge(world: &World) -> Edge {
-    let mqtt = world.stack.mqtt_url().unwrap();
-    let sim_config = one_master_sim(&mqtt, KEY_HEX);
-    let (sim_stop, sim_stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = sim::run(sim_config, async move {
-            let _ = sim_stopped.await;
-        })
-        .await;
-    });
-
-    let dir = tempfile::tempdir().unwrap();
-    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
-    let toml = format!(
-        r#"
-        [agent]
-        id = "pi-alice"
-        [store]
-        path = "{db}"
-        telemetry_flush_ms = 100
-        [cloud]
-        rest_url = "{rest}"
-        jwt = "{jwt}"
-        poll_interval_ms = 200
-        [mqtt]
-        url = "{mqtt}"
-        ack_timeout_ms = 2000
-        [api]
-        listen = "127.0.0.1:0"
-        [[masters]]
-        device_id = "{MASTER}"
-        key = "{KEY_HEX}"
-        "#,
-        db = dir.path().join("agent.db").display(),
-        rest = world.stack.rest_url().unwrap(),
-    );
-    let config =
-        AgentConfig::from_toml(&toml, std::path::Path::new("test.toml"), std::iter::empty())
-            .unwrap();
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api_addr = format!("http://{}", api.local_addr().unwrap());
-    let mut kept = config.clone();
-    kept.api.listen = api.local_addr().unwrap().to_string();
-    let (agent_stop, agent_stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        autocore_agent::run(config, api, async move {
-            let _ = agent_stopped.await;
-        })
-        .await
-        .expect("agent runs");
-    });
+    let sim_stop = start_sim(one_master_sim(&world.stack.mqtt_url().unwrap(), KEY_HEX));
+    let agent = start_agent(world, &master_toml(MASTER, KEY_HEX, "mqtt")).await;
     Edge {
         _sim_stop: sim_stop,
-        _agent_stop: agent_stop,
-        db: dir.path().join("agent.db"),
-        _dir: dir,
-        api: api_addr,
-        config: kept,
+        agent,
     }
 }
 

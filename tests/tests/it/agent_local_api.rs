@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use autocore_agent::config::AgentConfig;
 use autocore_stack::Claims;
 use firmware_protocol::message::RelayLimits;
 use firmware_protocol::sim::{
@@ -17,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::support::{ALICE, World, eventually};
+use crate::support::{ALICE, Agent, World, eventually, master_toml};
 
 const MASTER: &str = "ESP32_ALICE_1";
 const MASTER_KEY: &str = "5b1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
@@ -32,61 +31,13 @@ fn local_token(device_id: &str, key_hex: &str) -> String {
 }
 
 /// The agent in-process, both masters polling; stopped when dropped.
-struct Agent {
-    _stop: oneshot::Sender<()>,
-    _dir: tempfile::TempDir,
-    /// `http://127.0.0.1:<port>`
-    api: String,
-}
-
 async fn start_agent(world: &World) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
-    let toml = format!(
-        r#"
-        [agent]
-        id = "pi-alice"
-        [store]
-        path = "{db}"
-        [cloud]
-        rest_url = "{rest}"
-        jwt = "{jwt}"
-        poll_interval_ms = 200
-        [mqtt]
-        url = "{mqtt}"
-        [api]
-        listen = "127.0.0.1:0"
-        [[masters]]
-        device_id = "{MASTER}"
-        key = "{MASTER_KEY}"
-        transport = "poll"
-        [[masters]]
-        device_id = "{NEIGHBOUR}"
-        key = "{NEIGHBOUR_KEY}"
-        transport = "poll"
-        "#,
-        db = dir.path().join("agent.db").display(),
-        rest = world.stack.rest_url().unwrap(),
-        mqtt = world.stack.mqtt_url().unwrap(),
+    let masters = format!(
+        "{}{}",
+        master_toml(MASTER, MASTER_KEY, "poll"),
+        master_toml(NEIGHBOUR, NEIGHBOUR_KEY, "poll")
     );
-    let config =
-        AgentConfig::from_toml(&toml, std::path::Path::new("test.toml"), std::iter::empty())
-            .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(async move {
-        autocore_agent::run(config, listener, async move {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("agent runs");
-    });
-    Agent {
-        _stop: stop,
-        _dir: dir,
-        api,
-    }
+    crate::support::start_agent(world, &masters).await
 }
 
 /// The simulated MASTER, without MQTT: it only polls the Pi's local API.

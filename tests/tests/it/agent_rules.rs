@@ -12,8 +12,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::support::{
-    ALICE, Agent, MASTER, SLAVE, World, eventually, insert_command, one_master_sim, start_agent,
-    start_sim, until_status,
+    ALICE, Agent, MASTER, SLAVE, World, eventually, insert_command, master_toml, one_master_sim,
+    start_agent, start_sim, until_status,
 };
 
 const KEY_HEX: &str = "3b1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
@@ -62,12 +62,11 @@ fn ramping_sim(world: &World) -> firmware_protocol::sim::SimConfig {
 }
 
 async fn agent(world: &World) -> Agent {
-    start_agent(
-        world,
-        KEY_HEX,
-        &format!("[engine]\nstale_after_ms = 5000\n[safety]\noperator_token = \"{OPERATOR}\"\n"),
-    )
-    .await
+    let tail = format!(
+        "[engine]\nstale_after_ms = 5000\n[safety]\noperator_token = \"{OPERATOR}\"\n{}",
+        master_toml(MASTER, KEY_HEX, "mqtt")
+    );
+    start_agent(world, &tail).await
 }
 
 /// Waits until the agent's mirror holds the rule (so the engine runs it offline too).

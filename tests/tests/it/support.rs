@@ -261,8 +261,16 @@ pub struct Agent {
     pub config: autocore_agent::config::AgentConfig,
 }
 
-/// Starts an agent on the world's stack; `extra_toml` adds sections ([engine], [safety], ...).
-pub async fn start_agent(world: &World, key_hex: &str, extra_toml: &str) -> Agent {
+/// One `[[masters]]` entry for an agent's configuration.
+pub fn master_toml(device_id: &str, key_hex: &str, transport: &str) -> String {
+    format!(
+        "[[masters]]\ndevice_id = \"{device_id}\"\nkey = \"{key_hex}\"\ntransport = \"{transport}\"\n"
+    )
+}
+
+/// Starts an agent on the world's stack; `tail_toml` adds sections ([engine], [safety], ...)
+/// and ends with its `[[masters]]` (see [`master_toml`]).
+pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let jwt = world
         .stack
@@ -278,16 +286,12 @@ pub async fn start_agent(world: &World, key_hex: &str, extra_toml: &str) -> Agen
         rest_url = "{rest}"
         jwt = "{jwt}"
         poll_interval_ms = 200
-        request_timeout_ms = 2000
         [mqtt]
         url = "{mqtt}"
         ack_timeout_ms = 2000
         [api]
         listen = "127.0.0.1:0"
-        {extra_toml}
-        [[masters]]
-        device_id = "{MASTER}"
-        key = "{key_hex}"
+        {tail_toml}
         "#,
         db = dir.path().join("agent.db").display(),
         rest = world.stack.rest_url().unwrap(),
