@@ -202,17 +202,31 @@ struct ControlBody {
     max_seconds: Option<u32>,
 }
 
+type ControlJson = Result<axum::Json<ControlBody>, axum::extract::rejection::JsonRejection>;
+
+/// The operator's control request, or the answer that refuses it.
+// The refusal is the handler's whole answer, built once per request: its size does not matter.
+#[allow(clippy::result_large_err)]
+fn control(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: ControlJson,
+) -> Result<ControlBody, Response> {
+    if !is_operator(shared, headers) {
+        return Err(not_operator());
+    }
+    body.map(|b| b.0)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))
+}
+
 async fn hold(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    body: Result<axum::Json<ControlBody>, axum::extract::rejection::JsonRejection>,
+    body: ControlJson,
 ) -> Response {
-    if !is_operator(&shared, &headers) {
-        return not_operator();
-    }
-    let body = match body {
-        Ok(b) => b.0,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    let body = match control(&shared, &headers, body) {
+        Ok(b) => b,
+        Err(response) => return response,
     };
     let Some(max_seconds) = body.max_seconds else {
         return error(
@@ -242,14 +256,11 @@ async fn hold(
 async fn release(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    body: Result<axum::Json<ControlBody>, axum::extract::rejection::JsonRejection>,
+    body: ControlJson,
 ) -> Response {
-    if !is_operator(&shared, &headers) {
-        return not_operator();
-    }
-    let body = match body {
-        Ok(b) => b.0,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    let body = match control(&shared, &headers, body) {
+        Ok(b) => b,
+        Err(response) => return response,
     };
     let relay = RelayRef::new(&body.master, &body.slave_mac, body.relay);
     match ask(&shared, |reply| AutomationInput::Release { relay, reply }).await {

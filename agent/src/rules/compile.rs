@@ -117,7 +117,7 @@ impl Node {
     }
 }
 
-const CONDITION_TYPES: [&str; 7] = [
+pub(crate) const CONDITION_TYPES: [&str; 7] = [
     "sensor_compare",
     "sensors_compare",
     "all",
@@ -126,7 +126,7 @@ const CONDITION_TYPES: [&str; 7] = [
     "time_window",
     "schedule",
 ];
-const ACTION_TYPES: [&str; 4] = ["relay_on", "relay_off", "macro", "mqtt_publish"];
+pub(crate) const ACTION_TYPES: [&str; 4] = ["relay_on", "relay_off", "macro", "mqtt_publish"];
 
 /// Checks and compiles one rule. Never panics, whatever `rule_json` holds.
 pub fn compile(rule: &RuleRecord, catalog: &Catalog) -> Result<CompiledRule, RuleError> {

@@ -235,22 +235,10 @@ mod tests {
     #[test]
     fn schema_names_every_type_and_operator() {
         let text = schema_json();
-        for needle in [
-            "sensor_compare",
-            "sensors_compare",
-            "all",
-            "any",
-            "not",
-            "time_window",
-            "schedule",
-            "relay_on",
-            "relay_off",
-            "macro",
-            "mqtt_publish",
-            "\"<=\"",
-            "\"!=\"",
-            SCHEMA_ID,
-        ] {
+        let types = crate::rules::compile::CONDITION_TYPES
+            .iter()
+            .chain(&crate::rules::compile::ACTION_TYPES);
+        for needle in types.copied().chain(["\"<=\"", "\"!=\"", SCHEMA_ID]) {
             assert!(text.contains(needle), "schema lacks {needle}");
         }
     }

@@ -22,28 +22,41 @@ const OPERATOR: &str = "operator-secret-for-tests";
 const COOLDOWN_S: i64 = 3;
 const DURATION_S: i64 = 2;
 
-/// The seed's rule, with a test-sized cooldown and duration.
-async fn create_seed_rule(world: &World) -> String {
+/// Creates a rule of MASTER as the dashboard does (PostgREST, alice's token); returns its id.
+async fn create_rule(world: &World, rule: Value) -> String {
     let alice = world.caller(&Claims::user(ALICE));
+    let mut row = json!({"device_id": MASTER});
+    row.as_object_mut()
+        .unwrap()
+        .extend(rule.as_object().unwrap().clone());
     let (status, body) = alice
         .send(
             Method::POST,
             "/decision_rules",
-            Some(json!({
-                "device_id": MASTER, "rule_id": "RULE_001", "rule_name": "Ajustar pH quando baixo",
-                "rule_json": {
-                    "conditions": {"type": "sensor_compare", "sensor": "ph", "operator": "<", "value": 6.5},
-                    "actions": [{"type": "relay_on", "slave_mac_address": SLAVE, "relay_number": 0,
-                                 "duration_seconds": DURATION_S}]
-                },
-                "enabled": true, "priority": 50, "cooldown_seconds": COOLDOWN_S,
-                "max_executions_per_hour": 100
-            })),
+            Some(row),
             Some("return=representation"),
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     body[0]["id"].as_str().unwrap().to_string()
+}
+
+/// The seed's rule, with a test-sized cooldown and duration.
+async fn create_seed_rule(world: &World) -> String {
+    create_rule(
+        world,
+        json!({
+            "rule_id": "RULE_001", "rule_name": "Ajustar pH quando baixo",
+            "rule_json": {
+                "conditions": {"type": "sensor_compare", "sensor": "ph", "operator": "<", "value": 6.5},
+                "actions": [{"type": "relay_on", "slave_mac_address": SLAVE, "relay_number": 0,
+                             "duration_seconds": DURATION_S}]
+            },
+            "enabled": true, "priority": 50, "cooldown_seconds": COOLDOWN_S,
+            "max_executions_per_hour": 100
+        }),
+    )
+    .await
 }
 
 /// pH from 6.8 down to 6.0 in 4 s (a reading every 200 ms), then steady at 6.0.
@@ -384,22 +397,17 @@ async fn the_emergency_stop_switches_everything_off_blocks_commands_and_holds_un
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_the_engine_cannot_run_gets_its_reason_in_the_dashboard_and_clears_when_fixed() {
     let world = World::start_full();
-    let alice = world.caller(&Claims::user(ALICE));
-    let (status, body) = alice
-        .send(
-            Method::POST,
-            "/decision_rules",
-            Some(json!({
-                "device_id": MASTER, "rule_id": "RULE_BAD", "rule_name": "typo",
-                "rule_json": {
-                    "conditions": {"type": "sensor_compare", "sensor": "ph", "operator": "=<", "value": 6.5},
-                    "actions": [{"type": "relay_on", "slave_mac_address": SLAVE, "relay_number": 0}]
-                }
-            })),
-            Some("return=representation"),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    create_rule(
+        &world,
+        json!({
+            "rule_id": "RULE_BAD", "rule_name": "typo",
+            "rule_json": {
+                "conditions": {"type": "sensor_compare", "sensor": "ph", "operator": "=<", "value": 6.5},
+                "actions": [{"type": "relay_on", "slave_mac_address": SLAVE, "relay_number": 0}]
+            }
+        }),
+    )
+    .await;
     let _agent = agent(&world).await;
     let error = eventually(
         "the engine's reason in last_error",
