@@ -248,12 +248,15 @@ pub async fn run(
                 .await;
         }
     }
-    tasks.spawn(crate::rules::run_engine(
-        engine,
-        crate::rules::Clock::new(),
-        engine_rx,
-        engine_out_tx,
-    ));
+    // The engine ends when its input closes, but the senders live as long as `shared`: stop it
+    // with everything else.
+    let engine_cancel = cancel.clone();
+    tasks.spawn(async move {
+        tokio::select! {
+            _ = crate::rules::run_engine(engine, crate::rules::Clock::new(), engine_rx, engine_out_tx) => {}
+            _ = engine_cancel.cancelled() => {}
+        }
+    });
     tasks.spawn(crate::automation::task::run(
         shared.clone(),
         automation,

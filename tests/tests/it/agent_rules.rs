@@ -392,6 +392,7 @@ async fn the_emergency_stop_switches_everything_off_blocks_commands_and_holds_un
     }
     let refused = insert_command(&world, MASTER, SLAVE, 3, 5);
     until_status(&world, &refused, "failed", Duration::from_secs(30)).await;
+    agent.shut_down().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -253,7 +253,8 @@ pub fn start_sim(config: firmware_protocol::sim::SimConfig) -> tokio::sync::ones
 
 /// An agent serving MASTER for alice (pi-alice), stopped when dropped.
 pub struct Agent {
-    _stop: tokio::sync::oneshot::Sender<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
     /// The local API's base URL.
     pub api: String,
@@ -308,7 +309,7 @@ pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
     let mut kept = config.clone();
     kept.api.listen = api.local_addr().unwrap().to_string();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         autocore_agent::run(config, api, async move {
             let _ = stopped.await;
         })
@@ -316,10 +317,25 @@ pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
         .expect("agent runs");
     });
     Agent {
-        _stop: stop,
+        stop: Some(stop),
+        task: Some(task),
         _dir: dir,
         api: api_url,
         db: kept.store.path.clone(),
         config: kept,
+    }
+}
+
+impl Agent {
+    /// Stops the agent as SIGTERM does and waits for `run` to return: every task ends.
+    pub async fn shut_down(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().expect("running");
+        tokio::time::timeout(std::time::Duration::from_secs(10), task)
+            .await
+            .expect("the agent stops within 10 s of being told to")
+            .expect("the agent's task ends without a panic");
     }
 }
