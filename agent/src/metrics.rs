@@ -7,6 +7,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
@@ -30,6 +31,17 @@ pub struct Metrics {
     pub sync_stalled: Gauge,
     pub sync_restarts: Counter,
     pub masters_online: Gauge,
+    /// One automation step's transaction, waiting for the store included.
+    pub automation_write_seconds: Histogram,
+    /// From a rule firing's arrival in the executor to its last command published.
+    pub rule_firing_seconds: Histogram,
+}
+
+/// Buckets from 100 µs to about 400 ms.
+fn latency_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0001, 2.0, 13,
+    ))
 }
 
 pub fn label(name: &str, value: &str) -> Labels {
@@ -62,8 +74,20 @@ impl Metrics {
             sync_stalled: Gauge::default(),
             sync_restarts: Counter::default(),
             masters_online: Gauge::default(),
+            automation_write_seconds: latency_histogram(),
+            rule_firing_seconds: latency_histogram(),
             registry: Registry::default(),
         };
+        registry.register(
+            "automation_write_seconds",
+            "Time of one automation step's SQLite transaction, waiting for the store included",
+            m.automation_write_seconds.clone(),
+        );
+        registry.register(
+            "rule_firing_seconds",
+            "From a rule firing reaching the executor to its commands published",
+            m.rule_firing_seconds.clone(),
+        );
         registry.register(
             "mqtt_messages_in",
             "MQTT messages received, by kind",

@@ -46,6 +46,8 @@ pub const DISCOVERED_DEVICES_MAX: usize = 100;
 pub const CONFIG_CHECK_POLLS: u64 = 5;
 /// Poll intervals without outbox progress, while the backend answers, before a stall.
 pub const STALL_POLL_INTERVALS: i64 = 10;
+/// Batches of readings waiting for their commit (the inbound loop waits beyond it: backpressure).
+pub const TELEMETRY_BATCHES_QUEUED_MAX: usize = 8;
 /// Requests waiting for the automation task.
 pub const AUTOMATION_QUEUE_MAX: usize = 1_000;
 /// Readings waiting for the rule engine; beyond it readings skip the engine (counted).
@@ -475,6 +477,10 @@ async fn inbound_loop(
 ) {
     let batch_max = shared.config.store.telemetry_batch_rows_max;
     let mut buffer: Vec<Reading> = Vec::with_capacity(batch_max);
+    // Readings are committed by a task of their own, in order: this loop (and so every ack,
+    // stop and reading the engine waits for) never waits for a telemetry fsync.
+    let (writer, batches) = mpsc::channel::<Vec<Reading>>(TELEMETRY_BATCHES_QUEUED_MAX);
+    let writer_task = tokio::spawn(telemetry_writer(shared.clone(), batches));
     let mut flush = tokio::time::interval(Duration::from_millis(
         shared.config.store.telemetry_flush_ms,
     ));
@@ -489,11 +495,13 @@ async fn inbound_loop(
     loop {
         let (topic, payload) = tokio::select! {
             _ = cancel.cancelled() => {
-                flush_readings(&shared, &mut buffer).await;
+                hand_over(&writer, &mut buffer).await;
+                drop(writer);
+                let _ = writer_task.await;
                 return;
             }
             _ = flush.tick() => {
-                flush_readings(&shared, &mut buffer).await;
+                hand_over(&writer, &mut buffer).await;
                 continue;
             }
             msg = rx.recv() => match msg {
@@ -550,7 +558,7 @@ async fn inbound_loop(
                 }
                 buffer.extend(readings);
                 if buffer.len() >= batch_max {
-                    flush_readings(&shared, &mut buffer).await;
+                    hand_over(&writer, &mut buffer).await;
                 }
             }
             Inbound::Ack(device, ack) => {
@@ -664,9 +672,18 @@ async fn record_relay_states(
         return;
     }
     let master = master.to_string();
+    let states: Vec<(String, Vec<bool>)> = report
+        .slaves
+        .iter()
+        .map(|slave| (slave.mac.to_string(), slave.relay_states.clone()))
+        .collect();
     let result = shared
         .store
         .call(move |s| {
+            // Kept locally too: the engine checks rules' relay numbers against these.
+            for (slave, states) in &states {
+                s.record_relay_states(&master, slave, states, now)?;
+            }
             s.enqueue(
                 OutboxClass::RelayState,
                 &format!("relays:{master}:{now}"),
@@ -681,11 +698,24 @@ async fn record_relay_states(
     }
 }
 
-async fn flush_readings(shared: &Arc<Shared>, buffer: &mut Vec<Reading>) {
-    if buffer.is_empty() {
+/// Passes the buffered readings to the telemetry writer.
+async fn hand_over(writer: &mpsc::Sender<Vec<Reading>>, buffer: &mut Vec<Reading>) {
+    if !buffer.is_empty() {
+        let _ = writer.send(std::mem::take(buffer)).await;
+    }
+}
+
+/// Commits batches of readings in the order they came, until the inbound loop ends.
+async fn telemetry_writer(shared: Arc<Shared>, mut batches: mpsc::Receiver<Vec<Reading>>) {
+    while let Some(readings) = batches.recv().await {
+        flush_readings(&shared, readings).await;
+    }
+}
+
+async fn flush_readings(shared: &Arc<Shared>, readings: Vec<Reading>) {
+    if readings.is_empty() {
         return;
     }
-    let readings = std::mem::take(buffer);
     let count = readings.len();
     let rows_max = shared.config.store.outbox_rows_max;
     let now = now_ms();

@@ -100,8 +100,12 @@ pub(crate) async fn run(
             _ = cancel.cancelled() => return,
             out = engine_out.recv() => match out {
                 Some(EngineOutput::Fired(firing)) => {
+                    let began = std::time::Instant::now();
                     let (firings, states) = collect_firing(firing, &mut engine_out).await;
-                    automation.on_firings(firings, states, now_ms())
+                    let step = automation.on_firings(firings, states, now_ms());
+                    perform(&shared, step, &engine_in, &delivery).await;
+                    shared.metrics.rule_firing_seconds.observe(began.elapsed().as_secs_f64());
+                    continue;
                 }
                 Some(EngineOutput::State(states)) => {
                     let mut step = Step::default();
@@ -261,11 +265,16 @@ pub(crate) async fn perform(
     let write = std::mem::take(&mut step.write);
     let had_outbox = !write.outbox.is_empty() || !write.commands.is_empty();
     let now = now_ms();
-    let counters = match shared
+    let began = std::time::Instant::now();
+    let written = shared
         .store
         .call(move |s| s.write_automation(&write, now))
-        .await
-    {
+        .await;
+    shared
+        .metrics
+        .automation_write_seconds
+        .observe(began.elapsed().as_secs_f64());
+    let counters = match written {
         Ok(c) => c,
         Err(e) => {
             // Nothing is sent that is not on disk; the relays stay as they are.

@@ -180,6 +180,17 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// A slave's relay states as its master reported them.
+    pub fn record_relay_states(
+        &mut self,
+        master: &str,
+        slave: &str,
+        states: &[bool],
+        now_ms: i64,
+    ) -> Result<()> {
+        super::upsert_relay_states(&self.conn, master, slave, states, now_ms)
+    }
+
     /// How many relays each slave has, as its last report showed.
     pub fn relay_counts(&self) -> Result<HashMap<(String, String), u8>> {
         let mut stmt = self.conn.prepare_cached(

@@ -383,13 +383,7 @@ impl Store {
             params![id, state.as_str(), now_ms, exec_ms, error, states_json],
         )?;
         if let Some(states) = &relay_states {
-            tx.execute(
-                "insert into relay_states (master_device_id, slave_mac_address, states, updated_at_ms)
-                 values (?1, ?2, ?3, ?4)
-                 on conflict (master_device_id, slave_mac_address) do update
-                   set states = excluded.states, updated_at_ms = excluded.updated_at_ms",
-                params![master, slave, serde_json::to_string(states)?, now_ms],
-            )?;
+            upsert_relay_states(&tx, &master, &slave, states, now_ms)?;
         }
         if id < 0 {
             automation::edge_command_report(
@@ -880,6 +874,23 @@ fn insert_command(
             now_ms,
             client_id,
         ],
+    )?;
+    Ok(())
+}
+
+fn upsert_relay_states(
+    conn: &Connection,
+    master: &str,
+    slave: &str,
+    states: &[bool],
+    now_ms: i64,
+) -> Result<()> {
+    conn.execute(
+        "insert into relay_states (master_device_id, slave_mac_address, states, updated_at_ms)
+         values (?1, ?2, ?3, ?4)
+         on conflict (master_device_id, slave_mac_address) do update
+           set states = excluded.states, updated_at_ms = excluded.updated_at_ms",
+        params![master, slave, serde_json::to_string(states)?, now_ms],
     )?;
     Ok(())
 }

@@ -455,3 +455,17 @@ fn readings_are_kept_for_replay_and_pruned_by_age() {
         1
     );
 }
+
+#[test]
+fn relay_counts_come_from_the_slaves_last_reports() {
+    let mut store = Store::open_in_memory().unwrap();
+    store
+        .record_relay_states("ESP32_A", "14:33:5C:38:BF:60", &[false; 4], 1)
+        .unwrap();
+    store
+        .record_relay_states("ESP32_A", "14:33:5C:38:BF:61", &[true; 8], 2)
+        .unwrap();
+    let counts = store.relay_counts().unwrap();
+    assert_eq!(counts[&("ESP32_A".into(), "14:33:5C:38:BF:60".into())], 4);
+    assert_eq!(counts[&("ESP32_A".into(), "14:33:5C:38:BF:61".into())], 8);
+}

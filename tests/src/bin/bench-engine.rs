@@ -139,6 +139,21 @@ fn main() -> anyhow::Result<()> {
                 .await
                 .context("the latency benchmark")?,
         );
+        // The agent's own view of the firing path, to tell the store from the hops.
+        let metrics = ctx
+            .http
+            .get(format!("{}/metrics", agent.api))
+            .send()
+            .await?
+            .text()
+            .await?;
+        for line in metrics.lines().filter(|l| {
+            (l.starts_with("autocore_agent_automation_write_seconds")
+                || l.starts_with("autocore_agent_rule_firing_seconds"))
+                && !l.contains("bucket")
+        }) {
+            eprintln!("bench-engine:   agent metric {line}");
+        }
         eprintln!("bench-engine: 3/3 emergency stop ({stops} rounds)");
         figures.extend(
             bench_stop(&ctx, &agent, stops)
