@@ -127,6 +127,8 @@ pub struct Automation {
     last_edge_number: u64,
     /// When the latch last changed here (ms): a cloud row older than that is stale.
     latch_changed_ms: i64,
+    /// Observations not yet persisted.
+    safety_dirty: bool,
 }
 
 impl Automation {
@@ -151,6 +153,7 @@ impl Automation {
             macro_commands: HashMap::new(),
             last_edge_number,
             latch_changed_ms,
+            safety_dirty: false,
         }
     }
 
@@ -183,7 +186,8 @@ impl Automation {
         self.runner.running()
     }
 
-    fn snapshot(&self) -> Option<Value> {
+    fn snapshot(&mut self) -> Option<Value> {
+        self.safety_dirty = false;
         serde_json::to_value::<SafetySnapshot>(self.safety.snapshot()).ok()
     }
 
@@ -487,16 +491,12 @@ impl Automation {
 
     // ----------------------------------------------------------------- relay truth, timers
 
-    pub fn observe(&mut self, master: &str, slave_mac: &str, states: &[bool], now_ms: i64) -> Step {
+    /// What a slave reported. Persisted lazily (with the next step, or within a second): an
+    /// observation lost in a crash is made again from the next report.
+    pub fn observe(&mut self, master: &str, slave_mac: &str, states: &[bool], now_ms: i64) {
         self.safety
             .observe(master, &slave_mac.to_ascii_uppercase(), states, now_ms);
-        Step {
-            write: AutomationWrite {
-                safety: self.snapshot(),
-                ..AutomationWrite::default()
-            },
-            ..Step::default()
-        }
+        self.safety_dirty = true;
     }
 
     /// A command the Pi created ended; a macro whose step failed stops there.
@@ -541,7 +541,7 @@ impl Automation {
         }
         let effects = self.runner.poll(&self.macros, now_ms, check);
         self.macro_effects(&mut step, effects, now_ms);
-        if step.write.safety.is_none() && !offs.is_empty() {
+        if step.write.safety.is_none() && (!offs.is_empty() || self.safety_dirty) {
             step.write.safety = self.snapshot();
         }
         step

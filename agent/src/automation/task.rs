@@ -177,7 +177,10 @@ fn handle(shared: &Arc<Shared>, automation: &mut Automation, request: Automation
             master,
             slave_mac,
             states,
-        } => automation.observe(&master, &slave_mac, &states, now),
+        } => {
+            automation.observe(&master, &slave_mac, &states, now);
+            Step::default()
+        }
         AutomationInput::CloudCommand { command, reply } => {
             let (result, step) = automation.check_cloud_command(*command, now);
             let _ = reply.send(result);
