@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::compile::{Catalog, CompiledRule, Node, NodeKind, compile};
 use super::contradiction::{Contradiction, contradictions};
-use super::eval::{Ctx, Latest, Tri, eval};
+use super::eval::{Ctx, Explain, Latest, Tri, eval, explain};
 use super::model::Action;
 use super::state::{HOUR_MS, RuleState};
 use crate::store::{Reading, RuleRecord};
@@ -83,6 +83,8 @@ pub struct Engine {
     dirty: BTreeSet<String>,
     contradictions: Vec<Contradiction>,
     evaluations: u64,
+    /// Reused by every evaluation (see `Ctx::trace`).
+    trace: Vec<(Tri, Tri)>,
 }
 
 impl Engine {
@@ -96,6 +98,7 @@ impl Engine {
             dirty: BTreeSet::new(),
             contradictions: Vec::new(),
             evaluations: 0,
+            trace: Vec::new(),
         }
     }
 
@@ -203,7 +206,14 @@ impl Engine {
             return Vec::new();
         }
         let at_ms = reading.recorded_at_ms.min(now_ms);
-        let sensors = self.latest.entry(reading.device_id.clone()).or_default();
+        // Look up before inserting: the device's key is cloned only for its first reading.
+        if !self.latest.contains_key(&reading.device_id) {
+            self.latest
+                .insert(reading.device_id.clone(), HashMap::new());
+        }
+        let Some(sensors) = self.latest.get_mut(&reading.device_id) else {
+            return Vec::new();
+        };
         match sensors.get_mut(&reading.sensor_key) {
             // An older reading arriving late changes nothing.
             Some(prev) if prev.at_ms > at_ms => return Vec::new(),
@@ -226,16 +236,30 @@ impl Engine {
         if self.blocked {
             return Vec::new();
         }
-        let targets = self
+        let Some(targets) = self
             .index
             .get(&reading.device_id)
             .and_then(|s| s.get(&reading.sensor_key))
-            .cloned()
-            .unwrap_or_default();
-        targets
-            .into_iter()
-            .filter_map(|i| self.evaluate(i, now_ms))
-            .collect()
+        else {
+            return Vec::new();
+        };
+        let latest = self.latest.get(&reading.device_id);
+        let mut firings = Vec::new();
+        for &i in targets {
+            self.evaluations += 1;
+            let Some(loaded) = self.rules.get_mut(i) else {
+                continue;
+            };
+            firings.extend(evaluate(
+                loaded,
+                latest,
+                &self.settings,
+                &mut self.trace,
+                &mut self.dirty,
+                now_ms,
+            ));
+        }
+        firings
     }
 
     /// Evaluates the rules whose held-for, schedule, window or limit deadline has come.
@@ -243,12 +267,22 @@ impl Engine {
         if self.blocked {
             return Vec::new();
         }
-        let due: Vec<usize> = (0..self.rules.len())
-            .filter(|&i| self.rules[i].due_ms.is_some_and(|d| d <= now_ms))
-            .collect();
-        due.into_iter()
-            .filter_map(|i| self.evaluate(i, now_ms))
-            .collect()
+        let mut firings = Vec::new();
+        for loaded in &mut self.rules {
+            if loaded.due_ms.is_some_and(|d| d <= now_ms) {
+                self.evaluations += 1;
+                let latest = self.latest.get(&loaded.rule.device_id);
+                firings.extend(evaluate(
+                    loaded,
+                    latest,
+                    &self.settings,
+                    &mut self.trace,
+                    &mut self.dirty,
+                    now_ms,
+                ));
+            }
+        }
+        firings
     }
 
     /// When on_tick should next run; None while blocked or when only readings matter.
@@ -276,90 +310,113 @@ impl Engine {
             .find(|l| l.rule.uuid == uuid)
             .map(|l| &l.state)
     }
+}
 
-    fn evaluate(&mut self, i: usize, now_ms: i64) -> Option<Firing> {
-        self.evaluations += 1;
-        let loaded = self.rules.get_mut(i)?;
-        let before = loaded.state.clone();
-        let mut ctx = Ctx {
-            latest: self.latest.get(&loaded.rule.device_id),
-            now_ms,
-            stale_after_ms: self.settings.stale_after_ms,
-            tz: &self.settings.time_zone,
-            state: &mut loaded.state,
-            hysteresis_true: Vec::new(),
-            due_ms: None,
-            stale_edge_ms: None,
-        };
-        let outcome = eval(&loaded.rule.root, &mut ctx);
-        let (hysteresis_true, mut due, stale_edge) =
-            (ctx.hysteresis_true, ctx.due_ms, ctx.stale_edge_ms);
-        let rule = &loaded.rule;
-        let state = &mut loaded.state;
-        // A running held-for timer must reset when one of its readings goes stale.
-        if !state.held_since_ms.is_empty() {
-            if let Some(edge) = stale_edge {
-                earlier(&mut due, edge);
-            }
+/// Evaluates one rule. Allocates nothing unless the rule fires or its state changes: the
+/// explanation is built by re-walking the evaluation's trace only for a firing, and the rule
+/// is marked dirty only when the evaluation really changed its state.
+fn evaluate(
+    loaded: &mut Loaded,
+    latest: Option<&HashMap<String, Latest>>,
+    settings: &EngineSettings,
+    trace: &mut Vec<(Tri, Tri)>,
+    dirty: &mut BTreeSet<String>,
+    now_ms: i64,
+) -> Option<Firing> {
+    trace.clear();
+    let mut ctx = Ctx {
+        latest,
+        now_ms,
+        stale_after_ms: settings.stale_after_ms,
+        tz: &settings.time_zone,
+        state: &mut loaded.state,
+        trace,
+        due_ms: None,
+        stale_edge_ms: None,
+        changed: false,
+    };
+    let tri = eval(&loaded.rule.root, &mut ctx);
+    let (mut due, stale_edge, mut changed) = (ctx.due_ms, ctx.stale_edge_ms, ctx.changed);
+    let rule = &loaded.rule;
+    let state = &mut loaded.state;
+    // A running held-for timer must reset when one of its readings goes stale.
+    if !state.held_since_ms.is_empty() {
+        if let Some(edge) = stale_edge {
+            earlier(&mut due, edge);
         }
-
-        let mut firing = None;
-        if outcome.tri == Tri::True {
-            state.prune(now_ms);
-            let cooldown_ms = i64::from(rule.cooldown_seconds.max(0)) * 1000;
-            let cooldown_end = state.last_fired_ms.map(|t| t.saturating_add(cooldown_ms));
-            let max = u32::try_from(rule.max_executions_per_hour).unwrap_or(0);
-            let in_cooldown = cooldown_end.is_some_and(|end| now_ms < end);
-            let at_limit = max > 0 && state.recent_firings_ms.len() >= max as usize;
-            if !in_cooldown && !at_limit {
-                state.last_fired_ms = Some(now_ms);
-                state.recent_firings_ms.push(now_ms);
-                for path in hysteresis_true {
-                    state.armed.insert(path, false);
-                }
-                let count = u32::try_from(state.recent_firings_ms.len()).unwrap_or(u32::MAX);
-                let limit = if max > 0 {
-                    format!("{count}/{max} this hour")
-                } else {
-                    format!("{count} this hour")
-                };
-                firing = Some(Firing {
-                    rule: rule.uuid.clone(),
-                    rule_id: rule.rule_id.clone(),
-                    rule_name: rule.rule_name.clone(),
-                    device_id: rule.device_id.clone(),
-                    priority: rule.priority,
-                    actions: rule.rule.actions.clone(),
-                    fired_at_ms: now_ms,
-                    readings: outcome.readings,
-                    explanation: format!("{}; {limit}", outcome.why.join(" and ")),
-                    hourly_count: count,
-                    hourly_max: max,
-                    cooldown_seconds: rule.cooldown_seconds,
-                });
-            } else if loaded.timed {
-                // True but limited: look again when the limit lifts (readings do that for
-                // sensor-only rules).
-                if let Some(end) = cooldown_end.filter(|_| in_cooldown) {
-                    earlier(&mut due, end);
-                }
-                if at_limit {
-                    if let Some(first) = state.recent_firings_ms.iter().min() {
-                        earlier(&mut due, first.saturating_add(HOUR_MS));
-                    }
-                }
-            }
-        }
-        loaded.due_ms = if loaded.timed {
-            due.filter(|d| *d > now_ms)
-        } else {
-            None
-        };
-        if loaded.state != before {
-            self.dirty.insert(loaded.rule.uuid.clone());
-        }
-        firing
     }
+
+    let mut firing = None;
+    if tri == Tri::True {
+        let before = state.recent_firings_ms.len();
+        state.prune(now_ms);
+        changed |= state.recent_firings_ms.len() != before;
+        let cooldown_ms = i64::from(rule.cooldown_seconds.max(0)) * 1000;
+        let cooldown_end = state.last_fired_ms.map(|t| t.saturating_add(cooldown_ms));
+        let max = u32::try_from(rule.max_executions_per_hour).unwrap_or(0);
+        let in_cooldown = cooldown_end.is_some_and(|end| now_ms < end);
+        let at_limit = max > 0 && state.recent_firings_ms.len() >= max as usize;
+        if !in_cooldown && !at_limit {
+            let mut hysteresis_true = Vec::new();
+            let outcome = explain(
+                &rule.root,
+                &Explain {
+                    latest,
+                    now_ms,
+                    state,
+                    trace,
+                },
+                &mut 0,
+                &mut hysteresis_true,
+            );
+            changed = true;
+            state.last_fired_ms = Some(now_ms);
+            state.recent_firings_ms.push(now_ms);
+            for path in hysteresis_true {
+                state.armed.insert(path, false);
+            }
+            let count = u32::try_from(state.recent_firings_ms.len()).unwrap_or(u32::MAX);
+            let limit = if max > 0 {
+                format!("{count}/{max} this hour")
+            } else {
+                format!("{count} this hour")
+            };
+            firing = Some(Firing {
+                rule: rule.uuid.clone(),
+                rule_id: rule.rule_id.clone(),
+                rule_name: rule.rule_name.clone(),
+                device_id: rule.device_id.clone(),
+                priority: rule.priority,
+                actions: rule.rule.actions.clone(),
+                fired_at_ms: now_ms,
+                readings: outcome.readings,
+                explanation: format!("{}; {limit}", outcome.why.join(" and ")),
+                hourly_count: count,
+                hourly_max: max,
+                cooldown_seconds: rule.cooldown_seconds,
+            });
+        } else if loaded.timed {
+            // True but limited: look again when the limit lifts (readings do that for
+            // sensor-only rules).
+            if let Some(end) = cooldown_end.filter(|_| in_cooldown) {
+                earlier(&mut due, end);
+            }
+            if at_limit {
+                if let Some(first) = state.recent_firings_ms.iter().min() {
+                    earlier(&mut due, first.saturating_add(HOUR_MS));
+                }
+            }
+        }
+    }
+    loaded.due_ms = if loaded.timed {
+        due.filter(|d| *d > now_ms)
+    } else {
+        None
+    };
+    if changed && !dirty.contains(&loaded.rule.uuid) {
+        dirty.insert(loaded.rule.uuid.clone());
+    }
+    firing
 }
 
 fn earlier(slot: &mut Option<i64>, t: i64) {

@@ -1147,3 +1147,35 @@ async fn driver_restored_state_keeps_cooldown_and_held_for() {
     h.ph(6.0).await;
     assert_eq!(h.fired_secs(T0), [40, 40]);
 }
+
+#[test]
+fn composite_explanation_names_the_deciding_conditions_and_false_rules_stay_clean() {
+    let mut engine = engine_with(&[record(
+        "mix",
+        with_conditions(json!({"type": "all", "conditions": [
+            ph_below(6.5),
+            {"type": "any", "conditions": [
+                {"type": "sensor_compare", "sensor": "temp", "operator": ">", "value": 30.0},
+                {"type": "not", "condition":
+                    {"type": "sensor_compare", "sensor": "ec", "operator": ">", "value": 2.0}},
+                {"type": "sensor_compare", "sensor": "level", "operator": "<", "value": 1.0}
+            ]}
+        ]})),
+    )]);
+    engine.take_dirty();
+    // Unknown and false evaluations leave the state unchanged: nothing to persist.
+    assert!(engine.on_reading(&reading("ph", 6.0, T0), T0).is_empty());
+    assert!(engine.on_reading(&reading("temp", 25.0, T0), T0).is_empty());
+    assert!(engine.take_dirty().is_empty());
+    let f = engine.on_reading(&reading("ec", 1.0, T0 + S), T0 + S);
+    assert_eq!(f.len(), 1);
+    // All is true: every child; Any is true: its true children only ("level" is unknown).
+    assert_eq!(
+        f[0].explanation,
+        "ph 6 < 6.5 and not (ec 1 > 2); 1 this hour"
+    );
+    let sensors: Vec<&str> = f[0].readings.iter().map(|r| r.sensor.as_str()).collect();
+    assert_eq!(sensors, ["ph", "ec"]);
+    assert_eq!(engine.take_dirty().len(), 1);
+    assert!(engine.take_dirty().is_empty());
+}
