@@ -269,14 +269,19 @@ pub(crate) async fn perform(
     let had_outbox = !write.outbox.is_empty() || !write.commands.is_empty();
     let now = now_ms();
     let began = std::time::Instant::now();
-    let written = shared
-        .store
-        .call(move |s| s.write_automation(&write, now))
-        .await;
-    shared
-        .metrics
-        .automation_write_seconds
-        .observe(began.elapsed().as_secs_f64());
+    let written = if write.is_empty() {
+        Ok(Default::default())
+    } else {
+        let written = shared
+            .store
+            .call(move |s| s.write_automation(&write, now))
+            .await;
+        shared
+            .metrics
+            .automation_write_seconds
+            .observe(began.elapsed().as_secs_f64());
+        written
+    };
     let counters = match written {
         Ok(c) => c,
         Err(e) => {
