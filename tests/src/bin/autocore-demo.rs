@@ -342,7 +342,7 @@ async fn edge_demo(
         .filter(|r| r.payload["kind"] == "execution")
         .count();
     println!(
-        "    the rule fired {offline} times while the backend was away; the records wait in the outbox"
+        "    rule firings while the backend was away: {offline}; their records wait in the outbox"
     );
 
     step("The backend returns; the outbox drains in order, each row once");
