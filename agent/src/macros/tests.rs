@@ -718,3 +718,48 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Polled at its deadlines, a run emits each relay step exactly when the sum of the delays
+    /// so far has passed, in sequence order, once, then completes.
+    #[test]
+    fn steps_run_at_their_delays(delays in prop::collection::vec(0i64..20_000, 1..12), start in 0i64..1_000_000) {
+        let actions: Vec<Value> = delays
+            .iter()
+            .enumerate()
+            .map(|(i, d)| relay_action(i as i64 * 10, (i % 16) as i64, "on", *d))
+            .collect();
+        let (c, _) = catalog(vec![def("m", actions)]);
+        let mut r = MacroRunner::new();
+        r.start(&c, "m", "p", start).unwrap();
+        let mut seen = Vec::new();
+        let mut finished = false;
+        for _ in 0..1_000 {
+            let Some(d) = r.next_deadline_ms() else { break };
+            prop_assert!(d >= start);
+            for e in r.poll(&c, d, &mut |_| Ok(true)) {
+                match e {
+                    MacroEffect::Switch { sequence, .. } => seen.push((sequence, d)),
+                    MacroEffect::Finished { outcome, .. } => {
+                        prop_assert_eq!(outcome, MacroOutcome::Completed);
+                        finished = true;
+                    }
+                    other => prop_assert!(false, "unexpected {:?}", other),
+                }
+            }
+        }
+        prop_assert!(finished);
+        let mut at = start;
+        let want: Vec<(i32, i64)> = delays
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                at += d;
+                (i as i32 * 10, at)
+            })
+            .collect();
+        prop_assert_eq!(seen, want);
+    }
+}
