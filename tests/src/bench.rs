@@ -1,4 +1,5 @@
-//! What the benchmark binaries print about the machine they ran on, read from /proc.
+//! What the benchmark binaries share: the machine they ran on (read from /proc), percentiles,
+//! settings from the environment, and an agent running in process.
 
 /// `- CPUs (nproc): …`, `- model name: …`, `- memory: …`, `- kernel: Linux …` lines.
 pub fn machine_lines() -> String {
@@ -34,4 +35,123 @@ pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The temp folder, where the benchmarks keep SQLite and Postgres data, and its filesystem and
+/// device (so that fsync costs can be judged).
+pub fn data_folder() -> String {
+    let tmp = std::env::temp_dir();
+    let fs = std::process::Command::new("df")
+        .args(["--output=fstype,source"])
+        .arg(&tmp)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8(o.stdout)
+                .ok()?
+                .lines()
+                .nth(1)
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" on "))
+        })
+        .unwrap_or_else(|| "unknown".into());
+    format!("{} ({fs})", tmp.display())
+}
+
+/// The value at quantile `p` (0..=1) of `values`, nearest rank.
+pub fn percentile(values: &[u64], p: f64) -> Option<u64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(rank).copied()
+}
+
+/// A setting from the environment, at least 1; `what` names it in the error ("a whole number").
+pub fn env_number(name: &str, default: u64, what: &str) -> anyhow::Result<u64> {
+    use anyhow::Context as _;
+    match std::env::var(name) {
+        Ok(v) => {
+            let n: u64 = v
+                .trim()
+                .parse()
+                .with_context(|| format!("{name} must be {what}, got {v:?}"))?;
+            anyhow::ensure!(n >= 1, "{name} must be at least 1");
+            Ok(n)
+        }
+        Err(_) => Ok(default),
+    }
+}
+
+/// The agent running inside the benchmark's process, stopped with [`InProcessAgent::stop`].
+#[derive(Debug)]
+pub struct InProcessAgent {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), autocore_agent::runtime::RuntimeError>>,
+    /// The local API's base URL.
+    pub api: String,
+}
+
+impl InProcessAgent {
+    /// Starts the agent with `config` (its API on a free loopback port) and waits for /health.
+    pub async fn start(
+        config: autocore_agent::config::AgentConfig,
+        http: &reqwest::Client,
+    ) -> anyhow::Result<InProcessAgent> {
+        use anyhow::Context as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the agent's API listener")?;
+        let api = format!(
+            "http://{}",
+            listener.local_addr().context("the API's address")?
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(autocore_agent::run(config, listener, async move {
+            let _ = stopped.await;
+        }));
+        let agent = InProcessAgent { stop, task, api };
+        wait_for_health(http, &agent.api).await?;
+        Ok(agent)
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .context("the agent task panicked")?
+            .context("the agent stopped with an error")
+    }
+}
+
+/// Waits up to 30 s for an agent's /health to answer.
+pub async fn wait_for_health(
+    http: &reqwest::Client,
+    api: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(h) = health(http, api).await {
+            return Ok(h);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the agent's /health at {api} did not answer in 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// An agent's GET /health.
+pub async fn health(http: &reqwest::Client, api: &str) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context as _;
+    http.get(format!("{api}/health"))
+        .send()
+        .await
+        .context("GET /health")?
+        .json()
+        .await
+        .context("reading /health")
 }

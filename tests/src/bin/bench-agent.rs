@@ -18,6 +18,7 @@
 //! offered over MQTT, default 100000), `AUTOCORE_BENCH_COMMANDS` (default 100),
 //! `AUTOCORE_BENCH_LOAD_SECONDS` (default 30), `AUTOCORE_BENCH_IDLE_SECONDS` (default 30).
 
+use autocore_stack::bench::{InProcessAgent, env_number, health, percentile, wait_for_health};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -81,12 +82,12 @@ struct Figure {
 }
 
 fn main() -> anyhow::Result<()> {
-    let backlog = env_number("AUTOCORE_BENCH_READINGS", 864_000)?;
-    let ingest_readings = env_number("AUTOCORE_BENCH_INGEST_READINGS", 500_000)?;
-    let ingest_rate = env_number("AUTOCORE_BENCH_INGEST_RATE", 100_000)?;
-    let commands = env_number("AUTOCORE_BENCH_COMMANDS", 100)?;
-    let load_seconds = env_number("AUTOCORE_BENCH_LOAD_SECONDS", 30)?;
-    let idle_seconds = env_number("AUTOCORE_BENCH_IDLE_SECONDS", 30)?;
+    let backlog = env_number("AUTOCORE_BENCH_READINGS", 864_000, "a whole number")?;
+    let ingest_readings = env_number("AUTOCORE_BENCH_INGEST_READINGS", 500_000, "a whole number")?;
+    let ingest_rate = env_number("AUTOCORE_BENCH_INGEST_RATE", 100_000, "a whole number")?;
+    let commands = env_number("AUTOCORE_BENCH_COMMANDS", 100, "a whole number")?;
+    let load_seconds = env_number("AUTOCORE_BENCH_LOAD_SECONDS", 30, "a whole number")?;
+    let idle_seconds = env_number("AUTOCORE_BENCH_IDLE_SECONDS", 30, "a whole number")?;
     let agent_exe = agent_under_test()?;
 
     eprintln!("bench-agent: starting a durable backend (Postgres 15 + PostgREST 12) and Mosquitto");
@@ -238,13 +239,6 @@ listen = "{api_listen}"
     toml
 }
 
-/// The agent running inside this process, stopped with [`InProcessAgent::stop`].
-struct InProcessAgent {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), autocore_agent::runtime::RuntimeError>>,
-    api: String,
-}
-
 async fn start_agent(ctx: &Ctx, db: &Path, masters: &[String]) -> anyhow::Result<InProcessAgent> {
     let config = AgentConfig::from_toml(
         &agent_toml(ctx, db, "127.0.0.1:0", masters),
@@ -252,54 +246,7 @@ async fn start_agent(ctx: &Ctx, db: &Path, masters: &[String]) -> anyhow::Result
         std::iter::empty(),
     )
     .context("the agent's configuration")?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding the agent's API listener")?;
-    let api = format!(
-        "http://{}",
-        listener.local_addr().context("the API's address")?
-    );
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(autocore_agent::run(config, listener, async move {
-        let _ = stopped.await;
-    }));
-    let agent = InProcessAgent { stop, task, api };
-    wait_for_health(&ctx.http, &agent.api).await?;
-    Ok(agent)
-}
-
-impl InProcessAgent {
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        self.task
-            .await
-            .context("the agent task panicked")?
-            .context("the agent stopped with an error")
-    }
-}
-
-async fn wait_for_health(http: &reqwest::Client, api: &str) -> anyhow::Result<Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(h) = health(http, api).await {
-            return Ok(h);
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "the agent's /health at {api} did not answer in 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn health(http: &reqwest::Client, api: &str) -> anyhow::Result<Value> {
-    http.get(format!("{api}/health"))
-        .send()
-        .await
-        .context("GET /health")?
-        .json()
-        .await
-        .context("reading /health")
+    InProcessAgent::start(config, &ctx.http).await
 }
 
 /// The value of one unlabelled metric from GET /metrics.
@@ -1154,48 +1101,10 @@ fn bench_memory(
 
 // ------------------------------------------------------------------------------------- helpers
 
-fn percentile(values: &[u64], p: f64) -> Option<u64> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_unstable();
-    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(rank).copied()
-}
-
 fn machine_description() -> String {
-    let tmp = std::env::temp_dir();
-    let fs = Command::new("df")
-        .args(["--output=fstype,source"])
-        .arg(&tmp)
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8(o.stdout)
-                .ok()?
-                .lines()
-                .nth(1)
-                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" on "))
-        })
-        .unwrap_or_else(|| "unknown".into());
     format!(
-        "{}\n- data folder (SQLite, Postgres): {} ({fs})",
+        "{}\n- data folder (SQLite, Postgres): {}",
         autocore_stack::bench::machine_lines(),
-        tmp.display()
+        autocore_stack::bench::data_folder()
     )
-}
-
-fn env_number(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => {
-            let n: u64 = v
-                .trim()
-                .parse()
-                .with_context(|| format!("{name} must be a whole number, got {v:?}"))?;
-            ensure!(n >= 1, "{name} must be at least 1");
-            Ok(n)
-        }
-        Err(_) => Ok(default),
-    }
 }

@@ -12,6 +12,7 @@
 //! `AUTOCORE_BENCH_EXTRA_SQL` (a SQL file applied after the backend and before measuring, to try
 //! a change; the output says so).
 
+use autocore_stack::bench::{env_number, percentile};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -123,8 +124,8 @@ impl Run {
 }
 
 fn main() -> anyhow::Result<()> {
-    let seconds = env_number("AUTOCORE_BENCH_SECONDS", 10)?;
-    let rounds = env_number("AUTOCORE_BENCH_ROUNDS", 3)?;
+    let seconds = env_number("AUTOCORE_BENCH_SECONDS", 10, "a whole number of seconds")?;
+    let rounds = env_number("AUTOCORE_BENCH_ROUNDS", 3, "a whole number")?;
     let lockers = env_lockers("AUTOCORE_BENCH_LOCKERS", &[1, 16])?;
     let bench_dir = repo_root().join("sql/bench");
 
@@ -587,17 +588,6 @@ fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
-/// The nearest-rank percentile `p` (0..1) of `values`.
-fn percentile(values: &[u64], p: f64) -> Option<u64> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_unstable();
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    Some(sorted[rank - 1])
-}
-
 fn run_sql_file(pg: &Postgres, file: &Path) -> anyhow::Result<()> {
     pg.psql(DATABASE, &["-f", &file.display().to_string()])
         .with_context(|| format!("running {}", file.display()))?;
@@ -630,43 +620,10 @@ fn postgres_settings(pg: &Postgres) -> anyhow::Result<String> {
 
 fn machine_description() -> String {
     format!(
-        "{}\n- {}",
+        "{}\n- data folder: {}",
         autocore_stack::bench::machine_lines(),
-        data_disk_note()
+        autocore_stack::bench::data_folder()
     )
-}
-
-/// Where the cluster's files live (the temp folder), so that fsync cost can be judged.
-fn data_disk_note() -> String {
-    let tmp = std::env::temp_dir();
-    let fs = Command::new("df")
-        .args(["--output=fstype,source"])
-        .arg(&tmp)
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8(o.stdout)
-                .ok()?
-                .lines()
-                .nth(1)
-                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" on "))
-        })
-        .unwrap_or_else(|| "unknown".into());
-    format!("data folder: {} ({fs})", tmp.display())
-}
-
-fn env_number(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => {
-            let n: u64 = v
-                .trim()
-                .parse()
-                .with_context(|| format!("{name} must be a whole number of seconds, got {v:?}"))?;
-            ensure!(n >= 1, "{name} must be at least 1");
-            Ok(n)
-        }
-        Err(_) => Ok(default),
-    }
 }
 
 fn env_lockers(name: &str, default: &[usize]) -> anyhow::Result<Vec<usize>> {

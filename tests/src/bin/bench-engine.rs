@@ -17,6 +17,7 @@
 //! (emergency stop rounds, default 20, quick 5), `AUTOCORE_BENCH_ROUNDS` (engine rounds, default
 //! 9, quick 3).
 
+use autocore_stack::bench::{InProcessAgent, env_number, health, percentile};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -76,9 +77,21 @@ struct Figure {
 fn main() -> anyhow::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick")
         || std::env::var("AUTOCORE_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
-    let probes = env_number("AUTOCORE_BENCH_PROBES", if quick { 100 } else { 600 })? as usize;
-    let stops = env_number("AUTOCORE_BENCH_STOPS", if quick { 5 } else { 20 })? as usize;
-    let rounds = env_number("AUTOCORE_BENCH_ROUNDS", if quick { 3 } else { 9 })? as usize;
+    let probes = env_number(
+        "AUTOCORE_BENCH_PROBES",
+        if quick { 100 } else { 600 },
+        "a whole number",
+    )? as usize;
+    let stops = env_number(
+        "AUTOCORE_BENCH_STOPS",
+        if quick { 5 } else { 20 },
+        "a whole number",
+    )? as usize;
+    let rounds = env_number(
+        "AUTOCORE_BENCH_ROUNDS",
+        if quick { 3 } else { 9 },
+        "a whole number",
+    )? as usize;
 
     println!("## Machine\n\n{}", autocore_stack::bench::machine_lines());
     println!(
@@ -406,12 +419,6 @@ operator_token = "{OPERATOR}"
     toml
 }
 
-struct InProcessAgent {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), autocore_agent::runtime::RuntimeError>>,
-    api: String,
-}
-
 async fn start_agent(ctx: &Ctx, db: &Path) -> anyhow::Result<InProcessAgent> {
     let config = AgentConfig::from_toml(
         &agent_toml(ctx, db),
@@ -419,42 +426,7 @@ async fn start_agent(ctx: &Ctx, db: &Path) -> anyhow::Result<InProcessAgent> {
         std::iter::empty(),
     )
     .context("the agent's configuration")?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding the agent's API listener")?;
-    let api = format!("http://{}", listener.local_addr()?);
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(autocore_agent::run(config, listener, async move {
-        let _ = stopped.await;
-    }));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while health(&ctx.http, &api).await.is_err() {
-        ensure!(
-            Instant::now() < deadline,
-            "the agent's /health never answered"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(InProcessAgent { stop, task, api })
-}
-
-impl InProcessAgent {
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(());
-        self.task
-            .await
-            .context("the agent task panicked")?
-            .context("the agent stopped with an error")
-    }
-}
-
-async fn health(http: &reqwest::Client, api: &str) -> anyhow::Result<Value> {
-    Ok(http
-        .get(format!("{api}/health"))
-        .send()
-        .await?
-        .json()
-        .await?)
+    InProcessAgent::start(config, &ctx.http).await
 }
 
 async fn until_online(ctx: &Ctx, agent: &InProcessAgent, masters: usize) -> anyhow::Result<()> {
@@ -1003,27 +975,3 @@ async fn bench_stop(
 }
 
 // ------------------------------------------------------------------------------------- helpers
-
-fn percentile(values: &[u64], p: f64) -> Option<u64> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_unstable();
-    let rank = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(rank).copied()
-}
-
-fn env_number(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => {
-            let n: u64 = v
-                .trim()
-                .parse()
-                .with_context(|| format!("{name} must be a whole number, got {v:?}"))?;
-            ensure!(n >= 1, "{name} must be at least 1");
-            Ok(n)
-        }
-        Err(_) => Ok(default),
-    }
-}
