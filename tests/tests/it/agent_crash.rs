@@ -7,12 +7,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use autocore_stack::Claims;
-use firmware_protocol::sim::rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use firmware_protocol::sim::rumqttc::QoS;
 use firmware_protocol::sim::{self, MasterTiming, RadioSpec, SimConfig};
 use tokio::sync::oneshot;
 
 use crate::support::{
-    ALICE, MASTER, SLAVE, World, eventually, insert_command, one_master_sim, until_status,
+    ALICE, MASTER, SLAVE, World, eventually, insert_command, observe_json, one_master_sim,
+    until_status,
 };
 
 const KEY_HEX: &str = "7c1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
@@ -20,38 +21,20 @@ const KEY_HEX: &str = "7c1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c
 /// Every ack the master publishes, as (command id, result).
 async fn ack_observer(mqtt_url: &str) -> Arc<Mutex<Vec<(String, String)>>> {
     let acks = Arc::new(Mutex::new(Vec::new()));
-    let (host, port) = sim::parse_mqtt_url(mqtt_url).unwrap();
-    let (client, mut eventloop) =
-        AsyncClient::new(MqttOptions::new("ack-observer", host, port), 100);
-    client
-        .subscribe(format!("autocore/devices/{MASTER}/ack"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    let (ready_tx, ready) = oneshot::channel();
     let sink = acks.clone();
-    tokio::spawn(async move {
-        let _keep = client;
-        let mut ready_tx = Some(ready_tx);
-        while let Ok(event) = eventloop.poll().await {
-            match event {
-                Event::Incoming(Packet::SubAck(_)) => {
-                    if let Some(tx) = ready_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Event::Incoming(Packet::Publish(p)) => {
-                    let v: serde_json::Value =
-                        serde_json::from_slice(&p.payload).unwrap_or_default();
-                    sink.lock().unwrap().push((
-                        v["command_id"].as_str().unwrap_or_default().to_string(),
-                        v["result"].as_str().unwrap_or_default().to_string(),
-                    ));
-                }
-                _ => {}
-            }
-        }
-    });
-    let _ = ready.await;
+    observe_json(
+        mqtt_url,
+        "ack-observer",
+        &format!("autocore/devices/{MASTER}/ack"),
+        QoS::AtLeastOnce,
+        move |v| {
+            sink.lock().unwrap().push((
+                v["command_id"].as_str().unwrap_or_default().to_string(),
+                v["result"].as_str().unwrap_or_default().to_string(),
+            ));
+        },
+    )
+    .await;
     acks
 }
 

@@ -10,8 +10,8 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::support::{
-    ALICE, Agent, MASTER, SLAVE, World, eventually, insert_command, master_toml, one_master_sim,
-    start_agent, start_sim, until_status,
+    ALICE, Agent, MASTER, SLAVE, World, eventually, insert_command, master_toml, observe_json,
+    one_master_sim, start_agent, start_sim, until_status,
 };
 
 /// How long the backend stays away in the outage test: short in CI, a minute with
@@ -28,42 +28,20 @@ fn outage() -> Duration {
 async fn telemetry_observer(
     mqtt_url: &str,
 ) -> std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<i64>>> {
-    use firmware_protocol::sim::rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-    let (host, port) = sim::parse_mqtt_url(mqtt_url).unwrap();
-    let (client, mut eventloop) =
-        AsyncClient::new(MqttOptions::new("telemetry-observer", host, port), 100);
-    client
-        .subscribe(
-            format!("autocore/devices/{MASTER}/telemetry"),
-            QoS::AtMostOnce,
-        )
-        .await
-        .unwrap();
-    let (ready_tx, ready) = oneshot::channel();
     let sink = seen.clone();
-    tokio::spawn(async move {
-        let _keep = client;
-        let mut ready_tx = Some(ready_tx);
-        while let Ok(event) = eventloop.poll().await {
-            match event {
-                Event::Incoming(Packet::SubAck(_)) => {
-                    if let Some(tx) = ready_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Event::Incoming(Packet::Publish(p)) => {
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&p.payload)
-                        && let Some(ts) = v["ts_ms"].as_i64()
-                    {
-                        sink.lock().unwrap().insert(ts);
-                    }
-                }
-                _ => {}
+    observe_json(
+        mqtt_url,
+        "telemetry-observer",
+        &format!("autocore/devices/{MASTER}/telemetry"),
+        firmware_protocol::sim::rumqttc::QoS::AtMostOnce,
+        move |v| {
+            if let Some(ts) = v["ts_ms"].as_i64() {
+                sink.lock().unwrap().insert(ts);
             }
-        }
-    });
-    let _ = ready.await;
+        },
+    )
+    .await;
     seen
 }
 

@@ -339,3 +339,39 @@ impl Agent {
             .expect("the agent's task ends without a panic");
     }
 }
+
+/// Subscribes to `topic` on the broker as `client_id` and hands every payload that is JSON to
+/// `sink`; returns once the broker has acknowledged the subscription.
+pub async fn observe_json(
+    mqtt_url: &str,
+    client_id: &str,
+    topic: &str,
+    qos: firmware_protocol::sim::rumqttc::QoS,
+    mut sink: impl FnMut(Value) + Send + 'static,
+) {
+    use firmware_protocol::sim::rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+    let (host, port) = firmware_protocol::sim::parse_mqtt_url(mqtt_url).unwrap();
+    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new(client_id, host, port), 100);
+    client.subscribe(topic, qos).await.unwrap();
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let _keep = client;
+        let mut ready_tx = Some(ready_tx);
+        while let Ok(event) = eventloop.poll().await {
+            match event {
+                Event::Incoming(Packet::SubAck(_)) => {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    if let Ok(v) = serde_json::from_slice::<Value>(&p.payload) {
+                        sink(v);
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    let _ = ready.await;
+}
