@@ -125,8 +125,13 @@ impl Shared {
         self.outbox_ready.notify_one();
     }
 
-    pub(crate) fn latest_readings(&self) -> HashMap<(String, String), (f64, i64)> {
-        self.latest.lock().map(|l| l.clone()).unwrap_or_default()
+    /// The latest value of a device's sensor and its time.
+    pub(crate) fn latest_reading(&self, device: &str, sensor: &str) -> Option<(f64, i64)> {
+        self.latest
+            .lock()
+            .ok()?
+            .get(&(device.to_string(), sensor.to_string()))
+            .copied()
     }
 }
 
@@ -310,7 +315,7 @@ async fn start_automation(
     let interlocks = crate::automation::interlocks(config);
     let mut safety = crate::safety::Safety::try_new(interlocks)
         .map_err(|e| RuntimeError::Interlocks(e.to_string()))?;
-    let (snapshot, last_edge, latch_changed, macros, rules, relay_counts, states) = shared
+    let (snapshot, last_edge, latch_changed, macros, states) = shared
         .store
         .call(|s| {
             Ok((
@@ -320,8 +325,6 @@ async fn start_automation(
                     .and_then(|v| v.parse::<i64>().ok())
                     .unwrap_or(0),
                 s.macros()?,
-                s.all_rules()?,
-                s.relay_counts()?,
                 s.rule_states()?,
             ))
         })
@@ -345,20 +348,13 @@ async fn start_automation(
         .into_iter()
         .filter_map(|(k, v)| serde_json::from_value(v).ok().map(|s| (k, s)))
         .collect();
-    let catalog = crate::rules::Catalog {
-        relay_counts,
-        macros: automation.macro_ids().into_iter().collect(),
-    };
+    let (rules, catalog) = crate::automation::task::rules_and_catalog(shared, &automation).await?;
     let problems = engine.load(&rules, &catalog, &states);
     if automation.safety().emergency().is_some() {
         engine.set_blocked(true);
         warn!("the emergency stop is still latched from before the restart");
     }
-    let loaded: Vec<(String, i64)> = rules
-        .iter()
-        .filter(|r| r.enabled && !r.deleted)
-        .map(|r| (r.id.clone(), r.revision))
-        .collect();
+    let loaded = crate::automation::task::running_rules(&rules);
     crate::automation::task::record_problems(shared, &loaded, problems).await;
     info!(
         rules = loaded.len(),

@@ -337,12 +337,12 @@ impl Automation {
             }
             Ok(plans)
         });
-        let (result, mut ids) = match checked {
+        let result = match checked {
             Ok(plans) => {
                 for plan in &plans {
                     describe.push(plan.summary());
                 }
-                let ids = self.carry(&mut step, &plans, &origin, now_ms);
+                self.carry(&mut step, &plans, &origin, now_ms);
                 for id in &macro_ids {
                     match self.runner.start(
                         &self.macros,
@@ -369,11 +369,11 @@ impl Automation {
                         describe.push(format!("published to {topic}"));
                     }
                 }
-                ("executed", ids)
+                "executed"
             }
             Err(reason) => {
                 describe.push(format!("refused: {reason}"));
-                ("refused", vec![])
+                "refused"
             }
         };
         if describe.is_empty() {
@@ -386,7 +386,6 @@ impl Automation {
             .iter()
             .map(|(_, client)| client.clone())
             .collect();
-        ids.clear();
         let client_id = uuid::Uuid::new_v5(
             &uuid::Uuid::NAMESPACE_OID,
             format!(

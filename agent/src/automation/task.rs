@@ -128,7 +128,7 @@ pub(crate) async fn run(
                     AutomationInput::ReloadRules => {
                         match rules_and_catalog(&shared, &automation).await {
                             Ok((rules, catalog)) => {
-                                loaded = rules.iter().filter(|r| r.enabled && !r.deleted).map(|r| (r.id.clone(), r.revision)).collect();
+                                loaded = running_rules(&rules);
                                 let _ = engine_in.send(EngineInput::Rules { rules, catalog }).await;
                             }
                             Err(e) => error!(error = %e, "could not read the rules mirror"),
@@ -139,8 +139,10 @@ pub(crate) async fn run(
                 },
             },
             _ = tokio::time::sleep(wait) => {
-                let latest = shared.latest_readings();
-                automation.tick(now_ms(), &mut |c| check_condition(c, &latest, now_ms(), shared.config.engine.stale_after_ms as i64))
+                let stale = shared.config.engine.stale_after_ms as i64;
+                automation.tick(now_ms(), &mut |c| {
+                    check_condition(c, |d, s| shared.latest_reading(d, s), now_ms(), stale)
+                })
             }
         };
         perform(&shared, step, &engine_in, &delivery).await;
@@ -224,10 +226,9 @@ fn handle(shared: &Arc<Shared>, automation: &mut Automation, request: Automation
             Step::default()
         }
         AutomationInput::StartMacro { id, by, reply } => {
-            let latest = shared.latest_readings();
             let stale = shared.config.engine.stale_after_ms as i64;
             let (result, step) = automation.start_macro(&id, &by, now, &mut |c| {
-                check_condition(c, &latest, now, stale)
+                check_condition(c, |d, s| shared.latest_reading(d, s), now, stale)
             });
             let _ = reply.send(result);
             step
@@ -360,6 +361,15 @@ pub(crate) async fn rules_and_catalog(
         .await
 }
 
+/// The rules the engine is asked to run, with their revisions: (decision_rules.id, revision).
+pub(crate) fn running_rules(rules: &[crate::store::RuleRecord]) -> Vec<(String, i64)> {
+    rules
+        .iter()
+        .filter(|r| r.enabled && !r.deleted)
+        .map(|r| (r.id.clone(), r.revision))
+        .collect()
+}
+
 /// Every loaded rule the engine did not complain about has its error cleared; the others get
 /// theirs written back (each change once).
 pub(crate) async fn record_problems(
@@ -442,7 +452,7 @@ async fn record_contradictions(
 /// reading; a stale or missing reading is an error (the run stops rather than guess).
 pub fn check_condition(
     condition: &Value,
-    latest: &HashMap<(String, String), (f64, i64)>,
+    latest: impl Fn(&str, &str) -> Option<(f64, i64)>,
     now_ms: i64,
     stale_after_ms: i64,
 ) -> Result<bool, String> {
@@ -457,7 +467,7 @@ pub fn check_condition(
     let value = condition["value"]
         .as_f64()
         .ok_or("condition needs a number \"value\"")?;
-    let Some(&(reading, at)) = latest.get(&(device.to_string(), sensor.to_string())) else {
+    let Some((reading, at)) = latest(device, sensor) else {
         return Err(format!("no reading of {sensor} from {device}"));
     };
     if now_ms - at > stale_after_ms {
