@@ -676,16 +676,8 @@ async fn record_relay_states(
     let result = shared
         .store
         .call(move |s| {
-            // Kept locally too: the engine checks rules' relay numbers against these.
-            for (slave, states) in &states {
-                s.record_relay_states(&master, slave, states, now)?;
-            }
-            s.enqueue(
-                OutboxClass::RelayState,
-                &format!("relays:{master}:{now}"),
-                &json!({"master_device_id": master, "slaves": rows}),
-                now,
-            )
+            let report = json!({"master_device_id": master, "slaves": rows});
+            s.record_relay_report(&master, &states, &report, now)
         })
         .await;
     match result {

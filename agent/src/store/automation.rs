@@ -180,15 +180,28 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// A slave's relay states as its master reported them.
-    pub fn record_relay_states(
+    /// A master's relay state report: each slave's states kept locally (the engine checks rules'
+    /// relay numbers against them) and the report queued for `relay_slaves`, in one transaction.
+    pub fn record_relay_report(
         &mut self,
         master: &str,
-        slave: &str,
-        states: &[bool],
+        slaves: &[(String, Vec<bool>)],
+        report: &Value,
         now_ms: i64,
     ) -> Result<()> {
-        super::upsert_relay_states(&self.conn, master, slave, states, now_ms)
+        let tx = self.conn.transaction()?;
+        for (slave, states) in slaves {
+            super::upsert_relay_states(&tx, master, slave, states, now_ms)?;
+        }
+        insert_outbox(
+            &tx,
+            OutboxClass::RelayState,
+            &format!("relays:{master}:{now_ms}"),
+            report,
+            now_ms,
+        )?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// How many relays each slave has, as its last report showed.

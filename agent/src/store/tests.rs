@@ -459,13 +459,21 @@ fn readings_are_kept_for_replay_and_pruned_by_age() {
 #[test]
 fn relay_counts_come_from_the_slaves_last_reports() {
     let mut store = Store::open_in_memory().unwrap();
+    let slaves = vec![
+        ("14:33:5C:38:BF:60".to_string(), vec![false; 4]),
+        ("14:33:5C:38:BF:61".to_string(), vec![true; 8]),
+    ];
     store
-        .record_relay_states("ESP32_A", "14:33:5C:38:BF:60", &[false; 4], 1)
-        .unwrap();
-    store
-        .record_relay_states("ESP32_A", "14:33:5C:38:BF:61", &[true; 8], 2)
+        .record_relay_report("ESP32_A", &slaves, &json!({"slaves": []}), 1)
         .unwrap();
     let counts = store.relay_counts().unwrap();
     assert_eq!(counts[&("ESP32_A".into(), "14:33:5C:38:BF:60".into())], 4);
     assert_eq!(counts[&("ESP32_A".into(), "14:33:5C:38:BF:61".into())], 8);
+    let queued = store.outbox_due(i64::MAX, 10).unwrap();
+    assert_eq!(
+        queued.len(),
+        1,
+        "the report is queued for the cloud with the states"
+    );
+    assert_eq!(queued[0].class, OutboxClass::RelayState);
 }
