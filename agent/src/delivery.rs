@@ -309,6 +309,8 @@ mod tests {
             slave_mac: None,
             relay_states: vec![true, false],
             execution_time_ms: 120,
+            counter: None,
+            sig: None,
         }
     }
 

@@ -31,6 +31,9 @@ pub use mac::MacAddr;
 #[cfg(feature = "std")]
 pub use message::{DecodeError, DeviceId, EncodeError, PROTOCOL_VERSION, Payload};
 #[cfg(feature = "std")]
-pub use sign::{CommandSigner, CommandVerifier, MasterKey, VerifyError};
+pub use sign::{
+    CommandSigner, CommandVerifier, MasterKey, ReplayWindow, ReportSigner, ReportVerifier,
+    VerifyError, broker_password,
+};
 #[cfg(feature = "std")]
 pub use topic::{Qos, Topic, TopicError};

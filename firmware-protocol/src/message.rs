@@ -600,18 +600,24 @@ impl Payload for RelayCommand {
             }
             seen |= 1 << action.relay;
         }
-        if let Some(sig) = &self.sig
-            && (sig.len() != SIGNATURE_HEX_LEN
-                || !sig.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-        {
-            return Err(field_error(
-                Self::WHAT,
-                "sig",
-                format!("must be {SIGNATURE_HEX_LEN} lowercase hex digits"),
-            ));
-        }
-        Ok(())
+        check_signature(Self::WHAT, self.sig.as_deref())
     }
+}
+
+/// A present `sig` must be 64 lowercase hex digits; whether it is required is the receiver's
+/// check (it answers `unsigned`), so that the error says what is missing.
+fn check_signature(what: &'static str, sig: Option<&str>) -> Result<(), DecodeError> {
+    if let Some(sig) = sig
+        && (sig.len() != SIGNATURE_HEX_LEN
+            || !sig.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+    {
+        return Err(field_error(
+            what,
+            "sig",
+            format!("must be {SIGNATURE_HEX_LEN} lowercase hex digits"),
+        ));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -680,6 +686,14 @@ pub struct CommandAck {
     pub relay_states: Vec<bool>,
     /// From receiving the command to the last relay confirmed.
     pub execution_time_ms: u64,
+    /// The master's report counter (see [`crate::sign::ReportSigner`]); absent only before
+    /// signing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter: Option<u64>,
+    /// HMAC-SHA256 over [`crate::sign::ack_signing_bytes`], lowercase hex; the agent refuses an
+    /// ack without a valid one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
 }
 
 impl Payload for CommandAck {
@@ -700,7 +714,7 @@ impl Payload for CommandAck {
                 "a rejected or failed command must say why",
             ));
         }
-        Ok(())
+        check_signature(Self::WHAT, self.sig.as_deref())
     }
 }
 
@@ -738,6 +752,12 @@ pub struct SlaveState {
 pub struct RelayStateReport {
     pub v: u32,
     pub slaves: Vec<SlaveState>,
+    /// The master's report counter, as in [`CommandAck::counter`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counter: Option<u64>,
+    /// HMAC-SHA256 over [`crate::sign::relay_states_signing_bytes`], lowercase hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
 }
 
 impl Payload for RelayStateReport {
@@ -756,7 +776,7 @@ impl Payload for RelayStateReport {
                 ));
             }
         }
-        Ok(())
+        check_signature(Self::WHAT, self.sig.as_deref())
     }
 }
 

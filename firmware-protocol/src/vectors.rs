@@ -14,15 +14,19 @@ use crate::message::{
     Payload, RelayAction, RelayCommand, RelayStateReport, SlaveInfo, SlaveState, StateReason,
     Status, Telemetry,
 };
-use crate::sign::{CommandSigner, MasterKey, signature_hex, signing_bytes};
+use crate::sign::{
+    CommandSigner, MasterKey, ReportSigner, ack_signing_bytes, broker_password,
+    relay_states_signing_bytes, signature_hex, signing_bytes,
+};
 use crate::topic::{Qos, Topic};
 
 /// Builds one vector document.
 pub type VectorBuilder = fn() -> Value;
 
 /// The vector files: name under `vectors/` and how to build it.
-pub const FILES: [(&str, VectorBuilder); 3] = [
+pub const FILES: [(&str, VectorBuilder); 4] = [
     ("signing.json", signing),
+    ("reports.json", reports),
     ("frames.json", frames),
     ("payloads.json", payloads),
 ];
@@ -222,6 +226,232 @@ pub fn signing() -> Value {
         "signing_domain": "autocore/command/v1",
         "cases": cases,
         "must_fail": must_fail,
+    })
+}
+
+/// The report counter the examples start at (a boot time in Unix milliseconds).
+pub const REPORT_COUNTER: u64 = 1_767_225_600_000;
+
+fn sample_ack() -> CommandAck {
+    CommandAck {
+        v: 1,
+        command_id: Some(backend(123)),
+        result: AckResult::Completed,
+        error: None,
+        slave_mac: Some(mac("14:33:5C:38:BF:60")),
+        relay_states: vec![true, false, false, false],
+        execution_time_ms: 150,
+        counter: None,
+        sig: None,
+    }
+}
+
+fn sample_failed_ack() -> CommandAck {
+    CommandAck {
+        v: 1,
+        command_id: Some(edge(42)),
+        result: AckResult::Failed,
+        error: Some(AckError {
+            code: AckErrorCode::SlaveUnreachable,
+            message: "slave 14:33:5C:38:BF:60 did not answer".into(),
+        }),
+        slave_mac: Some(mac("14:33:5C:38:BF:60")),
+        relay_states: vec![],
+        execution_time_ms: 1000,
+        counter: None,
+        sig: None,
+    }
+}
+
+fn sample_relay_states() -> RelayStateReport {
+    RelayStateReport {
+        v: 1,
+        slaves: vec![
+            SlaveState {
+                mac: mac("14:33:5C:38:BF:60"),
+                online: true,
+                relay_states: vec![true, false, false, false],
+                emergency_latched: false,
+                reason: StateReason::Command,
+            },
+            SlaveState {
+                mac: mac("14:33:5C:38:BF:61"),
+                online: false,
+                relay_states: vec![false, false],
+                emergency_latched: true,
+                reason: StateReason::EmergencyStop,
+            },
+        ],
+        counter: None,
+        sig: None,
+    }
+}
+
+/// Signed acks and relay state reports, and the masters' broker passwords.
+pub fn reports() -> Value {
+    let m = master("ESP32_HIDRO_F44738");
+    let signer = || ReportSigner::new(m.clone(), key(KEY_HEX), REPORT_COUNTER);
+    let ack_case = |name: &str, ack: CommandAck| {
+        let sealed = signer().seal_ack(ack);
+        json!({
+            "name": name,
+            "kind": "ack",
+            "key_hex": KEY_HEX,
+            "topic": Topic::Ack(m.clone()).to_string(),
+            "payload": json_of(&sealed),
+            "signing_bytes_hex": hex::encode(ack_signing_bytes(&m, &sealed)),
+            "signature_hex": sealed.sig,
+        })
+    };
+    let sealed_states = signer().seal_relay_states(sample_relay_states());
+    let cases = vec![
+        ack_case("ack_completed", sample_ack()),
+        ack_case("ack_failed_with_error", sample_failed_ack()),
+        json!({
+            "name": "relay_states_two_slaves",
+            "kind": "relay_states",
+            "key_hex": KEY_HEX,
+            "topic": Topic::RelayState(m.clone()).to_string(),
+            "payload": json_of(&sealed_states),
+            "signing_bytes_hex": hex::encode(relay_states_signing_bytes(&m, &sealed_states)),
+            "signature_hex": sealed_states.sig,
+        }),
+    ];
+
+    let good = signer().seal_ack(sample_ack());
+    let mut must_fail = Vec::new();
+    let mut case =
+        |name: &str, kind: &str, payload: Value, topic: &str, highest: Option<u64>, error: &str| {
+            must_fail.push(json!({
+                "name": name,
+                "kind": kind,
+                "key_hex": KEY_HEX,
+                "topic": topic,
+                "highest_counter": highest,
+                "payload": payload,
+                "error": error,
+            }));
+        };
+    let ack_topic = Topic::Ack(m.clone()).to_string();
+    let mut a = good.clone();
+    a.relay_states = vec![true, true, true, true];
+    case(
+        "ack_relay_states_changed",
+        "ack",
+        json_of(&a),
+        &ack_topic,
+        None,
+        "bad_signature",
+    );
+    let mut a = good.clone();
+    a.result = AckResult::Duplicate;
+    case(
+        "ack_result_changed",
+        "ack",
+        json_of(&a),
+        &ack_topic,
+        None,
+        "bad_signature",
+    );
+    let mut a = good.clone();
+    a.command_id = Some(backend(124));
+    case(
+        "ack_command_id_changed",
+        "ack",
+        json_of(&a),
+        &ack_topic,
+        None,
+        "bad_signature",
+    );
+    let mut a = good.clone();
+    a.counter = a.counter.map(|c| c + 1);
+    case(
+        "ack_counter_changed",
+        "ack",
+        json_of(&a),
+        &ack_topic,
+        None,
+        "bad_signature",
+    );
+    let forged =
+        ReportSigner::new(m.clone(), key(OTHER_KEY_HEX), REPORT_COUNTER).seal_ack(sample_ack());
+    case(
+        "ack_signed_with_another_key",
+        "ack",
+        json_of(&forged),
+        &ack_topic,
+        None,
+        "bad_signature",
+    );
+    case(
+        "ack_on_another_masters_topic",
+        "ack",
+        json_of(&good),
+        &Topic::Ack(master("ESP32_OTHER_MASTER")).to_string(),
+        None,
+        "bad_signature",
+    );
+    let mut a = good.clone();
+    a.sig = None;
+    a.counter = None;
+    case(
+        "ack_unsigned",
+        "ack",
+        json_of(&a),
+        &ack_topic,
+        None,
+        "unsigned",
+    );
+    case(
+        "ack_replayed",
+        "ack",
+        json_of(&good),
+        &ack_topic,
+        Some(REPORT_COUNTER),
+        "replayed",
+    );
+    case(
+        "ack_older_than_the_window",
+        "ack",
+        json_of(&good),
+        &ack_topic,
+        Some(REPORT_COUNTER + crate::sign::REPORT_REPLAY_WINDOW),
+        "replayed",
+    );
+    let mut r = sealed_states.clone();
+    r.slaves[1].emergency_latched = false;
+    case(
+        "relay_states_latch_changed",
+        "relay_states",
+        json_of(&r),
+        &Topic::RelayState(m.clone()).to_string(),
+        None,
+        "bad_signature",
+    );
+
+    let passwords: Vec<Value> = [
+        ("ESP32_HIDRO_F44738", KEY_HEX),
+        ("greenhouse-1.master:a_b", SHORT_KEY_HEX),
+    ]
+    .into_iter()
+    .map(|(device, key_hex)| {
+        json!({
+            "device_id": device,
+            "key_hex": key_hex,
+            "username": device,
+            "password": broker_password(&key(key_hex), &master(device)),
+        })
+    })
+    .collect();
+
+    json!({
+        "description": "Acks and relay state reports a master signs (PROTOCOL.md, 'Signing reports'): HMAC-SHA256 under the master's key over signing_bytes, built with the master id of the topic. The agent accepts every case and refuses every must_fail case with the named error, given key_hex, the topic and highest_counter (the highest counter it accepted from that master; null: none yet; a counter up to 63 below it is accepted once). broker_passwords: each master's MQTT login (PROTOCOL.md, 'Broker credentials').",
+        "algorithm": "HMAC-SHA256",
+        "signing_domain": "autocore/report/v1",
+        "replay_window": crate::sign::REPORT_REPLAY_WINDOW,
+        "cases": cases,
+        "must_fail": must_fail,
+        "broker_passwords": passwords,
     })
 }
 
@@ -498,6 +728,7 @@ fn example<P: Payload>(name: &str, topic: Topic, payload: &P) -> Value {
 /// One valid payload per topic, and payloads a receiver must refuse.
 pub fn payloads() -> Value {
     let m = master("ESP32_HIDRO_F44738");
+    let mut reporter = ReportSigner::new(m.clone(), key(KEY_HEX), REPORT_COUNTER);
     let slave = mac("14:33:5C:38:BF:60");
     let sealed = CommandSigner::new(key(KEY_HEX), 1).seal(sample_command(
         backend(123),
@@ -565,20 +796,12 @@ pub fn payloads() -> Value {
         example(
             "ack_completed",
             Topic::Ack(m.clone()),
-            &CommandAck {
-                v: 1,
-                command_id: Some(backend(123)),
-                result: AckResult::Completed,
-                error: None,
-                slave_mac: Some(slave),
-                relay_states: vec![true, false, false, false],
-                execution_time_ms: 150,
-            },
+            &reporter.seal_ack(sample_ack()),
         ),
         example(
             "ack_rejected_bad_signature",
             Topic::Ack(m.clone()),
-            &CommandAck {
+            &reporter.seal_ack(CommandAck {
                 v: 1,
                 command_id: Some(backend(124)),
                 result: AckResult::Rejected,
@@ -589,12 +812,14 @@ pub fn payloads() -> Value {
                 slave_mac: Some(slave),
                 relay_states: vec![true, false, false, false],
                 execution_time_ms: 0,
-            },
+                counter: None,
+                sig: None,
+            }),
         ),
         example(
             "relay_states",
             Topic::RelayState(m.clone()),
-            &RelayStateReport {
+            &reporter.seal_relay_states(RelayStateReport {
                 v: 1,
                 slaves: vec![SlaveState {
                     mac: slave,
@@ -603,7 +828,9 @@ pub fn payloads() -> Value {
                     emergency_latched: false,
                     reason: StateReason::Command,
                 }],
-            },
+                counter: None,
+                sig: None,
+            }),
         ),
         example(
             "emergency_stop",

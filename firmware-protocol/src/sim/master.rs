@@ -19,7 +19,7 @@ use crate::message::{
     PROTOCOL_VERSION, Payload, Reading, RelayAction, RelayCommand, RelayStateReport, SlaveInfo,
     SlaveState, StateReason, Status, Telemetry, states_to_vec,
 };
-use crate::sign::{CommandVerifier, MasterKey, VerifyError};
+use crate::sign::{CommandVerifier, MasterKey, ReportSigner, VerifyError};
 use crate::topic::Topic;
 
 /// Command ids a master remembers as applied (and persists), so each is applied at most once.
@@ -146,6 +146,8 @@ pub struct MasterCore {
     id: DeviceId,
     timing: MasterTiming,
     verifier: CommandVerifier,
+    /// Signs acks and relay state reports (PROTOCOL.md, "Signing reports").
+    reporter: ReportSigner,
     emergency_latched: bool,
     applied: VecDeque<CommandId>,
     slaves: BTreeMap<MacAddr, SlaveView>,
@@ -184,6 +186,9 @@ impl MasterCore {
             id: spec.id.clone(),
             timing,
             verifier: CommandVerifier::new(spec.id.clone(), spec.key.clone(), state.last_counter),
+            // The boot time in milliseconds is above every counter of earlier boots: reports
+            // are far fewer than one per millisecond, so nothing needs persisting.
+            reporter: ReportSigner::new(spec.id.clone(), spec.key.clone(), unix_now_ms()),
             emergency_latched: state.emergency_latched,
             applied,
             slaves,
@@ -305,16 +310,17 @@ impl MasterCore {
                     reason: s.reason,
                 })
                 .collect(),
+            counter: None,
+            sig: None,
         };
-        let Ok(bytes) = report.encode() else {
+        // Compared unsigned: every signed copy differs by its counter.
+        let Ok(unsigned) = report.encode() else {
             return;
         };
-        if self.last_report.as_ref() != Some(&bytes) {
-            self.last_report = Some(bytes.clone());
-            out.push(Output::Publish {
-                topic: Topic::RelayState(self.id.clone()),
-                payload: bytes,
-            });
+        if self.last_report.as_ref() != Some(&unsigned) {
+            self.last_report = Some(unsigned);
+            let sealed = self.reporter.seal_relay_states(report);
+            Self::publish(out, Topic::RelayState(self.id.clone()), &sealed);
         }
     }
 
@@ -453,7 +459,10 @@ impl MasterCore {
                     slave_mac,
                     relay_states,
                     execution_time_ms,
+                    counter: None,
+                    sig: None,
                 };
+                let ack = self.reporter.seal_ack(ack);
                 Self::publish(out, Topic::Ack(self.id.clone()), &ack);
             }
             Origin::Http => {
@@ -976,4 +985,11 @@ fn polled_command(row: &SlaveCommandRow) -> Result<(MacAddr, Vec<RelayAction>, u
         }
     };
     Ok((mac, actions, expires_at_ms))
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

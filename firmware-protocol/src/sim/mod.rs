@@ -252,6 +252,12 @@ async fn run_master(
         Some(url) => {
             let client_id = format!("esp32-sim-{master_id}");
             let mut options = mqtt_options(url, &client_id)?;
+            // The broker login a real master has: its device id, and the password derived from
+            // its key (PROTOCOL.md, "Broker credentials").
+            options.set_credentials(
+                master_id.as_str(),
+                crate::sign::broker_password(&spec.key, &master_id),
+            );
             let will = Status::last_will()
                 .encode()
                 .map_err(|e| SimError::Config(e.to_string()))?;

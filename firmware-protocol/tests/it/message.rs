@@ -196,6 +196,8 @@ fn a_rejected_ack_must_say_why() {
         slave_mac: Some(slave_mac()),
         relay_states: vec![false; 4],
         execution_time_ms: 0,
+        counter: None,
+        sig: None,
     };
     assert!(ack.encode().is_err());
     ack.error = Some(AckError {
@@ -230,6 +232,8 @@ fn announce_and_emergency_and_relay_state_round_trip() {
     let report = RelayStateReport {
         v: 1,
         slaves: vec![],
+        counter: None,
+        sig: None,
     };
     assert_eq!(
         RelayStateReport::decode(&report.encode().unwrap()).unwrap(),

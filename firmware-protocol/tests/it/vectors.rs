@@ -4,8 +4,11 @@
 use std::path::PathBuf;
 
 use firmware_protocol::frame::FrameRepr;
-use firmware_protocol::message::RelayCommand;
-use firmware_protocol::sign::{CommandVerifier, MasterKey, signing_bytes};
+use firmware_protocol::message::{CommandAck, RelayCommand, RelayStateReport};
+use firmware_protocol::sign::{
+    CommandVerifier, MasterKey, ReplayWindow, ReportVerifier, VerifyError, ack_signing_bytes,
+    broker_password, relay_states_signing_bytes, signing_bytes,
+};
 use firmware_protocol::{DeviceId, Payload, Topic, vectors};
 use serde_json::Value;
 
@@ -159,4 +162,64 @@ fn the_signed_example_command_verifies_with_the_documented_key() {
         None,
     );
     verifier.verify(&command).unwrap();
+}
+
+/// Decodes a report vector's payload and verifies it as the agent does, for the master of its
+/// topic, with the window at `highest` (only that counter seen).
+fn verify_report(case: &Value) -> Result<(), VerifyError> {
+    let name = str_of(case, "name");
+    let topic = Topic::parse(str_of(case, "topic")).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let master = topic.device().cloned().expect("a master's topic");
+    let window = match case["highest_counter"].as_u64() {
+        Some(highest) => ReplayWindow::from_parts(Some(highest), 1),
+        None => ReplayWindow::default(),
+    };
+    let key = MasterKey::from_hex(str_of(case, "key_hex")).unwrap();
+    let mut verifier = ReportVerifier::new(master, key, window);
+    let bytes = serde_json::to_vec(&case["payload"]).unwrap();
+    match str_of(case, "kind") {
+        "ack" => verifier
+            .verify_ack(&CommandAck::decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"))),
+        "relay_states" => verifier.verify_relay_states(
+            &RelayStateReport::decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}")),
+        ),
+        other => panic!("{name}: unknown kind {other}"),
+    }
+}
+
+#[test]
+fn every_report_vector_verifies_and_every_tampered_or_replayed_one_fails_with_its_error() {
+    let file = committed("reports.json");
+    let cases = file["cases"].as_array().unwrap();
+    assert!(cases.len() >= 3);
+    for case in cases {
+        let name = str_of(case, "name");
+        let bytes = serde_json::to_vec(&case["payload"]).unwrap();
+        let topic = Topic::parse(str_of(case, "topic")).unwrap();
+        let master = topic.device().cloned().unwrap();
+        let signed = match str_of(case, "kind") {
+            "ack" => ack_signing_bytes(&master, &CommandAck::decode(&bytes).unwrap()),
+            _ => relay_states_signing_bytes(&master, &RelayStateReport::decode(&bytes).unwrap()),
+        };
+        assert_eq!(
+            hex::encode(signed),
+            str_of(case, "signing_bytes_hex"),
+            "{name}"
+        );
+        assert_eq!(case["payload"]["sig"], case["signature_hex"], "{name}");
+        verify_report(case).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let must_fail = file["must_fail"].as_array().unwrap();
+    assert!(must_fail.len() >= 8);
+    for case in must_fail {
+        let name = str_of(case, "name");
+        let error = verify_report(case).expect_err(&format!("{name} must fail"));
+        assert_eq!(error.check_name(), str_of(case, "error"), "{name}");
+    }
+    for login in file["broker_passwords"].as_array().unwrap() {
+        let device = DeviceId::new(str_of(login, "device_id")).unwrap();
+        let key = MasterKey::from_hex(str_of(login, "key_hex")).unwrap();
+        assert_eq!(broker_password(&key, &device), str_of(login, "password"));
+        assert_eq!(str_of(login, "username"), device.as_str());
+    }
 }
