@@ -13,6 +13,7 @@ pub mod delivery;
 pub mod link;
 pub mod macros;
 pub mod metrics;
+pub mod reports;
 pub mod rules;
 pub mod runtime;
 pub mod safety;

@@ -18,6 +18,7 @@ pub struct Metrics {
     pub mqtt_messages_in: Family<Labels, Counter>,
     pub mqtt_messages_out: Family<Labels, Counter>,
     pub bad_messages: Family<Labels, Counter>,
+    pub reports_refused: Family<Labels, Counter>,
     pub readings_stored: Counter,
     pub telemetry_dropped: Counter,
     pub engine_readings_dropped: Counter,
@@ -61,6 +62,7 @@ impl Metrics {
             mqtt_messages_in: Family::default(),
             mqtt_messages_out: Family::default(),
             bad_messages: Family::default(),
+            reports_refused: Family::default(),
             readings_stored: Counter::default(),
             telemetry_dropped: Counter::default(),
             engine_readings_dropped: Counter::default(),
@@ -102,6 +104,11 @@ impl Metrics {
             "bad_messages",
             "MQTT messages refused, by reason",
             m.bad_messages.clone(),
+        );
+        registry.register(
+            "reports_refused",
+            "Acks and relay state reports refused for their signature or counter, by check",
+            m.reports_refused.clone(),
         );
         registry.register(
             "readings_stored",

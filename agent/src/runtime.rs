@@ -25,6 +25,7 @@ use crate::config::AgentConfig;
 use crate::delivery::{Delivery, DeliveryAction, DeliveryLimits};
 use crate::link::{Link, LinkEvent};
 use crate::metrics::{Metrics, label};
+use crate::reports::ReportGate;
 use crate::rules::EngineInput;
 use crate::store::{
     CommandOutcome, CommandRecord, OutboxClass, OutboxRow, Reading, Store, StoreError, StoreHandle,
@@ -442,7 +443,7 @@ struct BadMessageLog {
 
 impl BadMessageLog {
     /// Returns whether this one was logged.
-    fn report(&mut self, error: &bridge::InboundError, now: i64) -> bool {
+    fn report(&mut self, error: &dyn std::fmt::Display, now: i64) -> bool {
         if now - self.window_start_ms >= 1_000 {
             if self.suppressed > 0 {
                 warn!(
@@ -488,16 +489,34 @@ async fn inbound_loop(
     };
     let known = |d: &DeviceId| shared.masters.contains(d.as_str());
     let mut discovered: HashSet<String> = HashSet::new();
+    let windows = match shared.store.call(|s| s.report_windows()).await {
+        Ok(windows) => windows,
+        Err(e) => {
+            // Starting with empty windows only lets a replay through once; refusing to run
+            // would leave the plant without its agent.
+            error!(error = %e, "cannot read the report anti-replay windows; starting empty");
+            Vec::new()
+        }
+    };
+    let mut gate = ReportGate::new(
+        shared.keys.iter().map(|(m, k)| (m.clone(), k.clone())),
+        &windows,
+    );
     loop {
         let (topic, payload) = tokio::select! {
             _ = cancel.cancelled() => {
                 hand_over(&writer, &mut buffer).await;
+                save_report_windows(&shared, &mut gate).await;
                 drop(writer);
                 let _ = writer_task.await;
                 return;
             }
             _ = flush.tick() => {
                 hand_over(&writer, &mut buffer).await;
+                // Saved with the telemetry cadence, not per report: a window that rolls back
+                // by one flush after a crash lets at most those reports be replayed once, and
+                // only by a client the broker lets publish as that master.
+                save_report_windows(&shared, &mut gate).await;
                 continue;
             }
             msg = rx.recv() => match msg {
@@ -518,6 +537,15 @@ async fn inbound_loop(
                 continue;
             }
         };
+        // An ack or relay report is believed only when its master signed it: a forged one
+        // changes nothing, neither in the cloud nor in the interlocks' view of the relays.
+        if let Err(refusal) = gate.admit(&inbound) {
+            let check = label("reason", refusal.check_name());
+            shared.metrics.bad_messages.get_or_create(&check).inc();
+            shared.metrics.reports_refused.get_or_create(&check).inc();
+            let _ = bad.report(&refusal, now);
+            continue;
+        }
         let kind = match &inbound {
             Inbound::Telemetry(_) => "telemetry",
             Inbound::Ack(..) => "ack",
@@ -639,6 +667,20 @@ async fn inbound_loop(
             }
             Inbound::Ignored => {}
         }
+    }
+}
+
+async fn save_report_windows(shared: &Arc<Shared>, gate: &mut ReportGate) {
+    let moved = gate.take_moved();
+    if moved.is_empty() {
+        return;
+    }
+    if let Err(e) = shared
+        .store
+        .call(move |s| s.save_report_windows(&moved))
+        .await
+    {
+        warn!(error = %e, "could not save the report anti-replay windows");
     }
 }
 

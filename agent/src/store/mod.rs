@@ -611,6 +611,38 @@ impl Store {
         Ok(value as u64)
     }
 
+    /// Each master's report anti-replay window: (master, highest counter, seen bitmap).
+    pub fn report_windows(&self) -> Result<Vec<(String, u64, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare("select master_device_id, highest, seen from report_windows")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Saves windows that moved, in one transaction. u64s are stored by their bits.
+    pub fn save_report_windows(&mut self, windows: &[(String, u64, u64)]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for (master, highest, seen) in windows {
+            tx.execute(
+                "insert into report_windows (master_device_id, highest, seen) values (?1, ?2, ?3)
+                 on conflict (master_device_id) do update
+                 set highest = excluded.highest, seen = excluded.seen",
+                params![master, *highest as i64, *seen as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     pub fn add_to_counter(&mut self, name: &str, by: i64) -> Result<()> {
         add_counter(&self.conn, name, by)?;
         Ok(())

@@ -148,4 +148,13 @@ pub const MIGRATIONS: &[&str] = &[
     -- relay_commands_slave.client_id when the cloud learns of them.
     alter table commands add column client_id text;
     "#,
+    // 3: each master's anti-replay window for the acks and relay reports it signs, so a report
+    // replayed after a restart is still refused.
+    r#"
+    create table report_windows (
+        master_device_id text primary key,
+        highest integer not null,            -- u64 counter, stored by its bits
+        seen integer not null                -- bitmap of the 64 counters below it, by its bits
+    );
+    "#,
 ];

@@ -7,6 +7,7 @@ mod agent_rules;
 mod command_queue;
 mod harness;
 mod pgtap;
+mod reports;
 mod roles;
 mod simulator;
 mod support;
