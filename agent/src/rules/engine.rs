@@ -146,12 +146,21 @@ impl Engine {
                     timed,
                     ..prev
                 },
-                _ => {
-                    let state = match states.get(&rule.uuid) {
-                        Some(s) if s.revision == rule.revision => s.clone(),
-                        _ => {
+                prev => {
+                    let conditions = conditions_fingerprint(&rule);
+                    let earlier = prev.map(|p| p.state).or_else(|| states.get(&rule.uuid).cloned());
+                    let state = match earlier {
+                        Some(s) if s.revision == rule.revision => s,
+                        Some(s) => {
                             self.dirty.insert(rule.uuid.clone());
-                            RuleState::fresh(rule.revision)
+                            s.for_revision(rule.revision, &conditions)
+                        }
+                        None => {
+                            self.dirty.insert(rule.uuid.clone());
+                            RuleState {
+                                conditions,
+                                ..RuleState::fresh(rule.revision)
+                            }
                         }
                     };
                     let due_ms = initial_due(&rule.root, &state);
@@ -417,6 +426,13 @@ fn evaluate(
         dirty.insert(loaded.rule.uuid.clone());
     }
     firing
+}
+
+/// SHA-256 (hex) of a rule's conditions as JSON: serde_json writes a struct the same way every
+/// time, so equal conditions give equal fingerprints across restarts.
+fn conditions_fingerprint(rule: &CompiledRule) -> String {
+    let json = serde_json::to_vec(&rule.rule.conditions).unwrap_or_default();
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, &json).as_ref())
 }
 
 fn earlier(slot: &mut Option<i64>, t: i64) {

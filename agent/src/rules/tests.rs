@@ -636,14 +636,112 @@ fn reload_keeps_state_of_unchanged_revision_and_reports_problems() {
 
     rule.revision = 2;
     engine.load(&[rule], &Catalog::default(), &HashMap::new());
-    assert_eq!(
+    assert!(
         engine
             .on_reading(&reading("ph", 6.0, T0 + 2 * S), T0 + 2 * S)
-            .len(),
-        1,
-        "new revision, fresh state"
+            .is_empty(),
+        "a new revision keeps the cooldown"
     );
     assert_eq!(engine.state("uuid-seed").map(|s| s.revision), Some(2));
+}
+
+/// The reported case: cooldown 600 s, at most 2 an hour; a rename and two threshold edits
+/// within seconds of a firing made it fire 4 times in 13 s, each "1/2 this hour".
+#[test]
+fn an_edit_keeps_the_cooldown_and_the_hourly_count_of_the_relay() {
+    let mut rule = record("seed", seed_json());
+    rule.cooldown_seconds = 600;
+    rule.max_executions_per_hour = 2;
+    let mut engine = engine_with(std::slice::from_ref(&rule));
+    let fired = engine.on_reading(&reading("ph", 6.0, T0), T0);
+    assert_eq!(fired[0].explanation, "ph 6 < 6.5; 1/2 this hour");
+
+    let mut at = T0;
+    let edits: [(&str, Value); 3] = [
+        ("rename", seed_json()),
+        ("threshold 6.6", with_conditions(ph_below(6.6))),
+        ("threshold 6.7", with_conditions(ph_below(6.7))),
+    ];
+    for (revision, (what, json)) in (2..).zip(edits) {
+        rule.revision = revision;
+        rule.rule_name = Some(format!("after {what}"));
+        rule.rule_json = Some(json);
+        engine.load(std::slice::from_ref(&rule), &Catalog::default(), &HashMap::new());
+        at += 4 * S;
+        assert!(
+            engine.on_reading(&reading("ph", 6.0, at), at).is_empty(),
+            "{what} reset the cooldown"
+        );
+    }
+    // The cooldown runs from the firing, whatever was edited since.
+    let fired = engine.on_reading(&reading("ph", 6.0, T0 + 600 * S), T0 + 600 * S);
+    assert_eq!(fired[0].explanation, "ph 6 < 6.7; 2/2 this hour");
+    // A new limit applies to the same history: still 2 in this hour.
+    rule.revision += 1;
+    rule.cooldown_seconds = 1;
+    engine.load(std::slice::from_ref(&rule), &Catalog::default(), &HashMap::new());
+    assert!(
+        engine
+            .on_reading(&reading("ph", 6.0, T0 + 1_200 * S), T0 + 1_200 * S)
+            .is_empty(),
+        "at most 2 in any sliding hour"
+    );
+    assert_eq!(
+        engine
+            .on_reading(&reading("ph", 6.0, T0 + 3_600 * S), T0 + 3_600 * S)
+            .len(),
+        1,
+        "the first firing left the hour"
+    );
+}
+
+#[test]
+fn an_edit_of_the_cooldown_itself_applies_from_the_last_firing() {
+    let mut rule = record("seed", seed_json());
+    rule.cooldown_seconds = 600;
+    let mut engine = engine_with(std::slice::from_ref(&rule));
+    assert_eq!(engine.on_reading(&reading("ph", 6.0, T0), T0).len(), 1);
+    rule.revision = 2;
+    rule.cooldown_seconds = 10;
+    engine.load(std::slice::from_ref(&rule), &Catalog::default(), &HashMap::new());
+    assert!(engine.on_reading(&reading("ph", 6.0, T0 + 9 * S), T0 + 9 * S).is_empty());
+    assert_eq!(
+        engine
+            .on_reading(&reading("ph", 6.0, T0 + 10 * S), T0 + 10 * S)
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn an_edit_after_a_restart_keeps_the_history_and_unchanged_conditions_keep_their_timers() {
+    let held = with_conditions(json!({"type": "sensor_compare", "sensor": "ph", "operator": "<",
+        "value": 6.5, "held_for_seconds": 30}));
+    let mut rule = record("held", held.clone());
+    rule.cooldown_seconds = 600;
+    let mut engine = engine_with(std::slice::from_ref(&rule));
+    assert!(engine.on_reading(&reading("ph", 6.0, T0), T0).is_empty());
+    assert_eq!(engine.on_tick(T0 + 30 * S).len(), 1);
+    assert!(engine.on_reading(&reading("ph", 6.0, T0 + 31 * S), T0 + 31 * S).is_empty());
+    let saved: HashMap<String, RuleState> = engine.take_dirty().into_iter().collect();
+
+    // Restarted with a renamed revision: cooldown from the saved firing, held-for timer kept.
+    rule.revision = 2;
+    rule.rule_name = Some("renamed".into());
+    let mut restarted = Engine::new(settings());
+    restarted.load(std::slice::from_ref(&rule), &Catalog::default(), &saved);
+    let state = restarted.state("uuid-held").unwrap();
+    assert_eq!(state.last_fired_ms, Some(T0 + 30 * S));
+    assert_eq!(state.held_since_ms.values().copied().collect::<Vec<_>>(), [T0]);
+
+    // Changed conditions: the history stays, the timers of the old conditions go.
+    rule.revision = 3;
+    rule.rule_json = Some(with_conditions(json!({"type": "sensor_compare", "sensor": "ph",
+        "operator": "<", "value": 6.4, "held_for_seconds": 30})));
+    restarted.load(std::slice::from_ref(&rule), &Catalog::default(), &HashMap::new());
+    let state = restarted.state("uuid-held").unwrap();
+    assert_eq!(state.last_fired_ms, Some(T0 + 30 * S));
+    assert!(state.held_since_ms.is_empty());
 }
 
 #[test]
