@@ -352,7 +352,7 @@ async fn start_automation(
     let (rules, catalog) = crate::automation::task::rules_and_catalog(shared, &automation).await?;
     let problems = engine.load(&rules, &catalog, &states);
     if automation.safety().emergency().is_some() {
-        engine.set_blocked(true);
+        engine.set_blocked(true, now_ms());
         warn!("the emergency stop is still latched from before the restart");
     }
     let loaded = crate::automation::task::running_rules(&rules);

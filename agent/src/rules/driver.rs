@@ -59,7 +59,7 @@ pub async fn run_engine(
                         // New windows and schedules take their baseline now.
                         out.extend(engine.on_tick(now).into_iter().map(EngineOutput::Fired));
                     }
-                    EngineInput::Blocked(blocked) => engine.set_blocked(blocked),
+                    EngineInput::Blocked(blocked) => engine.set_blocked(blocked, now),
                 }
             }
             () = tokio::time::sleep_until(clock.instant_at(deadline.unwrap_or(i64::MAX))), if deadline.is_some() => {

@@ -148,7 +148,9 @@ impl Engine {
                 },
                 prev => {
                     let conditions = conditions_fingerprint(&rule);
-                    let earlier = prev.map(|p| p.state).or_else(|| states.get(&rule.uuid).cloned());
+                    let earlier = prev
+                        .map(|p| p.state)
+                        .or_else(|| states.get(&rule.uuid).cloned());
                     let state = match earlier {
                         Some(s) if s.revision == rule.revision => s,
                         Some(s) => {
@@ -204,8 +206,33 @@ impl Engine {
     }
 
     /// Emergency stop: readings are still remembered, but nothing is evaluated, so nothing
-    /// fires and no timer or arming changes.
-    pub fn set_blocked(&mut self, blocked: bool) {
+    /// fires and no timer or arming changes. On the reset (`blocked` false) nothing completes by
+    /// itself in that instant: held-for timers start counting again from the reset, and schedule
+    /// occurrences that fell during the stop are consumed, not run; a rule acts again on its next
+    /// reading or its next occurrence.
+    pub fn set_blocked(&mut self, blocked: bool, now_ms: i64) {
+        if self.blocked && !blocked {
+            for loaded in &mut self.rules {
+                let state = &mut loaded.state;
+                let mut schedules = Vec::new();
+                loaded.rule.root.visit(&mut |n| {
+                    if matches!(n.kind, NodeKind::Schedule(_)) {
+                        schedules.push(n.path.clone());
+                    }
+                });
+                if state.held_since_ms.is_empty() && schedules.is_empty() {
+                    continue;
+                }
+                state.held_since_ms.clear();
+                for path in schedules {
+                    state.schedule_last_ms.insert(path, now_ms);
+                }
+                self.dirty.insert(loaded.rule.uuid.clone());
+                if loaded.timed {
+                    loaded.due_ms = Some(now_ms);
+                }
+            }
+        }
         self.blocked = blocked;
     }
 
@@ -381,6 +408,11 @@ fn evaluate(
             changed = true;
             state.last_fired_ms = Some(now_ms);
             state.recent_firings_ms.push(now_ms);
+            // A held-for rule fires once per hold: its holds count again from this firing, so
+            // with cooldown 0 it does not fire again at the next reading a few ms later.
+            for since in state.held_since_ms.values_mut() {
+                *since = now_ms;
+            }
             for path in hysteresis_true {
                 state.armed.insert(path, false);
             }

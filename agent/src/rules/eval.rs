@@ -233,19 +233,27 @@ pub fn eval(node: &Node, ctx: &mut Ctx<'_>) -> Tri {
                     ctx.changed = true;
                     false
                 }
-                Some(last) => match cron.next_after(last.min(now), ctx.tz) {
-                    Some(occurrence) if occurrence <= now => {
-                        // Consumed whether or not the rule fires: edge-triggered.
+                // The wall clock was set back: what ran up to `last` never runs again, so
+                // nothing is due until the clock passes it.
+                Some(last) if now < last => false,
+                Some(last) => match cron.next_after(last, ctx.tz) {
+                    Some(first) if first <= now => {
+                        // Consumed whether or not the rule fires: edge-triggered. Missed
+                        // occurrences run once if the latest is at most the grace late (an
+                        // outage, a clock set forward); older ones are skipped, never run late.
                         if let Some(slot) = ctx.state.schedule_last_ms.get_mut(&node.path) {
                             ctx.changed |= *slot != now;
                             *slot = now;
                         }
-                        now.saturating_sub(occurrence) <= SCHEDULE_GRACE_MS
+                        let within_grace = now.saturating_sub(SCHEDULE_GRACE_MS + 1).max(last);
+                        cron.next_after(within_grace, ctx.tz)
+                            .is_some_and(|latest| latest <= now)
                     }
                     _ => false,
                 },
             };
-            if let Some(next) = cron.next_after(now, ctx.tz) {
+            let last = ctx.state.schedule_last_ms.get(&node.path).copied();
+            if let Some(next) = cron.next_after(last.map_or(now, |l| l.max(now)), ctx.tz) {
                 ctx.deadline(next);
             }
             truth.into()

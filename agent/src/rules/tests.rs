@@ -583,7 +583,7 @@ fn blocked_engine_remembers_readings_but_fires_nothing() {
     );
     let mut engine = engine_with(&[record("seed", seed_json()), held]);
     engine.take_dirty();
-    engine.set_blocked(true);
+    engine.set_blocked(true, T0);
     assert!(engine.on_reading(&reading("ph", 6.0, T0), T0).is_empty());
     assert!(engine.on_tick(T0 + 20 * S).is_empty());
     assert!(
@@ -591,7 +591,7 @@ fn blocked_engine_remembers_readings_but_fires_nothing() {
         "no timer may start while blocked"
     );
     assert_eq!(engine.next_deadline_ms(), None);
-    engine.set_blocked(false);
+    engine.set_blocked(false, T0 + 20 * S);
     // The remembered reading is used; the held-for timer starts only now.
     let f = engine.on_tick(T0 + 20 * S);
     assert!(f.is_empty());
@@ -666,7 +666,11 @@ fn an_edit_keeps_the_cooldown_and_the_hourly_count_of_the_relay() {
         rule.revision = revision;
         rule.rule_name = Some(format!("after {what}"));
         rule.rule_json = Some(json);
-        engine.load(std::slice::from_ref(&rule), &Catalog::default(), &HashMap::new());
+        engine.load(
+            std::slice::from_ref(&rule),
+            &Catalog::default(),
+            &HashMap::new(),
+        );
         at += 4 * S;
         assert!(
             engine.on_reading(&reading("ph", 6.0, at), at).is_empty(),
@@ -679,7 +683,11 @@ fn an_edit_keeps_the_cooldown_and_the_hourly_count_of_the_relay() {
     // A new limit applies to the same history: still 2 in this hour.
     rule.revision += 1;
     rule.cooldown_seconds = 1;
-    engine.load(std::slice::from_ref(&rule), &Catalog::default(), &HashMap::new());
+    engine.load(
+        std::slice::from_ref(&rule),
+        &Catalog::default(),
+        &HashMap::new(),
+    );
     assert!(
         engine
             .on_reading(&reading("ph", 6.0, T0 + 1_200 * S), T0 + 1_200 * S)
@@ -703,8 +711,16 @@ fn an_edit_of_the_cooldown_itself_applies_from_the_last_firing() {
     assert_eq!(engine.on_reading(&reading("ph", 6.0, T0), T0).len(), 1);
     rule.revision = 2;
     rule.cooldown_seconds = 10;
-    engine.load(std::slice::from_ref(&rule), &Catalog::default(), &HashMap::new());
-    assert!(engine.on_reading(&reading("ph", 6.0, T0 + 9 * S), T0 + 9 * S).is_empty());
+    engine.load(
+        std::slice::from_ref(&rule),
+        &Catalog::default(),
+        &HashMap::new(),
+    );
+    assert!(
+        engine
+            .on_reading(&reading("ph", 6.0, T0 + 9 * S), T0 + 9 * S)
+            .is_empty()
+    );
     assert_eq!(
         engine
             .on_reading(&reading("ph", 6.0, T0 + 10 * S), T0 + 10 * S)
@@ -715,14 +731,20 @@ fn an_edit_of_the_cooldown_itself_applies_from_the_last_firing() {
 
 #[test]
 fn an_edit_after_a_restart_keeps_the_history_and_unchanged_conditions_keep_their_timers() {
-    let held = with_conditions(json!({"type": "sensor_compare", "sensor": "ph", "operator": "<",
-        "value": 6.5, "held_for_seconds": 30}));
+    let held = with_conditions(
+        json!({"type": "sensor_compare", "sensor": "ph", "operator": "<",
+        "value": 6.5, "held_for_seconds": 30}),
+    );
     let mut rule = record("held", held.clone());
     rule.cooldown_seconds = 600;
     let mut engine = engine_with(std::slice::from_ref(&rule));
     assert!(engine.on_reading(&reading("ph", 6.0, T0), T0).is_empty());
     assert_eq!(engine.on_tick(T0 + 30 * S).len(), 1);
-    assert!(engine.on_reading(&reading("ph", 6.0, T0 + 31 * S), T0 + 31 * S).is_empty());
+    assert!(
+        engine
+            .on_reading(&reading("ph", 6.0, T0 + 31 * S), T0 + 31 * S)
+            .is_empty()
+    );
     let saved: HashMap<String, RuleState> = engine.take_dirty().into_iter().collect();
 
     // Restarted with a renamed revision: cooldown from the saved firing, held-for timer kept.
@@ -732,13 +754,23 @@ fn an_edit_after_a_restart_keeps_the_history_and_unchanged_conditions_keep_their
     restarted.load(std::slice::from_ref(&rule), &Catalog::default(), &saved);
     let state = restarted.state("uuid-held").unwrap();
     assert_eq!(state.last_fired_ms, Some(T0 + 30 * S));
-    assert_eq!(state.held_since_ms.values().copied().collect::<Vec<_>>(), [T0]);
+    assert_eq!(
+        state.held_since_ms.values().copied().collect::<Vec<_>>(),
+        [T0 + 30 * S],
+        "the hold restarted at its firing"
+    );
 
     // Changed conditions: the history stays, the timers of the old conditions go.
     rule.revision = 3;
-    rule.rule_json = Some(with_conditions(json!({"type": "sensor_compare", "sensor": "ph",
-        "operator": "<", "value": 6.4, "held_for_seconds": 30})));
-    restarted.load(std::slice::from_ref(&rule), &Catalog::default(), &HashMap::new());
+    rule.rule_json = Some(with_conditions(
+        json!({"type": "sensor_compare", "sensor": "ph",
+        "operator": "<", "value": 6.4, "held_for_seconds": 30}),
+    ));
+    restarted.load(
+        std::slice::from_ref(&rule),
+        &Catalog::default(),
+        &HashMap::new(),
+    );
     let state = restarted.state("uuid-held").unwrap();
     assert_eq!(state.last_fired_ms, Some(T0 + 30 * S));
     assert!(state.held_since_ms.is_empty());
@@ -901,7 +933,7 @@ impl Driver {
         let clock = Clock::starting_at(start_ms);
         let (input, input_rx) = mpsc::channel(16);
         let (output_tx, output) = mpsc::channel(100_000);
-        tokio::spawn(run_engine(engine, clock, input_rx, output_tx));
+        tokio::spawn(run_engine(engine, clock.clone(), input_rx, output_tx));
         Driver {
             input,
             output,
@@ -1276,4 +1308,140 @@ fn composite_explanation_names_the_deciding_conditions_and_false_rules_stay_clea
     assert_eq!(sensors, ["ph", "ec"]);
     assert_eq!(engine.take_dirty().len(), 1);
     assert!(engine.take_dirty().is_empty());
+}
+
+fn every_30_s() -> RuleRecord {
+    record(
+        "every30",
+        json!({"conditions": {"type": "schedule", "cron": "*/30 * * * * *"}, "actions": relay_on()}),
+    )
+}
+
+/// The agent restarted `down_s` after it last evaluated at T0: the occurrences it missed.
+fn after_outage(down_s: i64) -> Vec<Firing> {
+    let rule = every_30_s();
+    let mut before = engine_with(std::slice::from_ref(&rule));
+    assert!(before.on_tick(T0 + S).is_empty(), "baseline");
+    let saved: HashMap<String, RuleState> = before.take_dirty().into_iter().collect();
+    let mut after = Engine::new(settings());
+    after.load(std::slice::from_ref(&rule), &Catalog::default(), &saved);
+    after.on_tick(T0 + S + down_s * S)
+}
+
+#[test]
+fn after_an_outage_the_latest_occurrence_within_the_grace_runs_once() {
+    // Down 102 s: occurrences 30 s, 60 s and 90 s were missed, 72 s, 42 s and 12 s late;
+    // the last two are within the 60 s grace and run once between them.
+    assert_eq!(after_outage(102).len(), 1);
+    // Down 70 s: 30 s and 60 s missed, 41 s and 11 s late.
+    assert_eq!(after_outage(70).len(), 1);
+    assert_eq!(after_outage(8).len(), 0, "no occurrence in 8 s from t=1");
+    assert_eq!(after_outage(40).len(), 1);
+}
+
+#[test]
+fn occurrences_all_missed_by_more_than_the_grace_are_skipped_not_run_late() {
+    let rule = record(
+        "hourly",
+        json!({"conditions": {"type": "schedule", "cron": "0 0 * * * *"}, "actions": relay_on()}),
+    );
+    let mut engine = engine_with(std::slice::from_ref(&rule));
+    assert!(engine.on_tick(T0 + S).is_empty());
+    // Back at 02:05: 01:00 and 02:00 were missed by over a minute.
+    assert!(engine.on_tick(T0 + 2 * 3_600 * S + 300 * S).is_empty());
+    assert_eq!(engine.on_tick(T0 + 3 * 3_600 * S).len(), 1, "03:00 runs");
+}
+
+#[tokio::test(start_paused = true)]
+async fn driver_schedule_never_runs_an_occurrence_twice_when_the_clock_is_set_back() {
+    let mut h = Driver::with_rules(vec![every_30_s()], TimeZone::UTC, T0 + S);
+    h.wait_secs(100).await;
+    assert_eq!(h.fired_secs(T0), [30, 60, 90]);
+    // The wall clock is set back an hour: the hour's occurrences already ran.
+    h.clock.jump(-3_600 * S);
+    h.wait_secs(3_590).await;
+    assert!(h.fired_secs(T0).is_empty(), "an occurrence ran twice");
+    // Past where it was, it goes on as before.
+    h.wait_secs(30).await;
+    assert_eq!(h.fired_secs(T0), [120]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn driver_schedule_runs_once_for_a_clock_set_forward_then_keeps_its_pace() {
+    let mut h = Driver::with_rules(vec![every_30_s()], TimeZone::UTC, T0 + S);
+    h.wait_secs(40).await;
+    assert_eq!(h.fired_secs(T0), [30]);
+    // Set forward an hour (NTP after a boot without a battery clock): the skipped hour's
+    // occurrences are not run late; the one within the grace runs once, at the engine's next
+    // wake-up (at most a minute later).
+    h.clock.jump(3_600 * S);
+    h.wait_secs(60).await;
+    // Jumped at t=41 to 3641; the engine slept until its 60 s deadline, now 3660.
+    assert_eq!(h.fired_secs(T0), [3_660, 3_690]);
+    h.wait_secs(60).await;
+    assert_eq!(h.fired_secs(T0), [3_720, 3_750], "every 30 s again");
+}
+
+#[test]
+fn on_a_reset_a_running_hold_starts_again_and_occurrences_of_the_stop_are_not_run() {
+    let held = record(
+        "held",
+        with_conditions(
+            json!({"type": "sensor_compare", "sensor": "ph", "operator": "<", "value": 6.5, "held_for_seconds": 30}),
+        ),
+    );
+    let mut engine = engine_with(&[held, every_30_s()]);
+    assert!(engine.on_tick(T0 + S).is_empty(), "schedule baseline");
+    assert!(
+        engine
+            .on_reading(&reading("ph", 6.0, T0 + 2 * S), T0 + 2 * S)
+            .is_empty()
+    );
+    // Stopped at 10 s with 22 s of the hold left and the 30 s occurrence to come.
+    engine.set_blocked(true, T0 + 10 * S);
+    assert!(engine.on_tick(T0 + 45 * S).is_empty());
+    engine.set_blocked(false, T0 + 50 * S);
+    assert!(
+        engine.on_tick(T0 + 50 * S).is_empty(),
+        "nothing fires in the instant of the reset"
+    );
+    // The hold counts from the reset; the schedule's next occurrence is at 60 s.
+    assert_eq!(
+        engine
+            .on_tick(T0 + 60 * S)
+            .iter()
+            .map(|f| f.rule_id.as_str())
+            .collect::<Vec<_>>(),
+        ["every30"]
+    );
+    assert!(engine.on_tick(T0 + 79 * S).is_empty());
+    assert_eq!(
+        engine.on_tick(T0 + 80 * S).len(),
+        1,
+        "held 30 s from the reset"
+    );
+}
+
+#[test]
+fn a_held_for_rule_with_no_cooldown_fires_once_per_hold() {
+    let held = record(
+        "held",
+        with_conditions(
+            json!({"type": "sensor_compare", "sensor": "ph", "operator": "<", "value": 6.5, "held_for_seconds": 10}),
+        ),
+    );
+    let mut engine = engine_with(&[held]);
+    assert!(engine.on_reading(&reading("ph", 6.0, T0), T0).is_empty());
+    assert_eq!(engine.on_tick(T0 + 10 * S).len(), 1);
+    assert!(
+        engine
+            .on_reading(&reading("ph", 6.0, T0 + 10 * S + 12), T0 + 10 * S + 12)
+            .is_empty(),
+        "fired again 12 ms later"
+    );
+    assert_eq!(
+        engine.on_tick(T0 + 20 * S).len(),
+        1,
+        "after another full hold"
+    );
 }
