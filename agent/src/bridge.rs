@@ -188,6 +188,7 @@ pub fn decode_inbound(
                         value: r.value,
                         unit: r.unit,
                         recorded_at_ms: at,
+                        received_at_ms: Some(now_ms),
                     })
                     .collect(),
             )

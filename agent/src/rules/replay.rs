@@ -1,6 +1,7 @@
 //! Replaying stored readings through one rule, as `autocore-agent rules test` does: the clock
-//! is each reading's time, with ticks at the deadlines in between, so cooldown and the hourly
-//! limit apply as they would have.
+//! is each reading's arrival time (its own time when that is unknown), with ticks at the
+//! deadlines in between, so cooldown, the hourly limit and staleness apply as they did live: a
+//! reading that arrived already stale fires nothing in replay either.
 
 use std::collections::HashMap;
 
@@ -31,11 +32,12 @@ pub fn replay(
     engine.load(std::slice::from_ref(&record), catalog, &HashMap::new());
 
     let mut readings: Vec<Reading> = readings.into_iter().collect();
-    readings.sort_by_key(|r| r.recorded_at_ms);
+    let arrival = |r: &Reading| r.received_at_ms.unwrap_or(r.recorded_at_ms);
+    readings.sort_by_key(|r| (arrival(r), r.recorded_at_ms));
     let mut firings = Vec::new();
     let mut clock: Option<i64> = None;
     for reading in readings {
-        let t = reading.recorded_at_ms;
+        let t = arrival(&reading);
         let mut ticks = 0;
         while let Some(deadline) = engine.next_deadline_ms() {
             if deadline >= t || ticks >= MAX_TICKS {

@@ -61,6 +61,7 @@ fn reading(sensor: &str, value: f64, at_ms: i64) -> Reading {
         value,
         unit: None,
         recorded_at_ms: at_ms,
+        received_at_ms: None,
     }
 }
 
@@ -1443,5 +1444,52 @@ fn a_held_for_rule_with_no_cooldown_fires_once_per_hold() {
         engine.on_tick(T0 + 20 * S).len(),
         1,
         "after another full hold"
+    );
+}
+
+#[test]
+fn replay_judges_staleness_by_arrival_as_the_live_engine_did() {
+    let settings = EngineSettings {
+        stale_after_ms: 5 * S,
+        time_zone: TimeZone::UTC,
+    };
+    // Published with a timestamp 10 s old: stale on arrival, so live never fired on it.
+    let late = Reading {
+        received_at_ms: Some(T0 + 10 * S),
+        ..reading("ph", 6.0, T0)
+    };
+    let mut live = Engine::new(settings.clone());
+    live.load(
+        &[record("seed", seed_json())],
+        &Catalog::default(),
+        &HashMap::new(),
+    );
+    assert!(live.on_reading(&late, T0 + 10 * S).is_empty());
+    let replayed = replay(
+        &record("seed", seed_json()),
+        &Catalog::default(),
+        &settings,
+        [late.clone()],
+    )
+    .unwrap();
+    assert!(
+        replayed.is_empty(),
+        "replay fired on a reading live saw stale"
+    );
+    // One that arrived in time fires in both.
+    let fresh = Reading {
+        received_at_ms: Some(T0 + 2 * S),
+        ..reading("ph", 6.0, T0 + S)
+    };
+    let replayed = replay(
+        &record("seed", seed_json()),
+        &Catalog::default(),
+        &settings,
+        [late, fresh],
+    )
+    .unwrap();
+    assert_eq!(
+        replayed.iter().map(|f| f.fired_at_ms).collect::<Vec<_>>(),
+        [T0 + 2 * S]
     );
 }

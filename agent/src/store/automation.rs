@@ -237,7 +237,7 @@ impl Store {
         to_ms: i64,
     ) -> Result<Vec<Reading>> {
         let mut stmt = self.conn.prepare_cached(
-            "select sensor_key, recorded_at_ms, value from readings_history
+            "select sensor_key, recorded_at_ms, value, received_at_ms from readings_history
              where device_id = ?1 and recorded_at_ms between ?2 and ?3
              order by recorded_at_ms, sensor_key",
         )?;
@@ -248,6 +248,7 @@ impl Store {
                 recorded_at_ms: r.get(1)?,
                 value: r.get(2)?,
                 unit: None,
+                received_at_ms: r.get(3)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

@@ -184,6 +184,10 @@ pub struct Reading {
     pub value: f64,
     pub unit: Option<String>,
     pub recorded_at_ms: i64,
+    /// When the agent received it (None: unknown, take `recorded_at_ms`). Kept with the history
+    /// so `rules test` judges staleness as the live engine did; the cloud does not need it.
+    #[serde(skip)]
+    pub received_at_ms: Option<i64>,
 }
 
 /// One rule as the mirror keeps it (a deleted rule stays as a tombstone).
@@ -442,8 +446,8 @@ impl Store {
                  values ('telemetry', ?1, ?2, ?3) on conflict (idempotency_key) do nothing",
             )?;
             let mut history = tx.prepare_cached(
-                "insert into readings_history (device_id, sensor_key, recorded_at_ms, value)
-                 values (?1, ?2, ?3, ?4) on conflict do nothing",
+                "insert into readings_history (device_id, sensor_key, recorded_at_ms, value, received_at_ms)
+                 values (?1, ?2, ?3, ?4, ?5) on conflict do nothing",
             )?;
             for r in readings {
                 let key = format!("t:{}:{}:{}", r.device_id, r.sensor_key, r.recorded_at_ms);
@@ -452,7 +456,8 @@ impl Store {
                     r.device_id,
                     r.sensor_key,
                     r.recorded_at_ms,
-                    r.value
+                    r.value,
+                    r.received_at_ms
                 ])?;
             }
         }

@@ -157,4 +157,8 @@ pub const MIGRATIONS: &[&str] = &[
         seen integer not null                -- bitmap of the 64 counters below it, by its bits
     );
     "#,
+    // 4: when each reading of the history arrived, so a replay judges staleness as live did.
+    r#"
+    alter table readings_history add column received_at_ms integer;
+    "#,
 ];

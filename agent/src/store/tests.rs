@@ -34,6 +34,7 @@ fn reading(sensor: &str, at: i64) -> Reading {
         value: 6.5,
         unit: Some("pH".into()),
         recorded_at_ms: at,
+        received_at_ms: None,
     }
 }
 
@@ -437,7 +438,10 @@ fn readings_are_kept_for_replay_and_pruned_by_age() {
             &[
                 reading("ph", 1_000),
                 reading("ec", 2_000),
-                reading("ph", 3_000),
+                Reading {
+                    received_at_ms: Some(13_000),
+                    ..reading("ph", 3_000)
+                },
             ],
             5,
         )
@@ -445,9 +449,14 @@ fn readings_are_kept_for_replay_and_pruned_by_age() {
     let kept = store.readings_between("ESP32_A", 0, 10_000).unwrap();
     assert_eq!(
         kept.iter()
-            .map(|r| (r.sensor_key.as_str(), r.recorded_at_ms))
+            .map(|r| (r.sensor_key.as_str(), r.recorded_at_ms, r.received_at_ms))
             .collect::<Vec<_>>(),
-        vec![("ph", 1_000), ("ec", 2_000), ("ph", 3_000)]
+        vec![
+            ("ph", 1_000, None),
+            ("ec", 2_000, None),
+            ("ph", 3_000, Some(13_000))
+        ],
+        "the arrival time is kept for replay"
     );
     assert_eq!(store.prune_history(2_500).unwrap(), 2);
     assert_eq!(

@@ -291,6 +291,7 @@ fn ingest_readings_of(i: usize, base_ts: i64) -> (String, i64, Vec<Reading>) {
             value: 20.0 + ((i + s) % 100) as f64 / 10.0,
             unit: Some("C".into()),
             recorded_at_ms: ts,
+            received_at_ms: None,
         })
         .collect();
     (device, ts, readings)
@@ -465,6 +466,7 @@ fn backlog_reading(k: usize, start_ms: i64) -> Reading {
         value: 18.0 + (k % 50) as f64 / 10.0,
         unit: Some("C".into()),
         recorded_at_ms: start_ms + (k / DATA_MASTERS) as i64 * 1000,
+        received_at_ms: None,
     }
 }
 

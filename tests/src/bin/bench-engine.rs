@@ -290,6 +290,7 @@ fn bench_evaluation(rounds: usize, quick: bool) -> anyhow::Result<Vec<Figure>> {
                     value: 20.0 + (i % 100) as f64 / 10.0,
                     unit: Some("C".into()),
                     recorded_at_ms: 0,
+                    received_at_ms: None,
                 }
             })
             .collect();
