@@ -111,6 +111,8 @@ pub struct AutomationStatus {
     pub emergency: Option<serde_json::Value>,
     pub relays_on: usize,
     pub macros_running: Vec<String>,
+    /// The last mutex groups found violated and switched off.
+    pub mutex_violations: Vec<crate::safety::MutexViolation>,
 }
 
 impl Shared {

@@ -22,6 +22,8 @@ use crate::store::{AutomationWrite, CommandRecord, CommandState, OutboxClass, Ou
 pub const SAFETY_PRIORITY: i32 = 100;
 /// Priority of macro steps.
 pub const MACRO_PRIORITY: i32 = 60;
+/// Mutex violations `/health` lists (the most recent).
+pub const MUTEX_VIOLATIONS_KEPT: usize = 10;
 
 /// Who stopped or reset the plant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +131,8 @@ pub struct Automation {
     latch_changed_ms: i64,
     /// Observations not yet persisted.
     safety_dirty: bool,
+    /// The last [`MUTEX_VIOLATIONS_KEPT`] mutex groups found violated, for `/health`.
+    mutex_violations: Vec<crate::safety::MutexViolation>,
 }
 
 impl Automation {
@@ -154,6 +158,7 @@ impl Automation {
             last_edge_number,
             latch_changed_ms,
             safety_dirty: false,
+            mutex_violations: Vec::new(),
         }
     }
 
@@ -492,10 +497,36 @@ impl Automation {
 
     /// What a slave reported. Persisted lazily (with the next step, or within a second): an
     /// observation lost in a crash is made again from the next report.
-    pub fn observe(&mut self, master: &str, slave_mac: &str, states: &[bool], now_ms: i64) {
-        self.safety
-            .observe(master, &slave_mac.to_ascii_uppercase(), states, now_ms);
+    /// The slave's truth. A mutex group it shows violated is resolved at once (the whole
+    /// group off, ahead of anything else), recorded as an event and kept for `/health`.
+    pub fn observe(&mut self, master: &str, slave_mac: &str, states: &[bool], now_ms: i64) -> Step {
+        let mut step = Step::default();
+        let violations =
+            self.safety
+                .observe(master, &slave_mac.to_ascii_uppercase(), states, now_ms);
         self.safety_dirty = true;
+        for (violation, plan) in violations {
+            let message = violation.describe();
+            tracing::warn!(%message, "mutex group violated");
+            self.carry(&mut step, &[plan], &Origin::of(Source::Safety), now_ms);
+            step.write.outbox.push(self.event(
+                "mutex_violation",
+                "warning",
+                message,
+                serde_json::to_value(&violation).unwrap_or_default(),
+                now_ms,
+            ));
+            if self.mutex_violations.len() >= MUTEX_VIOLATIONS_KEPT {
+                self.mutex_violations.remove(0);
+            }
+            self.mutex_violations.push(violation);
+        }
+        step
+    }
+
+    /// The last mutex groups found violated (and switched off), oldest first.
+    pub fn mutex_violations(&self) -> &[crate::safety::MutexViolation] {
+        &self.mutex_violations
     }
 
     /// A command the Pi created ended; a macro whose step failed stops there.

@@ -179,10 +179,7 @@ fn handle(shared: &Arc<Shared>, automation: &mut Automation, request: Automation
             master,
             slave_mac,
             states,
-        } => {
-            automation.observe(&master, &slave_mac, &states, now);
-            Step::default()
-        }
+        } => automation.observe(&master, &slave_mac, &states, now),
         AutomationInput::CloudCommand { command, reply } => {
             let (result, step) = automation.check_cloud_command(*command, now);
             let _ = reply.send(result);
@@ -497,9 +494,11 @@ fn publish_status(shared: &Arc<Shared>, automation: &Automation) {
         .into_iter()
         .map(|(id, _)| id)
         .collect();
+    let mutex_violations = automation.mutex_violations().to_vec();
     if let Ok(mut status) = shared.automation_status.lock() {
         status.emergency = emergency;
         status.relays_on = relays_on;
         status.macros_running = macros_running;
+        status.mutex_violations = mutex_violations;
     }
 }

@@ -382,3 +382,35 @@ fn a_cancelled_macro_runs_no_further_step_and_a_stop_cancels_it() {
     let (blocked, _) = a.start_macro("fill", "op", 9_000, &mut no_conditions);
     assert!(blocked.is_err());
 }
+
+#[test]
+fn a_slave_seen_with_two_relays_of_a_mutex_group_on_has_the_whole_group_switched_off() {
+    let mut a = automation();
+    // Booted (or switched at the board) with both motor directions on.
+    let step = a.observe(MASTER, SLAVE, &[false, false, true, true], 5_000);
+    assert_eq!(step.send.len(), 1, "resolved at once");
+    let off = &step.send[0];
+    assert_eq!(off.relay_numbers, vec![2, 3]);
+    assert_eq!(off.actions, vec!["off".to_string(), "off".to_string()]);
+    let event = step
+        .write
+        .outbox
+        .iter()
+        .find(|e| e.payload["event_type"] == "mutex_violation")
+        .expect("recorded as an event");
+    assert!(
+        event.payload["message"]
+            .as_str()
+            .unwrap()
+            .contains("mutex group 'motor' found violated"),
+        "{}",
+        event.payload["message"]
+    );
+    assert_eq!(a.mutex_violations().len(), 1);
+    assert_eq!(a.mutex_violations()[0].relays_on, vec![2, 3]);
+
+    // One relay of the group on is what the group allows: nothing to resolve.
+    let step = a.observe(MASTER, SLAVE, &[true, false, false, true], 6_000);
+    assert!(step.send.is_empty());
+    assert_eq!(a.mutex_violations().len(), 1);
+}

@@ -89,6 +89,52 @@ struct Limit {
     min_off_s: Option<u32>,
 }
 
+/// A mutex group seen with more than one relay on (a slave that booted or was switched at the
+/// board that way, a report after a restart). Resolved at once by switching the whole group off:
+/// which one was meant to be on cannot be known, and off is the state every group allows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MutexViolation {
+    pub group: String,
+    pub master: String,
+    pub slave_mac: String,
+    /// The group's relays that were on, ascending.
+    pub relays_on: Vec<u8>,
+    pub at_ms: i64,
+}
+
+impl MutexViolation {
+    /// The off for every relay of the group, ahead of anything else for that slave.
+    pub fn resolution(&self, group_relays: &[u8]) -> Plan {
+        Plan {
+            master: self.master.clone(),
+            slave_mac: self.slave_mac.clone(),
+            source: Source::Safety,
+            priority: SAFETY_PRIORITY,
+            switches: group_relays
+                .iter()
+                .map(|&relay| PlannedSwitch {
+                    relay,
+                    on: false,
+                    duration_s: 0,
+                    note: Some(format!("mutex '{}' violated", self.group)),
+                })
+                .collect(),
+            notes: vec![self.describe()],
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let relays: Vec<String> = self.relays_on.iter().map(u8::to_string).collect();
+        format!(
+            "mutex group '{}' found violated on {} {} (relays {} on): all of the group switched off",
+            self.group,
+            self.master,
+            self.slave_mac,
+            relays.join(", ")
+        )
+    }
+}
+
 /// The interlock arbiter.
 #[derive(Debug)]
 pub struct Safety {
@@ -432,11 +478,19 @@ impl Safety {
         }
     }
 
-    /// The slave's truth (ack or state report), relay `i` = `states[i]`.
-    pub fn observe(&mut self, master: &str, slave_mac: &str, states: &[bool], now_ms: i64) {
+    /// The slave's truth (ack or state report), relay `i` = `states[i]`. Returns the mutex
+    /// groups of that slave it shows violated, each with its resolution (the whole group off),
+    /// which the caller must carry out.
+    pub fn observe(
+        &mut self,
+        master: &str,
+        slave_mac: &str,
+        states: &[bool],
+        now_ms: i64,
+    ) -> Vec<(MutexViolation, Plan)> {
         let Some(mac) = normalize_mac(slave_mac) else {
             tracing::warn!(slave_mac, "state of a slave with a malformed MAC ignored");
-            return;
+            return Vec::new();
         };
         for (i, &on) in states.iter().enumerate().take(usize::from(MAX_RELAY) + 1) {
             let k = RelayRef {
@@ -466,6 +520,46 @@ impl Safety {
             };
             self.relays.insert(k, new);
         }
+        self.violations_of(master, &mac, states, now_ms)
+    }
+
+    /// The groups of one slave with more than one relay on in `states`.
+    fn violations_of(
+        &self,
+        master: &str,
+        mac: &str,
+        states: &[bool],
+        now_ms: i64,
+    ) -> Vec<(MutexViolation, Plan)> {
+        let mut seen = BTreeSet::new();
+        let mut found = Vec::new();
+        for (k, groups) in self.groups.range(RelayRef::new(master, mac, 0)..) {
+            if k.master != master || k.slave_mac != mac {
+                break;
+            }
+            for (name, relays) in groups {
+                if !seen.insert(name.clone()) {
+                    continue;
+                }
+                let on: Vec<u8> = relays
+                    .iter()
+                    .copied()
+                    .filter(|&r| states.get(usize::from(r)).copied().unwrap_or(false))
+                    .collect();
+                if on.len() > 1 {
+                    let violation = MutexViolation {
+                        group: name.clone(),
+                        master: master.to_string(),
+                        slave_mac: mac.to_string(),
+                        relays_on: on,
+                        at_ms: now_ms,
+                    };
+                    let plan = violation.resolution(relays);
+                    found.push((violation, plan));
+                }
+            }
+        }
+        found
     }
 
     /// The arbiter's own offs that are due now, one plan per slave (source Safety).
