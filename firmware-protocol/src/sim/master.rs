@@ -103,6 +103,12 @@ pub struct Completion {
 pub enum Output {
     Publish { topic: Topic, payload: Vec<u8> },
     Frame { to: MacAddr, bytes: [u8; FRAME_LEN] },
+    /// Take back the frames to this slave that have not left yet (of one command, or all);
+    /// the driver hands what it took back to [`MasterCore::on_withdrawn`].
+    Withdraw {
+        to: MacAddr,
+        command: Option<CommandId>,
+    },
     Complete(Completion),
     Persist(MasterState),
 }
@@ -120,7 +126,27 @@ struct PendingFrame {
     bytes: [u8; FRAME_LEN],
     sent_at: Instant,
     attempts: u32,
+    /// Copies taken back before they left: when it equals `attempts`, the slave never got it.
+    withdrawn: u32,
     code: Option<AckCode>,
+}
+
+impl PendingFrame {
+    fn never_sent(&self) -> bool {
+        self.code.is_none() && self.withdrawn >= self.attempts
+    }
+
+    fn switches_on(&self) -> bool {
+        FrameRepr::from_bytes(&self.bytes).is_ok_and(|f| {
+            matches!(
+                f.body,
+                FrameBody::RelayCommand {
+                    action: SwitchAction::On,
+                    ..
+                }
+            )
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -375,14 +401,75 @@ impl MasterCore {
         out
     }
 
+    /// Frames to `to` that the radio took back before they left. A command none of whose
+    /// unanswered frames ever left did not run at all: while latched it ends `failed`
+    /// (withdrawn by the stop) at once; otherwise it is resent as usual.
+    pub fn on_withdrawn(&mut self, to: MacAddr, frames: &[Vec<u8>], now: Instant) -> Outputs {
+        let mut out = Vec::new();
+        for bytes in frames {
+            let Ok(frame) = FrameRepr::from_bytes(bytes) else {
+                continue;
+            };
+            for pending in self.pending.iter_mut().filter(|p| p.slave == to) {
+                for f in pending.frames.iter_mut().filter(|f| f.sequence == frame.sequence) {
+                    f.withdrawn += 1;
+                }
+            }
+        }
+        if !self.emergency_latched {
+            return out;
+        }
+        let mut withdrawn = Vec::new();
+        for (index, pending) in self.pending.iter().enumerate() {
+            let open: Vec<&PendingFrame> = pending.frames.iter().filter(|f| f.code.is_none()).collect();
+            if pending.slave == to && !open.is_empty() && open.iter().all(|f| f.never_sent()) {
+                withdrawn.push(index);
+            }
+        }
+        for index in withdrawn.into_iter().rev() {
+            let pending = self.pending.remove(index);
+            self.forget_applied(&mut out, pending.id);
+            let elapsed = now.duration_since(pending.started).as_millis() as u64;
+            let states = self.slave_states(pending.slave);
+            info!(master = %self.id, command_id = %pending.id, "command withdrawn by the emergency stop before it reached the slave");
+            self.finish(
+                &mut out,
+                pending.origin,
+                Some(pending.id),
+                Some(pending.slave),
+                AckResult::Failed,
+                Some((
+                    AckErrorCode::EmergencyLatched,
+                    "withdrawn by the emergency stop before it reached the slave".into(),
+                )),
+                states,
+                elapsed,
+            );
+        }
+        out
+    }
+
     /// Retransmits frames whose ack is late; fails commands that ran out of attempts.
     pub fn on_retry_tick(&mut self, now: Instant) -> Outputs {
         let mut out = Vec::new();
         let timeout = Duration::from_millis(self.timing.frame_ack_timeout_ms);
         let mut failed = Vec::new();
+        let latched = self.emergency_latched;
         for (index, pending) in self.pending.iter_mut().enumerate() {
             for frame in pending.frames.iter_mut().filter(|f| f.code.is_none()) {
                 if now.duration_since(frame.sent_at) < timeout {
+                    continue;
+                }
+                // Latched: a switch-on is never sent again; the command ends when the slave's
+                // answer to what already left arrives, or as unreachable.
+                if latched && frame.switches_on() {
+                    if frame.attempts >= self.timing.frame_attempts_max {
+                        failed.push(index);
+                        break;
+                    }
+                    frame.attempts += 1;
+                    frame.withdrawn += 1;
+                    frame.sent_at = now;
                     continue;
                 }
                 if frame.attempts >= self.timing.frame_attempts_max {
@@ -400,6 +487,12 @@ impl MasterCore {
         }
         for index in failed.into_iter().rev() {
             let pending = self.pending.remove(index);
+            // A command reported failed must never run afterwards: nothing of it may still be
+            // waiting to leave.
+            out.push(Output::Withdraw {
+                to: pending.slave,
+                command: Some(pending.id),
+            });
             self.forget_applied(&mut out, pending.id);
             let message = format!(
                 "slave {} did not acknowledge after {} attempts",
@@ -742,6 +835,7 @@ impl MasterCore {
                 bytes,
                 sent_at: now,
                 attempts: 1,
+                withdrawn: 0,
                 code: None,
             });
         }
@@ -770,6 +864,12 @@ impl MasterCore {
         self.emergency_latched = true;
         let macs: Vec<MacAddr> = self.slaves.keys().copied().collect();
         for mac in macs {
+            // Nothing queued before the stop may reach the slave after it: the stop goes
+            // ahead of every frame that has not left yet.
+            out.push(Output::Withdraw {
+                to: mac,
+                command: None,
+            });
             let bytes = self.frame(FrameBody::EmergencyStop);
             out.push(Output::Frame { to: mac, bytes });
         }

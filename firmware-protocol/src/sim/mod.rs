@@ -30,7 +30,7 @@ pub use rumqttc;
 pub use sensor::{SensorSource, SensorSpec};
 pub use slave::SlaveSpec;
 
-use crate::frame::FrameRepr;
+use crate::frame::{FrameBody, FrameRepr};
 use crate::mac::MacAddr;
 use crate::message::{Payload, Status};
 use crate::topic::{Qos, Topic};
@@ -338,12 +338,12 @@ async fn run_master(
             _ = heartbeat.tick() => core.on_heartbeat(Instant::now()),
             _ = retry.tick() => core.on_retry_tick(Instant::now()),
         };
-        io.perform(outputs)?;
+        io.perform(&mut core, outputs)?;
     }
 
     if let Some(client) = &mqtt {
         let offline = core.offline_status();
-        let _ = io.perform(vec![offline]);
+        let _ = io.perform(&mut core, vec![offline]);
         let _ = client.disconnect().await;
     }
     let flush = async { while tasks.join_next().await.is_some() {} };
@@ -371,9 +371,25 @@ struct MasterIo {
 const MASTER_MAC: MacAddr = MacAddr([0x02, 0, 0, 0, 0, 0x01]);
 
 impl MasterIo {
-    fn perform(&self, outputs: Vec<Output>) -> Result<(), SimError> {
-        for output in outputs {
+    fn perform(&self, core: &mut MasterCore, outputs: Vec<Output>) -> Result<(), SimError> {
+        let mut outputs: std::collections::VecDeque<Output> = outputs.into();
+        while let Some(output) = outputs.pop_front() {
             match output {
+                Output::Withdraw { to, command } => {
+                    let Some(link) = self.to_slaves.get(&to) else {
+                        continue;
+                    };
+                    let taken = link.withdraw(|bytes| match command {
+                        None => true,
+                        Some(id) => FrameRepr::from_bytes(bytes).is_ok_and(|f| {
+                            matches!(f.body, FrameBody::RelayCommand { command_id, .. } if command_id == id.to_raw())
+                        }),
+                    });
+                    if !taken.is_empty() {
+                        debug!(master = %self.master, slave = %to, frames = taken.len(), "withdrew frames that had not left");
+                        outputs.extend(core.on_withdrawn(to, &taken, Instant::now()));
+                    }
+                }
                 Output::Publish { topic, payload } => {
                     let Some(client) = &self.mqtt else { continue };
                     debug!(master = %self.master, %topic, bytes = payload.len(), "publish");

@@ -5,11 +5,16 @@
 //! holds every frame to one receiver on one first-in, first-out "air" queue. The master relies
 //! on that: it takes a slave's relay states from the newest frame it heard from the slave, so a
 //! frame overtaken by a later one would roll its view back to older states.
+//!
+//! A delayed frame waits in its sender's transmit queue until it lands, and can be withdrawn
+//! until then ([`Link::withdraw`]), as a master withdraws what it queued when it latches a stop.
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 use crate::mac::MacAddr;
@@ -46,8 +51,39 @@ pub struct Link {
 #[derive(Debug, Clone)]
 enum LinkTx {
     Direct(mpsc::Sender<Airframe>),
-    /// Frames with the moment they land, drained in order by one task.
-    Delayed(mpsc::Sender<(Instant, Airframe)>),
+    /// Frames waiting to land, in order, carried by one task; `_alive` closes when the last
+    /// clone of the link goes, which ends that task.
+    Delayed {
+        air: Arc<Air>,
+        _alive: mpsc::Sender<()>,
+    },
+}
+
+/// A sender's transmit queue: frames with the moment they land. Until then a frame has not
+/// left the sender, so it can be withdrawn (a master that latches its emergency stop does).
+#[derive(Debug, Default)]
+struct Air {
+    queue: Mutex<VecDeque<(Instant, Airframe)>>,
+    queued: Notify,
+}
+
+impl Air {
+    fn front_lands_at(&self) -> Option<Instant> {
+        self.queue
+            .lock()
+            .ok()
+            .and_then(|q| q.front().map(|(t, _)| *t))
+    }
+
+    /// The first frame, if it has landed by `now`.
+    fn pop_landed(&self, now: Instant) -> Option<Airframe> {
+        let mut queue = self.queue.lock().ok()?;
+        if queue.front().is_some_and(|(t, _)| *t <= now) {
+            queue.pop_front().map(|(_, item)| item)
+        } else {
+            None
+        }
+    }
 }
 
 impl Radio {
@@ -67,19 +103,36 @@ impl Radio {
             };
             return (link, rx);
         }
-        let (air_tx, mut air_rx) = mpsc::channel::<(Instant, Airframe)>(RADIO_QUEUE_FRAMES_MAX);
+        let air = Arc::new(Air::default());
+        let (alive, mut gone) = mpsc::channel::<()>(1);
+        let carried = air.clone();
         tokio::spawn(async move {
             // One frame at a time, in the order sent: a frame never overtakes an earlier one.
-            while let Some((lands_at, item)) = air_rx.recv().await {
-                tokio::time::sleep_until(lands_at).await;
-                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(item) {
-                    break;
+            loop {
+                match carried.front_lands_at() {
+                    Some(lands_at) => tokio::select! {
+                        () = tokio::time::sleep_until(lands_at) => {}
+                        // A withdrawal may have emptied the queue: look again.
+                        () = carried.queued.notified() => continue,
+                    },
+                    None => tokio::select! {
+                        () = carried.queued.notified() => continue,
+                        _ = gone.recv() => break,
+                    },
+                }
+                while let Some(item) = carried.pop_landed(Instant::now()) {
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(item) {
+                        return;
+                    }
                 }
             }
         });
         let link = Link {
             spec: self.spec,
-            to: LinkTx::Delayed(air_tx),
+            to: LinkTx::Delayed {
+                air,
+                _alive: alive,
+            },
         };
         (link, rx)
     }
@@ -99,10 +152,38 @@ impl Link {
             LinkTx::Direct(tx) => {
                 let _ = tx.try_send(item);
             }
-            LinkTx::Delayed(air) => {
+            LinkTx::Delayed { air, .. } => {
                 let lands_at = Instant::now() + Duration::from_millis(self.spec.delay_ms);
-                let _ = air.try_send((lands_at, item));
+                if let Ok(mut queue) = air.queue.lock() {
+                    if queue.len() < RADIO_QUEUE_FRAMES_MAX {
+                        queue.push_back((lands_at, item));
+                    }
+                }
+                air.queued.notify_one();
             }
         }
+    }
+
+    /// Takes back every frame still waiting to leave that `which` selects, and returns them; a
+    /// withdrawn frame never reaches the receiver. Frames that have landed are out of reach.
+    pub fn withdraw(&self, which: impl Fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+        let LinkTx::Delayed { air, .. } = &self.to else {
+            return Vec::new();
+        };
+        let Ok(mut queue) = air.queue.lock() else {
+            return Vec::new();
+        };
+        let mut withdrawn = Vec::new();
+        queue.retain(|(_, (_, bytes))| {
+            if which(bytes) {
+                withdrawn.push(bytes.clone());
+                false
+            } else {
+                true
+            }
+        });
+        drop(queue);
+        air.queued.notify_one();
+        withdrawn
     }
 }

@@ -762,3 +762,97 @@ async fn a_delaying_radio_keeps_every_frame_in_order() {
     assert!(started.elapsed() >= delay, "the radio delays frames");
     assert_eq!(received, (0..60u8).collect::<Vec<_>>());
 }
+
+fn frame_bytes(outputs: &[Output]) -> Vec<Vec<u8>> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Frame { bytes, .. } => Some(bytes.to_vec()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_withdrawn_frame_never_lands_and_later_frames_still_do() {
+    let radio = Radio::new(RadioSpec {
+        loss_percent: 0,
+        delay_ms: 1_500,
+    });
+    let (link, mut rx) = radio.channel();
+    link.transmit(slave_mac(), &relay_command(1, 0, SwitchAction::On, 0));
+    link.transmit(slave_mac(), &heartbeat());
+    tokio::time::advance(Duration::from_millis(500)).await;
+    let taken = link.withdraw(|b| b == relay_command(1, 0, SwitchAction::On, 0).as_slice());
+    assert_eq!(taken.len(), 1);
+    link.transmit(slave_mac(), &bytes(FrameBody::EmergencyStop, 9, true));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let landed: Vec<FrameRepr> = std::iter::from_fn(|| rx.try_recv().ok())
+        .map(|(_, b)| FrameRepr::from_bytes(&b).unwrap())
+        .collect();
+    assert_eq!(landed.len(), 2, "{landed:?}");
+    assert!(landed.iter().all(|f| !matches!(f.body, FrameBody::RelayCommand { .. })));
+    assert_eq!(landed[1].body, FrameBody::EmergencyStop);
+}
+
+#[test]
+fn a_latching_master_withdraws_what_it_queued_and_fails_what_never_left() {
+    let t0 = Instant::now();
+    let mut core = master_core();
+    let sealed = CommandSigner::new(key(), 1).seal(command(5));
+    let sent = core.on_mqtt(&command_topic(), &sealed.encode().unwrap(), t0, NOW_MS);
+    let queued = frame_bytes(&sent);
+    assert!(!queued.is_empty());
+    let out = core.on_mqtt("autocore/emergency/stop", b"{\"v\":1}", t0, NOW_MS);
+    // The withdrawal comes before the stop frame, so the stop goes ahead of what was queued.
+    let withdraw_at = out
+        .iter()
+        .position(|o| matches!(o, Output::Withdraw { command: None, .. }))
+        .expect("a latching master withdraws what it queued");
+    let stop_at = out
+        .iter()
+        .position(|o| matches!(o, Output::Frame { .. }))
+        .unwrap();
+    assert!(withdraw_at < stop_at);
+    assert!(acks(&out).is_empty(), "nothing is reported before the radio answers");
+    // The radio took the command's frames back before they left: it never ran.
+    let out = core.on_withdrawn(slave_mac(), &queued, t0 + Duration::from_millis(5));
+    let ended = acks(&out);
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].result, AckResult::Failed);
+    assert_eq!(
+        ended[0].error.as_ref().unwrap().code,
+        AckErrorCode::EmergencyLatched
+    );
+    // And it is never sent again.
+    for step in 1..10u64 {
+        let out = core.on_retry_tick(t0 + Duration::from_millis(200 * step));
+        assert!(frames(&out).is_empty());
+        assert!(acks(&out).is_empty());
+    }
+}
+
+#[test]
+fn a_master_that_gives_up_withdraws_the_copies_still_queued_before_reporting_failed() {
+    let t0 = Instant::now();
+    let mut core = master_core();
+    let sealed = CommandSigner::new(key(), 1).seal(command(5));
+    core.on_mqtt(&command_topic(), &sealed.encode().unwrap(), t0, NOW_MS);
+    let timing = MasterTiming::default();
+    for step in 1..=timing.frame_attempts_max + 1 {
+        let out = core.on_retry_tick(
+            t0 + Duration::from_millis(timing.frame_ack_timeout_ms * u64::from(step)),
+        );
+        if let Some(ack_at) = out.iter().position(|o| {
+            matches!(o, Output::Publish { topic: Topic::Ack(_), .. })
+        }) {
+            let withdraw_at = out
+                .iter()
+                .position(|o| matches!(o, Output::Withdraw { command: Some(id), .. } if id.backend_id() == Some(5)))
+                .expect("the queued copies are withdrawn");
+            assert!(withdraw_at < ack_at, "withdrawn before the failure is reported");
+            return;
+        }
+    }
+    panic!("the command never failed");
+}
