@@ -483,7 +483,37 @@ impl Automation {
                     .iter()
                     .map(|s| if s.on { "on" } else { "off" }.to_string())
                     .collect();
+                let requested = (
+                    command.relay_numbers.clone(),
+                    command.actions.clone(),
+                    command.duration_seconds.clone(),
+                );
                 command.duration_seconds = plan.switches.iter().map(|s| s.duration_s).collect();
+                // The dashboard's row stays the record of what was asked (its content is
+                // immutable); what the slave is sent instead is recorded beside it.
+                if requested
+                    != (
+                        command.relay_numbers.clone(),
+                        command.actions.clone(),
+                        command.duration_seconds.clone(),
+                    )
+                {
+                    step.write.outbox.push(self.event(
+                        "command_adjusted",
+                        "info",
+                        format!(
+                            "command {} sent as the interlocks allow: {}",
+                            command.id,
+                            plan.summary()
+                        ),
+                        json!({
+                            "command_id": command.id,
+                            "requested": {"relay_numbers": requested.0, "actions": requested.1, "duration_seconds": requested.2},
+                            "sent": {"relay_numbers": command.relay_numbers, "actions": command.actions, "duration_seconds": command.duration_seconds},
+                        }),
+                        now_ms,
+                    ));
+                }
                 (Ok(command), step)
             }
             Err(refusal) => (
@@ -496,9 +526,9 @@ impl Automation {
     // ----------------------------------------------------------------- relay truth, timers
 
     /// What a slave reported. Persisted lazily (with the next step, or within a second): an
-    /// observation lost in a crash is made again from the next report.
-    /// The slave's truth. A mutex group it shows violated is resolved at once (the whole
-    /// group off, ahead of anything else), recorded as an event and kept for `/health`.
+    /// observation lost in a crash is made again from the next report. A mutex group it shows
+    /// violated is resolved at once (the whole group off, ahead of anything else), recorded as
+    /// an event and kept for `/health`.
     pub fn observe(&mut self, master: &str, slave_mac: &str, states: &[bool], now_ms: i64) -> Step {
         let mut step = Step::default();
         let violations =

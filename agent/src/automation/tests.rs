@@ -414,3 +414,52 @@ fn a_slave_seen_with_two_relays_of_a_mutex_group_on_has_the_whole_group_switched
     assert!(step.send.is_empty());
     assert_eq!(a.mutex_violations().len(), 1);
 }
+
+#[test]
+fn a_cloud_command_the_interlocks_adjust_records_what_the_slave_is_sent() {
+    let mut a = automation();
+    let cmd = CommandRecord {
+        id: 8,
+        master_device_id: MASTER.into(),
+        slave_mac_address: SLAVE.into(),
+        slave_device_id: None,
+        relay_numbers: vec![0],
+        actions: vec!["on".into()],
+        duration_seconds: vec![3_600],
+        command_type: "manual".into(),
+        triggered_by: "manual".into(),
+        priority: 10,
+        rule_id: None,
+        rule_name: None,
+        expires_at_ms: 60_000,
+        state: CommandState::Accepted,
+        attempts: 0,
+        last_sent_at_ms: None,
+        polled_by: None,
+    };
+    let (planned, step) = a.check_cloud_command(cmd.clone(), 1_000);
+    assert_eq!(planned.unwrap().duration_seconds, vec![120], "max on-time");
+    let event = step
+        .write
+        .outbox
+        .iter()
+        .find(|e| e.payload["event_type"] == "command_adjusted")
+        .expect("what ran is recorded");
+    assert_eq!(
+        event.payload["payload"]["requested"]["duration_seconds"],
+        json!([3_600])
+    );
+    assert_eq!(
+        event.payload["payload"]["sent"]["duration_seconds"],
+        json!([120])
+    );
+
+    // A command the interlocks leave as it is records nothing extra.
+    let mut b = automation();
+    let plain = CommandRecord {
+        duration_seconds: vec![60],
+        ..cmd
+    };
+    let (_, step) = b.check_cloud_command(plain, 1_000);
+    assert!(step.write.outbox.is_empty());
+}

@@ -101,8 +101,14 @@ pub struct Completion {
 /// Something for the driver to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
-    Publish { topic: Topic, payload: Vec<u8> },
-    Frame { to: MacAddr, bytes: [u8; FRAME_LEN] },
+    Publish {
+        topic: Topic,
+        payload: Vec<u8>,
+    },
+    Frame {
+        to: MacAddr,
+        bytes: [u8; FRAME_LEN],
+    },
     /// Take back the frames to this slave that have not left yet (of one command, or all);
     /// the driver hands what it took back to [`MasterCore::on_withdrawn`].
     Withdraw {
@@ -411,7 +417,11 @@ impl MasterCore {
                 continue;
             };
             for pending in self.pending.iter_mut().filter(|p| p.slave == to) {
-                for f in pending.frames.iter_mut().filter(|f| f.sequence == frame.sequence) {
+                for f in pending
+                    .frames
+                    .iter_mut()
+                    .filter(|f| f.sequence == frame.sequence)
+                {
                     f.withdrawn += 1;
                 }
             }
@@ -421,7 +431,8 @@ impl MasterCore {
         }
         let mut withdrawn = Vec::new();
         for (index, pending) in self.pending.iter().enumerate() {
-            let open: Vec<&PendingFrame> = pending.frames.iter().filter(|f| f.code.is_none()).collect();
+            let open: Vec<&PendingFrame> =
+                pending.frames.iter().filter(|f| f.code.is_none()).collect();
             if pending.slave == to && !open.is_empty() && open.iter().all(|f| f.never_sent()) {
                 withdrawn.push(index);
             }

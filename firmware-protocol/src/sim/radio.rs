@@ -129,10 +129,7 @@ impl Radio {
         });
         let link = Link {
             spec: self.spec,
-            to: LinkTx::Delayed {
-                air,
-                _alive: alive,
-            },
+            to: LinkTx::Delayed { air, _alive: alive },
         };
         (link, rx)
     }

@@ -791,7 +791,11 @@ async fn a_withdrawn_frame_never_lands_and_later_frames_still_do() {
         .map(|(_, b)| FrameRepr::from_bytes(&b).unwrap())
         .collect();
     assert_eq!(landed.len(), 2, "{landed:?}");
-    assert!(landed.iter().all(|f| !matches!(f.body, FrameBody::RelayCommand { .. })));
+    assert!(
+        landed
+            .iter()
+            .all(|f| !matches!(f.body, FrameBody::RelayCommand { .. }))
+    );
     assert_eq!(landed[1].body, FrameBody::EmergencyStop);
 }
 
@@ -814,7 +818,10 @@ fn a_latching_master_withdraws_what_it_queued_and_fails_what_never_left() {
         .position(|o| matches!(o, Output::Frame { .. }))
         .unwrap();
     assert!(withdraw_at < stop_at);
-    assert!(acks(&out).is_empty(), "nothing is reported before the radio answers");
+    assert!(
+        acks(&out).is_empty(),
+        "nothing is reported before the radio answers"
+    );
     // The radio took the command's frames back before they left: it never ran.
     let out = core.on_withdrawn(slave_mac(), &queued, t0 + Duration::from_millis(5));
     let ended = acks(&out);
@@ -844,13 +851,22 @@ fn a_master_that_gives_up_withdraws_the_copies_still_queued_before_reporting_fai
             t0 + Duration::from_millis(timing.frame_ack_timeout_ms * u64::from(step)),
         );
         if let Some(ack_at) = out.iter().position(|o| {
-            matches!(o, Output::Publish { topic: Topic::Ack(_), .. })
+            matches!(
+                o,
+                Output::Publish {
+                    topic: Topic::Ack(_),
+                    ..
+                }
+            )
         }) {
             let withdraw_at = out
                 .iter()
                 .position(|o| matches!(o, Output::Withdraw { command: Some(id), .. } if id.backend_id() == Some(5)))
                 .expect("the queued copies are withdrawn");
-            assert!(withdraw_at < ack_at, "withdrawn before the failure is reported");
+            assert!(
+                withdraw_at < ack_at,
+                "withdrawn before the failure is reported"
+            );
             return;
         }
     }
