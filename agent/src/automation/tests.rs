@@ -71,6 +71,34 @@ fn firing(actions: Vec<Action>, at: i64) -> Firing {
     }
 }
 
+/// A manual command from the dashboard for SLAVE, priority 10.
+fn cloud_command(
+    id: i64,
+    relay_numbers: Vec<u8>,
+    actions: Vec<String>,
+    duration_seconds: Vec<u32>,
+) -> CommandRecord {
+    CommandRecord {
+        id,
+        master_device_id: MASTER.into(),
+        slave_mac_address: SLAVE.into(),
+        slave_device_id: None,
+        relay_numbers,
+        actions,
+        duration_seconds,
+        command_type: "manual".into(),
+        triggered_by: "manual".into(),
+        priority: 10,
+        rule_id: None,
+        rule_name: None,
+        expires_at_ms: 60_000,
+        state: CommandState::Accepted,
+        attempts: 0,
+        last_sent_at_ms: None,
+        polled_by: None,
+    }
+}
+
 fn relay_on(relay: u8, duration_seconds: u32) -> Action {
     Action::RelayOn {
         slave_mac_address: SLAVE.into(),
@@ -151,25 +179,7 @@ fn a_firing_the_interlocks_refuse_runs_none_of_its_actions_and_says_why() {
 fn a_cloud_command_into_a_mutex_group_switches_the_peer_off_first() {
     let mut a = automation();
     a.observe(MASTER, SLAVE, &[false, false, true, false], 0);
-    let cmd = CommandRecord {
-        id: 7,
-        master_device_id: MASTER.into(),
-        slave_mac_address: SLAVE.into(),
-        slave_device_id: None,
-        relay_numbers: vec![3],
-        actions: vec!["on".into()],
-        duration_seconds: vec![0],
-        command_type: "manual".into(),
-        triggered_by: "manual".into(),
-        priority: 10,
-        rule_id: None,
-        rule_name: None,
-        expires_at_ms: 60_000,
-        state: CommandState::Accepted,
-        attempts: 0,
-        last_sent_at_ms: None,
-        polled_by: None,
-    };
+    let cmd = cloud_command(7, vec![3], vec!["on".into()], vec![0]);
     let (planned, step) = a.check_cloud_command(cmd, 1_000);
     let planned = planned.unwrap();
     assert_eq!(planned.relay_numbers, vec![2, 3], "peer off first, then on");
@@ -418,25 +428,7 @@ fn a_slave_seen_with_two_relays_of_a_mutex_group_on_has_the_whole_group_switched
 #[test]
 fn a_cloud_command_the_interlocks_adjust_records_what_the_slave_is_sent() {
     let mut a = automation();
-    let cmd = CommandRecord {
-        id: 8,
-        master_device_id: MASTER.into(),
-        slave_mac_address: SLAVE.into(),
-        slave_device_id: None,
-        relay_numbers: vec![0],
-        actions: vec!["on".into()],
-        duration_seconds: vec![3_600],
-        command_type: "manual".into(),
-        triggered_by: "manual".into(),
-        priority: 10,
-        rule_id: None,
-        rule_name: None,
-        expires_at_ms: 60_000,
-        state: CommandState::Accepted,
-        attempts: 0,
-        last_sent_at_ms: None,
-        polled_by: None,
-    };
+    let cmd = cloud_command(8, vec![0], vec!["on".into()], vec![3_600]);
     let (planned, step) = a.check_cloud_command(cmd.clone(), 1_000);
     assert_eq!(planned.unwrap().duration_seconds, vec![120], "max on-time");
     let event = step

@@ -79,6 +79,20 @@ fn engine_with(rules: &[RuleRecord]) -> Engine {
     engine
 }
 
+/// Loads a new revision of `rule` (the only rule) into a running engine.
+fn reload(engine: &mut Engine, rule: &RuleRecord) {
+    engine.load(
+        std::slice::from_ref(rule),
+        &Catalog::default(),
+        &HashMap::new(),
+    );
+}
+
+/// A pH reading of 6.0 taken and evaluated at `at`.
+fn ph_six_at(engine: &mut Engine, at: i64) -> Vec<Firing> {
+    engine.on_reading(&reading("ph", 6.0, at), at)
+}
+
 fn reason(rule_json: Option<Value>, catalog: &Catalog) -> String {
     let mut r = record("bad", Value::Null);
     r.rule_json = rule_json;
@@ -420,10 +434,7 @@ fn three_valued_logic_fires_only_when_definitely_true() {
     let mut engine = engine_with(&[any, all, not]);
     let fired = |f: Vec<Firing>| f.into_iter().map(|f| f.rule_id).collect::<Vec<_>>();
     // ph true, ec unknown: any fires; all and not(unknown) do not.
-    assert_eq!(
-        fired(engine.on_reading(&reading("ph", 6.0, T0), T0)),
-        ["any"]
-    );
+    assert_eq!(fired(ph_six_at(&mut engine, T0)), ["any"]);
     // ec false: all false, not true.
     assert_eq!(
         fired(engine.on_reading(&reading("ec", 1.0, T0 + S), T0 + S)),
@@ -563,8 +574,7 @@ fn firings_come_in_priority_order_then_rule_id() {
     let mut a = record("a", seed_json());
     a.priority = 90;
     let mut engine = engine_with(&[low, b, a]);
-    let order: Vec<_> = engine
-        .on_reading(&reading("ph", 6.0, T0), T0)
+    let order: Vec<_> = ph_six_at(&mut engine, T0)
         .into_iter()
         .map(|f| (f.priority, f.rule_id))
         .collect();
@@ -585,7 +595,7 @@ fn blocked_engine_remembers_readings_but_fires_nothing() {
     let mut engine = engine_with(&[record("seed", seed_json()), held]);
     engine.take_dirty();
     engine.set_blocked(true, T0);
-    assert!(engine.on_reading(&reading("ph", 6.0, T0), T0).is_empty());
+    assert!(ph_six_at(&mut engine, T0).is_empty());
     assert!(engine.on_tick(T0 + 20 * S).is_empty());
     assert!(
         engine.take_dirty().is_empty(),
@@ -611,7 +621,7 @@ fn reload_keeps_state_of_unchanged_revision_and_reports_problems() {
     let mut rule = record("seed", seed_json());
     rule.cooldown_seconds = 600;
     let mut engine = engine_with(std::slice::from_ref(&rule));
-    assert_eq!(engine.on_reading(&reading("ph", 6.0, T0), T0).len(), 1);
+    assert_eq!(ph_six_at(&mut engine, T0).len(), 1);
     let dirty = engine.take_dirty();
     assert_eq!(dirty.len(), 1);
     assert_eq!(dirty[0].1.last_fired_ms, Some(T0));
@@ -629,18 +639,14 @@ fn reload_keeps_state_of_unchanged_revision_and_reports_problems() {
         "unknown condition type \"foo\" at conditions"
     );
     assert!(
-        engine
-            .on_reading(&reading("ph", 6.0, T0 + S), T0 + S)
-            .is_empty(),
+        ph_six_at(&mut engine, T0 + S).is_empty(),
         "still in cooldown"
     );
 
     rule.revision = 2;
     engine.load(&[rule], &Catalog::default(), &HashMap::new());
     assert!(
-        engine
-            .on_reading(&reading("ph", 6.0, T0 + 2 * S), T0 + 2 * S)
-            .is_empty(),
+        ph_six_at(&mut engine, T0 + 2 * S).is_empty(),
         "a new revision keeps the cooldown"
     );
     assert_eq!(engine.state("uuid-seed").map(|s| s.revision), Some(2));
@@ -654,7 +660,7 @@ fn an_edit_keeps_the_cooldown_and_the_hourly_count_of_the_relay() {
     rule.cooldown_seconds = 600;
     rule.max_executions_per_hour = 2;
     let mut engine = engine_with(std::slice::from_ref(&rule));
-    let fired = engine.on_reading(&reading("ph", 6.0, T0), T0);
+    let fired = ph_six_at(&mut engine, T0);
     assert_eq!(fired[0].explanation, "ph 6 < 6.5; 1/2 this hour");
 
     let mut at = T0;
@@ -667,38 +673,26 @@ fn an_edit_keeps_the_cooldown_and_the_hourly_count_of_the_relay() {
         rule.revision = revision;
         rule.rule_name = Some(format!("after {what}"));
         rule.rule_json = Some(json);
-        engine.load(
-            std::slice::from_ref(&rule),
-            &Catalog::default(),
-            &HashMap::new(),
-        );
+        reload(&mut engine, &rule);
         at += 4 * S;
         assert!(
-            engine.on_reading(&reading("ph", 6.0, at), at).is_empty(),
+            ph_six_at(&mut engine, at).is_empty(),
             "{what} reset the cooldown"
         );
     }
     // The cooldown runs from the firing, whatever was edited since.
-    let fired = engine.on_reading(&reading("ph", 6.0, T0 + 600 * S), T0 + 600 * S);
+    let fired = ph_six_at(&mut engine, T0 + 600 * S);
     assert_eq!(fired[0].explanation, "ph 6 < 6.7; 2/2 this hour");
     // A new limit applies to the same history: still 2 in this hour.
     rule.revision += 1;
     rule.cooldown_seconds = 1;
-    engine.load(
-        std::slice::from_ref(&rule),
-        &Catalog::default(),
-        &HashMap::new(),
-    );
+    reload(&mut engine, &rule);
     assert!(
-        engine
-            .on_reading(&reading("ph", 6.0, T0 + 1_200 * S), T0 + 1_200 * S)
-            .is_empty(),
+        ph_six_at(&mut engine, T0 + 1_200 * S).is_empty(),
         "at most 2 in any sliding hour"
     );
     assert_eq!(
-        engine
-            .on_reading(&reading("ph", 6.0, T0 + 3_600 * S), T0 + 3_600 * S)
-            .len(),
+        ph_six_at(&mut engine, T0 + 3_600 * S).len(),
         1,
         "the first firing left the hour"
     );
@@ -709,25 +703,12 @@ fn an_edit_of_the_cooldown_itself_applies_from_the_last_firing() {
     let mut rule = record("seed", seed_json());
     rule.cooldown_seconds = 600;
     let mut engine = engine_with(std::slice::from_ref(&rule));
-    assert_eq!(engine.on_reading(&reading("ph", 6.0, T0), T0).len(), 1);
+    assert_eq!(ph_six_at(&mut engine, T0).len(), 1);
     rule.revision = 2;
     rule.cooldown_seconds = 10;
-    engine.load(
-        std::slice::from_ref(&rule),
-        &Catalog::default(),
-        &HashMap::new(),
-    );
-    assert!(
-        engine
-            .on_reading(&reading("ph", 6.0, T0 + 9 * S), T0 + 9 * S)
-            .is_empty()
-    );
-    assert_eq!(
-        engine
-            .on_reading(&reading("ph", 6.0, T0 + 10 * S), T0 + 10 * S)
-            .len(),
-        1
-    );
+    reload(&mut engine, &rule);
+    assert!(ph_six_at(&mut engine, T0 + 9 * S).is_empty());
+    assert_eq!(ph_six_at(&mut engine, T0 + 10 * S).len(), 1);
 }
 
 #[test]
@@ -739,13 +720,9 @@ fn an_edit_after_a_restart_keeps_the_history_and_unchanged_conditions_keep_their
     let mut rule = record("held", held.clone());
     rule.cooldown_seconds = 600;
     let mut engine = engine_with(std::slice::from_ref(&rule));
-    assert!(engine.on_reading(&reading("ph", 6.0, T0), T0).is_empty());
+    assert!(ph_six_at(&mut engine, T0).is_empty());
     assert_eq!(engine.on_tick(T0 + 30 * S).len(), 1);
-    assert!(
-        engine
-            .on_reading(&reading("ph", 6.0, T0 + 31 * S), T0 + 31 * S)
-            .is_empty()
-    );
+    assert!(ph_six_at(&mut engine, T0 + 31 * S).is_empty());
     let saved: HashMap<String, RuleState> = engine.take_dirty().into_iter().collect();
 
     // Restarted with a renamed revision: cooldown from the saved firing, held-for timer kept.
@@ -784,7 +761,7 @@ fn disabled_and_deleted_rules_do_not_run() {
     let mut deleted = record("deleted", seed_json());
     deleted.deleted = true;
     let mut engine = engine_with(&[disabled, deleted]);
-    assert!(engine.on_reading(&reading("ph", 6.0, T0), T0).is_empty());
+    assert!(ph_six_at(&mut engine, T0).is_empty());
 }
 
 #[test]
@@ -1295,7 +1272,7 @@ fn composite_explanation_names_the_deciding_conditions_and_false_rules_stay_clea
     )]);
     engine.take_dirty();
     // Unknown and false evaluations leave the state unchanged: nothing to persist.
-    assert!(engine.on_reading(&reading("ph", 6.0, T0), T0).is_empty());
+    assert!(ph_six_at(&mut engine, T0).is_empty());
     assert!(engine.on_reading(&reading("temp", 25.0, T0), T0).is_empty());
     assert!(engine.take_dirty().is_empty());
     let f = engine.on_reading(&reading("ec", 1.0, T0 + S), T0 + S);
@@ -1393,11 +1370,7 @@ fn on_a_reset_a_running_hold_starts_again_and_occurrences_of_the_stop_are_not_ru
     );
     let mut engine = engine_with(&[held, every_30_s()]);
     assert!(engine.on_tick(T0 + S).is_empty(), "schedule baseline");
-    assert!(
-        engine
-            .on_reading(&reading("ph", 6.0, T0 + 2 * S), T0 + 2 * S)
-            .is_empty()
-    );
+    assert!(ph_six_at(&mut engine, T0 + 2 * S).is_empty());
     // Stopped at 10 s with 22 s of the hold left and the 30 s occurrence to come.
     engine.set_blocked(true, T0 + 10 * S);
     assert!(engine.on_tick(T0 + 45 * S).is_empty());
@@ -1432,12 +1405,10 @@ fn a_held_for_rule_with_no_cooldown_fires_once_per_hold() {
         ),
     );
     let mut engine = engine_with(&[held]);
-    assert!(engine.on_reading(&reading("ph", 6.0, T0), T0).is_empty());
+    assert!(ph_six_at(&mut engine, T0).is_empty());
     assert_eq!(engine.on_tick(T0 + 10 * S).len(), 1);
     assert!(
-        engine
-            .on_reading(&reading("ph", 6.0, T0 + 10 * S + 12), T0 + 10 * S + 12)
-            .is_empty(),
+        ph_six_at(&mut engine, T0 + 10 * S + 12).is_empty(),
         "fired again 12 ms later"
     );
     assert_eq!(
