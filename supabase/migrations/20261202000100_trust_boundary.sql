@@ -346,3 +346,5 @@ grant execute on function autocore_hooks.check_request() to anon, authenticated,
 -- Supabase included). This replaces any db_pre_request set before.
 alter role authenticator set pgrst.db_pre_request = 'autocore_hooks.check_request';
 notify pgrst, 'reload config';
+-- register_discovered_device changed its return type.
+notify pgrst, 'reload schema';
