@@ -39,7 +39,7 @@ select is((select count(*) from relay_commands_slave where master_device_id = 'E
   7::bigint, 'every handed-out command is processing');
 select is((select delivery_count from relay_commands_slave where id = :peri_low), 1,
   'a command handed out once has delivery_count 1');
-select is((select locked_by from relay_commands_slave where id = :peri_low), 'pi-alice',
+select is((select locked_by from relay_commands_slave where id = :peri_low), 'agent:pi-alice',
   'the lock records which agent holds it');
 select is((select status from relay_commands_slave where id = :other_master), 'pending',
   'another master''s command is untouched');
