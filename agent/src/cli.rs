@@ -95,7 +95,7 @@ pub fn rules_test(
     until_ms: i64,
 ) -> anyhow::Result<String> {
     use std::fmt::Write as _;
-    let store = crate::store::Store::open(&config.store.path)
+    let store = crate::store::Store::open_existing(&config.store.path)
         .with_context(|| format!("opening {}", config.store.path.display()))?;
     let records = match rule {
         RuleUnderTest::Named(name) => {
