@@ -18,6 +18,8 @@ pub mod runtime;
 pub mod safety;
 pub mod status;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use runtime::run;
 

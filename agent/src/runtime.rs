@@ -277,14 +277,12 @@ pub async fn run(
     tasks.spawn(sync_supervisor(shared.clone(), cancel.clone()));
     let app = crate::api::app(shared.clone());
     let api_cancel = cancel.clone();
-    tasks.spawn(async move {
-        let served = axum::serve(api, app)
-            .with_graceful_shutdown(async move { api_cancel.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            error!(error = %e, "local API stopped");
-        }
-    });
+    tasks.spawn(crate::api::serve(
+        api,
+        app,
+        crate::api::ServeLimits::default(),
+        api_cancel,
+    ));
     info!(agent = %shared.config.agent.id, version = crate::VERSION, "agent running");
 
     shutdown.await;
