@@ -325,16 +325,17 @@ async fn health(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError>
         .await
         .map_err(|e| ApiError::store(&e, "health"))?;
     let health = shared.health.lock().map(|h| h.clone()).unwrap_or_default();
-    // Offline is a normal state; a stalled sync is not.
-    let status = if health.sync_stalled {
-        "degraded"
-    } else {
-        "ok"
-    };
+    // Offline is a normal state; a refusal (credentials, CA, token) or a stalled sync is not.
+    let reasons = health.degraded_reasons();
+    let status = if reasons.is_empty() { "ok" } else { "degraded" };
     let body = json!({
         "status": status,
+        "degraded_reasons": reasons,
         "agent_id": shared.config.agent.id,
         "version": crate::VERSION,
+        "mqtt_connected": health.mqtt.state == crate::connectivity::MqttState::Connected,
+        "mqtt": health.mqtt,
+        "backend": health.backend,
         "backend_reachable": health.backend_reachable,
         "outage_seconds": health.outage_began_ms.map(|t| (now - t) / 1000),
         "sync_stalled": health.sync_stalled,

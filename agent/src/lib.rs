@@ -9,6 +9,7 @@ pub mod bridge;
 pub mod cli;
 pub mod cloud;
 pub mod config;
+pub mod connectivity;
 pub mod delivery;
 pub mod link;
 pub mod macros;

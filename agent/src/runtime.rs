@@ -22,6 +22,7 @@ use crate::automation::{Automation, LatchSource};
 use crate::bridge::{self, Inbound};
 use crate::cloud::{Cloud, CloudConfig, CloudError, TokenSource};
 use crate::config::AgentConfig;
+use crate::connectivity::{BackendState, MqttState, Watched};
 use crate::delivery::{Delivery, DeliveryAction, DeliveryLimits};
 use crate::link::{Link, LinkEvent};
 use crate::metrics::{Metrics, label};
@@ -81,6 +82,52 @@ pub struct Health {
     pub outage_began_ms: Option<i64>,
     pub sync_stalled: bool,
     pub last_backend_error: Option<String>,
+    pub mqtt: Watched<MqttState>,
+    pub backend: Watched<BackendState>,
+}
+
+impl Health {
+    /// Why the agent is degraded; empty when it is ok. Offline (no broker, no backend) is a
+    /// normal state; a refusal or a stall is not.
+    pub fn degraded_reasons(&self) -> Vec<&'static str> {
+        let mut reasons = Vec::new();
+        reasons.extend(self.mqtt.state.degraded_reason());
+        reasons.extend(self.backend.state.degraded_reason());
+        if self.sync_stalled {
+            reasons.push("sync stalled: the backend answers but the outbox does not move");
+        }
+        reasons
+    }
+}
+
+/// Records the MQTT link's state; a change is logged once (not at every retry) and shown in the
+/// metrics.
+fn note_mqtt_state(shared: &Shared, state: MqttState, detail: Option<String>) {
+    let changed = {
+        let mut health = shared.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.mqtt.set(state, detail.clone())
+    };
+    let Some(previous) = changed else {
+        return;
+    };
+    let metrics = &shared.metrics;
+    metrics
+        .mqtt_state
+        .get_or_create(&label("state", previous.label()))
+        .set(0);
+    metrics
+        .mqtt_state
+        .get_or_create(&label("state", state.label()))
+        .set(1);
+    metrics
+        .mqtt_connected
+        .set(i64::from(state == MqttState::Connected));
+    let error = detail.unwrap_or_default();
+    match state.degraded_reason() {
+        Some(reason) => warn!(state = state.label(), %error, "{reason}; retrying"),
+        None if state == MqttState::Connected => info!("connected to the MQTT broker"),
+        None => warn!(state = state.label(), %error, "MQTT broker unreachable; retrying"),
+    }
 }
 
 /// State the tasks share. Everything mutable is behind the store or a small mutex.
@@ -396,7 +443,7 @@ async fn mqtt_loop(
                 shared
                     .mqtt_connected
                     .store(true, std::sync::atomic::Ordering::SeqCst);
-                info!("connected to the MQTT broker");
+                note_mqtt_state(&shared, MqttState::Connected, None);
                 for (filter, qos) in bridge::SUBSCRIPTIONS {
                     if let Err(e) = shared.mqtt.subscribe(filter, qos).await {
                         warn!(filter, error = %e, "subscribe failed");
@@ -419,9 +466,8 @@ async fn mqtt_loop(
                 if connected {
                     warn!(error = %e, "MQTT connection lost; reconnecting");
                     connected = false;
-                } else {
-                    debug!(error = %e, "MQTT broker unreachable; retrying");
                 }
+                note_mqtt_state(&shared, MqttState::from_error(&e), Some(e.to_string()));
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -921,7 +967,7 @@ async fn finish(shared: &Arc<Shared>, id: i64, outcome: CommandOutcome) {
 
 fn note_cloud_result(shared: &Arc<Shared>, result: Result<(), &CloudError>) {
     let now = now_ms();
-    let event = {
+    let (event, changed) = {
         let mut link = shared.link.lock().unwrap_or_else(|p| p.into_inner());
         let event = match result {
             Ok(()) => link.on_answer(now),
@@ -932,8 +978,17 @@ fn note_cloud_result(shared: &Arc<Shared>, result: Result<(), &CloudError>) {
         health.backend_reachable = link.is_reachable();
         health.outage_began_ms = link.outage_began_ms();
         health.last_backend_error = result.err().map(|e| e.to_string());
-        event
+        let state = BackendState::from_result(result);
+        let detail = health.last_backend_error.clone();
+        let changed = health
+            .backend
+            .set(state, detail)
+            .map(|previous| (previous, state));
+        (event, changed)
     };
+    if let Some((previous, state)) = changed {
+        note_backend_change(shared, previous, state, result.err());
+    }
     shared.metrics.backend_reachable.set(i64::from(
         shared
             .health
@@ -943,6 +998,32 @@ fn note_cloud_result(shared: &Arc<Shared>, result: Result<(), &CloudError>) {
     ));
     if let Some(event) = event {
         record_link_event(shared, event);
+    }
+}
+
+/// A change of the backend's answer, logged once and shown in the metrics.
+fn note_backend_change(
+    shared: &Shared,
+    previous: BackendState,
+    state: BackendState,
+    error: Option<&CloudError>,
+) {
+    let family = &shared.metrics.backend_state;
+    family
+        .get_or_create(&label("state", previous.label()))
+        .set(0);
+    family.get_or_create(&label("state", state.label())).set(1);
+    let error = error.map(|e| e.to_string()).unwrap_or_default();
+    match state.degraded_reason() {
+        Some(reason) => warn!(state = state.label(), %error, "{reason}"),
+        // An outage has its own message (OutageBegan).
+        None if previous.degraded_reason().is_some() => {
+            info!(
+                state = state.label(),
+                "backend takes the agent's token again"
+            )
+        }
+        None => {}
     }
 }
 
@@ -1039,7 +1120,10 @@ async fn poll_loop(
 
 /// The owner's emergency latch as the dashboard sees it.
 async fn pull_latch(shared: &Arc<Shared>) {
-    match shared.cloud.system_status().await {
+    let result = shared.cloud.system_status().await;
+    // Read on every poll, with or without masters: what the backend answers shows in /health.
+    note_cloud_result(shared, result.as_ref().map(|_| ()));
+    match result {
         Ok(Some(row)) => {
             let _ = shared
                 .automation

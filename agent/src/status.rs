@@ -16,9 +16,26 @@ pub async fn report(config: &AgentConfig) -> String {
         && let Ok(resp) = client.get(&url).send().await
         && let Ok(body) = resp.json::<serde_json::Value>().await
     {
+        let reasons = body["degraded_reasons"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .filter_map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+            .unwrap_or_default();
         return format!(
-            "agent {} (running, {url})\n  backend reachable: {}\n  sync stalled: {}\n  outbox: {} rows, oldest {} ms, {} rejected\n  masters: {}",
+            "agent {} (running, {url})\n  status: {}{}\n  mqtt: {}\n  backend: {}\n  backend reachable: {}\n  sync stalled: {}\n  outbox: {} rows, oldest {} ms, {} rejected\n  masters: {}",
             body["agent_id"].as_str().unwrap_or("?"),
+            body["status"].as_str().unwrap_or("?"),
+            if reasons.is_empty() {
+                String::new()
+            } else {
+                format!(" ({reasons})")
+            },
+            body["mqtt"]["state"].as_str().unwrap_or("?"),
+            body["backend"]["state"].as_str().unwrap_or("?"),
             body["backend_reachable"],
             body["sync_stalled"],
             body["outbox"]["depth"],

@@ -84,6 +84,19 @@ impl TestAgent {
         )
     }
 
+    pub async fn health(&self) -> serde_json::Value {
+        self.send("GET", "/health", &[], Vec::new()).await.1
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest011::get(format!("{}/metrics", self.url))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Stops the agent as SIGTERM does and waits for it.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

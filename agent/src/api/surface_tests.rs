@@ -304,3 +304,68 @@ async fn futures_connect(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net
     }
     streams
 }
+
+/// A broker that answers every CONNECT with CONNACK `return_code`; its `mqtt://` URL.
+async fn refusing_broker(return_code: u8) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("mqtt://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream.write_all(&[0x20, 0x02, 0x00, return_code]).await;
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_broker_refuses_its_password_is_degraded_with_the_reason_in_health_and_metrics()
+ {
+    // CONNACK 4: bad user name or password.
+    let broker = refusing_broker(4).await;
+    let agent = testing::start(
+        &format!("url = \"{broker}\"\nusername = \"pi\"\npassword = \"wrong\""),
+        "",
+    )
+    .await;
+    let health = testing::eventually("the refusal in /health", 10, || async {
+        let health = agent.health().await;
+        (health["status"] == "degraded").then_some(health)
+    })
+    .await;
+    assert_eq!(health["mqtt"]["state"], "bad_credentials", "{health}");
+    assert_eq!(health["mqtt_connected"], false, "{health}");
+    let reasons = health["degraded_reasons"].to_string();
+    assert!(reasons.contains("username or password"), "{health}");
+    let metrics = agent.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "autocore_agent_mqtt_state{state=\"bad_credentials\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "autocore_agent_mqtt_connected 0"),
+        "{metrics}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_without_broker_or_backend_is_offline_but_ok() {
+    let agent = testing::offline("").await;
+    let health = testing::eventually("both links tried", 10, || async {
+        let health = agent.health().await;
+        (health["mqtt"]["state"] == "unreachable" && health["backend"]["state"] == "unreachable")
+            .then_some(health)
+    })
+    .await;
+    assert_eq!(
+        health["status"], "ok",
+        "offline is a normal state: {health}"
+    );
+    agent.stop().await;
+}

@@ -272,10 +272,15 @@ pub fn master_toml(device_id: &str, key_hex: &str, transport: &str) -> String {
 /// Starts an agent on the world's stack; `tail_toml` adds sections ([engine], [safety], ...)
 /// and ends with its `[[masters]]` (see [`master_toml`]).
 pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
     let jwt = world
         .stack
         .token(&autocore_stack::Claims::agent(ALICE, "pi-alice"));
+    start_agent_with_jwt(world, &jwt, tail_toml).await
+}
+
+/// [`start_agent`] with the JWT `jwt`, for tokens the backend must refuse.
+pub async fn start_agent_with_jwt(world: &World, jwt: &str, tail_toml: &str) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
     let toml = format!(
         r#"
         [agent]

@@ -1,0 +1,79 @@
+//! The agent's own surfaces on the real stack: `/health` and `/metrics` say when the backend
+//! refuses the agent's token, and that all is well when it does not.
+
+use std::time::Duration;
+
+use autocore_stack::Claims;
+use serde_json::Value;
+
+use crate::support::{ALICE, Agent, MASTER, World, master_toml, start_agent, start_agent_with_jwt};
+
+const KEY_HEX: &str = "4c1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
+
+async fn get(url: &str) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+/// Polls the agent's /health until `check` holds (30 s at most) and returns it.
+async fn health_until(agent: &Agent, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let health: Value =
+            serde_json::from_str(&get(&format!("{}/health", agent.api)).await).unwrap();
+        if check(&health) {
+            return health;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting on /health: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_jwt_is_signed_with_the_wrong_secret_is_degraded_with_the_reason() {
+    let world = World::start_full();
+    let jwt = Claims::agent(ALICE, "pi-alice").sign("not-the-backends-secret-at-all-0123456789");
+    let agent = start_agent_with_jwt(&world, &jwt, &master_toml(MASTER, KEY_HEX, "mqtt")).await;
+    let health = health_until(&agent, |h| h["backend"]["state"] == "unauthorized").await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(
+        health["degraded_reasons"].to_string().contains("JWT"),
+        "{health}"
+    );
+    let metrics = get(&format!("{}/metrics", agent.api)).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "autocore_agent_backend_state{state=\"unauthorized\"} 1"),
+        "{metrics}"
+    );
+    agent.shut_down().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_good_credentials_is_ok_with_mqtt_connected_and_the_backend_reachable() {
+    let world = World::start_full();
+    let agent = start_agent(&world, &master_toml(MASTER, KEY_HEX, "mqtt")).await;
+    let health = health_until(&agent, |h| {
+        h["backend"]["state"] == "reachable" && h["mqtt"]["state"] == "connected"
+    })
+    .await;
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["mqtt_connected"], true, "{health}");
+    assert_eq!(
+        health["degraded_reasons"],
+        serde_json::json!([]),
+        "{health}"
+    );
+    let metrics = get(&format!("{}/metrics", agent.api)).await;
+    for line in [
+        "autocore_agent_mqtt_connected 1",
+        "autocore_agent_mqtt_state{state=\"connected\"} 1",
+        "autocore_agent_backend_state{state=\"reachable\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
+    agent.shut_down().await;
+}
