@@ -31,6 +31,7 @@ pub struct Metrics {
     /// 1 for the backend's current state (reachable, unauthorized, ...), 0 for the others.
     pub backend_state: Family<Labels, Gauge>,
     pub mqtt_connected: Gauge,
+    pub mqtt_connections: Counter,
     /// 1 for the MQTT link's current state (connected, bad_credentials, ...), 0 for the others.
     pub mqtt_state: Family<Labels, Gauge>,
     pub sync_stalled: Gauge,
@@ -78,6 +79,7 @@ impl Metrics {
             backend_reachable: Gauge::default(),
             backend_state: Family::default(),
             mqtt_connected: Gauge::default(),
+            mqtt_connections: Counter::default(),
             mqtt_state: Family::default(),
             sync_stalled: Gauge::default(),
             sync_restarts: Counter::default(),
@@ -170,6 +172,11 @@ impl Metrics {
             "mqtt_connected",
             "1 while the agent is connected to the MQTT broker",
             m.mqtt_connected.clone(),
+        );
+        registry.register(
+            "mqtt_connections",
+            "Connections made to the MQTT broker; more than one means it was lost and made again",
+            m.mqtt_connections.clone(),
         );
         registry.register(
             "mqtt_state",

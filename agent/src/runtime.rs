@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::BackoffBuilder;
 use bytes::Bytes;
+use firmware_protocol::message::PAYLOAD_BYTES_MAX;
 use firmware_protocol::{DeviceId, MasterKey};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::json;
@@ -443,6 +444,7 @@ async fn mqtt_loop(
                 shared
                     .mqtt_connected
                     .store(true, std::sync::atomic::Ordering::SeqCst);
+                shared.metrics.mqtt_connections.inc();
                 note_mqtt_state(&shared, MqttState::Connected, None);
                 for (filter, qos) in bridge::SUBSCRIPTIONS {
                     if let Err(e) = shared.mqtt.subscribe(filter, qos).await {
@@ -453,8 +455,15 @@ async fn mqtt_loop(
                     .await;
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                // An oversized payload is queued cut to one byte past the protocol's bound:
+                // decoding still refuses and counts it, and a queue of them stays small.
+                let payload = if p.payload.len() > PAYLOAD_BYTES_MAX {
+                    Bytes::copy_from_slice(&p.payload[..=PAYLOAD_BYTES_MAX])
+                } else {
+                    p.payload
+                };
                 // Waiting here pushes back on the broker instead of dropping messages.
-                if inbound.send((p.topic, p.payload)).await.is_err() {
+                if inbound.send((p.topic, payload)).await.is_err() {
                     return;
                 }
             }

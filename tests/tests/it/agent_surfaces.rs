@@ -1,12 +1,17 @@
 //! The agent's own surfaces on the real stack: `/health` and `/metrics` say when the backend
-//! refuses the agent's token, and that all is well when it does not.
+//! refuses the agent's token (and that all is well when it does not), and one oversized retained
+//! message costs the agent neither its broker connection nor a command.
 
 use std::time::Duration;
 
 use autocore_stack::Claims;
+use firmware_protocol::sim::rumqttc;
 use serde_json::Value;
 
-use crate::support::{ALICE, Agent, MASTER, World, master_toml, start_agent, start_agent_with_jwt};
+use crate::support::{
+    ALICE, Agent, MASTER, SLAVE, World, insert_command, master_toml, one_master_sim, start_agent,
+    start_agent_with_jwt, start_sim, until_status,
+};
 
 const KEY_HEX: &str = "4c1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
 
@@ -75,5 +80,61 @@ async fn an_agent_with_good_credentials_is_ok_with_mqtt_connected_and_the_backen
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
     }
+    agent.shut_down().await;
+}
+
+/// Publishes `payload` retained on `topic`, and returns once the broker has it.
+async fn publish_retained(mqtt_url: &str, topic: &str, payload: Vec<u8>) {
+    let (host, port) = firmware_protocol::sim::parse_mqtt_url(mqtt_url).unwrap();
+    let mut options = rumqttc::MqttOptions::new("retained-publisher", host, port);
+    options.set_max_packet_size(1024 * 1024, 1024 * 1024);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    client
+        .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("publishing the retained message: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the broker acknowledges the retained message");
+    let _ = client.disconnect().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_100_kb_message_costs_the_agent_neither_its_connection_nor_a_command() {
+    let world = World::start_full();
+    let mqtt = world.stack.mqtt_url().unwrap();
+    // There before the agent starts: delivered to it at every (re)subscription.
+    publish_retained(
+        &mqtt,
+        &format!("autocore/devices/{MASTER}/telemetry"),
+        vec![b'{'; 100 * 1024],
+    )
+    .await;
+    let _sim = start_sim(one_master_sim(&mqtt, KEY_HEX));
+    let agent = start_agent(&world, &master_toml(MASTER, KEY_HEX, "mqtt")).await;
+    let id = insert_command(&world, MASTER, SLAVE, 1, 5);
+    until_status(&world, &id, "completed", Duration::from_secs(30)).await;
+    let metrics = get(&format!("{}/metrics", agent.api)).await;
+    let refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("autocore_agent_bad_messages_total{reason=\"payload\"} "))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(refused >= Some(1), "the message is counted: {metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "autocore_agent_mqtt_connections_total 1"),
+        "one connection, never lost: {metrics}"
+    );
+    let health = health_until(&agent, |_| true).await;
+    assert_eq!(health["mqtt"]["state"], "connected", "{health}");
     agent.shut_down().await;
 }
