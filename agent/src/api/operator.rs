@@ -3,6 +3,7 @@
 //! automation task, so the interlocks apply exactly as for rules and cloud commands.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -46,7 +47,10 @@ pub const OPERATOR_BODY_BYTES_MAX: usize = 16 * 1024;
 /// the stop).
 pub const STOP_BODY_BYTES_MAX: usize = 4 * 1024;
 /// How long a stop waits for its body: a slow one must not delay the stop for long.
-pub const STOP_BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+pub const STOP_BODY_READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// After the stop, the rest of a large body is read and dropped up to this (within
+/// [`STOP_BODY_READ_TIMEOUT`]) so that its sender gets the answer.
+pub const STOP_BODY_DRAIN_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// Whether the request carries the operator token (`[safety] operator_token`); the refusal
 /// otherwise. Only headers are read: a caller without the token never gets its body read.
@@ -83,11 +87,10 @@ fn operator(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-/// Up to `max` bytes of the body, and whether there was more (left unread). A body that
-/// fails, or stalls past `timeout`, ends the read with what came.
-async fn read_prefix(body: Body, max: usize, timeout: std::time::Duration) -> (Vec<u8>, bool) {
+/// Up to `max` bytes of the body, and whether there was more (left unread in `body`). A body
+/// that fails, or stalls past `timeout`, ends the read with what came.
+async fn read_prefix(body: &mut Body, max: usize, timeout: Duration) -> (Vec<u8>, bool) {
     use http_body_util::BodyExt as _;
-    let mut body = body;
     let mut read = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -107,10 +110,25 @@ async fn read_prefix(body: Body, max: usize, timeout: std::time::Duration) -> (V
     }
 }
 
+/// Reads and drops the rest of a body, up to `max` bytes within `timeout`: a client still
+/// sending when the answer comes and the connection closes gets a reset instead of the answer.
+async fn drain(body: &mut Body, max: usize, timeout: Duration) {
+    use http_body_util::BodyExt as _;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut drained = 0;
+    while drained < max {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => drained += frame.data_ref().map_or(0, |d| d.len()),
+            _ => return,
+        }
+    }
+}
+
 /// A JSON body of at most [`OPERATOR_BODY_BYTES_MAX`] (empty = `{}`), or the 4xx that refuses it.
 #[allow(clippy::result_large_err)]
-async fn json_body<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, Response> {
-    let (bytes, more) = read_prefix(body, OPERATOR_BODY_BYTES_MAX, super::BODY_READ_TIMEOUT).await;
+async fn json_body<T: serde::de::DeserializeOwned>(mut body: Body) -> Result<T, Response> {
+    let (bytes, more) =
+        read_prefix(&mut body, OPERATOR_BODY_BYTES_MAX, super::BODY_READ_TIMEOUT).await;
     if more {
         return Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -191,17 +209,21 @@ fn stop_reason(bytes: &[u8], more: bool) -> (String, String) {
     (reason, text("by").unwrap_or(by))
 }
 
-async fn emergency_stop(State(shared): State<Arc<Shared>>, body: Body) -> Response {
-    let (bytes, more) = read_prefix(body, STOP_BODY_BYTES_MAX, STOP_BODY_READ_TIMEOUT).await;
+async fn emergency_stop(State(shared): State<Arc<Shared>>, mut body: Body) -> Response {
+    let (bytes, more) = read_prefix(&mut body, STOP_BODY_BYTES_MAX, STOP_BODY_READ_TIMEOUT).await;
     let (reason, by) = stop_reason(&bytes, more);
-    match ask(&shared, |reply| AutomationInput::Stop {
+    let stopped = ask(&shared, |reply| AutomationInput::Stop {
         reason,
         by,
         source: LatchSource::LocalApi,
         reply: Some(reply),
     })
-    .await
-    {
+    .await;
+    // Stopped already: only so that the caller reads the answer.
+    if more {
+        drain(&mut body, STOP_BODY_DRAIN_BYTES_MAX, STOP_BODY_READ_TIMEOUT).await;
+    }
+    match stopped {
         Ok(newly) => answer(
             StatusCode::OK,
             json!({"latched": true, "newly_latched": newly}),
