@@ -976,7 +976,7 @@ async fn finish(shared: &Arc<Shared>, id: i64, outcome: CommandOutcome) {
 
 fn note_cloud_result(shared: &Arc<Shared>, result: Result<(), &CloudError>) {
     let now = now_ms();
-    let (event, changed) = {
+    let event = {
         let mut link = shared.link.lock().unwrap_or_else(|p| p.into_inner());
         let event = match result {
             Ok(()) => link.on_answer(now),
@@ -987,17 +987,9 @@ fn note_cloud_result(shared: &Arc<Shared>, result: Result<(), &CloudError>) {
         health.backend_reachable = link.is_reachable();
         health.outage_began_ms = link.outage_began_ms();
         health.last_backend_error = result.err().map(|e| e.to_string());
-        let state = BackendState::from_result(result);
-        let detail = health.last_backend_error.clone();
-        let changed = health
-            .backend
-            .set(state, detail)
-            .map(|previous| (previous, state));
-        (event, changed)
+        event
     };
-    if let Some((previous, state)) = changed {
-        note_backend_change(shared, previous, state, result.err());
-    }
+    note_backend_state(shared, result);
     shared.metrics.backend_reachable.set(i64::from(
         shared
             .health
@@ -1007,6 +999,21 @@ fn note_cloud_result(shared: &Arc<Shared>, result: Result<(), &CloudError>) {
     ));
     if let Some(event) = event {
         record_link_event(shared, event);
+    }
+}
+
+/// Records what the backend answered to the agent's token; a change is logged once and shown
+/// in the metrics.
+fn note_backend_state(shared: &Shared, result: Result<(), &CloudError>) {
+    let state = BackendState::from_result(result);
+    let changed = {
+        let mut health = shared.health.lock().unwrap_or_else(|p| p.into_inner());
+        health
+            .backend
+            .set(state, result.err().map(|e| e.to_string()))
+    };
+    if let Some(previous) = changed {
+        note_backend_change(shared, previous, state, result.err());
     }
 }
 
@@ -1130,8 +1137,10 @@ async fn poll_loop(
 /// The owner's emergency latch as the dashboard sees it.
 async fn pull_latch(shared: &Arc<Shared>) {
     let result = shared.cloud.system_status().await;
-    // Read on every poll, with or without masters: what the backend answers shows in /health.
-    note_cloud_result(shared, result.as_ref().map(|_| ()));
+    // Read on every poll, with or without masters: the backend's answer to the token shows in
+    // /health even on an agent without masters. (Outages are the command and push paths' to
+    // judge, as before.)
+    note_backend_state(shared, result.as_ref().map(|_| ()));
     match result {
         Ok(Some(row)) => {
             let _ = shared
