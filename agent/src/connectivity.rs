@@ -20,9 +20,11 @@ pub enum MqttState {
     Unreachable,
     /// The broker refused the username or password (CONNACK 4).
     BadCredentials,
-    /// The broker refused the agent (CONNACK 5): unknown user, or not allowed to connect.
+    /// The broker refused the agent (CONNACK 5): a wrong password (Mosquitto's answer to it),
+    /// an unknown user, or not allowed to connect.
     NotAuthorized,
     /// The TLS handshake failed: a CA that does not sign the broker's certificate, a wrong host.
+    #[serde(rename = "tls_error")]
     Tls,
     /// The broker refused for another reason (protocol version, client id, unavailable).
     Refused,
@@ -81,7 +83,10 @@ impl MqttState {
             MqttState::BadCredentials => {
                 Some("mqtt: the broker refused the agent's username or password")
             }
-            MqttState::NotAuthorized => Some("mqtt: the broker does not authorise the agent"),
+            // Mosquitto answers a wrong password with this code too.
+            MqttState::NotAuthorized => Some(
+                "mqtt: the broker does not authorise the agent (a wrong password or an unknown user)",
+            ),
             MqttState::Tls => Some("mqtt: TLS failed (the CA, the certificate or the host)"),
             MqttState::Refused => Some("mqtt: the broker refused the connection"),
             MqttState::ProtocolError => Some("mqtt: the broker sent what the agent cannot read"),
@@ -249,6 +254,16 @@ mod tests {
             "offline is a normal state"
         );
         assert_eq!(BackendState::from_result(Ok(())), BackendState::Reachable);
+    }
+
+    #[test]
+    fn health_and_metrics_name_each_state_alike() {
+        for state in MqttState::ALL {
+            assert_eq!(serde_json::json!(state), state.label());
+        }
+        for state in BackendState::ALL {
+            assert_eq!(serde_json::json!(state), state.label());
+        }
     }
 
     #[test]

@@ -369,3 +369,27 @@ async fn an_agent_without_broker_or_backend_is_offline_but_ok() {
     );
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_broker_fails_the_tls_handshake_is_degraded_with_a_tls_error() {
+    // Speaks plain text where TLS is expected: the handshake fails as with a wrong CA.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("mqtts://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let _ = stream.write_all(b"this is not TLS\r\n\r\n").await;
+        }
+    });
+    let agent = testing::start(&format!("url = \"{url}\""), "").await;
+    let health = testing::eventually("the TLS failure in /health", 10, || async {
+        let health = agent.health().await;
+        (health["status"] == "degraded").then_some(health)
+    })
+    .await;
+    assert_eq!(health["mqtt"]["state"], "tls_error", "{health}");
+    assert!(
+        health["degraded_reasons"].to_string().contains("TLS"),
+        "{health}"
+    );
+    agent.stop().await;
+}
