@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::support::{
     ALICE, Agent, MASTER, SLAVE, World, insert_command, master_toml, one_master_sim, start_agent,
-    start_agent_with_jwt, start_sim, until_status,
+    start_agent_with, start_agent_with_jwt, start_sim, until_status,
 };
 
 const KEY_HEX: &str = "4c1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
@@ -137,4 +137,105 @@ async fn a_retained_100_kb_message_costs_the_agent_neither_its_connection_nor_a_
     let health = health_until(&agent, |_| true).await;
     assert_eq!(health["mqtt"]["state"], "connected", "{health}");
     agent.shut_down().await;
+}
+
+/// Mosquitto on a free loopback port that admits only `user` with `password` (no anonymous
+/// clients), stopped when dropped.
+struct SecuredBroker {
+    _process: autocore_stack::process::ManagedProcess,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+fn secured_broker(user: &str, password: &str) -> SecuredBroker {
+    use autocore_stack::process::{ManagedProcess, ProcessSpec, RunAs};
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = dir.path().join("passwd");
+    let made = std::process::Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwords)
+        .args([user, password])
+        .output()
+        .expect("mosquitto_passwd runs");
+    assert!(made.status.success(), "{made:?}");
+    let port = autocore_stack::free_port().unwrap();
+    let config = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\npersistence false\nlog_dest stderr\n",
+            passwords.display()
+        ),
+    )
+    .unwrap();
+    let run_as = RunAs::system_user(&["mosquitto", "nobody"]);
+    if let Some(r) = run_as {
+        for p in [dir.path(), config.as_path(), passwords.as_path()] {
+            std::os::unix::fs::chown(p, Some(r.uid), Some(r.gid)).unwrap();
+        }
+    }
+    let process = ManagedProcess::spawn(ProcessSpec {
+        name: "mosquitto",
+        program: "/usr/sbin/mosquitto".into(),
+        args: vec!["-c".into(), config.display().to_string()],
+        env: vec![],
+        run_as,
+        log_path: dir.path().join("mosquitto.log"),
+        stop_signal: nix::sys::signal::Signal::SIGTERM,
+    })
+    .expect("mosquitto starts");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mosquitto never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    SecuredBroker {
+        _process: process,
+        url: format!("mqtt://127.0.0.1:{port}"),
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_mqtt_password_is_wrong_is_degraded_with_the_reason_and_the_right_one_connects()
+ {
+    let world = World::start();
+    let broker = secured_broker("pi-alice", "the-right-password");
+    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
+    let mqtt = |password: &str| {
+        format!(
+            "url = \"{}\"\nusername = \"pi-alice\"\npassword = \"{password}\"",
+            broker.url
+        )
+    };
+    let refused = start_agent_with(&world, &jwt, &mqtt("a-wrong-password"), "").await;
+    let health = health_until(&refused, |h| h["status"] == "degraded").await;
+    let state = health["mqtt"]["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        state == "bad_credentials" || state == "not_authorized",
+        "{health}"
+    );
+    assert!(
+        health["degraded_reasons"].to_string().contains("mqtt:"),
+        "{health}"
+    );
+    let metrics = get(&format!("{}/metrics", refused.api)).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == format!("autocore_agent_mqtt_state{{state=\"{state}\"}} 1")),
+        "{metrics}"
+    );
+    refused.shut_down().await;
+
+    let admitted = start_agent_with(&world, &jwt, &mqtt("the-right-password"), "").await;
+    let health = health_until(&admitted, |h| h["mqtt"]["state"] == "connected").await;
+    assert_eq!(health["mqtt_connected"], true, "{health}");
+    admitted.shut_down().await;
 }

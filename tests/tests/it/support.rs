@@ -280,6 +280,13 @@ pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
 
 /// [`start_agent`] with the JWT `jwt`, for tokens the backend must refuse.
 pub async fn start_agent_with_jwt(world: &World, jwt: &str, tail_toml: &str) -> Agent {
+    let mqtt = format!("url = \"{}\"", world.stack.mqtt_url().unwrap());
+    start_agent_with(world, jwt, &mqtt, tail_toml).await
+}
+
+/// [`start_agent`] with the JWT `jwt` and `mqtt_toml` as its `[mqtt]` section's keys (`url`
+/// among them), for a broker of the test's own.
+pub async fn start_agent_with(world: &World, jwt: &str, mqtt_toml: &str, tail_toml: &str) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
         r#"
@@ -293,7 +300,7 @@ pub async fn start_agent_with_jwt(world: &World, jwt: &str, tail_toml: &str) -> 
         jwt = "{jwt}"
         poll_interval_ms = 200
         [mqtt]
-        url = "{mqtt}"
+        {mqtt_toml}
         ack_timeout_ms = 2000
         [api]
         listen = "127.0.0.1:0"
@@ -301,7 +308,6 @@ pub async fn start_agent_with_jwt(world: &World, jwt: &str, tail_toml: &str) -> 
         "#,
         db = dir.path().join("agent.db").display(),
         rest = world.stack.rest_url().unwrap(),
-        mqtt = world.stack.mqtt_url().unwrap(),
     );
     let config = autocore_agent::config::AgentConfig::from_toml(
         &toml,
