@@ -1,6 +1,7 @@
 //! The operator's surface of the local API: the emergency stop (anyone on the Pi's network may
-//! stop; only the operator may reset), macros and hold controls. Everything goes through the
-//! automation task, so the interlocks apply exactly as for rules and cloud commands.
+//! stop, whatever the request's body; only the operator may reset), macros and hold controls.
+//! Everything goes through the automation task, so the interlocks apply exactly as for rules and
+//! cloud commands.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,23 +88,45 @@ fn operator(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-/// Up to `max` bytes of the body, and whether there was more (left unread in `body`). A body
-/// that fails, or stalls past `timeout`, ends the read with what came.
-async fn read_prefix(body: &mut Body, max: usize, timeout: Duration) -> (Vec<u8>, bool) {
+/// Why a body was not read to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// More than the bound: the rest is left unread.
+    TooLarge,
+    /// It did not arrive within the time allowed.
+    TooSlow,
+    /// The connection failed mid-way.
+    Failed,
+}
+
+impl Cut {
+    fn describe(self, max: usize) -> String {
+        match self {
+            Cut::TooLarge => format!("the body is larger than {max} bytes"),
+            Cut::TooSlow => "the body did not arrive in time".into(),
+            Cut::Failed => "the body was cut off".into(),
+        }
+    }
+}
+
+/// Up to `max` bytes of the body, and why the read stopped short if it did (the rest is left
+/// in `body`).
+async fn read_prefix(body: &mut Body, max: usize, timeout: Duration) -> (Vec<u8>, Result<(), Cut>) {
     use http_body_util::BodyExt as _;
     let mut read = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Ok(Some(Ok(frame))) => frame,
-            Ok(None) => return (read, false),
-            Ok(Some(Err(_))) | Err(_) => return (read, true),
+            Ok(None) => return (read, Ok(())),
+            Ok(Some(Err(_))) => return (read, Err(Cut::Failed)),
+            Err(_) => return (read, Err(Cut::TooSlow)),
         };
         if let Ok(data) = frame.into_data() {
             let room = max - read.len();
             if data.len() > room {
                 read.extend_from_slice(&data[..room]);
-                return (read, true);
+                return (read, Err(Cut::TooLarge));
             }
             read.extend_from_slice(&data);
         }
@@ -127,13 +150,15 @@ async fn drain(body: &mut Body, max: usize, timeout: Duration) {
 /// A JSON body of at most [`OPERATOR_BODY_BYTES_MAX`] (empty = `{}`), or the 4xx that refuses it.
 #[allow(clippy::result_large_err)]
 async fn json_body<T: serde::de::DeserializeOwned>(mut body: Body) -> Result<T, Response> {
-    let (bytes, more) =
+    let (bytes, read) =
         read_prefix(&mut body, OPERATOR_BODY_BYTES_MAX, super::BODY_READ_TIMEOUT).await;
-    if more {
-        return Err(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is larger than {OPERATOR_BODY_BYTES_MAX} bytes (or was cut off)"),
-        ));
+    if let Err(cut) = read {
+        let status = match cut {
+            Cut::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Cut::TooSlow => StatusCode::REQUEST_TIMEOUT,
+            Cut::Failed => StatusCode::BAD_REQUEST,
+        };
+        return Err(error(status, cut.describe(OPERATOR_BODY_BYTES_MAX)));
     }
     let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
@@ -177,16 +202,14 @@ async fn emergency_state(State(shared): State<Arc<Shared>>) -> Response {
 
 /// The reason and author a stop's body gives. A stop is never refused for its body: whatever
 /// cannot be read is recorded as unreadable, and the plant stops all the same.
-fn stop_reason(bytes: &[u8], more: bool) -> (String, String) {
+fn stop_reason(bytes: &[u8], read: Result<(), Cut>) -> (String, String) {
     let by = "local operator".to_string();
-    if !more && bytes.iter().all(u8::is_ascii_whitespace) {
+    if read.is_ok() && bytes.iter().all(u8::is_ascii_whitespace) {
         return ("stop pressed on the local API".into(), by);
     }
     let unreadable = |why: &str| (format!("(unreadable reason: {why})"), by.clone());
-    if more {
-        return unreadable(&format!(
-            "the body is larger than {STOP_BODY_BYTES_MAX} bytes"
-        ));
+    if let Err(cut) = read {
+        return unreadable(&cut.describe(STOP_BODY_BYTES_MAX));
     }
     let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(bytes) else {
         return unreadable("the body is not a JSON object");
@@ -210,8 +233,8 @@ fn stop_reason(bytes: &[u8], more: bool) -> (String, String) {
 }
 
 async fn emergency_stop(State(shared): State<Arc<Shared>>, mut body: Body) -> Response {
-    let (bytes, more) = read_prefix(&mut body, STOP_BODY_BYTES_MAX, STOP_BODY_READ_TIMEOUT).await;
-    let (reason, by) = stop_reason(&bytes, more);
+    let (bytes, read) = read_prefix(&mut body, STOP_BODY_BYTES_MAX, STOP_BODY_READ_TIMEOUT).await;
+    let (reason, by) = stop_reason(&bytes, read);
     let stopped = ask(&shared, |reply| AutomationInput::Stop {
         reason,
         by,
@@ -220,7 +243,7 @@ async fn emergency_stop(State(shared): State<Arc<Shared>>, mut body: Body) -> Re
     })
     .await;
     // Stopped already: only so that the caller reads the answer.
-    if more {
+    if read == Err(Cut::TooLarge) {
         drain(&mut body, STOP_BODY_DRAIN_BYTES_MAX, STOP_BODY_READ_TIMEOUT).await;
     }
     match stopped {

@@ -157,6 +157,29 @@ async fn any_post_to_the_emergency_stop_stops_and_a_reason_that_cannot_be_read_i
     agent.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_whose_body_never_comes_stops_within_a_second_or_two() {
+    let agent = testing::offline("").await;
+    let started = Instant::now();
+    let line = tokio::time::timeout(
+        Duration::from_secs(5),
+        status_line(
+            agent.addr,
+            "POST /emergency/stop HTTP/1.1\r\nHost: pi\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"rea",
+        ),
+    )
+    .await
+    .expect("an answer within 5 s");
+    assert_eq!(line.as_deref(), Some("HTTP/1.1 200 OK"));
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let reason = latched_reason(&agent).await;
+    assert_eq!(
+        reason,
+        "(unreadable reason: the body did not arrive in time)"
+    );
+    agent.stop().await;
+}
+
 /// Sends `head` (a request without its body) and returns the status line of the answer, or
 /// None if the connection closed first.
 async fn status_line(addr: std::net::SocketAddr, head: &str) -> Option<String> {
