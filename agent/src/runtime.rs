@@ -127,6 +127,9 @@ fn note_mqtt_state(shared: &Shared, state: MqttState, detail: Option<String>) {
     match state.degraded_reason() {
         Some(reason) => warn!(state = state.label(), %error, "{reason}; retrying"),
         None if state == MqttState::Connected => info!("connected to the MQTT broker"),
+        None if previous == MqttState::Connected => {
+            warn!(state = state.label(), %error, "MQTT connection lost; reconnecting")
+        }
         None => warn!(state = state.label(), %error, "MQTT broker unreachable; retrying"),
     }
 }
@@ -432,7 +435,6 @@ async fn mqtt_loop(
     inbound: mpsc::Sender<(String, Bytes)>,
     cancel: CancellationToken,
 ) {
-    let mut connected = false;
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -440,7 +442,6 @@ async fn mqtt_loop(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                connected = true;
                 shared
                     .mqtt_connected
                     .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -472,10 +473,6 @@ async fn mqtt_loop(
                 shared
                     .mqtt_connected
                     .store(false, std::sync::atomic::Ordering::SeqCst);
-                if connected {
-                    warn!(error = %e, "MQTT connection lost; reconnecting");
-                    connected = false;
-                }
                 note_mqtt_state(&shared, MqttState::from_error(&e), Some(e.to_string()));
                 tokio::select! {
                     _ = cancel.cancelled() => return,
