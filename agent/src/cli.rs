@@ -32,7 +32,8 @@ enum Command {
         #[arg(long, short, default_value = "/etc/autocore/agent.toml")]
         config: PathBuf,
     },
-    /// Check the configuration and exit: 0 if valid, else the wrong key and why.
+    /// Check the configuration and exit: 0 if valid (warnings, if any, printed on stderr), else
+    /// 2 with the wrong key and why.
     CheckConfig {
         #[arg(long, short, default_value = "/etc/autocore/agent.toml")]
         config: PathBuf,
