@@ -9,11 +9,12 @@ mod operator;
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
@@ -44,6 +45,15 @@ pub const EXECUTION_TIME_MS_MAX: i64 = 86_400_000;
 pub const ERROR_MESSAGE_CHARS_MAX: usize = 1_000;
 /// A request body to the polling API; every valid one is far smaller.
 pub const REQUEST_BODY_BYTES_MAX: usize = 16 * 1024;
+/// A connection that has not sent a whole request head within this is closed. hyper's timer
+/// also runs while a kept-alive connection waits for its next request, so this is the idle
+/// timeout too: a held-open connection costs a slot for this long at most.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A body (read only after the caller is authenticated) must arrive within this.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; one more is closed at once. Masters poll on a few each, and an
+/// operator needs one: far fewer than this on a Pi's network.
+pub const CONNECTIONS_MAX: usize = 256;
 
 /// The bearer token of master `device_id` for the local API: the lowercase hex of
 /// HMAC-SHA256(`key`, `"autocore/local-api/v1:" + device_id`), where `key` is the master's
@@ -230,8 +240,79 @@ pub fn polling_app(api: LocalApi) -> Router {
             post(get_active_decision_rules),
         )
         .route("/rest/v1/relay_commands_slave", patch(patch_command))
-        .layer(DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
         .with_state(api)
+}
+
+/// The bounds of the local API's connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    pub header_read_timeout: Duration,
+    pub connections_max: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            connections_max: CONNECTIONS_MAX,
+        }
+    }
+}
+
+/// Serves `app` on `listener` (HTTP/1.1) until `shutdown`, within `limits`: axum::serve keeps
+/// a silent or idle connection forever and accepts without bound, so a few thousand held-open
+/// sockets would starve the Pi of file descriptors and the operator of the emergency stop.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ServeLimits,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.connections_max));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, usually: wait instead of spinning.
+                    tracing::warn!(error = %e, "local API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        while connections.try_join_next().is_some() {}
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(
+                limit = limits.connections_max,
+                "local API: connection refused, at the limit"
+            );
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout);
+            let connection =
+                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+                }
+            }
+        });
+    }
+    let drained = async { while connections.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(Duration::from_secs(5), drained).await;
 }
 
 // ------------------------------------------------------------------------------ operators
@@ -244,16 +325,17 @@ async fn health(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError>
         .await
         .map_err(|e| ApiError::store(&e, "health"))?;
     let health = shared.health.lock().map(|h| h.clone()).unwrap_or_default();
-    // Offline is a normal state; a stalled sync is not.
-    let status = if health.sync_stalled {
-        "degraded"
-    } else {
-        "ok"
-    };
+    // Offline is a normal state; a refusal (credentials, CA, token) or a stalled sync is not.
+    let reasons = health.degraded_reasons();
+    let status = if reasons.is_empty() { "ok" } else { "degraded" };
     let body = json!({
         "status": status,
+        "degraded_reasons": reasons,
         "agent_id": shared.config.agent.id,
         "version": crate::VERSION,
+        "mqtt_connected": health.mqtt.state == crate::connectivity::MqttState::Connected,
+        "mqtt": health.mqtt,
+        "backend": health.backend,
         "backend_reachable": health.backend_reachable,
         "outage_seconds": health.outage_began_ms.map(|t| (now - t) / 1000),
         "sync_stalled": health.sync_stalled,
@@ -283,14 +365,41 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 
 // -------------------------------------------------------------------------------- polling
 
-/// RPC arguments from a body; an empty body means "all defaults", as PostgREST takes it.
-fn arguments<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let body = body.map_err(|e| ApiError {
-        status: e.status(),
+/// The body, read only after the caller is authenticated: at most
+/// [`REQUEST_BODY_BYTES_MAX`], within [`BODY_READ_TIMEOUT`].
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    let refused = |status| ApiError {
+        status,
         code: "PGRST102",
         message: "the request body could not be read".into(),
         hint: Some("bodies are JSON objects of at most 16 KiB"),
-    })?;
+    };
+    match tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        axum::body::to_bytes(body, REQUEST_BODY_BYTES_MAX),
+    )
+    .await
+    {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let too_large =
+                std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+                .any(|e| e.is::<http_body_util::LengthLimitError>());
+            Err(refused(if too_large {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            }))
+        }
+        Err(_) => Err(refused(StatusCode::REQUEST_TIMEOUT)),
+    }
+}
+
+/// RPC arguments from a body; an empty body means "all defaults", as PostgREST takes it.
+async fn arguments<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let body = read_body(body).await?;
     let text: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}"
     } else {
@@ -341,10 +450,10 @@ struct LockArgs {
 async fn get_and_lock_slave_commands(
     State(api): State<LocalApi>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let master = api.authenticate(&headers)?;
-    let args: LockArgs = arguments(body)?;
+    let args: LockArgs = arguments(body).await?;
     let limit = in_range("p_limit", args.p_limit, 1, COMMANDS_PER_POLL_MAX)?;
     let timeout_s = in_range(
         "p_timeout_seconds",
@@ -391,10 +500,10 @@ struct CompleteArgs {
 async fn complete_slave_command(
     State(api): State<LocalApi>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let master = api.authenticate(&headers)?;
-    let args: CompleteArgs = arguments(body)?;
+    let args: CompleteArgs = arguments(body).await?;
     let outcome = CommandOutcome::Completed {
         execution_time_ms: execution_time("p_execution_time_ms", args.p_execution_time_ms)?
             .unwrap_or(0),
@@ -417,10 +526,10 @@ struct FailArgs {
 async fn fail_slave_command(
     State(api): State<LocalApi>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let master = api.authenticate(&headers)?;
-    let args: FailArgs = arguments(body)?;
+    let args: FailArgs = arguments(body).await?;
     let reason = args
         .p_error_message
         .filter(|m| !m.is_empty())
@@ -469,12 +578,12 @@ async fn patch_command(
     State(api): State<LocalApi>,
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let master = api.authenticate(&headers)?;
     let Query(filters) = query.map_err(|_| ApiError::bad_body("the query string is malformed"))?;
     let id = command_filter(&filters)?;
-    let patch: CommandPatch = arguments(body)?;
+    let patch: CommandPatch = arguments(body).await?;
     let execution_time_ms = execution_time("execution_time_ms", patch.execution_time_ms)?;
     let outcome = match patch.status.as_str() {
         "completed" => CommandOutcome::Completed {
@@ -589,10 +698,10 @@ struct RulesArgs {
 async fn get_active_decision_rules(
     State(api): State<LocalApi>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let master = api.authenticate(&headers)?;
-    let args: RulesArgs = arguments(body)?;
+    let args: RulesArgs = arguments(body).await?;
     let limit = in_range("p_limit", args.p_limit, 1, RULES_PER_CALL_MAX)?;
     if args.p_device_id != master.device_id {
         return Ok(axum::Json(Vec::<Value>::new()).into_response());
@@ -671,5 +780,7 @@ fn rule_row(rule: &RuleRecord) -> Value {
     })
 }
 
+#[cfg(test)]
+mod surface_tests;
 #[cfg(test)]
 mod tests;

@@ -19,7 +19,14 @@ use crate::store::{CommandRecord, Reading};
 /// Requests the MQTT client may queue before a publish waits.
 pub const MQTT_REQUESTS_MAX: usize = 1_024;
 pub const MQTT_KEEP_ALIVE_S: u64 = 5;
+/// The largest packet the agent sends (commands and configurations are far smaller).
 pub const MQTT_PACKET_BYTES_MAX: usize = 64 * 1024;
+/// The largest packet the agent takes from the broker. rumqttc drops the whole connection on a
+/// bigger one, so one oversized retained message would keep the agent off the broker for good;
+/// the bound sits far above anything a broker delivers (the shipped broker config limits
+/// messages to the protocol's 4096 bytes), and a payload over 4096 bytes is refused by
+/// decoding and counted instead.
+pub const MQTT_INCOMING_PACKET_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
@@ -72,7 +79,7 @@ pub fn mqtt_options(config: &MqttSection, agent_id: &str) -> Result<MqttOptions,
     // A persistent session: the broker keeps our subscriptions and queues QoS 1 acks while we
     // reconnect, so an ack sent during a broker blip is not lost.
     options.set_clean_session(false);
-    options.set_max_packet_size(MQTT_PACKET_BYTES_MAX, MQTT_PACKET_BYTES_MAX);
+    options.set_max_packet_size(MQTT_INCOMING_PACKET_BYTES_MAX, MQTT_PACKET_BYTES_MAX);
     options.set_inflight(100);
     if let (Some(user), Some(pass)) = (&config.username, &config.password) {
         options.set_credentials(user, pass.expose());

@@ -32,7 +32,8 @@ enum Command {
         #[arg(long, short, default_value = "/etc/autocore/agent.toml")]
         config: PathBuf,
     },
-    /// Check the configuration and exit: 0 if valid, else the wrong key and why.
+    /// Check the configuration and exit: 0 if valid (warnings, if any, printed on stderr), else
+    /// 2 with the wrong key and why.
     CheckConfig {
         #[arg(long, short, default_value = "/etc/autocore/agent.toml")]
         config: PathBuf,
@@ -95,7 +96,7 @@ pub fn rules_test(
     until_ms: i64,
 ) -> anyhow::Result<String> {
     use std::fmt::Write as _;
-    let store = crate::store::Store::open(&config.store.path)
+    let store = crate::store::Store::open_existing(&config.store.path)
         .with_context(|| format!("opening {}", config.store.path.display()))?;
     let records = match rule {
         RuleUnderTest::Named(name) => {
@@ -165,19 +166,53 @@ pub fn rules_test(
     Ok(out)
 }
 
+/// The exit code of a configuration that cannot be used (as for a bad command line).
+pub const EXIT_CONFIG: u8 = 2;
+
+/// How the binary ends: an error is printed as one line of causes (`{:#}`), never with anyhow's
+/// Debug form, which adds a backtrace when `RUST_BACKTRACE` is set; a configuration error exits
+/// with [`EXIT_CONFIG`], any other with 1.
+pub fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let config = e
+                .chain()
+                .any(|cause| cause.downcast_ref::<crate::config::ConfigError>().is_some());
+            std::process::ExitCode::from(if config { EXIT_CONFIG } else { 1 })
+        }
+    }
+}
+
+/// Logs as `[log]` says, to stdout; colours only when stdout is a terminal (a journal or a file
+/// gets no escape codes). `RUST_LOG`, when set, overrides `[log] level`.
+fn init_logging(log: &crate::config::LogSection) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal());
+    // A second initialisation (tests calling this twice) keeps the first.
+    let _ = match log.format {
+        crate::config::LogFormat::Plain => builder.try_init(),
+        crate::config::LogFormat::Json => builder.json().try_init(),
+    };
+}
+
 /// Parses the process's arguments and runs the chosen subcommand.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .init();
     match cli.command {
         Command::Run { config } => {
-            let config = load(&config)?;
+            let (config, warnings) = AgentConfig::load_with_warnings(&config)
+                .with_context(|| format!("configuration {}", config.display()))?;
+            init_logging(&config.log);
+            for w in &warnings {
+                tracing::warn!(key = %w.key, "configuration: {}", w.message);
+            }
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(async move {
                 let api = tokio::net::TcpListener::bind(&config.api.listen)
@@ -195,14 +230,22 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Status { config } => {
             let config = load(&config)?;
+            init_logging(&config.log);
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             let text = runtime.block_on(crate::status::report(&config));
             println!("{text}");
             Ok(())
         }
-        Command::CheckConfig { config } => {
-            load(&config)?;
-            println!("{}: valid", config.display());
+        Command::CheckConfig { config: path } => {
+            let (_, warnings) = AgentConfig::load_with_warnings(&path)
+                .with_context(|| format!("configuration {}", path.display()))?;
+            for w in &warnings {
+                eprintln!("warning: {w}");
+            }
+            match warnings.len() {
+                0 => println!("{}: valid", path.display()),
+                n => println!("{}: valid, with {n} warning(s)", path.display()),
+            }
             Ok(())
         }
         Command::Rules {
@@ -224,6 +267,7 @@ pub fn main() -> anyhow::Result<()> {
                 },
         } => {
             let config = load(&config)?;
+            init_logging(&config.log);
             let rule = match (rule, file, device) {
                 (_, Some(file), Some(device_id)) => {
                     let text = std::fs::read_to_string(&file)

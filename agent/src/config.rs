@@ -16,13 +16,42 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not valid TOML: {message}")]
-    Syntax { path: PathBuf, message: String },
+    #[error("not valid TOML at line {line}, column {column}: {message}")]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("environment variable {var}: {reason}")]
     Env { var: String, reason: String },
     #[error("{key}: {reason}")]
     Invalid { key: String, reason: String },
 }
+
+/// A configuration the agent runs with but should not: printed by `check-config`, logged at WARN
+/// by `run`. `key` names the key (or the file) to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+fn warning(key: impl Into<String>, message: impl Into<String>) -> ConfigWarning {
+    ConfigWarning {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The shortest operator token accepted: a short one is guessed by anyone on the Pi's network.
+pub const OPERATOR_TOKEN_CHARS_MIN: usize = 16;
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -67,6 +96,38 @@ pub struct AgentConfig {
     pub safety: SafetySection,
     #[serde(default)]
     pub masters: Vec<MasterSection>,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// How the agent logs. `RUST_LOG`, when set, overrides `level`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// A tracing filter: `info`, `debug`, `autocore_agent=debug,info`, ...
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: defaults::log_level(),
+            format: LogFormat::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Plain,
+    /// One JSON object per line, for journald or a log shipper.
+    Json,
 }
 
 /// The decision engine.
@@ -103,7 +164,8 @@ impl Default for EngineSection {
 #[serde(deny_unknown_fields)]
 pub struct SafetySection {
     /// Bearer token of the local API's operator endpoints (emergency reset, macros, hold
-    /// controls). Without it those endpoints answer 401; the emergency stop itself needs none.
+    /// controls), at least [`OPERATOR_TOKEN_CHARS_MIN`] characters. Without it those endpoints
+    /// are closed (403); the emergency stop itself needs none.
     #[serde(default)]
     pub operator_token: Option<Secret>,
     /// Cap on any relay's on-time unless a limit says otherwise.
@@ -261,18 +323,69 @@ mod defaults {
     pub fn api_listen() -> String {
         "127.0.0.1:8787".to_string()
     }
+    pub fn log_level() -> String {
+        "info".to_string()
+    }
 }
 
-const SECTIONS: [&str; 7] = ["agent", "store", "cloud", "mqtt", "api", "engine", "safety"];
+const SECTIONS: [&str; 8] = [
+    "agent", "store", "cloud", "mqtt", "api", "engine", "safety", "log",
+];
 
 impl AgentConfig {
     /// Reads `path`, applies `AUTOCORE_*` overrides from the process environment, validates.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::load_with_warnings(path).map(|(config, _)| config)
+    }
+
+    /// [`AgentConfig::load`], with what the agent runs with but should not: the
+    /// configuration's [`AgentConfig::warnings`] and a file holding secrets that others can read.
+    pub fn load_with_warnings(
+        path: &Path,
+    ) -> Result<(AgentConfig, Vec<ConfigWarning>), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        AgentConfig::from_toml(&text, path, std::env::vars())
+        let config = AgentConfig::from_toml(&text, path, std::env::vars())?;
+        let mut warnings = config.warnings();
+        warnings.extend(file_mode_warning(path, &text));
+        Ok((config, warnings))
+    }
+
+    /// What this configuration runs with but should not.
+    pub fn warnings(&self) -> Vec<ConfigWarning> {
+        let mut warnings = Vec::new();
+        if let Ok(addr) = self.api.listen.parse::<SocketAddr>()
+            && !addr.ip().is_loopback()
+        {
+            warnings.push(warning(
+                "api.listen",
+                format!(
+                    "{addr} is reachable from the network, and the local API has no TLS: masters' \
+                     and the operator's tokens cross the LAN in clear (use 127.0.0.1 unless \
+                     masters poll the Pi, and then only on a trusted network)"
+                ),
+            ));
+        }
+        if let Some(file) = &self.cloud.jwt_file
+            && let Err(e) = std::fs::File::open(file)
+        {
+            warnings.push(warning(
+                "cloud.jwt_file",
+                format!(
+                    "cannot read {}: {e}; the backend will refuse the agent until it can",
+                    file.display()
+                ),
+            ));
+        }
+        if self.safety.operator_token.is_none() {
+            warnings.push(warning(
+                "safety.operator_token",
+                "not set: the operator endpoints (emergency reset, macros, hold controls) are closed",
+            ));
+        }
+        warnings
     }
 
     /// Parses `text` (named `origin` in errors) with the given environment.
@@ -281,12 +394,15 @@ impl AgentConfig {
         origin: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<AgentConfig, ConfigError> {
-        let mut table: toml::Table =
-            text.parse()
-                .map_err(|e: toml::de::Error| ConfigError::Syntax {
-                    path: origin.to_path_buf(),
-                    message: e.message().to_string(),
-                })?;
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let (line, column) = line_column(text, e.span().map(|s| s.start).unwrap_or(0));
+            ConfigError::Syntax {
+                path: origin.to_path_buf(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })?;
         apply_env(&mut table, env)?;
         let config: AgentConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| {
@@ -327,13 +443,7 @@ impl AgentConfig {
             10,
             60_000,
         )?;
-        let rest = self.cloud.rest_url.as_str();
-        if !(rest.starts_with("http://") || rest.starts_with("https://")) {
-            return Err(invalid(
-                "cloud.rest_url",
-                format!("must be an http(s) URL, got {rest:?}"),
-            ));
-        }
+        check_url("cloud.rest_url", &self.cloud.rest_url, &["http", "https"])?;
         match (&self.cloud.jwt, &self.cloud.jwt_file) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
@@ -374,11 +484,31 @@ impl AgentConfig {
             1,
             10_000,
         )?;
-        let mqtt = self.mqtt.url.as_str();
-        if !(mqtt.starts_with("mqtt://") || mqtt.starts_with("mqtts://")) {
+        check_url("mqtt.url", &self.mqtt.url, &["mqtt", "mqtts"])?;
+        match (&self.mqtt.username, &self.mqtt.password) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "mqtt.password",
+                    "mqtt.username is set without a password: set both or neither",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "mqtt.username",
+                    "mqtt.password is set without a username: set both or neither",
+                ));
+            }
+            _ => {}
+        }
+        if self.mqtt.username.as_deref() == Some("") {
+            return Err(invalid("mqtt.username", "must not be empty"));
+        }
+        if let Some(ca) = &self.mqtt.ca_file
+            && let Err(e) = std::fs::File::open(ca)
+        {
             return Err(invalid(
-                "mqtt.url",
-                format!("must be mqtt:// or mqtts://, got {mqtt:?}"),
+                "mqtt.ca_file",
+                format!("cannot read {}: {e}", ca.display()),
             ));
         }
         in_range("mqtt.ack_timeout_ms", self.mqtt.ack_timeout_ms, 50, 600_000)?;
@@ -419,6 +549,24 @@ impl AgentConfig {
             3_600_000,
         )?;
         self.engine_time_zone()?;
+        if let Some(token) = &self.safety.operator_token
+            && token.expose().trim().chars().count() < OPERATOR_TOKEN_CHARS_MIN
+        {
+            return Err(invalid(
+                "safety.operator_token",
+                format!(
+                    "must be at least {OPERATOR_TOKEN_CHARS_MIN} characters (an empty or short token \
+                     would let anyone on the network reset the emergency stop); remove the key \
+                     to close the operator endpoints"
+                ),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            invalid(
+                "log.level",
+                format!("{:?} is not a log filter: {e}", self.log.level),
+            )
+        })?;
         crate::automation::interlocks(self)
             .validate()
             .map_err(|e| invalid("safety", e.to_string()))?;
@@ -470,6 +618,61 @@ impl AgentConfig {
             .find(|m| m.device_id == device_id)
             .and_then(|m| hex::decode(m.key.expose()).ok())
     }
+}
+
+/// A URL with one of `schemes` and a host.
+fn check_url(key: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let want = schemes
+        .iter()
+        .map(|s| format!("{s}://host"))
+        .collect::<Vec<_>>()
+        .join(" or ");
+    let url = url::Url::parse(value)
+        .map_err(|e| invalid(key, format!("{value:?} is not a URL ({e}); want {want}")))?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(invalid(key, format!("{value:?}: want {want}")));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(
+            key,
+            format!("{value:?} names no host; want {want}"),
+        ));
+    }
+    Ok(())
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// The keys whose values must not be readable by other users of the Pi.
+const SECRET_KEYS: [&str; 5] = ["key", "jwt", "password", "operator_token", "api_key"];
+
+/// A configuration file holding secrets that group or others can read.
+fn file_mode_warning(path: &Path, text: &str) -> Option<ConfigWarning> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let holds_secrets = text.lines().any(|line| {
+        let line = line.trim_start();
+        !line.starts_with('#')
+            && SECRET_KEYS.iter().any(|k| {
+                line.strip_prefix(k)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+    });
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (holds_secrets && mode & 0o044 != 0).then(|| {
+        warning(
+            path.display().to_string(),
+            format!(
+                "holds secrets (masters' keys, jwt, password or operator_token) and is readable \
+                 by group or others (mode {mode:04o}): chmod 600 it"
+            ),
+        )
+    })
 }
 
 fn check_id(key: &str, value: &str) -> Result<(), ConfigError> {
@@ -634,6 +837,161 @@ mod tests {
         );
         let text = EXAMPLE.replace("[[masters]]", "[[masters]]\ntransport = \"pigeon\"");
         assert_eq!(error_key(load(&text, &[])), "masters[0].transport");
+    }
+
+    #[test]
+    fn an_empty_or_short_operator_token_is_refused_naming_the_key() {
+        for token in ["", "   ", "short-token"] {
+            let text = EXAMPLE.replace(
+                "# operator_token = \"...\"",
+                &format!("operator_token = \"{token}\""),
+            );
+            assert_eq!(
+                error_key(load(&text, &[])),
+                "safety.operator_token",
+                "{token:?}"
+            );
+        }
+        let text = EXAMPLE.replace(
+            "# operator_token = \"...\"",
+            "operator_token = \"a-long-enough-operator-token\"",
+        );
+        assert!(load(&text, &[]).is_ok());
+        // An empty variable overriding a real token does not open the endpoints either.
+        assert_eq!(
+            error_key(load(&text, &[("AUTOCORE_SAFETY_OPERATOR_TOKEN", "")])),
+            "safety.operator_token"
+        );
+    }
+
+    #[test]
+    fn a_username_without_a_password_or_a_password_without_a_username_is_refused() {
+        assert_eq!(
+            error_key(load(EXAMPLE, &[("AUTOCORE_MQTT_USERNAME", "autocore")])),
+            "mqtt.password"
+        );
+        assert_eq!(
+            error_key(load(EXAMPLE, &[("AUTOCORE_MQTT_PASSWORD", "secret")])),
+            "mqtt.username"
+        );
+        assert!(
+            load(
+                EXAMPLE,
+                &[
+                    ("AUTOCORE_MQTT_USERNAME", "autocore"),
+                    ("AUTOCORE_MQTT_PASSWORD", "secret")
+                ]
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_ca_file_that_does_not_exist_is_refused() {
+        assert_eq!(
+            error_key(load(
+                EXAMPLE,
+                &[("AUTOCORE_MQTT_CA_FILE", "/nonexistent/autocore-ca.pem")]
+            )),
+            "mqtt.ca_file"
+        );
+    }
+
+    #[test]
+    fn urls_without_a_host_are_refused_naming_the_key() {
+        for url in ["mqtt://:1883", "mqtt://", "mqtts:///x"] {
+            assert_eq!(
+                error_key(load(EXAMPLE, &[("AUTOCORE_MQTT_URL", url)])),
+                "mqtt.url",
+                "{url}"
+            );
+        }
+        for url in ["http://", "http://:3000", "ftp://backend", "backend:3000"] {
+            assert_eq!(
+                error_key(load(EXAMPLE, &[("AUTOCORE_CLOUD_REST_URL", url)])),
+                "cloud.rest_url",
+                "{url}"
+            );
+        }
+        assert!(
+            load(
+                EXAMPLE,
+                &[("AUTOCORE_MQTT_URL", "mqtts://broker.example:8883")]
+            )
+            .is_ok()
+        );
+    }
+
+    fn warned_keys(config: &AgentConfig) -> Vec<String> {
+        config.warnings().into_iter().map(|w| w.key).collect()
+    }
+
+    #[test]
+    fn a_missing_jwt_file_and_a_listen_address_off_loopback_are_warnings_naming_the_key() {
+        let config = load(EXAMPLE, &[("AUTOCORE_API_LISTEN", "0.0.0.0:8787")]).unwrap();
+        let keys = warned_keys(&config);
+        assert!(keys.contains(&"api.listen".to_string()), "{keys:?}");
+        assert!(keys.contains(&"cloud.jwt_file".to_string()), "{keys:?}");
+        let config = load(EXAMPLE, &[("AUTOCORE_API_LISTEN", "192.168.1.20:8787")]).unwrap();
+        assert!(warned_keys(&config).contains(&"api.listen".to_string()));
+        let config = load(EXAMPLE, &[("AUTOCORE_API_LISTEN", "[::1]:8787")]).unwrap();
+        assert!(!warned_keys(&config).contains(&"api.listen".to_string()));
+    }
+
+    #[test]
+    fn a_toml_syntax_error_gives_its_line_and_column() {
+        let text = EXAMPLE.replace("poll_interval_ms = 1000", "poll_interval_ms = = 1000");
+        let line = EXAMPLE
+            .lines()
+            .position(|l| l.starts_with("poll_interval_ms"))
+            .unwrap()
+            + 1;
+        match load(&text, &[]) {
+            Err(ConfigError::Syntax {
+                line: l, column, ..
+            }) => {
+                assert_eq!((l, column), (line, 20));
+            }
+            other => panic!("expected a syntax error, got {other:?}"),
+        }
+        let message = load(&text, &[]).unwrap_err().to_string();
+        assert!(
+            message.contains(&format!("line {line}, column 20")),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_config_file_holding_keys_that_others_can_read_draws_a_warning_naming_it() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let text = EXAMPLE.replace(
+            "jwt_file = \"/etc/autocore/agent.jwt\"",
+            "jwt = \"eyJ.secret.token\"",
+        );
+        std::fs::write(&path, &text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let warning = file_mode_warning(&path, &text).expect("a warning");
+        assert_eq!(warning.key, path.display().to_string());
+        assert!(warning.message.contains("0644"), "{warning}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(file_mode_warning(&path, &text), None);
+    }
+
+    #[test]
+    fn the_log_format_is_plain_or_json_and_its_variable_overrides_it() {
+        assert_eq!(load(EXAMPLE, &[]).unwrap().log.format, LogFormat::Plain);
+        let config = load(EXAMPLE, &[("AUTOCORE_LOG_FORMAT", "json")]).unwrap();
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(
+            error_key(load(EXAMPLE, &[("AUTOCORE_LOG_FORMAT", "xml")])),
+            "log.format"
+        );
+        assert_eq!(
+            error_key(load(EXAMPLE, &[("AUTOCORE_LOG_LEVEL", "loud=[")])),
+            "log.level"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod bridge;
 pub mod cli;
 pub mod cloud;
 pub mod config;
+pub mod connectivity;
 pub mod delivery;
 pub mod link;
 pub mod macros;
@@ -19,6 +20,8 @@ pub mod runtime;
 pub mod safety;
 pub mod status;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use runtime::run;
 

@@ -29,6 +29,12 @@ pub struct Metrics {
     pub commands: Family<Labels, Gauge>,
     pub commands_finished: Family<Labels, Counter>,
     pub backend_reachable: Gauge,
+    /// 1 for the backend's current state (reachable, unauthorized, ...), 0 for the others.
+    pub backend_state: Family<Labels, Gauge>,
+    pub mqtt_connected: Gauge,
+    pub mqtt_connections: Counter,
+    /// 1 for the MQTT link's current state (connected, bad_credentials, ...), 0 for the others.
+    pub mqtt_state: Family<Labels, Gauge>,
     pub sync_stalled: Gauge,
     pub sync_restarts: Counter,
     pub masters_online: Gauge,
@@ -73,6 +79,10 @@ impl Metrics {
             commands: Family::default(),
             commands_finished: Family::default(),
             backend_reachable: Gauge::default(),
+            backend_state: Family::default(),
+            mqtt_connected: Gauge::default(),
+            mqtt_connections: Counter::default(),
+            mqtt_state: Family::default(),
             sync_stalled: Gauge::default(),
             sync_restarts: Counter::default(),
             masters_online: Gauge::default(),
@@ -160,6 +170,40 @@ impl Metrics {
             "1 while the backend answers",
             m.backend_reachable.clone(),
         );
+        registry.register(
+            "backend_state",
+            "1 for the backend's current state as the agent sees it, 0 for the others",
+            m.backend_state.clone(),
+        );
+        registry.register(
+            "mqtt_connected",
+            "1 while the agent is connected to the MQTT broker",
+            m.mqtt_connected.clone(),
+        );
+        registry.register(
+            "mqtt_connections",
+            "Connections made to the MQTT broker; more than one means it was lost and made again",
+            m.mqtt_connections.clone(),
+        );
+        registry.register(
+            "mqtt_state",
+            "1 for the MQTT link's current state (why it is down, when it is), 0 for the others",
+            m.mqtt_state.clone(),
+        );
+        for state in crate::connectivity::MqttState::ALL {
+            m.mqtt_state
+                .get_or_create(&label("state", state.label()))
+                .set(i64::from(
+                    state == crate::connectivity::MqttState::default(),
+                ));
+        }
+        for state in crate::connectivity::BackendState::ALL {
+            m.backend_state
+                .get_or_create(&label("state", state.label()))
+                .set(i64::from(
+                    state == crate::connectivity::BackendState::default(),
+                ));
+        }
         registry.register(
             "sync_stalled",
             "1 while the backend answers but the outbox makes no progress",

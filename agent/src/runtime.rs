@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::BackoffBuilder;
 use bytes::Bytes;
+use firmware_protocol::message::PAYLOAD_BYTES_MAX;
 use firmware_protocol::{DeviceId, MasterKey};
 use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use serde_json::json;
@@ -22,6 +23,7 @@ use crate::automation::{Automation, LatchSource};
 use crate::bridge::{self, Inbound};
 use crate::cloud::{Cloud, CloudConfig, CloudError, TokenSource};
 use crate::config::AgentConfig;
+use crate::connectivity::{BackendState, MqttState, Watched};
 use crate::delivery::{Delivery, DeliveryAction, DeliveryLimits};
 use crate::link::{Link, LinkEvent};
 use crate::metrics::{Metrics, label};
@@ -82,6 +84,55 @@ pub struct Health {
     pub outage_began_ms: Option<i64>,
     pub sync_stalled: bool,
     pub last_backend_error: Option<String>,
+    pub mqtt: Watched<MqttState>,
+    pub backend: Watched<BackendState>,
+}
+
+impl Health {
+    /// Why the agent is degraded; empty when it is ok. Offline (no broker, no backend) is a
+    /// normal state; a refusal or a stall is not.
+    pub fn degraded_reasons(&self) -> Vec<&'static str> {
+        let mut reasons = Vec::new();
+        reasons.extend(self.mqtt.state.degraded_reason());
+        reasons.extend(self.backend.state.degraded_reason());
+        if self.sync_stalled {
+            reasons.push("sync stalled: the backend answers but the outbox does not move");
+        }
+        reasons
+    }
+}
+
+/// Records the MQTT link's state; a change is logged once (not at every retry) and shown in the
+/// metrics.
+fn note_mqtt_state(shared: &Shared, state: MqttState, detail: Option<String>) {
+    let changed = {
+        let mut health = shared.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.mqtt.set(state, detail.clone())
+    };
+    let Some(previous) = changed else {
+        return;
+    };
+    let metrics = &shared.metrics;
+    metrics
+        .mqtt_state
+        .get_or_create(&label("state", previous.label()))
+        .set(0);
+    metrics
+        .mqtt_state
+        .get_or_create(&label("state", state.label()))
+        .set(1);
+    metrics
+        .mqtt_connected
+        .set(i64::from(state == MqttState::Connected));
+    let error = detail.unwrap_or_default();
+    match state.degraded_reason() {
+        Some(reason) => warn!(state = state.label(), %error, "{reason}; retrying"),
+        None if state == MqttState::Connected => info!("connected to the MQTT broker"),
+        None if previous == MqttState::Connected => {
+            warn!(state = state.label(), %error, "MQTT connection lost; reconnecting")
+        }
+        None => warn!(state = state.label(), %error, "MQTT broker unreachable; retrying"),
+    }
 }
 
 /// State the tasks share. Everything mutable is behind the store or a small mutex.
@@ -280,14 +331,12 @@ pub async fn run(
     tasks.spawn(sync_supervisor(shared.clone(), cancel.clone()));
     let app = crate::api::app(shared.clone());
     let api_cancel = cancel.clone();
-    tasks.spawn(async move {
-        let served = axum::serve(api, app)
-            .with_graceful_shutdown(async move { api_cancel.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            error!(error = %e, "local API stopped");
-        }
-    });
+    tasks.spawn(crate::api::serve(
+        api,
+        app,
+        crate::api::ServeLimits::default(),
+        api_cancel,
+    ));
     info!(agent = %shared.config.agent.id, version = crate::VERSION, "agent running");
 
     shutdown.await;
@@ -389,7 +438,6 @@ async fn mqtt_loop(
     inbound: mpsc::Sender<(String, Bytes)>,
     cancel: CancellationToken,
 ) {
-    let mut connected = false;
     loop {
         let event = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -397,11 +445,11 @@ async fn mqtt_loop(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                connected = true;
                 shared
                     .mqtt_connected
                     .store(true, std::sync::atomic::Ordering::SeqCst);
-                info!("connected to the MQTT broker");
+                shared.metrics.mqtt_connections.inc();
+                note_mqtt_state(&shared, MqttState::Connected, None);
                 for (filter, qos) in bridge::SUBSCRIPTIONS {
                     if let Err(e) = shared.mqtt.subscribe(filter, qos).await {
                         warn!(filter, error = %e, "subscribe failed");
@@ -411,8 +459,15 @@ async fn mqtt_loop(
                     .await;
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
+                // An oversized payload is queued cut to one byte past the protocol's bound:
+                // decoding still refuses and counts it, and a queue of them stays small.
+                let payload = if p.payload.len() > PAYLOAD_BYTES_MAX {
+                    Bytes::copy_from_slice(&p.payload[..=PAYLOAD_BYTES_MAX])
+                } else {
+                    p.payload
+                };
                 // Waiting here pushes back on the broker instead of dropping messages.
-                if inbound.send((p.topic, p.payload)).await.is_err() {
+                if inbound.send((p.topic, payload)).await.is_err() {
                     return;
                 }
             }
@@ -421,12 +476,7 @@ async fn mqtt_loop(
                 shared
                     .mqtt_connected
                     .store(false, std::sync::atomic::Ordering::SeqCst);
-                if connected {
-                    warn!(error = %e, "MQTT connection lost; reconnecting");
-                    connected = false;
-                } else {
-                    debug!(error = %e, "MQTT broker unreachable; retrying");
-                }
+                note_mqtt_state(&shared, MqttState::from_error(&e), Some(e.to_string()));
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -980,6 +1030,7 @@ fn note_cloud_result(shared: &Arc<Shared>, result: Result<(), &CloudError>) {
         health.last_backend_error = result.err().map(|e| e.to_string());
         event
     };
+    note_backend_state(shared, result);
     shared.metrics.backend_reachable.set(i64::from(
         shared
             .health
@@ -989,6 +1040,47 @@ fn note_cloud_result(shared: &Arc<Shared>, result: Result<(), &CloudError>) {
     ));
     if let Some(event) = event {
         record_link_event(shared, event);
+    }
+}
+
+/// Records what the backend answered to the agent's token; a change is logged once and shown
+/// in the metrics.
+fn note_backend_state(shared: &Shared, result: Result<(), &CloudError>) {
+    let state = BackendState::from_result(result);
+    let changed = {
+        let mut health = shared.health.lock().unwrap_or_else(|p| p.into_inner());
+        health
+            .backend
+            .set(state, result.err().map(|e| e.to_string()))
+    };
+    if let Some(previous) = changed {
+        note_backend_change(shared, previous, state, result.err());
+    }
+}
+
+/// A change of the backend's answer, logged once and shown in the metrics.
+fn note_backend_change(
+    shared: &Shared,
+    previous: BackendState,
+    state: BackendState,
+    error: Option<&CloudError>,
+) {
+    let family = &shared.metrics.backend_state;
+    family
+        .get_or_create(&label("state", previous.label()))
+        .set(0);
+    family.get_or_create(&label("state", state.label())).set(1);
+    let error = error.map(|e| e.to_string()).unwrap_or_default();
+    match state.degraded_reason() {
+        Some(reason) => warn!(state = state.label(), %error, "{reason}"),
+        // An outage has its own message (OutageBegan).
+        None if previous.degraded_reason().is_some() => {
+            info!(
+                state = state.label(),
+                "backend takes the agent's token again"
+            )
+        }
+        None => {}
     }
 }
 
@@ -1085,7 +1177,12 @@ async fn poll_loop(
 
 /// The owner's emergency latch as the dashboard sees it.
 async fn pull_latch(shared: &Arc<Shared>) {
-    match shared.cloud.system_status().await {
+    let result = shared.cloud.system_status().await;
+    // Read on every poll, with or without masters: the backend's answer to the token shows in
+    // /health even on an agent without masters. (Outages are the command and push paths' to
+    // judge, as before.)
+    note_backend_state(shared, result.as_ref().map(|_| ()));
+    match result {
         Ok(Some(row)) => {
             let _ = shared
                 .automation

@@ -16,9 +16,26 @@ pub async fn report(config: &AgentConfig) -> String {
         && let Ok(resp) = client.get(&url).send().await
         && let Ok(body) = resp.json::<serde_json::Value>().await
     {
+        let reasons = body["degraded_reasons"]
+            .as_array()
+            .map(|r| {
+                r.iter()
+                    .filter_map(|r| r.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
+            .unwrap_or_default();
         return format!(
-            "agent {} (running, {url})\n  backend reachable: {}\n  sync stalled: {}\n  outbox: {} rows, oldest {} ms, {} rejected\n  masters: {}",
+            "agent {} (running, {url})\n  status: {}{}\n  mqtt: {}\n  backend: {}\n  backend reachable: {}\n  sync stalled: {}\n  outbox: {} rows, oldest {} ms, {} rejected\n  masters: {}",
             body["agent_id"].as_str().unwrap_or("?"),
+            body["status"].as_str().unwrap_or("?"),
+            if reasons.is_empty() {
+                String::new()
+            } else {
+                format!(" ({reasons})")
+            },
+            body["mqtt"]["state"].as_str().unwrap_or("?"),
+            body["backend"]["state"].as_str().unwrap_or("?"),
             body["backend_reachable"],
             body["sync_stalled"],
             body["outbox"]["depth"],
@@ -42,7 +59,7 @@ pub async fn report(config: &AgentConfig) -> String {
                 .unwrap_or_default(),
         );
     }
-    match Store::open(&config.store.path) {
+    match Store::open_existing(&config.store.path) {
         Ok(store) => {
             let now = now_ms();
             let stats = store.outbox_stats(now).unwrap_or_default();
@@ -68,9 +85,13 @@ pub async fn report(config: &AgentConfig) -> String {
                     .join(", ")
             )
         }
+        Err(e @ crate::store::StoreError::Missing(_)) => {
+            format!("agent {}: not running, and {e}", config.agent.id)
+        }
         Err(e) => format!(
-            "agent {}: not running, and its database is unreadable: {e}",
-            config.agent.id
+            "agent {}: not running, and its database {} is unreadable: {e}",
+            config.agent.id,
+            config.store.path.display()
         ),
     }
 }
@@ -105,5 +126,22 @@ mod tests {
         let report = report(&config).await;
         assert!(report.contains("not running"), "{report}");
         assert!(report.contains("outbox: 1 rows"), "{report}");
+    }
+
+    #[tokio::test]
+    async fn status_without_a_database_names_the_path_and_creates_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("data").join("agent.db");
+        let text = format!(
+            "[agent]\nid = \"pi-x\"\n[store]\npath = \"{}\"\n[cloud]\nrest_url = \"http://127.0.0.1:9\"\njwt = \"t\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n[api]\nlisten = \"127.0.0.1:9\"\n",
+            db.display()
+        );
+        let config =
+            AgentConfig::from_toml(&text, std::path::Path::new("t.toml"), std::iter::empty())
+                .unwrap();
+        let report = report(&config).await;
+        assert!(report.contains(&db.display().to_string()), "{report}");
+        assert!(report.contains("no database"), "{report}");
+        assert!(!db.exists() && !db.parent().unwrap().exists(), "{report}");
     }
 }

@@ -1,10 +1,13 @@
 //! The operator's surface of the local API: the emergency stop (anyone on the Pi's network may
-//! stop; only the operator may reset), macros and hold controls. Everything goes through the
-//! automation task, so the interlocks apply exactly as for rules and cloud commands.
+//! stop, whatever the request's body; only the operator may reset), macros and hold controls.
+//! Everything goes through the automation task, so the interlocks apply exactly as for rules and
+//! cloud commands.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -39,10 +42,34 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     answer(status, json!({"error": message.into()}))
 }
 
-/// Whether the request carries the operator token (`[safety] operator_token`).
-fn is_operator(shared: &Shared, headers: &HeaderMap) -> bool {
-    let Some(expected) = &shared.config.safety.operator_token else {
-        return false;
+/// The most of a request body an operator endpoint reads; every valid one is far smaller.
+pub const OPERATOR_BODY_BYTES_MAX: usize = 16 * 1024;
+/// The most of a stop's body read for its reason; the rest is never read (and never refuses
+/// the stop).
+pub const STOP_BODY_BYTES_MAX: usize = 4 * 1024;
+/// How long a stop waits for its body: a slow one must not delay the stop for long.
+pub const STOP_BODY_READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// After the stop, the rest of a large body is read and dropped up to this (within
+/// [`STOP_BODY_READ_TIMEOUT`]) so that its sender gets the answer.
+pub const STOP_BODY_DRAIN_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Whether the request carries the operator token (`[safety] operator_token`); the refusal
+/// otherwise. Only headers are read: a caller without the token never gets its body read.
+// The refusal is the handler's whole answer, built once per request: its size does not matter.
+#[allow(clippy::result_large_err)]
+fn operator(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+    // No token (or, defensively, an empty one: validation refuses it) closes the endpoints.
+    let Some(expected) = shared
+        .config
+        .safety
+        .operator_token
+        .as_ref()
+        .filter(|t| !t.expose().trim().is_empty())
+    else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "the operator endpoints are closed: no [safety] operator_token is configured on this agent",
+        ));
     };
     let given = headers
         .get(header::AUTHORIZATION)
@@ -51,14 +78,94 @@ fn is_operator(shared: &Shared, headers: &HeaderMap) -> bool {
         .unwrap_or_default();
     // Compare digests: equal length, so the comparison time says nothing about the token.
     let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
-    digest(given).as_ref() == digest(expected.expose()).as_ref()
+    if !given.is_empty() && digest(given).as_ref() == digest(expected.expose()).as_ref() {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "this needs the operator token ([safety] operator_token) as a bearer token",
+        ))
+    }
 }
 
-fn not_operator() -> Response {
-    error(
-        StatusCode::UNAUTHORIZED,
-        "this needs the operator token ([safety] operator_token) as a bearer token",
-    )
+/// Why a body was not read to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// More than the bound: the rest is left unread.
+    TooLarge,
+    /// It did not arrive within the time allowed.
+    TooSlow,
+    /// The connection failed mid-way.
+    Failed,
+}
+
+impl Cut {
+    fn describe(self, max: usize) -> String {
+        match self {
+            Cut::TooLarge => format!("the body is larger than {max} bytes"),
+            Cut::TooSlow => "the body did not arrive in time".into(),
+            Cut::Failed => "the body was cut off".into(),
+        }
+    }
+}
+
+/// Up to `max` bytes of the body, and why the read stopped short if it did (the rest is left
+/// in `body`).
+async fn read_prefix(body: &mut Body, max: usize, timeout: Duration) -> (Vec<u8>, Result<(), Cut>) {
+    use http_body_util::BodyExt as _;
+    let mut read = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => return (read, Ok(())),
+            Ok(Some(Err(_))) => return (read, Err(Cut::Failed)),
+            Err(_) => return (read, Err(Cut::TooSlow)),
+        };
+        if let Ok(data) = frame.into_data() {
+            let room = max - read.len();
+            if data.len() > room {
+                read.extend_from_slice(&data[..room]);
+                return (read, Err(Cut::TooLarge));
+            }
+            read.extend_from_slice(&data);
+        }
+    }
+}
+
+/// Reads and drops the rest of a body, up to `max` bytes within `timeout`: a client still
+/// sending when the answer comes and the connection closes gets a reset instead of the answer.
+async fn drain(body: &mut Body, max: usize, timeout: Duration) {
+    use http_body_util::BodyExt as _;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut drained = 0;
+    while drained < max {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => drained += frame.data_ref().map_or(0, |d| d.len()),
+            _ => return,
+        }
+    }
+}
+
+/// A JSON body of at most [`OPERATOR_BODY_BYTES_MAX`] (empty = `{}`), or the 4xx that refuses it.
+#[allow(clippy::result_large_err)]
+async fn json_body<T: serde::de::DeserializeOwned>(mut body: Body) -> Result<T, Response> {
+    let (bytes, read) =
+        read_prefix(&mut body, OPERATOR_BODY_BYTES_MAX, super::BODY_READ_TIMEOUT).await;
+    if let Err(cut) = read {
+        let status = match cut {
+            Cut::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Cut::TooSlow => StatusCode::REQUEST_TIMEOUT,
+            Cut::Failed => StatusCode::BAD_REQUEST,
+        };
+        return Err(error(status, cut.describe(OPERATOR_BODY_BYTES_MAX)));
+    }
+    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &bytes
+    };
+    serde_json::from_slice(text).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 async fn ask<T>(
@@ -93,30 +200,53 @@ async fn emergency_state(State(shared): State<Arc<Shared>>) -> Response {
     )
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StopBody {
-    reason: Option<String>,
-    by: Option<String>,
+/// The reason and author a stop's body gives. A stop is never refused for its body: whatever
+/// cannot be read is recorded as unreadable, and the plant stops all the same.
+fn stop_reason(bytes: &[u8], read: Result<(), Cut>) -> (String, String) {
+    let by = "local operator".to_string();
+    if read.is_ok() && bytes.iter().all(u8::is_ascii_whitespace) {
+        return ("stop pressed on the local API".into(), by);
+    }
+    let unreadable = |why: &str| (format!("(unreadable reason: {why})"), by.clone());
+    if let Err(cut) = read {
+        return unreadable(&cut.describe(STOP_BODY_BYTES_MAX));
+    }
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(bytes) else {
+        return unreadable("the body is not a JSON object");
+    };
+    let text = |name: &str| {
+        fields
+            .get(name)
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                s.chars()
+                    .take(super::ERROR_MESSAGE_CHARS_MAX)
+                    .collect::<String>()
+            })
+    };
+    let reason = match fields.get("reason") {
+        None | Some(serde_json::Value::Null) => "stop pressed on the local API".into(),
+        Some(_) => text("reason").unwrap_or_else(|| "(unreadable reason: not a text)".into()),
+    };
+    (reason, text("by").unwrap_or(by))
 }
 
-async fn emergency_stop(
-    State(shared): State<Arc<Shared>>,
-    body: Option<axum::Json<StopBody>>,
-) -> Response {
-    let body = body.map(|b| b.0).unwrap_or_default();
-    let reason = body
-        .reason
-        .unwrap_or_else(|| "stop pressed on the local API".into());
-    let by = body.by.unwrap_or_else(|| "local operator".into());
-    match ask(&shared, |reply| AutomationInput::Stop {
+async fn emergency_stop(State(shared): State<Arc<Shared>>, mut body: Body) -> Response {
+    let (bytes, read) = read_prefix(&mut body, STOP_BODY_BYTES_MAX, STOP_BODY_READ_TIMEOUT).await;
+    let (reason, by) = stop_reason(&bytes, read);
+    let stopped = ask(&shared, |reply| AutomationInput::Stop {
         reason,
         by,
         source: LatchSource::LocalApi,
         reply: Some(reply),
     })
-    .await
-    {
+    .await;
+    // Stopped already: only so that the caller reads the answer.
+    if read == Err(Cut::TooLarge) {
+        drain(&mut body, STOP_BODY_DRAIN_BYTES_MAX, STOP_BODY_READ_TIMEOUT).await;
+    }
+    match stopped {
         Ok(newly) => answer(
             StatusCode::OK,
             json!({"latched": true, "newly_latched": newly}),
@@ -134,14 +264,15 @@ struct ResetBody {
 async fn emergency_reset(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    body: Option<axum::Json<ResetBody>>,
+    body: Body,
 ) -> Response {
-    if !is_operator(&shared, &headers) {
-        return not_operator();
+    if let Err(refusal) = operator(&shared, &headers) {
+        return refusal;
     }
-    let by = body
-        .and_then(|b| b.0.by)
-        .unwrap_or_else(|| "local operator".into());
+    let by = match json_body::<ResetBody>(body).await {
+        Ok(b) => b.by.unwrap_or_else(|| "local operator".into()),
+        Err(refusal) => return refusal,
+    };
     match ask(&shared, |reply| AutomationInput::Reset {
         by,
         source: LatchSource::LocalApi,
@@ -160,8 +291,8 @@ async fn run_macro(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if !is_operator(&shared, &headers) {
-        return not_operator();
+    if let Err(refusal) = operator(&shared, &headers) {
+        return refusal;
     }
     let by = "local operator".to_string();
     match ask(&shared, |reply| AutomationInput::StartMacro {
@@ -182,8 +313,8 @@ async fn cancel_macro(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if !is_operator(&shared, &headers) {
-        return not_operator();
+    if let Err(refusal) = operator(&shared, &headers) {
+        return refusal;
     }
     match ask(&shared, |reply| AutomationInput::CancelMacro { id, reply }).await {
         Ok(true) => answer(StatusCode::OK, json!({"cancelled": true})),
@@ -202,29 +333,20 @@ struct ControlBody {
     max_seconds: Option<u32>,
 }
 
-type ControlJson = Result<axum::Json<ControlBody>, axum::extract::rejection::JsonRejection>;
-
-/// The operator's control request, or the answer that refuses it.
-// The refusal is the handler's whole answer, built once per request: its size does not matter.
+/// The operator's control request, or the answer that refuses it: the token first, then the
+/// body.
 #[allow(clippy::result_large_err)]
-fn control(
+async fn control(
     shared: &Shared,
     headers: &HeaderMap,
-    body: ControlJson,
+    body: Body,
 ) -> Result<ControlBody, Response> {
-    if !is_operator(shared, headers) {
-        return Err(not_operator());
-    }
-    body.map(|b| b.0)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))
+    operator(shared, headers)?;
+    json_body(body).await
 }
 
-async fn hold(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: ControlJson,
-) -> Response {
-    let body = match control(&shared, &headers, body) {
+async fn hold(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    let body = match control(&shared, &headers, body).await {
         Ok(b) => b,
         Err(response) => return response,
     };
@@ -253,12 +375,8 @@ async fn hold(
     }
 }
 
-async fn release(
-    State(shared): State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: ControlJson,
-) -> Response {
-    let body = match control(&shared, &headers, body) {
+async fn release(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    let body = match control(&shared, &headers, body).await {
         Ok(b) => b,
         Err(response) => return response,
     };

@@ -25,7 +25,7 @@ fn config() -> AgentConfig {
         [mqtt]
         url = "mqtt://127.0.0.1:1"
         [safety]
-        operator_token = "op"
+        operator_token = "operator-token-for-tests"
         [[safety.mutex_groups]]
         name = "motor"
         master = "{MASTER}"

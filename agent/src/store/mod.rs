@@ -28,6 +28,44 @@ pub enum StoreError {
     Poisoned,
     #[error("the store task failed: {0}")]
     Task(String),
+    #[error("no database at {0} (the agent creates it when it runs)")]
+    Missing(std::path::PathBuf),
+    #[error("{path}: {source}")]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The database directory's mode when the agent creates it: only the agent's user enters.
+pub const DATA_DIR_MODE: u32 = 0o700;
+/// The database's mode, and its `-wal` and `-shm` files': commands, keys' counters and
+/// readings are the agent's alone.
+pub const DATABASE_FILE_MODE: u32 = 0o600;
+
+fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::File {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Sets the database's files to [`DATABASE_FILE_MODE`], whatever the umask made them (and
+/// whatever an older agent left).
+fn restrict_files(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut files = vec![path.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        files.push(name.into());
+    }
+    for file in files.iter().filter(|f| f.exists()) {
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(DATABASE_FILE_MODE))
+            .map_err(file_error(file))?;
+    }
+    Ok(())
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -214,11 +252,49 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens the database, creating it (and its directory, [`DATA_DIR_MODE`]) if missing; its
+    /// files get [`DATABASE_FILE_MODE`].
     pub fn open(path: &Path) -> Result<Store> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            let _ = std::fs::create_dir_all(parent);
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+            && !parent.exists()
+        {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DATA_DIR_MODE)
+                .create(parent)
+                .map_err(file_error(parent))?;
+            // The umask may have taken bits from the mode above; set it as meant.
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(DATA_DIR_MODE))
+                .map_err(file_error(parent))?;
         }
-        Store::init(Connection::open(path)?)
+        // Created with its mode, not chmod-ed after: no moment when others may open it.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(DATABASE_FILE_MODE)
+            .open(path)
+            .map_err(file_error(path))?;
+        restrict_files(path)?;
+        let store = Store::init(Connection::open(path)?)?;
+        // SQLite creates -wal and -shm with the database's mode; an older agent's may differ.
+        restrict_files(path)?;
+        Ok(store)
+    }
+
+    /// Opens a database that exists, never creating one: for `status` and `rules test`, which
+    /// must not leave an empty database where the agent would look for its own.
+    pub fn open_existing(path: &Path) -> Result<Store> {
+        if !path.is_file() {
+            return Err(StoreError::Missing(path.to_path_buf()));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let store = Store::init(conn)?;
+        restrict_files(path)?;
+        Ok(store)
     }
 
     pub fn open_in_memory() -> Result<Store> {

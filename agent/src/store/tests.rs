@@ -486,3 +486,50 @@ fn relay_counts_come_from_the_slaves_last_reports() {
     );
     assert_eq!(queued[0].class, OutboxClass::RelayState);
 }
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    name.into()
+}
+
+#[test]
+fn a_new_database_and_the_directory_the_agent_creates_for_it_are_private_to_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("var").join("autocore");
+    let db = data.join("agent.db");
+    let _store = Store::open(&db).unwrap();
+    assert_eq!(mode(&data), 0o700);
+    for file in [db.clone(), sibling(&db, "-wal"), sibling(&db, "-shm")] {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+}
+
+#[test]
+fn an_existing_database_that_others_can_read_is_made_private_when_opened() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("agent.db");
+    drop(Store::open(&db).unwrap());
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let _store = Store::open(&db).unwrap();
+    for file in [db.clone(), sibling(&db, "-wal"), sibling(&db, "-shm")] {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+}
+
+#[test]
+fn opening_an_existing_database_never_creates_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("missing").join("agent.db");
+    match Store::open_existing(&db) {
+        Err(StoreError::Missing(path)) => assert_eq!(path, db),
+        other => panic!("expected Missing, got {other:?}"),
+    }
+    assert!(!db.parent().unwrap().exists());
+}

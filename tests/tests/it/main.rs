@@ -4,6 +4,7 @@ mod agent_crash;
 mod agent_flow;
 mod agent_local_api;
 mod agent_rules;
+mod agent_surfaces;
 mod command_queue;
 mod harness;
 mod pgtap;

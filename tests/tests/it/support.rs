@@ -272,10 +272,22 @@ pub fn master_toml(device_id: &str, key_hex: &str, transport: &str) -> String {
 /// Starts an agent on the world's stack; `tail_toml` adds sections ([engine], [safety], ...)
 /// and ends with its `[[masters]]` (see [`master_toml`]).
 pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
     let jwt = world
         .stack
         .token(&autocore_stack::Claims::agent(ALICE, "pi-alice"));
+    start_agent_with_jwt(world, &jwt, tail_toml).await
+}
+
+/// [`start_agent`] with the JWT `jwt`, for tokens the backend must refuse.
+pub async fn start_agent_with_jwt(world: &World, jwt: &str, tail_toml: &str) -> Agent {
+    let mqtt = format!("url = \"{}\"", world.stack.mqtt_url().unwrap());
+    start_agent_with(world, jwt, &mqtt, tail_toml).await
+}
+
+/// [`start_agent`] with the JWT `jwt` and `mqtt_toml` as its `[mqtt]` section's keys (`url`
+/// among them), for a broker of the test's own.
+pub async fn start_agent_with(world: &World, jwt: &str, mqtt_toml: &str, tail_toml: &str) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
     let toml = format!(
         r#"
         [agent]
@@ -288,7 +300,7 @@ pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
         jwt = "{jwt}"
         poll_interval_ms = 200
         [mqtt]
-        url = "{mqtt}"
+        {mqtt_toml}
         ack_timeout_ms = 2000
         [api]
         listen = "127.0.0.1:0"
@@ -296,7 +308,6 @@ pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
         "#,
         db = dir.path().join("agent.db").display(),
         rest = world.stack.rest_url().unwrap(),
-        mqtt = world.stack.mqtt_url().unwrap(),
     );
     let config = autocore_agent::config::AgentConfig::from_toml(
         &toml,
