@@ -37,6 +37,21 @@ enum Command {
         #[arg(long, short, default_value = "/etc/autocore/agent.toml")]
         config: PathBuf,
     },
+    /// Write Mosquitto's password file, ACL and config snippet for this agent and its masters.
+    BrokerConfig {
+        #[arg(long, short, default_value = "/etc/autocore/agent.toml")]
+        config: PathBuf,
+        /// Where `passwd`, `acl` and `autocore.conf` go, e.g. /etc/mosquitto/conf.d.
+        #[arg(long)]
+        out: PathBuf,
+        /// The port masters connect to, on every interface (Mosquitto 2 otherwise listens on
+        /// loopback only).
+        #[arg(long, default_value_t = 1883, conflicts_with = "no_listener")]
+        listener: u16,
+        /// Leave the listener to the rest of Mosquitto's configuration.
+        #[arg(long)]
+        no_listener: bool,
+    },
     /// Rules: replay one over stored telemetry, or print the rule_json schema.
     Rules {
         #[command(subcommand)]
@@ -203,6 +218,19 @@ pub fn main() -> anyhow::Result<()> {
         Command::CheckConfig { config } => {
             load(&config)?;
             println!("{}: valid", config.display());
+            Ok(())
+        }
+        Command::BrokerConfig {
+            config,
+            out,
+            listener,
+            no_listener,
+        } => {
+            let config = load(&config)?;
+            let users = crate::broker::users_from_config(&config)?;
+            let files =
+                crate::broker::write_files(&out, &users, (!no_listener).then_some(listener))?;
+            println!("{}", crate::broker::install_hint(&files, users.len()));
             Ok(())
         }
         Command::Rules {
