@@ -44,13 +44,10 @@ enum Command {
         /// Where `passwd`, `acl` and `autocore.conf` go, e.g. /etc/mosquitto/conf.d.
         #[arg(long)]
         out: PathBuf,
-        /// The port masters connect to, on every interface (Mosquitto 2 otherwise listens on
-        /// loopback only).
-        #[arg(long, default_value_t = 1883, conflicts_with = "no_listener")]
-        listener: u16,
-        /// Leave the listener to the rest of Mosquitto's configuration.
-        #[arg(long)]
-        no_listener: bool,
+        /// The listener masters connect to, `PORT` (every interface) or `ADDRESS:PORT`; its
+        /// settings (the username as client id) belong to it.
+        #[arg(long, default_value = "1883")]
+        listener: crate::broker::Listener,
     },
     /// Rules: replay one over stored telemetry, or print the rule_json schema.
     Rules {
@@ -224,12 +221,10 @@ pub fn main() -> anyhow::Result<()> {
             config,
             out,
             listener,
-            no_listener,
         } => {
             let config = load(&config)?;
             let users = crate::broker::users_from_config(&config)?;
-            let files =
-                crate::broker::write_files(&out, &users, (!no_listener).then_some(listener))?;
+            let files = crate::broker::write_files(&out, &users, &listener)?;
             println!("{}", crate::broker::install_hint(&files, users.len()));
             Ok(())
         }
