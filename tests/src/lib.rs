@@ -14,7 +14,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 
 pub use jwt::Claims;
-pub use mosquitto::Mosquitto;
+pub use mosquitto::{Login, Mosquitto, Role, Security};
 pub use postgres::{Postgres, PostgresOptions};
 pub use postgrest::Postgrest;
 
@@ -154,6 +154,25 @@ impl Stack {
         self.mosquitto
             .as_mut()
             .ok_or(StackError::NotStarted("mosquitto"))
+    }
+
+    /// A new broker login with `role`'s rights and a random password (see [`Mosquitto::login`]).
+    pub fn broker_login(&self, role: Role, username: &str) -> Result<Login, StackError> {
+        self.mosquitto()?.login(role, username)
+    }
+
+    /// A master's own broker login: its id and the password derived from its key.
+    pub fn broker_master(
+        &self,
+        device_id: &firmware_protocol::DeviceId,
+        key: &firmware_protocol::MasterKey,
+    ) -> Result<Login, StackError> {
+        self.mosquitto()?.add_master(device_id, key)
+    }
+
+    /// The logins of every master a simulator plays (see [`Mosquitto::add_sim_masters`]).
+    pub fn admit_sim(&self, config: &firmware_protocol::sim::SimConfig) -> Result<(), StackError> {
+        self.mosquitto()?.add_sim_masters(config)
     }
 
     pub fn pg_url(&self) -> Result<String, StackError> {

@@ -164,8 +164,15 @@ pub const MASTER: &str = "ESP32_ALICE_1";
 pub const SLAVE: &str = "14:33:5C:38:BF:60";
 
 /// The simulator playing MASTER with SLAVE (4 relays, at most an hour on) and a pH sensor at
-/// 6.8, on a fast radio; tests adjust timing and radio with struct update syntax.
-pub fn one_master_sim(mqtt_url: &str, key_hex: &str) -> firmware_protocol::sim::SimConfig {
+/// 6.8, on a fast radio, with MASTER's login on the world's broker; tests adjust timing and
+/// radio with struct update syntax.
+pub fn one_master_sim(world: &World, key_hex: &str) -> firmware_protocol::sim::SimConfig {
+    let config = one_master_sim_on(&world.stack.mqtt_url().unwrap(), key_hex);
+    world.stack.admit_sim(&config).expect("the master's login");
+    config
+}
+
+fn one_master_sim_on(mqtt_url: &str, key_hex: &str) -> firmware_protocol::sim::SimConfig {
     use firmware_protocol::message::RelayLimits;
     use firmware_protocol::sim::{
         MasterSpec, MasterTiming, RadioSpec, SensorSource, SensorSpec, SimConfig, SlaveSpec,
@@ -270,9 +277,14 @@ pub fn master_toml(device_id: &str, key_hex: &str, transport: &str) -> String {
 }
 
 /// Starts an agent on the world's stack; `tail_toml` adds sections ([engine], [safety], ...)
-/// and ends with its `[[masters]]` (see [`master_toml`]).
+/// and ends with its `[[masters]]` (see [`master_toml`]). The agent and its masters get their
+/// broker logins first, as `autocore-agent broker-config` would give them.
 pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
     let dir = tempfile::tempdir().unwrap();
+    let login = world
+        .stack
+        .broker_login(autocore_stack::Role::Agent, "pi-alice")
+        .expect("the agent's broker login");
     let jwt = world
         .stack
         .token(&autocore_stack::Claims::agent(ALICE, "pi-alice"));
@@ -289,6 +301,8 @@ pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
         poll_interval_ms = 200
         [mqtt]
         url = "{mqtt}"
+        username = "{username}"
+        password = "{password}"
         ack_timeout_ms = 2000
         [api]
         listen = "127.0.0.1:0"
@@ -297,6 +311,8 @@ pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
         db = dir.path().join("agent.db").display(),
         rest = world.stack.rest_url().unwrap(),
         mqtt = world.stack.mqtt_url().unwrap(),
+        username = login.username,
+        password = login.password,
     );
     let config = autocore_agent::config::AgentConfig::from_toml(
         &toml,
@@ -304,6 +320,7 @@ pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
         std::iter::empty(),
     )
     .unwrap();
+    admit_masters(world, &config);
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api_url = format!("http://{}", api.local_addr().unwrap());
     let mut kept = config.clone();
@@ -326,6 +343,19 @@ pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
     }
 }
 
+/// The broker logins of an agent configuration's `[[masters]]`.
+pub fn admit_masters(world: &World, config: &autocore_agent::config::AgentConfig) {
+    for master in &config.masters {
+        world
+            .stack
+            .broker_master(
+                &firmware_protocol::DeviceId::new(master.device_id.as_str()).unwrap(),
+                &firmware_protocol::MasterKey::from_hex(master.key.expose()).unwrap(),
+            )
+            .expect("a master's broker login");
+    }
+}
+
 impl Agent {
     /// Stops the agent as SIGTERM does and waits for `run` to return: every task ends.
     pub async fn shut_down(mut self) {
@@ -340,18 +370,17 @@ impl Agent {
     }
 }
 
-/// Subscribes to `topic` on the broker as `client_id` and hands every payload that is JSON to
-/// `sink`; returns once the broker has acknowledged the subscription.
+/// Subscribes to `topic` on the broker with a monitor's `login` and hands every payload that is
+/// JSON to `sink`; returns once the broker has acknowledged the subscription.
 pub async fn observe_json(
     mqtt_url: &str,
-    client_id: &str,
+    login: &autocore_stack::Login,
     topic: &str,
     qos: firmware_protocol::sim::rumqttc::QoS,
     mut sink: impl FnMut(Value) + Send + 'static,
 ) {
-    use firmware_protocol::sim::rumqttc::{AsyncClient, Event, MqttOptions, Packet};
-    let (host, port) = firmware_protocol::sim::parse_mqtt_url(mqtt_url).unwrap();
-    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new(client_id, host, port), 100);
+    use firmware_protocol::sim::rumqttc::{AsyncClient, Event, Packet};
+    let (client, mut eventloop) = AsyncClient::new(mqtt_options(mqtt_url, login), 100);
     client.subscribe(topic, qos).await.unwrap();
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -374,4 +403,16 @@ pub async fn observe_json(
         }
     });
     let _ = ready.await;
+}
+
+/// Client options for `login` (whose username the broker makes the client id).
+pub fn mqtt_options(
+    mqtt_url: &str,
+    login: &autocore_stack::Login,
+) -> firmware_protocol::sim::rumqttc::MqttOptions {
+    let (host, port) = firmware_protocol::sim::parse_mqtt_url(mqtt_url).unwrap();
+    let mut options =
+        firmware_protocol::sim::rumqttc::MqttOptions::new(login.username.as_str(), host, port);
+    options.set_credentials(login.username.as_str(), login.password.as_str());
+    options
 }
