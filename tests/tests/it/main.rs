@@ -4,6 +4,7 @@ mod agent_crash;
 mod agent_flow;
 mod agent_local_api;
 mod agent_rules;
+mod broker;
 mod command_queue;
 mod harness;
 mod pgtap;
