@@ -380,7 +380,8 @@ pub fn install_hint(files: &WrittenFiles, users: usize) -> String {
          next:\n  \
          chown mosquitto:mosquitto {passwd} {acl}   # Mosquitto reads them as its own user\n  \
          include {conf} in mosquitto.conf (Debian reads /etc/mosquitto/conf.d/*.conf; --out there does it)\n  \
-         systemctl reload mosquitto   # or kill -HUP <pid>: the files are re-read, clients stay connected\n\
+         systemctl restart mosquitto   # the first time: a listener's settings are read only at start\n  \
+         systemctl reload mosquitto    # afterwards (SIGHUP): the files are re-read, clients stay connected\n\
          after adding a [[masters]] entry, run this again and reload (files in {dir})",
         passwd = files.passwd.display(),
         acl = files.acl.display(),

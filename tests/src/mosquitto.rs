@@ -232,10 +232,12 @@ impl Mosquitto {
         write_owned(&self.passwd, &passwd, self.run_as)?;
         write_owned(&self.acl, &acl, self.run_as)?;
         drop(registered);
-        if let Some(pid) = self.process.pid() {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGHUP)
-                .map_err(|e| StackError::io("SIGHUP to mosquitto", e.into()))?;
-        }
+        // A stopped broker reads the files when it starts again.
+        let Some(pid) = self.process.pid() else {
+            return Ok(());
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGHUP)
+            .map_err(|e| StackError::io("SIGHUP to mosquitto", e.into()))?;
         let deadline = Instant::now() + LOGIN_READY_TIMEOUT;
         for login in &changed {
             while self.connack(Some(login))? != Some(0) {
