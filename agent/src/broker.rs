@@ -125,6 +125,41 @@ pub fn users_from_config(config: &AgentConfig) -> Result<Vec<BrokerUser>, Broker
     Ok(users)
 }
 
+/// Read-only logins for tools: each password is kept in `dir/monitor-{name}.secret` (0600),
+/// made the first time, so a rerun of `broker-config` keeps it.
+pub fn monitor_users(dir: &Path, names: &[String]) -> Result<Vec<BrokerUser>, BrokerError> {
+    let mut users = Vec::new();
+    for name in names {
+        check_username("--monitor", name)?;
+        let path = dir.join(format!("monitor-{name}.secret"));
+        let password = match std::fs::read_to_string(&path) {
+            Ok(text) if !text.trim().is_empty() => text.trim().to_string(),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(BrokerError::Io { path, source: e });
+            }
+            _ => {
+                let mut bytes = [0u8; 24];
+                SystemRandom::new()
+                    .fill(&mut bytes)
+                    .map_err(|_| BrokerError::Random)?;
+                let password = hex::encode(bytes);
+                std::fs::create_dir_all(dir).map_err(|source| BrokerError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+                write_atomically(&path, &format!("{password}\n"), 0o600)?;
+                password
+            }
+        };
+        users.push(BrokerUser {
+            username: name.clone(),
+            password: Secret::new(password),
+            role: Role::Monitor,
+        });
+    }
+    Ok(users)
+}
+
 /// A username Mosquitto's files can hold and that no topic pattern can misread: a device id
 /// (`A-Z a-z 0-9 _ . -`) without `:`, which separates name and hash in the password file.
 pub fn check_username(key: &str, username: &str) -> Result<(), BrokerError> {
@@ -550,6 +585,30 @@ mod tests {
         config.masters[0].device_id = "AA:BB".into();
         let err = users_from_config(&config).unwrap_err().to_string();
         assert!(err.starts_with("masters[0].device_id:"), "{err}");
+    }
+
+    #[test]
+    fn a_monitors_password_is_made_once_and_kept_across_reruns() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["grafana".to_string()];
+        let first = monitor_users(dir.path(), &names).unwrap();
+        let again = monitor_users(dir.path(), &names).unwrap();
+        assert_eq!(first, again);
+        assert_eq!(first[0].role, Role::Monitor);
+        assert_eq!(first[0].password.expose().len(), 48);
+        let mut users = users_from_config(&with_credentials()).unwrap();
+        users.extend(first);
+        assert!(
+            acl_file(&users)
+                .unwrap()
+                .contains("user grafana\ntopic read autocore/#\n")
+        );
+        let clash = vec!["autocore".to_string()];
+        users.extend(monitor_users(dir.path(), &clash).unwrap());
+        assert!(
+            password_file(&users).is_err(),
+            "a monitor named like the agent"
+        );
     }
 
     #[test]

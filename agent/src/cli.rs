@@ -48,6 +48,10 @@ enum Command {
         /// settings (the username as client id) belong to it.
         #[arg(long, default_value = "1883")]
         listener: crate::broker::Listener,
+        /// A read-only login for a tool (repeatable); its password is kept in
+        /// OUT/monitor-NAME.secret.
+        #[arg(long = "monitor", value_name = "NAME")]
+        monitors: Vec<String>,
     },
     /// Rules: replay one over stored telemetry, or print the rule_json schema.
     Rules {
@@ -221,9 +225,11 @@ pub fn main() -> anyhow::Result<()> {
             config,
             out,
             listener,
+            monitors,
         } => {
             let config = load(&config)?;
-            let users = crate::broker::users_from_config(&config)?;
+            let mut users = crate::broker::users_from_config(&config)?;
+            users.extend(crate::broker::monitor_users(&out, &monitors)?);
             let files = crate::broker::write_files(&out, &users, &listener)?;
             println!("{}", crate::broker::install_hint(&files, users.len()));
             Ok(())

@@ -466,6 +466,8 @@ async fn the_files_broker_config_writes_are_accepted_by_a_real_mosquitto() {
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_autocore-agent-under-test"))
         .args([
             "broker-config",
+            "--monitor",
+            "watcher",
             "--listener",
             &format!("127.0.0.1:{port}"),
             "-c",
@@ -492,6 +494,14 @@ async fn the_files_broker_config_writes_are_accepted_by_a_real_mosquitto() {
     };
     assert_eq!(mode("passwd"), 0o600);
     assert_eq!(mode("acl"), 0o640);
+    assert_eq!(mode("monitor-watcher.secret"), 0o600);
+    let monitor = Login {
+        username: "watcher".into(),
+        password: std::fs::read_to_string(out.join("monitor-watcher.secret"))
+            .unwrap()
+            .trim()
+            .to_string(),
+    };
 
     // The snippet from a conf.d as on Debian, the files owned by Mosquitto's user as the hint
     // says (and the snippet too: here Mosquitto starts as that user, not as root).
@@ -546,10 +556,14 @@ async fn the_files_broker_config_writes_are_accepted_by_a_real_mosquitto() {
     ));
     // The master logs in with its derived password, and the agent hears it come online.
     agent_client.subscribe(&topic(MASTER, "status")).await;
+    // And a monitor, with the password broker-config made for it.
+    let mut watcher = Client::with(&url, &monitor).await;
+    watcher.subscribe(&topic(MASTER, "status")).await;
     let _sim = start_sim(one_master_sim_at(&url));
     agent_client
         .wait_for(&topic(MASTER, "status"), "online")
         .await;
+    watcher.wait_for(&topic(MASTER, "status"), "online").await;
 }
 
 /// The simulator playing MASTER on a broker outside the world.
