@@ -128,6 +128,15 @@ impl Client {
             .unwrap();
     }
 
+    /// Publishes at QoS 1 and waits for the PUBACK: Mosquitto has routed the message (or
+    /// dropped it) by then, so what a subscriber gets from it is queued before anything published
+    /// afterwards.
+    async fn publish_acked(&mut self, topic: &str, retain: bool, payload: impl Into<Vec<u8>>) {
+        self.publish(topic, retain, payload).await;
+        self.next_packet_until(|p| matches!(p, Packet::PubAck(_)), "PUBACK")
+            .await;
+    }
+
     /// Messages received so far whose payload contains `text`, as `topic: payload`.
     fn received_with(&self, text: &str) -> Vec<String> {
         self.received
@@ -369,6 +378,45 @@ async fn a_masters_login_cannot_publish_commands_configs_or_an_emergency_stop() 
     assert_eq!(late.received_with("forged"), Vec::<String>::new());
 
     // No emergency stop latched anywhere: a dashboard command still runs.
+    let id = insert_command(&world, MASTER, SLAVE, 1, 5);
+    until_status(&world, &id, "completed", WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitors_login_reads_everything_and_publishes_nothing() {
+    let world = World::start_full();
+    let url = world.stack.mqtt_url().unwrap();
+    let (_agent, _sim) = edge(&world).await;
+    let watch_login = world.stack.broker_login(Role::Monitor, "watch").unwrap();
+    let mut watch = Client::with(&url, &watch_login).await;
+    watch.subscribe("autocore/#").await;
+    watch.wait_for(&topic(MASTER, "telemetry"), "ph").await;
+
+    let tool_login = world.stack.broker_login(Role::Monitor, "tool").unwrap();
+    let mut tool = Client::with(&url, &tool_login).await;
+    tool.publish_acked(
+        "autocore/emergency/stop",
+        true,
+        r#"{"v":1,"reason":"forged"}"#,
+    )
+    .await;
+    tool.publish_acked(
+        &topic(MASTER, "telemetry"),
+        false,
+        r#"{"v":1,"ph":{"value":1.234,"forged":1}}"#,
+    )
+    .await;
+    tool.publish_acked(&topic(MASTER, "command"), false, r#"{"v":1,"forged":true}"#)
+        .await;
+    let agent_rights = world.stack.broker_login(Role::Agent, "tester").unwrap();
+    let tester = Client::with(&url, &agent_rights).await;
+    tester
+        .publish(&topic(OTHER, "command"), false, "marker")
+        .await;
+    watch.wait_for(&topic(OTHER, "command"), "marker").await;
+    assert_eq!(watch.received_with("forged"), Vec::<String>::new());
+
+    // The agent was not stopped: a dashboard command still runs.
     let id = insert_command(&world, MASTER, SLAVE, 1, 5);
     until_status(&world, &id, "completed", WAIT).await;
 }
