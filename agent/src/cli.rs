@@ -38,6 +38,22 @@ enum Command {
         #[arg(long, short, default_value = "/etc/autocore/agent.toml")]
         config: PathBuf,
     },
+    /// Write Mosquitto's password file, ACL and config snippet for this agent and its masters.
+    BrokerConfig {
+        #[arg(long, short, default_value = "/etc/autocore/agent.toml")]
+        config: PathBuf,
+        /// Where `passwd`, `acl` and `autocore.conf` go, e.g. /etc/mosquitto/conf.d.
+        #[arg(long)]
+        out: PathBuf,
+        /// The listener masters connect to, `PORT` (every interface) or `ADDRESS:PORT`; its
+        /// settings (the username as client id) belong to it.
+        #[arg(long, default_value = "1883")]
+        listener: crate::broker::Listener,
+        /// A read-only login for a tool (repeatable); its password is kept in
+        /// OUT/monitor-NAME.secret.
+        #[arg(long = "monitor", value_name = "NAME")]
+        monitors: Vec<String>,
+    },
     /// Rules: replay one over stored telemetry, or print the rule_json schema.
     Rules {
         #[command(subcommand)]
@@ -246,6 +262,19 @@ pub fn main() -> anyhow::Result<()> {
                 0 => println!("{}: valid", path.display()),
                 n => println!("{}: valid, with {n} warning(s)", path.display()),
             }
+            Ok(())
+        }
+        Command::BrokerConfig {
+            config,
+            out,
+            listener,
+            monitors,
+        } => {
+            let config = load(&config)?;
+            let mut users = crate::broker::users_from_config(&config)?;
+            users.extend(crate::broker::monitor_users(&out, &monitors)?);
+            let files = crate::broker::write_files(&out, &users, &listener)?;
+            println!("{}", crate::broker::install_hint(&files, users.len()));
             Ok(())
         }
         Command::Rules {

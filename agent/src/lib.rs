@@ -6,6 +6,7 @@
 pub mod api;
 pub mod automation;
 pub mod bridge;
+pub mod broker;
 pub mod cli;
 pub mod cloud;
 pub mod config;

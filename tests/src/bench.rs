@@ -155,3 +155,77 @@ pub async fn health(http: &reqwest::Client, api: &str) -> anyhow::Result<serde_j
         .await
         .context("reading /health")
 }
+
+/// The broker logins of a benchmark: its agent's, its masters' and one per tool client. The
+/// tools get the agent's rights: each plays many masters at once, or the agent.
+#[derive(Debug, Clone)]
+pub struct BenchLogins {
+    pub agent: crate::Login,
+    tools: Vec<crate::Login>,
+}
+
+/// Creates the logins on `stack`'s broker in one reload: `agent_username` for the agent, each of
+/// `masters` with the password derived from `key_hex`, and `tools` (their client ids).
+pub fn bench_logins(
+    stack: &crate::Stack,
+    agent_username: &str,
+    masters: &[String],
+    key_hex: &str,
+    tools: &[&str],
+) -> anyhow::Result<BenchLogins> {
+    use anyhow::Context as _;
+    use autocore_agent::broker::{BrokerUser, Role};
+    use autocore_agent::config::Secret;
+    let login = |username: &str| crate::Login {
+        username: username.to_string(),
+        password: crate::random_secret(16),
+    };
+    let agent = login(agent_username);
+    let tools: Vec<crate::Login> = tools.iter().map(|t| login(t)).collect();
+    let key = firmware_protocol::MasterKey::from_hex(key_hex).context("the masters' key")?;
+    let mut users = Vec::new();
+    for l in std::iter::once(&agent).chain(&tools) {
+        users.push(BrokerUser {
+            username: l.username.clone(),
+            password: Secret::new(l.password.clone()),
+            role: Role::Agent,
+        });
+    }
+    for m in masters {
+        let id = firmware_protocol::DeviceId::new(m.as_str()).context("a master's id")?;
+        users.push(BrokerUser::master(&id, &key));
+    }
+    stack
+        .mosquitto()?
+        .add_users(&users)
+        .context("adding the benchmark's broker logins")?;
+    Ok(BenchLogins { agent, tools })
+}
+
+impl BenchLogins {
+    /// The simulator's client options for tool `id`, logged in.
+    pub fn tool_options(
+        &self,
+        mqtt_url: &str,
+        id: &str,
+    ) -> anyhow::Result<firmware_protocol::sim::rumqttc::MqttOptions> {
+        use anyhow::Context as _;
+        let login = self
+            .tools
+            .iter()
+            .find(|l| l.username == id)
+            .with_context(|| format!("no broker login for the tool {id}"))?;
+        let mut options =
+            firmware_protocol::sim::mqtt_options(mqtt_url, id).context("MQTT options")?;
+        options.set_credentials(login.username.as_str(), login.password.as_str());
+        Ok(options)
+    }
+
+    /// The agent's `username` and `password` lines for its `[mqtt]` section.
+    pub fn agent_toml(&self) -> String {
+        format!(
+            "username = \"{}\"\npassword = \"{}\"\n",
+            self.agent.username, self.agent.password
+        )
+    }
+}

@@ -14,7 +14,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 
 pub use jwt::Claims;
-pub use mosquitto::Mosquitto;
+pub use mosquitto::{Login, Mosquitto, Role, Security};
 pub use postgres::{Postgres, PostgresOptions};
 pub use postgrest::Postgrest;
 
@@ -69,6 +69,9 @@ pub struct StackOptions {
     pub backend: bool,
     /// Mosquitto.
     pub mqtt: bool,
+    /// Mosquitto secured as the product ships it, unless a test needs a broker without limits
+    /// (`AUTOCORE_OPEN_BROKER=1` opens it for every test, to show which tests need the security).
+    pub broker: Security,
     pub postgres: PostgresOptions,
 }
 
@@ -77,6 +80,7 @@ impl Default for StackOptions {
         StackOptions {
             backend: true,
             mqtt: true,
+            broker: Security::from_env(),
             postgres: PostgresOptions::default(),
         }
     }
@@ -119,7 +123,7 @@ impl Stack {
             jwt_secret,
         };
         if options.mqtt {
-            stack.mosquitto = Some(Mosquitto::start()?);
+            stack.mosquitto = Some(Mosquitto::start_with(options.broker)?);
         }
         if options.backend {
             let pg = Postgres::start(&options.postgres)?;
@@ -154,6 +158,25 @@ impl Stack {
         self.mosquitto
             .as_mut()
             .ok_or(StackError::NotStarted("mosquitto"))
+    }
+
+    /// A new broker login with `role`'s rights and a random password (see [`Mosquitto::login`]).
+    pub fn broker_login(&self, role: Role, username: &str) -> Result<Login, StackError> {
+        self.mosquitto()?.login(role, username)
+    }
+
+    /// A master's own broker login: its id and the password derived from its key.
+    pub fn broker_master(
+        &self,
+        device_id: &firmware_protocol::DeviceId,
+        key: &firmware_protocol::MasterKey,
+    ) -> Result<Login, StackError> {
+        self.mosquitto()?.add_master(device_id, key)
+    }
+
+    /// The logins of every master a simulator plays (see [`Mosquitto::add_sim_masters`]).
+    pub fn admit_sim(&self, config: &firmware_protocol::sim::SimConfig) -> Result<(), StackError> {
+        self.mosquitto()?.add_sim_masters(config)
     }
 
     pub fn pg_url(&self) -> Result<String, StackError> {

@@ -199,6 +199,8 @@ async fn edge_demo(
         state_dir: None,
         poll: None,
     };
+    // The master logs in with its device id and the password derived from its key.
+    stack.admit_sim(&sim_config)?;
     let (sim_stop, sim_stopped) = tokio::sync::oneshot::channel::<()>();
     let sim_task = tokio::spawn(sim::run(sim_config, async move {
         let _ = sim_stopped.await;
@@ -211,19 +213,25 @@ async fn edge_demo(
     let toml = format!(
         "[agent]\nid = \"{AGENT}\"\n[store]\npath = \"{db}\"\ntelemetry_flush_ms = 200\n\
          [cloud]\nrest_url = \"{rest}\"\njwt = \"{jwt}\"\npoll_interval_ms = 500\n\
-         [mqtt]\nurl = \"{mqtt}\"\n[api]\nlisten = \"127.0.0.1:0\"\n\
+         [mqtt]\nurl = \"{mqtt}\"\nusername = \"autocore-{AGENT}\"\npassword = \"{mqtt_password}\"\n[api]\nlisten = \"127.0.0.1:0\"\n\
          [engine]\nstale_after_ms = 10000\n[safety]\noperator_token = \"{OPERATOR}\"\n\
          [[masters]]\ndevice_id = \"{MASTER}\"\nkey = \"{KEY_HEX}\"\n",
         db = dir.path().join("agent.db").display(),
         rest = stack.rest_url()?,
         jwt = stack.token(&Claims::agent(owner, AGENT)),
         mqtt = stack.mqtt_url()?,
+        mqtt_password = autocore_stack::random_secret(16),
     );
     let config = autocore_agent::config::AgentConfig::from_toml(
         &toml,
         std::path::Path::new("demo.toml"),
         std::iter::empty(),
     )?;
+    // The broker admits no one else: the logins `autocore-agent broker-config` writes for this
+    // configuration (the agent, and each master with its derived password).
+    stack
+        .mosquitto()?
+        .add_users(&autocore_agent::broker::users_from_config(&config)?)?;
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let health_url = format!("http://{}/health", api.local_addr()?);
     let local_api = format!("http://{}", api.local_addr()?);

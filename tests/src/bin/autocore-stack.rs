@@ -1,14 +1,41 @@
-//! `autocore-stack`: starts the local stack for a person, prints its `KEY=value` lines, and runs
-//! until Ctrl-C, then tears everything down.
+//! `autocore-stack`: starts the local stack for a person, prints its `KEY=value` lines (with an
+//! agent's and a monitor's broker login), and runs until Ctrl-C, then tears everything down.
+//! `--master DEVICE_ID=KEY_HEX` (repeatable) gives a master, e.g. an `esp32-sim`, its login.
 
 use anyhow::Context;
-use autocore_stack::{Stack, StackOptions};
+use autocore_stack::{Role, Stack, StackOptions};
 
 fn main() -> anyhow::Result<()> {
+    let mut masters = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        anyhow::ensure!(
+            arg == "--master",
+            "unknown argument {arg:?}; usage: autocore-stack [--master DEVICE_ID=KEY_HEX]..."
+        );
+        let value = args.next().context("--master needs DEVICE_ID=KEY_HEX")?;
+        let (id, key) = value
+            .split_once('=')
+            .context("--master needs DEVICE_ID=KEY_HEX")?;
+        masters.push((
+            firmware_protocol::DeviceId::new(id)?,
+            firmware_protocol::MasterKey::from_hex(key)
+                .map_err(|e| anyhow::anyhow!("--master {id}: {e}"))?,
+        ));
+    }
     let stack = Stack::start(StackOptions::default()).context("starting the local stack")?;
     for line in stack.env_lines() {
         println!("{line}");
     }
+    let agent = stack.broker_login(Role::Agent, "autocore-agent")?;
+    let monitor = stack.broker_login(Role::Monitor, "autocore-monitor")?;
+    for (id, key) in &masters {
+        stack.broker_master(id, key)?;
+    }
+    println!("AUTOCORE_MQTT_USERNAME={}", agent.username);
+    println!("AUTOCORE_MQTT_PASSWORD={}", agent.password);
+    println!("AUTOCORE_MQTT_MONITOR_USERNAME={}", monitor.username);
+    println!("AUTOCORE_MQTT_MONITOR_PASSWORD={}", monitor.password);
     eprintln!("autocore-stack: running; Ctrl-C stops it and removes its data");
     let (tx, rx) = std::sync::mpsc::channel();
     ctrlc_channel(tx)?;

@@ -69,6 +69,7 @@ struct Ctx {
     agent_jwt: String,
     user_jwt: String,
     http: reqwest::Client,
+    logins: autocore_stack::bench::BenchLogins,
 }
 
 /// One line of the summary table.
@@ -95,6 +96,7 @@ fn main() -> anyhow::Result<()> {
     let stack = Stack::start(StackOptions {
         backend: true,
         mqtt: true,
+        broker: autocore_stack::Security::Secured,
         postgres: PostgresOptions {
             durable: true,
             max_connections: 100,
@@ -123,6 +125,13 @@ fn main() -> anyhow::Result<()> {
             .pool_max_idle_per_host(16)
             .build()
             .context("building the HTTP client")?,
+        logins: autocore_stack::bench::bench_logins(
+            &stack,
+            BENCH_AGENT,
+            &(1..=MEMORY_MASTERS).map(master).collect::<Vec<_>>(),
+            KEY_HEX,
+            &["bench-load"],
+        )?,
     };
     let defaults = AgentConfig::from_toml(
         &agent_toml(&ctx, Path::new("/nonexistent.db"), "127.0.0.1:0", &[]),
@@ -223,13 +232,14 @@ rest_url = "{rest}"
 jwt = "{jwt}"
 [mqtt]
 url = "{mqtt}"
-[api]
+{login}[api]
 listen = "{api_listen}"
 "#,
         db = db.display(),
         rest = ctx.rest,
         jwt = ctx.agent_jwt,
         mqtt = ctx.mqtt,
+        login = ctx.logins.agent_toml(),
     );
     for m in masters {
         toml.push_str(&format!(
@@ -340,7 +350,7 @@ fn bench_ingest(
     let (agent_rate, wall, dropped) = runtime.block_on(async {
         let masters: Vec<String> = (1..=DATA_MASTERS).map(master).collect();
         let agent = start_agent(ctx, &dir.path().join("agent.db"), &masters).await?;
-        let options = sim::mqtt_options(&ctx.mqtt, "bench-load").context("MQTT options")?;
+        let options = ctx.logins.tool_options(&ctx.mqtt, "bench-load")?;
         let (client, mut eventloop) = sim::mqtt_client(options);
         let (ready_tx, ready) = oneshot::channel();
         let pump = tokio::spawn(async move {

@@ -134,6 +134,7 @@ fn main() -> anyhow::Result<()> {
     let stack = Stack::start(StackOptions {
         backend: true,
         mqtt: false,
+        broker: autocore_stack::Security::Secured,
         postgres: PostgresOptions {
             durable: true,
             max_connections: 100,

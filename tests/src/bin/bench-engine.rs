@@ -64,6 +64,7 @@ struct Ctx {
     mqtt: String,
     agent_jwt: String,
     http: reqwest::Client,
+    logins: autocore_stack::bench::BenchLogins,
 }
 
 struct Figure {
@@ -109,6 +110,7 @@ fn main() -> anyhow::Result<()> {
     let stack = Stack::start(StackOptions {
         backend: true,
         mqtt: true,
+        broker: autocore_stack::Security::Secured,
         postgres: PostgresOptions {
             durable: false,
             max_connections: 100,
@@ -134,6 +136,13 @@ fn main() -> anyhow::Result<()> {
         mqtt: stack.mqtt_url().context("the stack has no Mosquitto")?,
         agent_jwt: stack.token(&Claims::agent(BENCH_OWNER, BENCH_AGENT)),
         http: reqwest::Client::new(),
+        logins: autocore_stack::bench::bench_logins(
+            &stack,
+            BENCH_AGENT,
+            &(1..=MASTERS).map(master).collect::<Vec<_>>(),
+            KEY_HEX,
+            &["bench-prober", "bench-stop-watch", "bench-echo"],
+        )?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -401,7 +410,7 @@ rest_url = "{rest}"
 jwt = "{jwt}"
 [mqtt]
 url = "{mqtt}"
-[api]
+{login}[api]
 listen = "127.0.0.1:0"
 [safety]
 operator_token = "{OPERATOR}"
@@ -410,6 +419,7 @@ operator_token = "{OPERATOR}"
         rest = ctx.rest,
         jwt = ctx.agent_jwt,
         mqtt = ctx.mqtt,
+        login = ctx.logins.agent_toml(),
     );
     for m in 1..=MASTERS {
         toml.push_str(&format!(
@@ -541,7 +551,7 @@ async fn listener(
     rumqttc::AsyncClient,
     mpsc::UnboundedReceiver<(Instant, String, Vec<u8>)>,
 )> {
-    let options = sim::mqtt_options(&ctx.mqtt, id).context("MQTT options")?;
+    let options = ctx.logins.tool_options(&ctx.mqtt, id)?;
     let (client, mut eventloop) = sim::mqtt_client(options);
     let (tx, rx) = mpsc::unbounded_channel();
     let (ready_tx, ready) = oneshot::channel();
@@ -580,10 +590,10 @@ async fn listener(
     Ok((client, rx))
 }
 
-/// Echo client of the bare round trip: `bench/echo/in/{m}` (QoS 0) → `bench/echo/out/{m}`
+/// Echo client of the bare round trip: `autocore/bench/echo/in/{m}` (QoS 0) → `autocore/bench/echo/out/{m}`
 /// (QoS 1) with a payload of `reply_len` bytes.
 async fn start_echo(ctx: &Ctx, reply_len: usize) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let options = sim::mqtt_options(&ctx.mqtt, "bench-echo").context("MQTT options")?;
+    let options = ctx.logins.tool_options(&ctx.mqtt, "bench-echo")?;
     let (client, mut eventloop) = sim::mqtt_client(options);
     let (ready_tx, ready) = oneshot::channel();
     let reply = vec![b'x'; reply_len];
@@ -593,7 +603,9 @@ async fn start_echo(ctx: &Ctx, reply_len: usize) -> anyhow::Result<tokio::task::
         loop {
             match eventloop.poll().await {
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
-                    let out = p.topic.replace("bench/echo/in/", "bench/echo/out/");
+                    let out = p
+                        .topic
+                        .replace("autocore/bench/echo/in/", "autocore/bench/echo/out/");
                     let _ =
                         publisher.try_publish(out, rumqttc::QoS::AtLeastOnce, false, reply.clone());
                 }
@@ -609,7 +621,7 @@ async fn start_echo(ctx: &Ctx, reply_len: usize) -> anyhow::Result<tokio::task::
     });
     // The agent subscribes to telemetry with QoS 0: so does the echo.
     client
-        .subscribe("bench/echo/in/+", rumqttc::QoS::AtMostOnce)
+        .subscribe("autocore/bench/echo/in/+", rumqttc::QoS::AtMostOnce)
         .await
         .context("subscribing the echo")?;
     tokio::time::timeout(Duration::from_secs(10), ready)
@@ -672,7 +684,7 @@ async fn bench_latency(
     let (client, mut rx) = listener(
         ctx,
         "bench-prober",
-        &["autocore/devices/+/command", "bench/echo/out/+"],
+        &["autocore/devices/+/command", "autocore/bench/echo/out/+"],
     )
     .await?;
     let mut stamps = Stamps(HashMap::new());
@@ -750,9 +762,9 @@ async fn bench_latency(
         let bare = round_trip(
             &client,
             &mut rx,
-            &format!("bench/echo/in/{}", master(m)),
+            &format!("autocore/bench/echo/in/{}", master(m)),
             probe_payload(ts, 1.0),
-            &format!("bench/echo/out/{}", master(m)),
+            &format!("autocore/bench/echo/out/{}", master(m)),
             Duration::from_secs(2),
         )
         .await?

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use autocore_stack::Claims;
+use autocore_stack::{Claims, Role};
 use firmware_protocol::sim::rumqttc::QoS;
 use firmware_protocol::sim::{self, MasterTiming, RadioSpec, SimConfig};
 use tokio::sync::oneshot;
@@ -19,12 +19,16 @@ use crate::support::{
 const KEY_HEX: &str = "7c1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
 
 /// Every ack the master publishes, as (command id, result).
-async fn ack_observer(mqtt_url: &str) -> Arc<Mutex<Vec<(String, String)>>> {
+async fn ack_observer(world: &World) -> Arc<Mutex<Vec<(String, String)>>> {
     let acks = Arc::new(Mutex::new(Vec::new()));
     let sink = acks.clone();
+    let login = world
+        .stack
+        .broker_login(Role::Monitor, "ack-observer")
+        .unwrap();
     observe_json(
-        mqtt_url,
-        "ack-observer",
+        &world.stack.mqtt_url().unwrap(),
+        &login,
         &format!("autocore/devices/{MASTER}/ack"),
         QoS::AtLeastOnce,
         move |v| {
@@ -71,7 +75,7 @@ fn spawn_agent(config: &std::path::Path) -> AgentProcess {
 async fn an_agent_killed_between_lock_and_ack_completes_the_command_once_after_a_restart() {
     let world = World::start_full();
     let mqtt = world.stack.mqtt_url().unwrap();
-    let acks = ack_observer(&mqtt).await;
+    let acks = ack_observer(&world).await;
 
     // A slow radio widens the window between the lock and the ack to well over a second.
     let sim_config = SimConfig {
@@ -83,7 +87,7 @@ async fn an_agent_killed_between_lock_and_ack_completes_the_command_once_after_a
             loss_percent: 0,
             delay_ms: 700,
         },
-        ..one_master_sim(&mqtt, KEY_HEX)
+        ..one_master_sim(&world, KEY_HEX)
     };
     let (_sim_stop, sim_stopped) = oneshot::channel::<()>();
     tokio::spawn(sim::run(sim_config, async move {
@@ -92,16 +96,19 @@ async fn an_agent_killed_between_lock_and_ack_completes_the_command_once_after_a
 
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("agent.db");
+    let login = world.stack.broker_login(Role::Agent, "pi-alice").unwrap();
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
         format!(
             "[agent]\nid = \"pi-alice\"\n[store]\npath = \"{db}\"\n[cloud]\nrest_url = \"{rest}\"\njwt = \"{jwt}\"\npoll_interval_ms = 100\n\
-             [mqtt]\nurl = \"{mqtt}\"\nack_timeout_ms = 5000\n[api]\nlisten = \"127.0.0.1:0\"\n\
+             [mqtt]\nurl = \"{mqtt}\"\nusername = \"{user}\"\npassword = \"{password}\"\nack_timeout_ms = 5000\n[api]\nlisten = \"127.0.0.1:0\"\n\
              [[masters]]\ndevice_id = \"{MASTER}\"\nkey = \"{KEY_HEX}\"\n",
             db = db.display(),
             rest = world.stack.rest_url().unwrap(),
             jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice")),
+            user = login.username,
+            password = login.password,
         ),
     )
     .unwrap();

@@ -3,15 +3,14 @@
 
 use std::time::Duration;
 
-use autocore_stack::Claims;
-use firmware_protocol::sim;
+use autocore_stack::{Claims, Role};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::support::{
-    ALICE, Agent, MASTER, SLAVE, World, eventually, insert_command, master_toml, observe_json,
-    one_master_sim, start_agent, start_sim, until_status,
+    ALICE, Agent, MASTER, SLAVE, World, eventually, insert_command, master_toml, mqtt_options,
+    observe_json, one_master_sim, start_agent, start_sim, until_status,
 };
 
 /// How long the backend stays away in the outage test: short in CI, a minute with
@@ -26,13 +25,17 @@ fn outage() -> Duration {
 
 /// Collects the `ts_ms` of every telemetry payload the master publishes.
 async fn telemetry_observer(
-    mqtt_url: &str,
+    world: &World,
 ) -> std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<i64>>> {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
     let sink = seen.clone();
+    let login = world
+        .stack
+        .broker_login(Role::Monitor, "telemetry-observer")
+        .unwrap();
     observe_json(
-        mqtt_url,
-        "telemetry-observer",
+        &world.stack.mqtt_url().unwrap(),
+        &login,
         &format!("autocore/devices/{MASTER}/telemetry"),
         firmware_protocol::sim::rumqttc::QoS::AtMostOnce,
         move |v| {
@@ -61,7 +64,7 @@ impl std::ops::Deref for Edge {
 }
 
 async fn start_edge(world: &World) -> Edge {
-    let sim_stop = start_sim(one_master_sim(&world.stack.mqtt_url().unwrap(), KEY_HEX));
+    let sim_stop = start_sim(one_master_sim(world, KEY_HEX));
     let agent = start_agent(world, &master_toml(MASTER, KEY_HEX, "mqtt")).await;
     Edge {
         _sim_stop: sim_stop,
@@ -148,7 +151,7 @@ async fn a_command_from_the_dashboard_runs_on_the_slave_and_is_completed_in_the_
 async fn with_the_backend_away_commands_run_and_every_reading_and_completion_arrives_once_it_returns()
  {
     let mut world = World::start_full();
-    let published = telemetry_observer(&world.stack.mqtt_url().unwrap()).await;
+    let published = telemetry_observer(&world).await;
     let edge = start_edge(&world).await;
     eventually(
         "first telemetry in the cloud",
@@ -313,11 +316,24 @@ async fn after_a_broker_restart_the_agent_resubscribes_and_a_command_sent_meanwh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_malformed_messages_are_counted_and_control_keeps_working() {
-    use firmware_protocol::sim::rumqttc::{AsyncClient, MqttOptions, QoS};
+    use firmware_protocol::sim::rumqttc::{AsyncClient, QoS};
     let world = World::start_full();
     let edge = start_edge(&world).await;
-    let (host, port) = sim::parse_mqtt_url(&world.stack.mqtt_url().unwrap()).unwrap();
-    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("flooder", host, port), 20_000);
+    // Only MASTER's rights reach its topics; a login of its own, so that the simulator playing
+    // MASTER keeps its connection (the broker makes the username the client id).
+    let login = world
+        .stack
+        .broker_login(
+            Role::Master {
+                device_id: MASTER.into(),
+            },
+            "flooder",
+        )
+        .unwrap();
+    let (client, mut eventloop) = AsyncClient::new(
+        mqtt_options(&world.stack.mqtt_url().unwrap(), &login),
+        20_000,
+    );
     let pump = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
     let malformed: [&[u8]; 4] = [
         b"{not json",
@@ -375,21 +391,29 @@ async fn eventually_metric(url: &str, line: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configuration_changed_in_the_cloud_reaches_the_master_as_a_retained_message() {
-    use firmware_protocol::sim::rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    use firmware_protocol::sim::rumqttc::{AsyncClient, Event, Packet, QoS};
     let world = World::start_full();
     let _edge = start_edge(&world).await;
+    let reader = world
+        .stack
+        .broker_login(
+            Role::Master {
+                device_id: MASTER.into(),
+            },
+            "config-reader",
+        )
+        .unwrap();
     world.sql(&format!(
         "update device_status set config = '{{\"telemetry_interval_ms\": 2000, \"master_silent_timeout_ms\": 5000,
            \"slaves\": [{{\"mac\": \"{SLAVE}\", \"relays\": [{{\"max_on_s\": 600}}, {{\"max_on_s\": 0, \"boot_on\": false}}]}}]}}',
            config_version = config_version + 1 where device_id = '{MASTER}'"
     ));
     // A late subscriber still gets it: the message is retained.
-    let (host, port) = sim::parse_mqtt_url(&world.stack.mqtt_url().unwrap()).unwrap();
     let mut found = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while found.is_none() && tokio::time::Instant::now() < deadline {
         let (client, mut eventloop) =
-            AsyncClient::new(MqttOptions::new("config-reader", host.clone(), port), 10);
+            AsyncClient::new(mqtt_options(&world.stack.mqtt_url().unwrap(), &reader), 10);
         client
             .subscribe(
                 format!("autocore/config/devices/{MASTER}"),
@@ -460,9 +484,19 @@ async fn when_a_relays_duration_ends_the_cloud_shows_it_off() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_master_that_announces_itself_is_registered_for_adoption() {
-    use firmware_protocol::sim::rumqttc::{AsyncClient, MqttOptions, QoS};
+    use firmware_protocol::sim::rumqttc::{AsyncClient, QoS};
     let world = World::start_full();
     let _edge = start_edge(&world).await;
+    // A master with a broker login that this agent does not serve (another Pi's, say).
+    let stranger = world
+        .stack
+        .broker_login(
+            Role::Master {
+                device_id: "ESP32_STRANGER".into(),
+            },
+            "ESP32_STRANGER",
+        )
+        .unwrap();
     eventually("the agent subscribed", Duration::from_secs(30), || {
         (world.sql_one(&format!(
             "select is_online from device_status where device_id = '{MASTER}'"
@@ -470,8 +504,10 @@ async fn an_unknown_master_that_announces_itself_is_registered_for_adoption() {
             .then_some(())
     })
     .await;
-    let (host, port) = sim::parse_mqtt_url(&world.stack.mqtt_url().unwrap()).unwrap();
-    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new("stranger", host, port), 10);
+    let (client, mut eventloop) = AsyncClient::new(
+        mqtt_options(&world.stack.mqtt_url().unwrap(), &stranger),
+        10,
+    );
     let pump = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
     let announce = br#"{"v":1,"device_id":"ESP32_STRANGER","kind":"master","firmware":"2.0.1","mac":"24:6F:28:00:00:77","slaves":[],"sensors":[],"telemetry_interval_ms":1000}"#;
     for _ in 0..3 {

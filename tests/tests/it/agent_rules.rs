@@ -61,7 +61,7 @@ async fn create_seed_rule(world: &World) -> String {
 
 /// pH from 6.8 down to 6.0 in 4 s (a reading every 200 ms), then steady at 6.0.
 fn ramping_sim(world: &World) -> firmware_protocol::sim::SimConfig {
-    let mut sim = one_master_sim(&world.stack.mqtt_url().unwrap(), KEY_HEX);
+    let mut sim = one_master_sim(world, KEY_HEX);
     sim.masters[0].sensors = vec![SensorSpec {
         name: "ph".into(),
         unit: Some("pH".into()),
@@ -304,7 +304,7 @@ async fn with_the_backend_stopped_the_rule_still_fires_and_the_records_arrive_af
 async fn the_emergency_stop_switches_everything_off_blocks_commands_and_holds_until_reset() {
     let world = World::start_full();
     let agent = agent(&world).await;
-    let _sim = start_sim(one_master_sim(&world.stack.mqtt_url().unwrap(), KEY_HEX));
+    let _sim = start_sim(one_master_sim(&world, KEY_HEX));
     let on = insert_command(&world, MASTER, SLAVE, 1, 600);
     until_status(&world, &on, "completed", Duration::from_secs(30)).await;
 

@@ -109,7 +109,9 @@ async fn publish_retained(mqtt_url: &str, topic: &str, payload: Vec<u8>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retained_100_kb_message_costs_the_agent_neither_its_connection_nor_a_command() {
-    let world = World::start_full();
+    // The shipped broker drops such a message (message_size_limit); a broker set up otherwise
+    // delivers it, and the agent must survive that too.
+    let world = World::start_with_open_broker();
     let mqtt = world.stack.mqtt_url().unwrap();
     // There before the agent starts: delivered to it at every (re)subscription.
     publish_retained(
@@ -118,7 +120,7 @@ async fn a_retained_100_kb_message_costs_the_agent_neither_its_connection_nor_a_
         vec![b'{'; 100 * 1024],
     )
     .await;
-    let _sim = start_sim(one_master_sim(&mqtt, KEY_HEX));
+    let _sim = start_sim(one_master_sim(&world, KEY_HEX));
     let agent = start_agent(&world, &master_toml(MASTER, KEY_HEX, "mqtt")).await;
     let id = insert_command(&world, MASTER, SLAVE, 1, 5);
     until_status(&world, &id, "completed", Duration::from_secs(30)).await;

@@ -5,6 +5,7 @@ mod agent_flow;
 mod agent_local_api;
 mod agent_rules;
 mod agent_surfaces;
+mod broker;
 mod command_queue;
 mod harness;
 mod pgtap;

@@ -90,9 +90,13 @@ async fn a_forged_ack_or_relay_report_changes_nothing_in_the_cloud_and_a_signed_
     let agent = start_agent(&world, &master_toml(MASTER, KEY_HEX, "mqtt")).await;
     let sent = Arc::new(Mutex::new(Vec::<Value>::new()));
     let sink = sent.clone();
+    let monitor = world
+        .stack
+        .broker_login(autocore_stack::Role::Monitor, "command-observer")
+        .unwrap();
     observe_json(
         &mqtt,
-        "command-observer",
+        &monitor,
         &Topic::Command(DeviceId::new(MASTER).unwrap()).to_string(),
         rumqttc::QoS::AtLeastOnce,
         move |v| sink.lock().unwrap().push(v),

@@ -26,6 +26,15 @@ impl World {
         World::start_with(StackOptions::default())
     }
 
+    /// The backend and a Mosquitto with no logins, ACLs or size limit: a broker the agent does
+    /// not control, for tests of what the agent survives.
+    pub fn start_with_open_broker() -> World {
+        World::start_with(StackOptions {
+            broker: autocore_stack::Security::Open,
+            ..StackOptions::default()
+        })
+    }
+
     fn start_with(options: StackOptions) -> World {
         let stack = Stack::start(options).expect("stack starts");
         let world = World {
@@ -164,8 +173,15 @@ pub const MASTER: &str = "ESP32_ALICE_1";
 pub const SLAVE: &str = "14:33:5C:38:BF:60";
 
 /// The simulator playing MASTER with SLAVE (4 relays, at most an hour on) and a pH sensor at
-/// 6.8, on a fast radio; tests adjust timing and radio with struct update syntax.
-pub fn one_master_sim(mqtt_url: &str, key_hex: &str) -> firmware_protocol::sim::SimConfig {
+/// 6.8, on a fast radio, with MASTER's login on the world's broker; tests adjust timing and
+/// radio with struct update syntax.
+pub fn one_master_sim(world: &World, key_hex: &str) -> firmware_protocol::sim::SimConfig {
+    let config = one_master_sim_on(&world.stack.mqtt_url().unwrap(), key_hex);
+    world.stack.admit_sim(&config).expect("the master's login");
+    config
+}
+
+fn one_master_sim_on(mqtt_url: &str, key_hex: &str) -> firmware_protocol::sim::SimConfig {
     use firmware_protocol::message::RelayLimits;
     use firmware_protocol::sim::{
         MasterSpec, MasterTiming, RadioSpec, SensorSource, SensorSpec, SimConfig, SlaveSpec,
@@ -270,7 +286,8 @@ pub fn master_toml(device_id: &str, key_hex: &str, transport: &str) -> String {
 }
 
 /// Starts an agent on the world's stack; `tail_toml` adds sections ([engine], [safety], ...)
-/// and ends with its `[[masters]]` (see [`master_toml`]).
+/// and ends with its `[[masters]]` (see [`master_toml`]). The agent and its masters get their
+/// broker logins first, as `autocore-agent broker-config` would give them.
 pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
     let jwt = world
         .stack
@@ -280,7 +297,16 @@ pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
 
 /// [`start_agent`] with the JWT `jwt`, for tokens the backend must refuse.
 pub async fn start_agent_with_jwt(world: &World, jwt: &str, tail_toml: &str) -> Agent {
-    let mqtt = format!("url = \"{}\"", world.stack.mqtt_url().unwrap());
+    let login = world
+        .stack
+        .broker_login(autocore_stack::Role::Agent, "pi-alice")
+        .expect("the agent's broker login");
+    let mqtt = format!(
+        "url = \"{}\"\n        username = \"{}\"\n        password = \"{}\"",
+        world.stack.mqtt_url().unwrap(),
+        login.username,
+        login.password
+    );
     start_agent_with(world, jwt, &mqtt, tail_toml).await
 }
 
@@ -315,6 +341,9 @@ pub async fn start_agent_with(world: &World, jwt: &str, mqtt_toml: &str, tail_to
         std::iter::empty(),
     )
     .unwrap();
+    if world.stack.mosquitto().is_ok() {
+        admit_masters(world, &config);
+    }
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api_url = format!("http://{}", api.local_addr().unwrap());
     let mut kept = config.clone();
@@ -337,6 +366,19 @@ pub async fn start_agent_with(world: &World, jwt: &str, mqtt_toml: &str, tail_to
     }
 }
 
+/// The broker logins of an agent configuration's `[[masters]]`.
+pub fn admit_masters(world: &World, config: &autocore_agent::config::AgentConfig) {
+    for master in &config.masters {
+        world
+            .stack
+            .broker_master(
+                &firmware_protocol::DeviceId::new(master.device_id.as_str()).unwrap(),
+                &firmware_protocol::MasterKey::from_hex(master.key.expose()).unwrap(),
+            )
+            .expect("a master's broker login");
+    }
+}
+
 impl Agent {
     /// Stops the agent as SIGTERM does and waits for `run` to return: every task ends.
     pub async fn shut_down(mut self) {
@@ -351,18 +393,17 @@ impl Agent {
     }
 }
 
-/// Subscribes to `topic` on the broker as `client_id` and hands every payload that is JSON to
-/// `sink`; returns once the broker has acknowledged the subscription.
+/// Subscribes to `topic` on the broker with a monitor's `login` and hands every payload that is
+/// JSON to `sink`; returns once the broker has acknowledged the subscription.
 pub async fn observe_json(
     mqtt_url: &str,
-    client_id: &str,
+    login: &autocore_stack::Login,
     topic: &str,
     qos: firmware_protocol::sim::rumqttc::QoS,
     mut sink: impl FnMut(Value) + Send + 'static,
 ) {
-    use firmware_protocol::sim::rumqttc::{AsyncClient, Event, MqttOptions, Packet};
-    let (host, port) = firmware_protocol::sim::parse_mqtt_url(mqtt_url).unwrap();
-    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new(client_id, host, port), 100);
+    use firmware_protocol::sim::rumqttc::{AsyncClient, Event, Packet};
+    let (client, mut eventloop) = AsyncClient::new(mqtt_options(mqtt_url, login), 100);
     client.subscribe(topic, qos).await.unwrap();
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -385,4 +426,16 @@ pub async fn observe_json(
         }
     });
     let _ = ready.await;
+}
+
+/// Client options for `login` (whose username the broker makes the client id).
+pub fn mqtt_options(
+    mqtt_url: &str,
+    login: &autocore_stack::Login,
+) -> firmware_protocol::sim::rumqttc::MqttOptions {
+    let (host, port) = firmware_protocol::sim::parse_mqtt_url(mqtt_url).unwrap();
+    let mut options =
+        firmware_protocol::sim::rumqttc::MqttOptions::new(login.username.as_str(), host, port);
+    options.set_credentials(login.username.as_str(), login.password.as_str());
+    options
 }
