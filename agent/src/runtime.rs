@@ -214,6 +214,9 @@ pub async fn run(
     api: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RuntimeError> {
+    // With two providers compiled in (see Cargo.toml), rustls would panic at the first TLS
+    // handshake; an error here only means one is installed already.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let store = Store::open(&config.store.path)?;
     let store = StoreHandle::new(store);
     let token = match (&config.cloud.jwt, &config.cloud.jwt_file) {
