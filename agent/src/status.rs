@@ -100,6 +100,16 @@ pub async fn report(config: &AgentConfig) -> String {
 mod tests {
     use super::*;
 
+    /// An agent configured with `db` whose broker, backend and API are port 9 (discard) on
+    /// loopback: nothing of ours listens there, so it reads as not running.
+    fn unreachable_agent(db: &std::path::Path) -> AgentConfig {
+        let text = format!(
+            "[agent]\nid = \"pi-x\"\n[store]\npath = \"{}\"\n[cloud]\nrest_url = \"http://127.0.0.1:9\"\njwt = \"t\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n[api]\nlisten = \"127.0.0.1:9\"\n",
+            db.display()
+        );
+        AgentConfig::from_toml(&text, std::path::Path::new("t.toml"), std::iter::empty()).unwrap()
+    }
+
     #[tokio::test]
     async fn without_a_running_agent_status_reads_the_database() {
         let dir = tempfile::tempdir().unwrap();
@@ -115,14 +125,7 @@ mod tests {
                 )
                 .unwrap();
         }
-        // Port 9 (discard) on loopback: nothing of ours listens there.
-        let text = format!(
-            "[agent]\nid = \"pi-x\"\n[store]\npath = \"{}\"\n[cloud]\nrest_url = \"http://127.0.0.1:9\"\njwt = \"t\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n[api]\nlisten = \"127.0.0.1:9\"\n",
-            db.display()
-        );
-        let config =
-            AgentConfig::from_toml(&text, std::path::Path::new("t.toml"), std::iter::empty())
-                .unwrap();
+        let config = unreachable_agent(&db);
         let report = report(&config).await;
         assert!(report.contains("not running"), "{report}");
         assert!(report.contains("outbox: 1 rows"), "{report}");
@@ -132,13 +135,7 @@ mod tests {
     async fn status_without_a_database_names_the_path_and_creates_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("data").join("agent.db");
-        let text = format!(
-            "[agent]\nid = \"pi-x\"\n[store]\npath = \"{}\"\n[cloud]\nrest_url = \"http://127.0.0.1:9\"\njwt = \"t\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n[api]\nlisten = \"127.0.0.1:9\"\n",
-            db.display()
-        );
-        let config =
-            AgentConfig::from_toml(&text, std::path::Path::new("t.toml"), std::iter::empty())
-                .unwrap();
+        let config = unreachable_agent(&db);
         let report = report(&config).await;
         assert!(report.contains(&db.display().to_string()), "{report}");
         assert!(report.contains("no database"), "{report}");
