@@ -446,3 +446,58 @@ async fn a_rule_the_engine_cannot_run_gets_its_reason_in_the_dashboard_and_clear
     )
     .await;
 }
+
+/// A slave that boots with both relays of a mutex group on (its configured boot state, or a
+/// board switched by hand) has the whole group switched off by the agent at once, recorded as
+/// an event in the cloud and listed in `/health`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mutex_group_found_violated_at_boot_is_switched_off_at_once_and_reported() {
+    let world = World::start_full();
+    let mut sim = one_master_sim(&world, KEY_HEX);
+    for relay in [2, 3] {
+        sim.masters[0].slaves[0].relays[relay].boot_on = true;
+    }
+    let tail = format!(
+        "[safety]\noperator_token = \"{OPERATOR}\"\n[[safety.mutex_groups]]\nname = \"motor direction\"\nmaster = \"{MASTER}\"\nslave_mac = \"{SLAVE}\"\nrelays = [2, 3]\n{}",
+        master_toml(MASTER, KEY_HEX, "mqtt")
+    );
+    let agent = start_agent(&world, &tail).await;
+    let _sim = start_sim(sim);
+    let event = eventually(
+        "the violation recorded in the cloud",
+        Duration::from_secs(30),
+        || {
+            world
+                .sql("select message from event_logs where event_type = 'mutex_violation'")
+                .into_iter()
+                .next()
+        },
+    )
+    .await;
+    assert!(
+        event.contains("motor direction") && event.contains("relays 2, 3 on"),
+        "{event}"
+    );
+    // The slave's own report says both are off now.
+    eventually(
+        "the group off in relay_slaves",
+        Duration::from_secs(30),
+        || {
+            (world.sql_one(&format!(
+                "select relay_states[3:4]::text from relay_slaves where slave_mac_address = '{SLAVE}'"
+            )) == "{f,f}")
+                .then_some(())
+        },
+    )
+    .await;
+    let health: Value = reqwest::get(format!("{}/health", agent.api))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed = &health["automation"]["mutex_violations"];
+    assert_eq!(listed[0]["group"], "motor direction", "{health}");
+    assert_eq!(listed[0]["relays_on"], json!([2, 3]), "{health}");
+    agent.shut_down().await;
+}
