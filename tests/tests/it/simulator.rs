@@ -809,3 +809,63 @@ async fn a_command_for_two_relays_switches_both_and_acks_both_states() {
     }
     sim.stop().await;
 }
+
+/// The reported case: with a slow radio (1.5 s a frame) a relay-on was still queued when the
+/// stop latched, was acked `failed`, and then switched the relay on at the slave before the stop
+/// frame arrived. Now the latching master withdraws what it queued, so the stop goes first and
+/// the command, which never left, ends failed for the stop and never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_on_a_slow_radio_withdraws_what_was_queued_and_nothing_switches_on_after_it() {
+    let broker = Mosquitto::start().unwrap();
+    let mut observer = Observer::connect(&broker, "observer-slow-stop").await;
+    let mut slow = config_on(&broker, None);
+    slow.radio = RadioSpec {
+        loss_percent: 0,
+        delay_ms: 1_500,
+    };
+    let sim = RunningSim::start(slow);
+    observer.wait_online().await;
+    let mut signer = signer();
+    let on = signer.seal(command(601, 0, SwitchAction::On, 600));
+    observer.send_command(&on).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    observer
+        .publish_retained(
+            &Topic::EmergencyStop,
+            Emergency::new("slow radio").encode().unwrap(),
+        )
+        .await;
+    let ack = observer.ack_for(on.command_id).await;
+    assert_eq!(ack.result, AckResult::Failed, "{ack:?}");
+    assert_eq!(
+        ack.error.map(|e| e.code),
+        Some(AckErrorCode::EmergencyLatched),
+        "withdrawn by the stop, not timed out"
+    );
+    // Twice the radio's round trip: no report ever shows the relay on.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    let state_topic = Topic::RelayState(master_id()).to_string();
+    let mut reports = 0;
+    while let Ok(Some((topic, payload, _))) =
+        tokio::time::timeout_at(deadline, observer.messages.recv()).await
+    {
+        if topic == state_topic
+            && let Ok(report) = RelayStateReport::decode(&payload)
+        {
+            reports += 1;
+            assert!(
+                !report.slaves[0]
+                    .relay_states
+                    .first()
+                    .copied()
+                    .unwrap_or(false),
+                "relay 0 came on after the stop: {report:?}"
+            );
+        }
+    }
+    assert!(reports > 0, "the slave's states were reported");
+    observer
+        .publish_retained(&Topic::EmergencyStop, Vec::new())
+        .await;
+    sim.stop().await;
+}
