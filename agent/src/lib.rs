@@ -19,6 +19,7 @@ pub mod reports;
 pub mod rules;
 pub mod runtime;
 pub mod safety;
+pub mod service;
 pub mod status;
 pub mod store;
 #[cfg(test)]

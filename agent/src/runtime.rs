@@ -340,9 +340,14 @@ pub async fn run(
         crate::api::ServeLimits::default(),
         api_cancel,
     ));
+    if let Some(period) = crate::service::watchdog_period() {
+        tasks.spawn(watchdog_loop(shared.clone(), period, cancel.clone()));
+    }
     info!(agent = %shared.config.agent.id, version = crate::VERSION, "agent running");
+    crate::service::ready();
 
     shutdown.await;
+    crate::service::stopping();
     info!("shutting down");
     publish_gateway_status(
         &shared,
@@ -359,6 +364,23 @@ pub async fn run(
     let _ = shared.mqtt.disconnect().await;
     while tasks.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Feeds systemd's watchdog every `period` (half its interval) while the runtime schedules
+/// tasks and the store answers: a wedged runtime or a store lock held for good stops the pings,
+/// and systemd restarts the agent.
+async fn watchdog_loop(shared: Arc<Shared>, period: Duration, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match shared.store.call(|_| Ok(())).await {
+            Ok(()) => crate::service::watchdog(),
+            Err(e) => warn!(error = %e, "the store did not answer: not feeding the watchdog"),
+        }
+    }
 }
 
 /// The engine and the automation executor, restored from disk: rule timers and arming, relays
