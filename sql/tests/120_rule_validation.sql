@@ -4,7 +4,7 @@
 -- dashboard watches is in supabase_realtime with REPLICA IDENTITY FULL, and the migration re-runs.
 begin;
 \ir fixtures/world.sql
-select plan(44);
+select plan(45);
 
 create temporary table bad (name text, rule jsonb, message text);
 insert into bad values
@@ -142,6 +142,10 @@ select is((select count(*) from decision_rules where rule_id like 'R_GOOD_%'), 7
   'alice reads back every valid rule');
 select is(public.rule_json_problems(rule), '{}'::text[], 'rule_json_problems finds nothing in: ' || name)
 from good where name like 'the seed%';
+
+select ok(has_function_privilege('authenticated', 'public.rule_json_problems(jsonb)', 'execute')
+  and not has_function_privilege('anon', 'public.rule_json_problems(jsonb)', 'execute'),
+  'a signed-in caller may check a rule without saving it; anon may not');
 
 -- The table's own constraints still speak first, by their own names.
 select throws_like($$insert into decision_rules (device_id, rule_id, rule_name, rule_json)

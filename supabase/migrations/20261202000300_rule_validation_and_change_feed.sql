@@ -278,7 +278,7 @@ end
 $$;
 
 -- Every problem of a rule_json, each ending in its JSON path; empty when the rule is valid.
--- Public (PostgREST: POST /rpc/rule_json_problems {"rule": ...}) so an editor can check a rule
+-- In public (PostgREST: POST /rpc/rule_json_problems {"rule": ...}) so an editor can check a rule
 -- before saving it. SECURITY DEFINER only to reach the private helpers, which no API role may
 -- call; it reads nothing but its argument.
 create or replace function public.rule_json_problems(rule jsonb) returns text[]
@@ -319,7 +319,8 @@ revoke all on function private.rule_json_number_problems(jsonb, text, boolean, n
 revoke all on function private.rule_json_string_problems(jsonb, text, boolean, text) from public, anon, authenticated, service_role;
 revoke all on function private.rule_json_condition_problems(jsonb, text, integer) from public, anon, authenticated, service_role;
 revoke all on function private.rule_json_action_problems(jsonb, text) from public, anon, authenticated, service_role;
-grant execute on function public.rule_json_problems(jsonb) to anon, authenticated, service_role;
+revoke all on function public.rule_json_problems(jsonb) from public, anon;
+grant execute on function public.rule_json_problems(jsonb) to authenticated, service_role;
 
 -- AFTER, not BEFORE: the table's own check constraints (decision_rules_rule_json_shape,
 -- decision_rules_priority_range, ...) run first and keep their names in their refusals.
