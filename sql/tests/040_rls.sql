@@ -8,9 +8,9 @@ select tests.command('ESP32_ALICE_2') as a2 \gset
 select tests.command('ESP32_ALICE_R') as ar \gset
 select tests.command('ESP32_BOB_1') as b1 \gset
 insert into decision_rules (device_id, rule_id, rule_name, rule_json) values
-  ('ESP32_ALICE_1', 'R1', 'ph low', '{"conditions":{},"actions":[{"type":"relay_on"}]}'),
-  ('ESP32_ALICE_2', 'R2', 'ec low', '{"conditions":{},"actions":[{"type":"relay_on"}]}'),
-  ('ESP32_BOB_1', 'R3', 'bob rule', '{"conditions":{},"actions":[{"type":"relay_on"}]}');
+  ('ESP32_ALICE_1', 'R1', 'ph low', '{"conditions":{"type":"sensor_compare","sensor":"ph","operator":"<","value":6.5},"actions":[{"type":"relay_off","slave_mac_address":"14:33:5C:38:BF:60","relay_number":0}]}'),
+  ('ESP32_ALICE_2', 'R2', 'ec low', '{"conditions":{"type":"sensor_compare","sensor":"ph","operator":"<","value":6.5},"actions":[{"type":"relay_off","slave_mac_address":"14:33:5C:38:BF:60","relay_number":0}]}'),
+  ('ESP32_BOB_1', 'R3', 'bob rule', '{"conditions":{"type":"sensor_compare","sensor":"ph","operator":"<","value":6.5},"actions":[{"type":"relay_off","slave_mac_address":"14:33:5C:38:BF:60","relay_number":0}]}');
 insert into macros (id, owner_id, agent_id, name) values
   ('d0000000-0000-0000-0000-0000000000d1', 'a0000000-0000-0000-0000-000000000001', 'pi-alice', 'flush');
 

@@ -4,11 +4,11 @@ begin;
 select plan(12);
 
 insert into decision_rules (id, device_id, rule_id, rule_name, rule_json, priority, created_at) values
-  ('e0000000-0000-0000-0000-000000000001', 'ESP32_ALICE_1', 'R_LOW', 'low', '{"conditions":{},"actions":[{"type":"relay_on"}]}', 10, now() - interval '3 s'),
-  ('e0000000-0000-0000-0000-000000000002', 'ESP32_ALICE_1', 'R_HIGH', 'high', '{"conditions":{},"actions":[{"type":"relay_on"}]}', 90, now() - interval '2 s'),
-  ('e0000000-0000-0000-0000-000000000003', 'ESP32_ALICE_1', 'R_HIGH_2', 'high too', '{"conditions":{},"actions":[{"type":"relay_on"}]}', 90, now() - interval '1 s'),
-  ('e0000000-0000-0000-0000-000000000004', 'ESP32_ALICE_1', 'R_OFF', 'off', '{"conditions":{},"actions":[{"type":"relay_on"}]}', 100, now()),
-  ('e0000000-0000-0000-0000-000000000005', 'ESP32_BOB_1', 'R_BOB', 'bob', '{"conditions":{},"actions":[{"type":"relay_on"}]}', 50, now());
+  ('e0000000-0000-0000-0000-000000000001', 'ESP32_ALICE_1', 'R_LOW', 'low', '{"conditions":{"type":"sensor_compare","sensor":"ph","operator":"<","value":6.5},"actions":[{"type":"relay_off","slave_mac_address":"14:33:5C:38:BF:60","relay_number":0}]}', 10, now() - interval '3 s'),
+  ('e0000000-0000-0000-0000-000000000002', 'ESP32_ALICE_1', 'R_HIGH', 'high', '{"conditions":{"type":"sensor_compare","sensor":"ph","operator":"<","value":6.5},"actions":[{"type":"relay_off","slave_mac_address":"14:33:5C:38:BF:60","relay_number":0}]}', 90, now() - interval '2 s'),
+  ('e0000000-0000-0000-0000-000000000003', 'ESP32_ALICE_1', 'R_HIGH_2', 'high too', '{"conditions":{"type":"sensor_compare","sensor":"ph","operator":"<","value":6.5},"actions":[{"type":"relay_off","slave_mac_address":"14:33:5C:38:BF:60","relay_number":0}]}', 90, now() - interval '1 s'),
+  ('e0000000-0000-0000-0000-000000000004', 'ESP32_ALICE_1', 'R_OFF', 'off', '{"conditions":{"type":"sensor_compare","sensor":"ph","operator":"<","value":6.5},"actions":[{"type":"relay_off","slave_mac_address":"14:33:5C:38:BF:60","relay_number":0}]}', 100, now()),
+  ('e0000000-0000-0000-0000-000000000005', 'ESP32_BOB_1', 'R_BOB', 'bob', '{"conditions":{"type":"sensor_compare","sensor":"ph","operator":"<","value":6.5},"actions":[{"type":"relay_off","slave_mac_address":"14:33:5C:38:BF:60","relay_number":0}]}', 50, now());
 update decision_rules set enabled = false where rule_id = 'R_OFF';
 
 select tests.as_agent('pi-alice');

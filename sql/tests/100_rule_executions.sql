@@ -8,7 +8,7 @@ insert into decision_rules (id, device_id, rule_id, rule_name, rule_json) values
   ('c0000000-0000-0000-0000-000000000001', 'ESP32_ALICE_1', 'RULE_001', 'pH low',
    '{"conditions": {"type": "sensor_compare", "sensor": "ph", "operator": "<", "value": 6.5}, "actions": [{"type": "relay_on", "slave_mac_address": "14:33:5C:38:BF:60", "relay_number": 0, "duration_seconds": 60}]}'),
   ('c0000000-0000-0000-0000-000000000002', 'ESP32_BOB_1', 'RULE_B', 'bob rule',
-   '{"conditions": {}, "actions": [{"type": "relay_off"}]}');
+   '{"conditions":{"type":"sensor_compare","sensor":"ph","operator":"<","value":6.5},"actions":[{"type":"relay_off","slave_mac_address":"14:33:5C:38:BF:60","relay_number":0}]}');
 
 create function tests.execution(p_agent text, p_device text, p_client uuid) returns void
 language sql as $$

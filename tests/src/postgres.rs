@@ -100,6 +100,10 @@ impl Postgres {
             format!("max_connections={}", options.max_connections),
             "-c".to_string(),
             "shared_buffers=128MB".to_string(),
+            // Logical decoding, so tests can read the supabase_realtime publication as Realtime
+            // does (pgoutput); costs a little WAL, and no slot exists unless a test makes one.
+            "-c".to_string(),
+            "wal_level=logical".to_string(),
         ];
         if !options.durable {
             for setting in [

@@ -11,7 +11,9 @@ use serde_json::{Map, Value};
 
 use super::cron::CronSchedule;
 use super::error::RuleError;
-use super::model::{Action, Condition, MAX_ACTIONS, MAX_DEPTH, Operator, RuleJson, Weekday};
+use super::model::{
+    Action, Condition, MAX_ACTIONS, MAX_DEPTH, MAX_DURATION_SECONDS, Operator, RuleJson, Weekday,
+};
 use crate::store::RuleRecord;
 
 /// Relays a slave has when the catalog does not know it.
@@ -341,6 +343,18 @@ fn check_action_refs(
             slave_mac_address: mac,
             relay_number,
         } => {
+            let duration = match action {
+                Action::RelayOn {
+                    duration_seconds, ..
+                } => *duration_seconds,
+                _ => 0,
+            };
+            if duration > MAX_DURATION_SECONDS {
+                return Err(invalid(
+                    format!("duration_seconds {duration} out of 0..{MAX_DURATION_SECONDS}"),
+                    at,
+                ));
+            }
             if !is_mac(mac) {
                 return Err(RuleError::BadMac {
                     mac: mac.clone(),
@@ -378,7 +392,9 @@ fn check_action_refs(
     Ok(())
 }
 
-/// "AA:BB:CC:DD:EE:FF", either case.
+/// "AA:BB:CC:DD:EE:FF", either case. Lenient on input: the schema and the database ask for
+/// upper case, but a rule stored before the database checked it may have lower case, and the
+/// agent upper-cases every MAC before it queues a command (docs/decisions/0010).
 pub fn is_mac(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();
     parts.len() == 6

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub const MAX_ACTIONS: usize = 32;
 /// Deepest nesting of all/any/not the compiler accepts (the root condition is depth 1).
 pub const MAX_DEPTH: usize = 8;
+/// Longest `duration_seconds` of a relay_on (relay_commands_slave refuses more than a day).
+pub const MAX_DURATION_SECONDS: u32 = 86_400;
 
 /// A rule: when `conditions` becomes definitely true, run `actions` in order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -163,17 +165,24 @@ impl Weekday {
 pub enum Action {
     /// Switch a slave's relay on, for `duration_seconds` (0 = until switched off).
     RelayOn {
-        /// The slave's MAC, "AA:BB:CC:DD:EE:FF".
-        #[schemars(regex(pattern = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"))]
+        /// The slave's MAC, upper-case "AA:BB:CC:DD:EE:FF" as relay_commands_slave stores it.
+        #[schemars(regex(pattern = r"^[0-9A-F]{2}(:[0-9A-F]{2}){5}$"))]
         slave_mac_address: String,
+        /// 0..15, relay_commands_slave's range (a slave's own relay count may be lower).
+        #[schemars(range(min = 0, max = 15))]
         relay_number: u8,
+        /// At most a day, relay_commands_slave's range.
         #[serde(default)]
+        #[schemars(range(min = 0, max = MAX_DURATION_SECONDS))]
         duration_seconds: u32,
     },
     /// Switch a slave's relay off.
     RelayOff {
-        #[schemars(regex(pattern = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"))]
+        /// The slave's MAC, upper-case "AA:BB:CC:DD:EE:FF" as relay_commands_slave stores it.
+        #[schemars(regex(pattern = r"^[0-9A-F]{2}(:[0-9A-F]{2}){5}$"))]
         slave_mac_address: String,
+        /// 0..15, relay_commands_slave's range (a slave's own relay count may be lower).
+        #[schemars(range(min = 0, max = 15))]
         relay_number: u8,
     },
     /// Run a stored macro.

@@ -279,6 +279,12 @@ fn every_bad_input_names_its_reason_and_place() {
             ),
             "wildcard at actions[0]",
         ),
+        (
+            Some(
+                json!({"conditions": ph_below(6.5), "actions": [{"type": "relay_on", "slave_mac_address": "14:33:5C:38:BF:60", "relay_number": 0, "duration_seconds": 86401}]}),
+            ),
+            "duration_seconds 86401 out of 0..86400 at actions[0]",
+        ),
     ];
     for (input, want) in cases {
         let got = reason(input.clone(), &catalog);

@@ -398,17 +398,14 @@ async fn the_emergency_stop_switches_everything_off_blocks_commands_and_holds_un
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_the_engine_cannot_run_gets_its_reason_in_the_dashboard_and_clears_when_fixed() {
     let world = World::start_full();
-    create_rule(
-        &world,
-        json!({
-            "rule_id": "RULE_BAD", "rule_name": "typo",
-            "rule_json": {
-                "conditions": {"type": "sensor_compare", "sensor": "ph", "operator": "=<", "value": 6.5},
-                "actions": [{"type": "relay_on", "slave_mac_address": SLAVE, "relay_number": 0}]
-            }
-        }),
-    )
-    .await;
+    // The database now refuses this rule (sql/tests/120_rule_validation.sql); a row stored before
+    // that check (triggers off, as the migration found it) is what the engine still meets.
+    world.sql(&format!(
+        "set session_replication_role = replica;
+         insert into decision_rules (device_id, rule_id, rule_name, rule_json) values ('{MASTER}', 'RULE_BAD', 'typo',
+           '{{\"conditions\": {{\"type\": \"sensor_compare\", \"sensor\": \"ph\", \"operator\": \"=<\", \"value\": 6.5}},
+             \"actions\": [{{\"type\": \"relay_on\", \"slave_mac_address\": \"{SLAVE}\", \"relay_number\": 0}}]}}')"
+    ));
     let _agent = agent(&world).await;
     let error = eventually(
         "the engine's reason in last_error",

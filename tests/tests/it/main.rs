@@ -6,6 +6,7 @@ mod agent_local_api;
 mod agent_rules;
 mod agent_surfaces;
 mod broker;
+mod cloud_side;
 mod command_queue;
 mod harness;
 mod pgtap;

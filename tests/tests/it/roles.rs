@@ -14,7 +14,7 @@ fn seed_commands_and_rules(world: &World) {
         "insert into relay_commands_slave (master_device_id, slave_mac_address, relay_numbers, actions, duration_seconds, rule_id)
          select d, '14:33:5C:38:BF:60', '{0}', '{on}', '{60}', d from unnest(array['ESP32_ALICE_1','ESP32_ALICE_2','ESP32_ALICE_R','ESP32_BOB_1']) d;
          insert into decision_rules (device_id, rule_id, rule_name, rule_json)
-         select d, 'R_' || d, 'rule of ' || d, '{\"conditions\":{},\"actions\":[{\"type\":\"relay_on\"}]}'
+         select d, 'R_' || d, 'rule of ' || d, '{\"conditions\":{\"type\":\"sensor_compare\",\"sensor\":\"ph\",\"operator\":\"<\",\"value\":6.5},\"actions\":[{\"type\":\"relay_off\",\"slave_mac_address\":\"14:33:5C:38:BF:60\",\"relay_number\":0}]}'
            from unnest(array['ESP32_ALICE_1','ESP32_ALICE_2','ESP32_ALICE_R','ESP32_BOB_1']) d;",
     );
 }
