@@ -1,7 +1,7 @@
 -- The cloud side for dashboard builders (issue 16, parts 1 and 2):
 --   1. decision_rules refuses a rule_json the agent's compiler would refuse for reasons that need
 --      no runtime knowledge, naming every problem with its JSON path
---      (docs/decisions/0010-rules-validated-in-the-database.md);
+--      (docs/decisions/0011-rules-validated-in-the-database.md);
 --   2. the tables a dashboard watches are in the supabase_realtime publication with
 --      REPLICA IDENTITY FULL, so Supabase Realtime streams their changes (old and new rows).
 -- Runs unchanged on hosted Supabase; every statement can run twice.

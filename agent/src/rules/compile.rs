@@ -394,7 +394,7 @@ fn check_action_refs(
 
 /// "AA:BB:CC:DD:EE:FF", either case. Lenient on input: the schema and the database ask for
 /// upper case, but a rule stored before the database checked it may have lower case, and the
-/// agent upper-cases every MAC before it queues a command (docs/decisions/0010).
+/// agent upper-cases every MAC before it queues a command (docs/decisions/0011).
 pub fn is_mac(s: &str) -> bool {
     let parts: Vec<&str> = s.split(':').collect();
     parts.len() == 6
