@@ -38,8 +38,25 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Another connection held a lock SQLite would not wait for.
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        )
+    }
+}
+
 /// The database directory's mode when the agent creates it: only the agent's user enters.
 pub const DATA_DIR_MODE: u32 = 0o700;
+/// How long a statement waits for another connection's lock.
+pub const BUSY_TIMEOUT_MS: u64 = 5_000;
+/// How long opening the store keeps retrying a preparation that another connection's lock
+/// refused at once, and how long it waits between tries.
+pub const OPEN_BUSY_WAIT_MS: u64 = 30_000;
+pub const OPEN_BUSY_RETRY_MS: u64 = 50;
 /// The database's mode, and its `-wal` and `-shm` files': commands, keys' counters and
 /// readings are the agent's alone.
 pub const DATABASE_FILE_MODE: u32 = 0o600;
@@ -302,17 +319,33 @@ impl Store {
     }
 
     fn init(conn: Connection) -> Result<Store> {
-        // FULL: the WAL is synced at every commit, so what we promised survives power loss.
         // The busy timeout first: another process (`status`, a test) may hold the file briefly.
-        conn.execute_batch(
-            "pragma busy_timeout = 5000;
-             pragma journal_mode = wal;
+        conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
+        let mut store = Store { conn };
+        // Switching a new file to WAL and migrating it can meet another connection doing the
+        // same; some of those lock conflicts answer "busy" without waiting on the timeout, so
+        // the whole preparation is tried again rather than failing the agent's start.
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_millis(OPEN_BUSY_WAIT_MS);
+        loop {
+            match store.prepare() {
+                Ok(()) => return Ok(store),
+                Err(e) if e.is_busy() && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(OPEN_BUSY_RETRY_MS));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// WAL, FULL sync (what we promised survives power loss), foreign keys, migrations.
+    fn prepare(&mut self) -> Result<()> {
+        self.conn.execute_batch(
+            "pragma journal_mode = wal;
              pragma synchronous = full;
              pragma foreign_keys = on;",
         )?;
-        let mut store = Store { conn };
-        store.migrate()?;
-        Ok(store)
+        self.migrate()
     }
 
     fn migrate(&mut self) -> Result<()> {

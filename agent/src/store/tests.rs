@@ -533,3 +533,30 @@ fn opening_an_existing_database_never_creates_one() {
     }
     assert!(!db.parent().unwrap().exists());
 }
+
+#[test]
+fn many_connections_opening_a_new_database_at_once_all_succeed() {
+    // The agent, `status`, `rules test` and tests open the same file: none may fail because
+    // another is switching it to WAL or migrating it at that moment.
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let opened: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    Store::open(&path).map(|_| ())
+                })
+            })
+            .collect();
+        for handle in opened {
+            handle
+                .join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        }
+    }
+}
