@@ -7,6 +7,7 @@ mod agent_rules;
 mod agent_surfaces;
 mod broker;
 mod command_queue;
+mod doctor;
 mod harness;
 mod pgtap;
 mod reports;
