@@ -1,6 +1,7 @@
 //! `autocore-agent doctor` on the real stack: a healthy set-up passes every check and exits 0;
 //! a wrong broker password, a stopped broker, a token signed with the wrong secret and an expired
-//! one each fail their check with the reason and what to do, and exit 1.
+//! one each fail their check with the reason and what to do, and exit 1. Beside a running agent
+//! doctor reads the broker's state from its /health instead of taking its session over.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,7 +10,7 @@ use autocore_agent::doctor::{self, Level, Report};
 use autocore_stack::jwt::now_secs;
 use autocore_stack::{Claims, Role};
 
-use crate::support::{ALICE, MASTER, World};
+use crate::support::{ALICE, MASTER, World, master_toml, start_agent};
 
 const KEY_HEX: &str = "4c1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
 
@@ -247,4 +248,53 @@ async fn doctor_without_a_database_says_so_and_creates_none() {
         "{}",
         report.text()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beside_a_running_agent_doctor_reads_the_broker_from_its_health_instead_of_connecting_as_it()
+ {
+    use std::os::unix::fs::PermissionsExt as _;
+    let world = World::start_full();
+    let agent = start_agent(&world, &master_toml(MASTER, KEY_HEX, "mqtt")).await;
+    // Polled as an operator would: doctor reads the same /health.
+    let health = format!("{}/health", agent.api);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let body: serde_json::Value = reqwest::get(&health).await.unwrap().json().await.unwrap();
+        if body["mqtt"]["state"] == "connected" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never connected: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let c = &agent.config;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[agent]\nid = \"pi-alice\"\n[store]\npath = \"{}\"\n[cloud]\nrest_url = \"{}\"\njwt = \"{}\"\n[mqtt]\nurl = \"{}\"\nusername = \"{}\"\npassword = \"{}\"\n[api]\nlisten = \"{}\"\n",
+            c.store.path.display(),
+            c.cloud.rest_url,
+            c.cloud.jwt.as_ref().unwrap().expose(),
+            c.mqtt.url,
+            c.mqtt.username.as_deref().unwrap(),
+            c.mqtt.password.as_ref().unwrap().expose(),
+            c.api.listen,
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let report = doctor::run(&path).await;
+    let broker = report.find("broker").unwrap();
+    assert_eq!(broker.level, Level::Ok, "{}", report.text());
+    assert!(
+        broker.message.contains("the running agent is connected"),
+        "{}",
+        report.text()
+    );
+    agent.shut_down().await;
 }
