@@ -744,11 +744,12 @@ async fn ntp_synchronised() -> Result<String, String> {
 /// finding, the token finding, and our clock's skew against the answer's `Date`.
 async fn probe_backend(config: &AgentConfig) -> (Finding, Option<Finding>, Result<i64, String>) {
     let source = match (&config.cloud.jwt, &config.cloud.jwt_file) {
-        (Some(jwt), _) => crate::cloud::TokenSource::Inline(jwt.clone()),
-        (None, Some(file)) => crate::cloud::TokenSource::file(file.clone()),
-        (None, None) => unreachable!("validated: one of cloud.jwt and cloud.jwt_file is set"),
+        (Some(jwt), _) => Ok(crate::cloud::TokenSource::Inline(jwt.clone())),
+        (None, Some(file)) => Ok(crate::cloud::TokenSource::file(file.clone())),
+        // Refused when the configuration loads; kept as a finding rather than a panic.
+        (None, None) => Err("neither cloud.jwt nor cloud.jwt_file is set".to_string()),
     };
-    let token = match source.current() {
+    let token = match source.and_then(|s| s.current().map_err(|e| e.to_string())) {
         Ok(token) => token,
         Err(e) => {
             return (
