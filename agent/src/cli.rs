@@ -54,6 +54,15 @@ enum Command {
         #[arg(long = "monitor", value_name = "NAME")]
         monitors: Vec<String>,
     },
+    /// Check what the agent needs (config, clock, broker, backend, disk, permissions,
+    /// masters), one line each with what to do; exit 1 if a check failed (warnings exit 0).
+    Doctor {
+        #[arg(long, short, default_value = "/etc/autocore/agent.toml")]
+        config: PathBuf,
+        /// One JSON object instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rules: replay one over stored telemetry, or print the rule_json schema.
     Rules {
         #[command(subcommand)]
@@ -276,6 +285,16 @@ pub fn main() -> anyhow::Result<()> {
             let files = crate::broker::write_files(&out, &users, &listener)?;
             println!("{}", crate::broker::install_hint(&files, users.len()));
             Ok(())
+        }
+        Command::Doctor { config, json } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            let report = runtime.block_on(crate::doctor::run(&config));
+            if json {
+                println!("{}", report.json());
+            } else {
+                print!("{}", report.text());
+            }
+            Ok(report.result()?)
         }
         Command::Rules {
             command: RulesCommand::Schema,

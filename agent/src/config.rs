@@ -653,7 +653,7 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 const SECRET_KEYS: [&str; 5] = ["key", "jwt", "password", "operator_token", "api_key"];
 
 /// A configuration file holding secrets that group or others can read.
-fn file_mode_warning(path: &Path, text: &str) -> Option<ConfigWarning> {
+pub(crate) fn file_mode_warning(path: &Path, text: &str) -> Option<ConfigWarning> {
     use std::os::unix::fs::PermissionsExt as _;
     let holds_secrets = text.lines().any(|line| {
         let line = line.trim_start();

@@ -12,6 +12,7 @@ pub mod cloud;
 pub mod config;
 pub mod connectivity;
 pub mod delivery;
+pub mod doctor;
 pub mod link;
 pub mod macros;
 pub mod metrics;

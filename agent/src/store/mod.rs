@@ -28,6 +28,8 @@ pub enum StoreError {
     Poisoned,
     #[error("the store task failed: {0}")]
     Task(String),
+    #[error("the database has schema version {found}, this agent's is {known}")]
+    SchemaVersion { found: i64, known: i64 },
     #[error("no database at {0} (the agent creates it when it runs)")]
     Missing(std::path::PathBuf),
     #[error("{path}: {source}")]
@@ -312,6 +314,31 @@ impl Store {
         let store = Store::init(conn)?;
         restrict_files(path)?;
         Ok(store)
+    }
+
+    /// Opens a database that exists read-only: no migration, no chmod, nothing written, for
+    /// `doctor`, which must leave the Pi as it found it. A schema older than this agent's is
+    /// refused (the agent migrates it when it runs), a newer one too.
+    pub fn open_read_only(path: &Path) -> Result<Store> {
+        if !path.is_file() {
+            return Err(StoreError::Missing(path.to_path_buf()));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let found: i64 = conn.query_row("pragma user_version", [], |r| r.get(0))?;
+        let known = schema::MIGRATIONS.len() as i64;
+        if found != known {
+            return Err(StoreError::SchemaVersion { found, known });
+        }
+        Ok(Store { conn })
+    }
+
+    /// The schema version this agent writes.
+    pub fn schema_version() -> i64 {
+        schema::MIGRATIONS.len() as i64
     }
 
     pub fn open_in_memory() -> Result<Store> {
@@ -723,6 +750,19 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(value as u64)
+    }
+
+    /// The last command-signing counter used for each master.
+    pub fn signing_counters(&self) -> Result<Vec<(String, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare("select master_device_id, counter from signing_counters")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })?
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(rows)
     }
 
     /// Each master's report anti-replay window: (master, highest counter, seen bitmap).

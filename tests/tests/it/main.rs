@@ -8,6 +8,7 @@ mod agent_surfaces;
 mod broker;
 mod cloud_side;
 mod command_queue;
+mod doctor;
 mod harness;
 mod pgtap;
 mod reports;
