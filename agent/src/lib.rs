@@ -15,6 +15,7 @@ pub mod delivery;
 pub mod link;
 pub mod macros;
 pub mod metrics;
+pub mod notify;
 pub mod reports;
 pub mod rules;
 pub mod runtime;
