@@ -8,6 +8,7 @@ mod agent_surfaces;
 mod broker;
 mod command_queue;
 mod harness;
+mod notify;
 mod pgtap;
 mod reports;
 mod roles;
