@@ -258,6 +258,7 @@ fn waiting(db: &std::path::Path) -> Vec<(String, u32)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notification_for_a_receiver_that_is_down_arrives_once_it_is_up_even_across_a_kill() {
     // Nothing listens on these ports: no backend, no broker, and the receiver down at first.
+    // The webhook takes only the stop (the agent may report outages of its unreachable backend).
     let port = |what| autocore_stack::free_port().expect(what);
     let receiver_port = port("a port for the receiver");
     let base = format!("http://127.0.0.1:{receiver_port}");
@@ -273,7 +274,8 @@ async fn a_notification_for_a_receiver_that_is_down_arrives_once_it_is_up_even_a
              [mqtt]\nurl = \"mqtt://127.0.0.1:{mqtt}\"\n[api]\nlisten = \"{api}\"\n\
              [notify]\ntelegram_bot_token = \"{BOT_TOKEN}\"\ntelegram_chat_id = \"7\"\n\
              telegram_api_base = \"{base}\"\ntelegram_kinds = []\n\
-             [[notify.webhooks]]\nname = \"ops\"\nurl = \"{base}/hook/ops\"\nsecret = \"{SECRET}\"\n",
+             [[notify.webhooks]]\nname = \"ops\"\nurl = \"{base}/hook/ops\"\nsecret = \"{SECRET}\"\n\
+             kinds = [\"emergency_stop\"]\n",
             db = db.display(),
             rest = port("a port without a backend"),
             mqtt = port("a port without a broker"),
