@@ -53,7 +53,7 @@ fn warning(key: impl Into<String>, message: impl Into<String>) -> ConfigWarning 
 /// The shortest operator token accepted: a short one is guessed by anyone on the Pi's network.
 pub const OPERATOR_TOKEN_CHARS_MIN: usize = 16;
 
-fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         reason: reason.into(),
@@ -98,6 +98,8 @@ pub struct AgentConfig {
     pub masters: Vec<MasterSection>,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub notify: crate::notify::NotifySection,
 }
 
 /// How the agent logs. `RUST_LOG`, when set, overrides `level`.
@@ -328,8 +330,8 @@ mod defaults {
     }
 }
 
-const SECTIONS: [&str; 8] = [
-    "agent", "store", "cloud", "mqtt", "api", "engine", "safety", "log",
+const SECTIONS: [&str; 9] = [
+    "agent", "store", "cloud", "mqtt", "api", "engine", "safety", "log", "notify",
 ];
 
 impl AgentConfig {
@@ -567,6 +569,7 @@ impl AgentConfig {
                 format!("{:?} is not a log filter: {e}", self.log.level),
             )
         })?;
+        self.notify.validate()?;
         crate::automation::interlocks(self)
             .validate()
             .map_err(|e| invalid("safety", e.to_string()))?;
@@ -621,7 +624,7 @@ impl AgentConfig {
 }
 
 /// A URL with one of `schemes` and a host.
-fn check_url(key: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+pub(crate) fn check_url(key: &str, value: &str, schemes: &[&str]) -> Result<(), ConfigError> {
     let want = schemes
         .iter()
         .map(|s| format!("{s}://host"))
@@ -650,7 +653,15 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// The keys whose values must not be readable by other users of the Pi.
-const SECRET_KEYS: [&str; 5] = ["key", "jwt", "password", "operator_token", "api_key"];
+const SECRET_KEYS: [&str; 7] = [
+    "key",
+    "jwt",
+    "password",
+    "operator_token",
+    "api_key",
+    "secret",
+    "telegram_bot_token",
+];
 
 /// A configuration file holding secrets that group or others can read.
 pub(crate) fn file_mode_warning(path: &Path, text: &str) -> Option<ConfigWarning> {
@@ -675,7 +686,7 @@ pub(crate) fn file_mode_warning(path: &Path, text: &str) -> Option<ConfigWarning
     })
 }
 
-fn check_id(key: &str, value: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_id(key: &str, value: &str) -> Result<(), ConfigError> {
     let ok = !value.is_empty()
         && value.len() <= 64
         && value
@@ -691,7 +702,7 @@ fn check_id(key: &str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn in_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+pub(crate) fn in_range(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     if (min..=max).contains(&value) {
         Ok(())
     } else {

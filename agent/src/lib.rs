@@ -16,6 +16,7 @@ pub mod doctor;
 pub mod link;
 pub mod macros;
 pub mod metrics;
+pub mod notify;
 pub mod reports;
 pub mod rules;
 pub mod runtime;

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub automation_write_seconds: Histogram,
     /// From a rule firing's arrival in the executor to its last command published.
     pub rule_firing_seconds: Histogram,
+    /// Notifications by kind, target and outcome (sent, retried, failed, dropped, rate_limited).
+    pub notifications: Family<Labels, Counter>,
 }
 
 /// Buckets from 100 µs to about 400 ms.
@@ -88,6 +90,7 @@ impl Metrics {
             masters_online: Gauge::default(),
             automation_write_seconds: latency_histogram(),
             rule_firing_seconds: latency_histogram(),
+            notifications: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -218,6 +221,11 @@ impl Metrics {
             "masters_online",
             "Masters currently online",
             m.masters_online.clone(),
+        );
+        registry.register(
+            "notifications",
+            "Notifications by kind, target and outcome (sent, retried, failed, dropped, rate_limited)",
+            m.notifications.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -332,6 +332,14 @@ pub async fn run(
     ));
     tasks.spawn(poll_loop(shared.clone(), delivery_tx, cancel.clone()));
     tasks.spawn(sync_supervisor(shared.clone(), cancel.clone()));
+    // Independent of the backend: notifications go straight from the Pi to their targets.
+    tasks.spawn(crate::notify::task::run(
+        shared.config.agent.id.clone(),
+        shared.config.notify.clone(),
+        shared.store.clone(),
+        shared.metrics.clone(),
+        cancel.clone(),
+    ));
     let app = crate::api::app(shared.clone());
     let api_cancel = cancel.clone();
     tasks.spawn(crate::api::serve(

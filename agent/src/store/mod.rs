@@ -4,10 +4,12 @@
 //! before the caller acts on it. No I/O but SQLite; time comes in as `now_ms`.
 
 mod automation;
+mod notify;
 pub mod polling;
 mod schema;
 
 pub use automation::{AutomationWrite, OutboxEntry};
+pub use notify::NotificationRow;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

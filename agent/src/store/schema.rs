@@ -161,4 +161,82 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     alter table readings_history add column received_at_ms integer;
     "#,
+    // 5: notifications from the Pi (docs/decisions/0012). Triggers copy what may need a
+    // notification into `notify_inbox` inside the transaction that records it, so no cause is
+    // lost between its commit and the notifier; `notifications` holds one delivery per target.
+    r#"
+    create table notify_inbox (
+        seq integer primary key autoincrement,
+        event_type text not null,
+        severity text not null,
+        message text not null,
+        payload text not null,               -- JSON
+        occurred_at_ms integer not null
+    );
+
+    create table notifications (
+        seq integer primary key autoincrement,
+        target text not null,                -- "telegram" or "webhook:<name>"
+        kind text not null,
+        delivery_id text not null,
+        text text not null,
+        body text not null,                  -- JSON, signed as stored
+        created_at_ms integer not null,
+        attempts integer not null default 0,
+        next_attempt_at_ms integer not null default 0,
+        last_error text,
+        unique (target, delivery_id)
+    );
+
+    create trigger notify_on_event after insert on outbox when new.class = 'event'
+    begin
+        insert into notify_inbox (event_type, severity, message, payload, occurred_at_ms)
+        values (coalesce(json_extract(new.payload, '$.event_type'), ''),
+                coalesce(json_extract(new.payload, '$.severity'), 'info'),
+                coalesce(json_extract(new.payload, '$.message'), ''),
+                coalesce(json_extract(new.payload, '$.payload'), '{}'),
+                new.created_at_ms);
+    end;
+
+    create trigger notify_on_presence after update of online on devices
+    when old.online <> new.online
+    begin
+        insert into notify_inbox (event_type, severity, message, payload, occurred_at_ms)
+        values (case when new.online then 'master_online' else 'master_offline' end,
+                case when new.online then 'info' else 'warning' end,
+                'master ' || new.device_id || case when new.online then ' is online' else ' is offline' end,
+                json_object('device_id', new.device_id),
+                coalesce(new.last_seen_ms, 0));
+    end;
+
+    create trigger notify_on_rule_error_insert after insert on rule_problems
+    when new.reason is not null
+    begin
+        insert into notify_inbox (event_type, severity, message, payload, occurred_at_ms)
+        values ('rule_error', 'warning', 'rule ' || new.rule || ' cannot run: ' || new.reason,
+                json_object('rule', new.rule, 'revision', new.revision, 'error', new.reason),
+                cast(unixepoch('subsec') * 1000 as integer));
+    end;
+
+    create trigger notify_on_rule_error_update after update on rule_problems
+    when new.reason is not null and new.reason is not old.reason
+    begin
+        insert into notify_inbox (event_type, severity, message, payload, occurred_at_ms)
+        values ('rule_error', 'warning', 'rule ' || new.rule || ' cannot run: ' || new.reason,
+                json_object('rule', new.rule, 'revision', new.revision, 'error', new.reason),
+                cast(unixepoch('subsec') * 1000 as integer));
+    end;
+
+    create trigger notify_on_refusal after update of state on commands
+    when new.state = 'failed' and old.state <> 'failed'
+         and new.error_message like '%refused by the Pi''s interlocks%'
+    begin
+        insert into notify_inbox (event_type, severity, message, payload, occurred_at_ms)
+        values ('command_refused', 'warning',
+                'command ' || new.id || ' for ' || new.master_device_id || ': ' || new.error_message,
+                json_object('command_id', new.id, 'master_device_id', new.master_device_id,
+                            'reason', new.error_message),
+                coalesce(new.finished_at_ms, 0));
+    end;
+    "#,
 ];
