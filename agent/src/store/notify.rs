@@ -152,7 +152,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::store::{CommandOutcome, CommandRecord, CommandState, OutboxClass};
+    use crate::store::{CommandOutcome, CommandRecord, OutboxClass};
 
     fn types(store: &Store) -> Vec<String> {
         store
@@ -197,23 +197,10 @@ mod tests {
         store.note_rule_problem("r1", 1, Some("bad"), 1).unwrap();
         store.note_rule_problem("r1", 1, None, 2).unwrap();
         let cmd = CommandRecord {
-            id: 7,
             master_device_id: "M1".into(),
             slave_mac_address: "AA".into(),
-            slave_device_id: None,
-            relay_numbers: vec![0],
-            actions: vec!["on".into()],
-            duration_seconds: vec![60],
-            command_type: "manual".into(),
-            triggered_by: "manual".into(),
             priority: 1,
-            rule_id: None,
-            rule_name: None,
-            expires_at_ms: 1_000_000,
-            state: CommandState::Accepted,
-            attempts: 0,
-            last_sent_at_ms: None,
-            polled_by: None,
+            ..crate::store::tests::command(7)
         };
         store.accept_command(&cmd, 3).unwrap();
         let reason = "refused by the Pi's interlocks: min off-time".to_string();

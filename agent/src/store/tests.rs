@@ -5,7 +5,7 @@ use serde_json::json;
 
 use super::*;
 
-fn command(id: i64) -> CommandRecord {
+pub(super) fn command(id: i64) -> CommandRecord {
     CommandRecord {
         id,
         master_device_id: "ESP32_A".into(),

@@ -2,7 +2,6 @@
 //! and hearing its ack, then started again on the same database: the command completes once, and
 //! the slave switches the relay once.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use tokio::sync::oneshot;
 
 use crate::support::{
     ALICE, MASTER, SLAVE, World, eventually, insert_command, observe_json, one_master_sim,
-    until_status,
+    spawn_agent, until_status,
 };
 
 const KEY_HEX: &str = "7c1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
@@ -40,35 +39,6 @@ async fn ack_observer(world: &World) -> Arc<Mutex<Vec<(String, String)>>> {
     )
     .await;
     acks
-}
-
-/// The agent's process; killed when dropped, so a failing test leaves no agent running.
-struct AgentProcess(Child);
-
-impl AgentProcess {
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn spawn_agent(config: &std::path::Path) -> AgentProcess {
-    AgentProcess(
-        Command::new(env!("CARGO_BIN_EXE_autocore-agent-under-test"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("the agent starts"),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

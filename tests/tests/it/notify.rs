@@ -3,7 +3,6 @@
 //! both, signed, with the backend stopped; a receiver that is down gets it once it is up, also
 //! after the agent is killed and started again on the same database.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use serde_json::Value;
 
-use crate::support::{MASTER, World, eventually, master_toml, start_agent};
+use crate::support::{MASTER, World, eventually, master_toml, spawn_agent, start_agent};
 
 const KEY_HEX: &str = "5a1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
 const SECRET: &str = "whsec_test_0123456789";
@@ -213,35 +212,6 @@ async fn the_emergency_stop_and_reset_reach_a_signed_webhook_and_telegram_with_t
     );
     assert!(!metrics.contains(BOT_TOKEN), "the bot token never shows");
     agent.shut_down().await;
-}
-
-/// The agent's process; killed when dropped.
-struct AgentProcess(Child);
-
-impl AgentProcess {
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn spawn_agent(config: &std::path::Path) -> AgentProcess {
-    AgentProcess(
-        Command::new(env!("CARGO_BIN_EXE_autocore-agent-under-test"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("the agent starts"),
-    )
 }
 
 /// The deliveries waiting in the agent's database, as (target, attempts).

@@ -439,3 +439,33 @@ pub fn mqtt_options(
     options.set_credentials(login.username.as_str(), login.password.as_str());
     options
 }
+
+/// The agent as its own process (`autocore-agent-under-test run --config`), killed when
+/// dropped, so a failing test leaves no agent running; tests kill it with -9 to crash it.
+pub struct AgentProcess(std::process::Child);
+
+impl AgentProcess {
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn spawn_agent(config: &std::path::Path) -> AgentProcess {
+    AgentProcess(
+        std::process::Command::new(env!("CARGO_BIN_EXE_autocore-agent-under-test"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("the agent starts"),
+    )
+}
