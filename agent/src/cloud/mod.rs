@@ -444,7 +444,7 @@ impl Cloud {
             .as_ref()
             .and_then(|c| c["sub"].as_str())
             .map(str::to_string)
-            .ok_or_else(|| CloudError::Decode("the agent's token has no sub claim".into()))
+            .ok_or(CloudError::Token(TokenError::NoOwner))
     }
 
     /// The configuration the dashboard authored for these masters, with its version.
@@ -547,6 +547,33 @@ pub fn format_timestamp_ms(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_token_without_an_owner_is_a_token_problem_not_a_backend_answer() {
+        // Payload `{}`: no `sub`. Nothing listens on port 9, and nothing is asked of it.
+        let cloud = Cloud::new(
+            &CloudConfig {
+                rest_url: "http://127.0.0.1:9".into(),
+                api_key: None,
+                request_timeout: Duration::from_millis(500),
+            },
+            TokenSource::Inline(crate::config::Secret::new("x.e30.y")),
+        );
+        let err = cloud
+            .set_system_status(&json!({"emergency_stop": true}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, CloudError::Token(TokenError::NoOwner)),
+            "{err:?}"
+        );
+        // So an outage is not taken for over, and /health says the token is the problem.
+        assert!(!err.backend_answered());
+        assert_eq!(
+            crate::connectivity::BackendState::from_result(Err(&err)),
+            crate::connectivity::BackendState::NoToken
+        );
+    }
 
     #[test]
     fn postgrest_timestamps_are_read_to_the_millisecond() {

@@ -17,6 +17,9 @@ pub enum TokenError {
     },
     #[error("the JWT file {0} is empty")]
     Empty(PathBuf),
+    /// Found before any request: nothing the backend said.
+    #[error("the agent's token carries no owner (no readable `sub` claim)")]
+    NoOwner,
 }
 
 #[derive(Debug, Clone)]
