@@ -960,8 +960,9 @@ async fn perform(shared: &Arc<Shared>, action: DeliveryAction) {
             let counter = shared
                 .store
                 .call(move |s| {
-                    let counter = s.next_signing_counter(&master)?;
-                    s.mark_sent(id, Some(counter), None, now_ms())?;
+                    let now = now_ms();
+                    let counter = s.next_signing_counter(&master, now)?;
+                    s.mark_sent(id, Some(counter), None, now)?;
                     Ok(counter)
                 })
                 .await;

@@ -283,7 +283,7 @@ fn the_database_is_opened_read_only_and_a_missing_one_is_never_created() {
     {
         let mut store = Store::open(&db).unwrap();
         store.record_presence("M1", true, None, None, 5).unwrap();
-        store.next_signing_counter("M1").unwrap();
+        store.next_signing_counter("M1", 1).unwrap();
     }
     // Closed cleanly: no -wal or -shm left, and read-only must still read it.
     let store = Store::open_read_only(&db).unwrap();

@@ -119,10 +119,8 @@ impl Store {
                 continue;
             };
             let counter: i64 = tx.query_row(
-                "insert into signing_counters (master_device_id, counter) values (?1, 1)
-                 on conflict (master_device_id) do update set counter = counter + 1
-                 returning counter",
-                [&cmd.master_device_id],
+                super::NEXT_SIGNING_COUNTER,
+                params![&cmd.master_device_id, now_ms],
                 |r| r.get(0),
             )?;
             tx.execute(

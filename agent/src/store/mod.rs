@@ -55,6 +55,15 @@ impl StoreError {
 
 /// The database directory's mode when the agent creates it: only the agent's user enters.
 pub const DATA_DIR_MODE: u32 = 0o700;
+/// The next signing counter of a master, in the caller's transaction (`?1` master, `?2` now in
+/// Unix ms). A master without a counter here starts at the current Unix time in milliseconds, so
+/// after the Pi loses its database the counters still climb above what the master last accepted
+/// (the agent sends far fewer than one command per millisecond), as PROTOCOL.md promises.
+pub(crate) const NEXT_SIGNING_COUNTER: &str =
+    "insert into signing_counters (master_device_id, counter) values (?1, max(?2, 1))
+     on conflict (master_device_id) do update set counter = counter + 1
+     returning counter";
+
 /// How long a statement waits for another connection's lock.
 pub const BUSY_TIMEOUT_MS: u64 = 5_000;
 /// How long opening the store keeps retrying a preparation that another connection's lock
@@ -741,15 +750,10 @@ impl Store {
 
     /// The next command-signing counter for `master`, on disk before it is used: after a crash
     /// the counter never goes back, so a master never sees a counter twice.
-    pub fn next_signing_counter(&mut self, master: &str) -> Result<u64> {
+    pub fn next_signing_counter(&mut self, master: &str, now_ms: i64) -> Result<u64> {
         let tx = self.conn.transaction()?;
-        let value: i64 = tx.query_row(
-            "insert into signing_counters (master_device_id, counter) values (?1, 1)
-             on conflict (master_device_id) do update set counter = counter + 1
-             returning counter",
-            [master],
-            |r| r.get(0),
-        )?;
+        let value: i64 =
+            tx.query_row(NEXT_SIGNING_COUNTER, params![master, now_ms], |r| r.get(0))?;
         tx.commit()?;
         Ok(value as u64)
     }

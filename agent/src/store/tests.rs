@@ -101,14 +101,14 @@ fn accepted_commands_outbox_rows_and_counters_survive_a_reopen() {
         store
             .enqueue(OutboxClass::Event, "e1", &json!({"x": 1}), 1)
             .unwrap();
-        assert_eq!(store.next_signing_counter("ESP32_A").unwrap(), 1);
-        assert_eq!(store.next_signing_counter("ESP32_A").unwrap(), 2);
+        assert_eq!(store.next_signing_counter("ESP32_A", 1).unwrap(), 1);
+        assert_eq!(store.next_signing_counter("ESP32_A", 1).unwrap(), 2);
     }
     let mut store = Store::open(&path).unwrap();
     assert_eq!(store.open_commands().unwrap()[0].id, 1);
     assert_eq!(store.outbox_stats(2).unwrap().depth, 1);
     assert_eq!(
-        store.next_signing_counter("ESP32_A").unwrap(),
+        store.next_signing_counter("ESP32_A", 1).unwrap(),
         3,
         "the counter never goes back"
     );
@@ -559,4 +559,20 @@ fn many_connections_opening_a_new_database_at_once_all_succeed() {
                 .unwrap_or_else(|e| panic!("round {round}: {e}"));
         }
     }
+}
+
+#[test]
+fn a_fresh_database_starts_a_masters_counter_above_what_it_accepted_before() {
+    // The Pi lost its database; the master last accepted counter 1000 (or any counter the old
+    // database handed out before this moment, which began at an earlier Unix time in ms).
+    let mut store = Store::open_in_memory().unwrap();
+    let now_ms = 1_800_000_000_000;
+    let first = store.next_signing_counter("ESP32_A", now_ms).unwrap();
+    assert_eq!(first, now_ms as u64);
+    assert!(first > 1_000);
+    assert_eq!(
+        store.next_signing_counter("ESP32_A", now_ms).unwrap(),
+        first + 1,
+        "then one by one"
+    );
 }

@@ -29,7 +29,9 @@ fn state_dir() -> (tempfile::TempDir, PathBuf) {
             autocore_agent::runtime::now_ms(),
         )
         .unwrap();
-    store.next_signing_counter(MASTER).unwrap();
+    store
+        .next_signing_counter(MASTER, autocore_agent::runtime::now_ms())
+        .unwrap();
     (dir, db)
 }
 
