@@ -367,33 +367,73 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 
 /// The body, read only after the caller is authenticated: at most
 /// [`REQUEST_BODY_BYTES_MAX`], within [`BODY_READ_TIMEOUT`].
-async fn read_body(body: Body) -> Result<Bytes, ApiError> {
-    let refused = |status| ApiError {
-        status,
-        code: "PGRST102",
-        message: "the request body could not be read".into(),
-        hint: Some("bodies are JSON objects of at most 16 KiB"),
-    };
-    match tokio::time::timeout(
-        BODY_READ_TIMEOUT,
-        axum::body::to_bytes(body, REQUEST_BODY_BYTES_MAX),
-    )
-    .await
-    {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) => {
-            let too_large =
-                std::iter::successors(Some(&e as &(dyn std::error::Error + 'static)), |e| {
-                    e.source()
-                })
-                .any(|e| e.is::<http_body_util::LengthLimitError>());
-            Err(refused(if too_large {
-                StatusCode::PAYLOAD_TOO_LARGE
-            } else {
-                StatusCode::BAD_REQUEST
-            }))
+async fn read_body(mut body: Body) -> Result<Bytes, ApiError> {
+    match read_prefix(&mut body, REQUEST_BODY_BYTES_MAX, BODY_READ_TIMEOUT).await {
+        (bytes, Ok(())) => Ok(Bytes::from(bytes)),
+        (_, Err(cut)) => Err(ApiError {
+            status: cut.status(),
+            code: "PGRST102",
+            message: "the request body could not be read".into(),
+            hint: Some("bodies are JSON objects of at most 16 KiB"),
+        }),
+    }
+}
+
+/// Why a body was not read to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// More than the bound: the rest is left unread.
+    TooLarge,
+    /// It did not arrive within the time allowed.
+    TooSlow,
+    /// The connection failed mid-way.
+    Failed,
+}
+
+impl Cut {
+    /// The answer to a request whose body was cut short.
+    pub(crate) fn status(self) -> StatusCode {
+        match self {
+            Cut::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Cut::TooSlow => StatusCode::REQUEST_TIMEOUT,
+            Cut::Failed => StatusCode::BAD_REQUEST,
         }
-        Err(_) => Err(refused(StatusCode::REQUEST_TIMEOUT)),
+    }
+
+    pub(crate) fn describe(self, max: usize) -> String {
+        match self {
+            Cut::TooLarge => format!("the body is larger than {max} bytes"),
+            Cut::TooSlow => "the body did not arrive in time".into(),
+            Cut::Failed => "the body was cut off".into(),
+        }
+    }
+}
+
+/// Up to `max` bytes of the body, and why the read stopped short if it did (the rest is left
+/// in `body`).
+pub(crate) async fn read_prefix(
+    body: &mut Body,
+    max: usize,
+    timeout: Duration,
+) -> (Vec<u8>, Result<(), Cut>) {
+    use http_body_util::BodyExt as _;
+    let mut read = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => return (read, Ok(())),
+            Ok(Some(Err(_))) => return (read, Err(Cut::Failed)),
+            Err(_) => return (read, Err(Cut::TooSlow)),
+        };
+        if let Ok(data) = frame.into_data() {
+            let room = max - read.len();
+            if data.len() > room {
+                read.extend_from_slice(&data[..room]);
+                return (read, Err(Cut::TooLarge));
+            }
+            read.extend_from_slice(&data);
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::oneshot;
 
+use super::{Cut, read_prefix};
 use crate::automation::LatchSource;
 use crate::automation::task::AutomationInput;
 use crate::runtime::Shared;
@@ -88,51 +89,6 @@ fn operator(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-/// Why a body was not read to its end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cut {
-    /// More than the bound: the rest is left unread.
-    TooLarge,
-    /// It did not arrive within the time allowed.
-    TooSlow,
-    /// The connection failed mid-way.
-    Failed,
-}
-
-impl Cut {
-    fn describe(self, max: usize) -> String {
-        match self {
-            Cut::TooLarge => format!("the body is larger than {max} bytes"),
-            Cut::TooSlow => "the body did not arrive in time".into(),
-            Cut::Failed => "the body was cut off".into(),
-        }
-    }
-}
-
-/// Up to `max` bytes of the body, and why the read stopped short if it did (the rest is left
-/// in `body`).
-async fn read_prefix(body: &mut Body, max: usize, timeout: Duration) -> (Vec<u8>, Result<(), Cut>) {
-    use http_body_util::BodyExt as _;
-    let mut read = Vec::new();
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
-            Ok(Some(Ok(frame))) => frame,
-            Ok(None) => return (read, Ok(())),
-            Ok(Some(Err(_))) => return (read, Err(Cut::Failed)),
-            Err(_) => return (read, Err(Cut::TooSlow)),
-        };
-        if let Ok(data) = frame.into_data() {
-            let room = max - read.len();
-            if data.len() > room {
-                read.extend_from_slice(&data[..room]);
-                return (read, Err(Cut::TooLarge));
-            }
-            read.extend_from_slice(&data);
-        }
-    }
-}
-
 /// Reads and drops the rest of a body, up to `max` bytes within `timeout`: a client still
 /// sending when the answer comes and the connection closes gets a reset instead of the answer.
 async fn drain(body: &mut Body, max: usize, timeout: Duration) {
@@ -153,12 +109,7 @@ async fn json_body<T: serde::de::DeserializeOwned>(mut body: Body) -> Result<T, 
     let (bytes, read) =
         read_prefix(&mut body, OPERATOR_BODY_BYTES_MAX, super::BODY_READ_TIMEOUT).await;
     if let Err(cut) = read {
-        let status = match cut {
-            Cut::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Cut::TooSlow => StatusCode::REQUEST_TIMEOUT,
-            Cut::Failed => StatusCode::BAD_REQUEST,
-        };
-        return Err(error(status, cut.describe(OPERATOR_BODY_BYTES_MAX)));
+        return Err(error(cut.status(), cut.describe(OPERATOR_BODY_BYTES_MAX)));
     }
     let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
         b"{}"
