@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::store::{CommandRecord, CommandState, Reading, RuleRecord};
-pub use token::{TokenError, TokenSource};
+pub use token::{TokenError, TokenSource, unverified_claims};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CloudError {
@@ -429,21 +429,10 @@ impl Cloud {
     /// The owner's user id: the `sub` claim of the agent's own token (read, not verified: the
     /// backend verifies it on every request).
     fn owner_id(&self) -> Result<String, CloudError> {
-        use base64::Engine as _;
         let token = self.token.current()?;
-        let claims = token
-            .split('.')
-            .nth(1)
-            .and_then(|p| {
-                base64::engine::general_purpose::URL_SAFE_NO_PAD
-                    .decode(p.trim_end_matches('='))
-                    .ok()
-            })
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
-        claims
-            .as_ref()
-            .and_then(|c| c["sub"].as_str())
-            .map(str::to_string)
+        token::unverified_claims(&token)
+            .ok()
+            .and_then(|c| c["sub"].as_str().map(str::to_string))
             .ok_or(CloudError::Token(TokenError::NoOwner))
     }
 

@@ -22,6 +22,20 @@ pub enum TokenError {
     NoOwner,
 }
 
+/// The claims of a JWT, read without verifying its signature (the backend verifies it on every
+/// request): the agent only looks at its own token's `sub` and `exp`.
+pub fn unverified_claims(token: &str) -> Result<serde_json::Value, String> {
+    use base64::Engine as _;
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or("not a JWT (no payload part)")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|e| format!("not a JWT (payload is not base64url: {e})"))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("not a JWT (payload is not JSON: {e})"))
+}
+
 #[derive(Debug, Clone)]
 pub enum TokenSource {
     Inline(Secret),
