@@ -53,6 +53,12 @@ fn latency_histogram() -> Histogram {
     ))
 }
 
+/// A state gauge family holds 1 for the current state only: `from` goes to 0, `to` to 1.
+pub fn move_state(family: &Family<Labels, Gauge>, from: &'static str, to: &'static str) {
+    family.get_or_create(&label("state", from)).set(0);
+    family.get_or_create(&label("state", to)).set(1);
+}
+
 pub fn label(name: &str, value: &str) -> Labels {
     vec![(name.to_string(), value.to_string())]
 }

@@ -113,14 +113,7 @@ fn note_mqtt_state(shared: &Shared, state: MqttState, detail: Option<String>) {
         return;
     };
     let metrics = &shared.metrics;
-    metrics
-        .mqtt_state
-        .get_or_create(&label("state", previous.label()))
-        .set(0);
-    metrics
-        .mqtt_state
-        .get_or_create(&label("state", state.label()))
-        .set(1);
+    crate::metrics::move_state(&metrics.mqtt_state, previous.label(), state.label());
     metrics
         .mqtt_connected
         .set(i64::from(state == MqttState::Connected));
@@ -1087,24 +1080,15 @@ fn note_backend_state(shared: &Shared, result: Result<(), &CloudError>) {
             .backend
             .set(state, result.err().map(|e| e.to_string()))
     };
-    if let Some(previous) = changed {
-        note_backend_change(shared, previous, state, result.err());
-    }
-}
-
-/// A change of the backend's answer, logged once and shown in the metrics.
-fn note_backend_change(
-    shared: &Shared,
-    previous: BackendState,
-    state: BackendState,
-    error: Option<&CloudError>,
-) {
-    let family = &shared.metrics.backend_state;
-    family
-        .get_or_create(&label("state", previous.label()))
-        .set(0);
-    family.get_or_create(&label("state", state.label())).set(1);
-    let error = error.map(|e| e.to_string()).unwrap_or_default();
+    let Some(previous) = changed else {
+        return;
+    };
+    crate::metrics::move_state(
+        &shared.metrics.backend_state,
+        previous.label(),
+        state.label(),
+    );
+    let error = result.err().map(|e| e.to_string()).unwrap_or_default();
     match state.degraded_reason() {
         Some(reason) => warn!(state = state.label(), %error, "{reason}"),
         // An outage has its own message (OutageBegan).
