@@ -105,7 +105,16 @@ pub fn signing_bytes(command: &RelayCommand) -> Vec<u8> {
 
 /// HMAC-SHA256 of [`signing_bytes`], lowercase hex.
 pub fn signature_hex(command: &RelayCommand, key: &MasterKey) -> String {
-    hex::encode(hmac::sign(&key.key, &signing_bytes(command)).as_ref())
+    mac_hex(key, &signing_bytes(command))
+}
+
+/// Checks a hex MAC over `signed` in constant time.
+fn check_mac(key: &MasterKey, signed: &[u8], sig: &str) -> Result<(), VerifyError> {
+    let sig = hex::decode(sig).map_err(|_| VerifyError::MalformedSignature)?;
+    if sig.len() != 32 {
+        return Err(VerifyError::MalformedSignature);
+    }
+    hmac::verify(&key.key, signed, &sig).map_err(|_| VerifyError::BadSignature)
 }
 
 /// Why a master refuses a command.
@@ -163,12 +172,7 @@ impl CommandVerifier {
     /// The signature is checked first, so a forged counter can never advance the state.
     pub fn verify(&mut self, command: &RelayCommand) -> Result<(), VerifyError> {
         let sig = command.sig.as_deref().ok_or(VerifyError::Unsigned)?;
-        let sig = hex::decode(sig).map_err(|_| VerifyError::MalformedSignature)?;
-        if sig.len() != 32 {
-            return Err(VerifyError::MalformedSignature);
-        }
-        hmac::verify(&self.key.key, &signing_bytes(command), &sig)
-            .map_err(|_| VerifyError::BadSignature)?;
+        check_mac(&self.key, &signing_bytes(command), sig)?;
         if command.master_id != self.master_id {
             return Err(VerifyError::WrongMaster {
                 expected: self.master_id.clone(),
@@ -221,7 +225,7 @@ pub fn broker_password(key: &MasterKey, device_id: &DeviceId) -> String {
     let mut message = Vec::with_capacity(BROKER_PASSWORD_CONTEXT.len() + device_id.as_str().len());
     message.extend_from_slice(BROKER_PASSWORD_CONTEXT);
     message.extend_from_slice(device_id.as_str().as_bytes());
-    hex::encode(hmac::sign(&key.key, &message).as_ref())
+    mac_hex(key, &message)
 }
 
 /// Which report a signed string covers: the byte after the domain.
@@ -520,31 +524,23 @@ impl ReportVerifier {
         &mut self,
         counter: Option<u64>,
         sig: Option<&str>,
-        signed: impl FnOnce() -> Vec<u8>,
+        signed: &[u8],
     ) -> Result<(), VerifyError> {
         let (Some(counter), Some(sig)) = (counter, sig) else {
             return Err(VerifyError::Unsigned);
         };
-        let sig = hex::decode(sig).map_err(|_| VerifyError::MalformedSignature)?;
-        if sig.len() != 32 {
-            return Err(VerifyError::MalformedSignature);
-        }
-        hmac::verify(&self.key.key, &signed(), &sig).map_err(|_| VerifyError::BadSignature)?;
+        check_mac(&self.key, signed, sig)?;
         self.window.accept(counter)
     }
 
     pub fn verify_ack(&mut self, ack: &CommandAck) -> Result<(), VerifyError> {
-        let master = self.master_id.clone();
-        self.verify(ack.counter, ack.sig.as_deref(), || {
-            ack_signing_bytes(&master, ack)
-        })
+        let signed = ack_signing_bytes(&self.master_id, ack);
+        self.verify(ack.counter, ack.sig.as_deref(), &signed)
     }
 
     pub fn verify_relay_states(&mut self, report: &RelayStateReport) -> Result<(), VerifyError> {
-        let master = self.master_id.clone();
-        self.verify(report.counter, report.sig.as_deref(), || {
-            relay_states_signing_bytes(&master, report)
-        })
+        let signed = relay_states_signing_bytes(&self.master_id, report);
+        self.verify(report.counter, report.sig.as_deref(), &signed)
     }
 }
 
