@@ -134,24 +134,14 @@ struct PendingFrame {
     attempts: u32,
     /// Copies taken back before they left: when it equals `attempts`, the slave never got it.
     withdrawn: u32,
+    /// An `on` action (never resent while latched).
+    switches_on: bool,
     code: Option<AckCode>,
 }
 
 impl PendingFrame {
     fn never_sent(&self) -> bool {
         self.code.is_none() && self.withdrawn >= self.attempts
-    }
-
-    fn switches_on(&self) -> bool {
-        FrameRepr::from_bytes(&self.bytes).is_ok_and(|f| {
-            matches!(
-                f.body,
-                FrameBody::RelayCommand {
-                    action: SwitchAction::On,
-                    ..
-                }
-            )
-        })
     }
 }
 
@@ -473,7 +463,7 @@ impl MasterCore {
                 }
                 // Latched: a switch-on is never sent again; the command ends when the slave's
                 // answer to what already left arrives, or as unreachable.
-                if latched && frame.switches_on() {
+                if latched && frame.switches_on {
                     if frame.attempts >= self.timing.frame_attempts_max {
                         failed.push(index);
                         break;
@@ -847,6 +837,7 @@ impl MasterCore {
                 sent_at: now,
                 attempts: 1,
                 withdrawn: 0,
+                switches_on: action.action == SwitchAction::On,
                 code: None,
             });
         }
