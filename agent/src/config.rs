@@ -239,6 +239,13 @@ pub struct MqttSection {
     pub ack_timeout_ms: u64,
     #[serde(default = "defaults::command_attempts_max")]
     pub command_attempts_max: u32,
+    /// A command is (re)sent only with more than this much life left: the master's checks and
+    /// the radio hop must end before its expiry.
+    #[serde(default = "defaults::send_margin_ms")]
+    pub send_margin_ms: u64,
+    /// Backlog commands awaiting one master's ack at once (PROTOCOL.md: a master queues 16).
+    #[serde(default = "defaults::in_flight_per_master")]
+    pub in_flight_per_master: u32,
     /// A master silent for this long is marked offline.
     #[serde(default = "defaults::heartbeat_timeout_ms")]
     pub heartbeat_timeout_ms: u64,
@@ -309,6 +316,12 @@ mod defaults {
     }
     pub fn command_attempts_max() -> u32 {
         3
+    }
+    pub fn send_margin_ms() -> u64 {
+        1_000
+    }
+    pub fn in_flight_per_master() -> u32 {
+        8
     }
     pub fn heartbeat_timeout_ms() -> u64 {
         30_000
@@ -519,6 +532,13 @@ impl AgentConfig {
             self.mqtt.command_attempts_max as u64,
             1,
             100,
+        )?;
+        in_range("mqtt.send_margin_ms", self.mqtt.send_margin_ms, 0, 60_000)?;
+        in_range(
+            "mqtt.in_flight_per_master",
+            self.mqtt.in_flight_per_master as u64,
+            1,
+            16,
         )?;
         in_range(
             "mqtt.heartbeat_timeout_ms",

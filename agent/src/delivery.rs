@@ -1,8 +1,10 @@
 //! Command delivery to masters as a state machine without I/O: what to send, when to send it
-//! again, and how each command ends. It never sends a command at or after its expiry, and it
-//! ends each command exactly once. The driver persists every action before performing it.
+//! again, and how each command ends. It never sends a command with less than the send margin of
+//! its life left, it ends each command exactly once, and it never ends a command that went out
+//! as `expired`: only the master's answer, or its silence past the ack timeout, ends those. The
+//! driver persists every action before performing it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use firmware_protocol::message::{AckErrorCode, AckResult, CommandAck};
 
@@ -12,6 +14,12 @@ use crate::store::{CommandOutcome, CommandRecord};
 pub struct DeliveryLimits {
     pub ack_timeout_ms: i64,
     pub attempts_max: u32,
+    /// A command is (re)sent only with more than this much life left, so that the master's
+    /// checks and the radio hop to the slave end before the expiry.
+    pub send_margin_ms: i64,
+    /// Commands from the backlog awaiting one master's ack at once; more wait their turn here
+    /// instead of overflowing the master's queue.
+    pub in_flight_per_master: usize,
 }
 
 /// What the driver must do.
@@ -37,6 +45,8 @@ struct InFlight {
 pub struct Delivery {
     limits: DeliveryLimits,
     in_flight: BTreeMap<i64, InFlight>,
+    /// Never sent, waiting for their master's in-flight count to drop; in admission order.
+    waiting: VecDeque<CommandRecord>,
 }
 
 impl Delivery {
@@ -44,6 +54,7 @@ impl Delivery {
         Delivery {
             limits,
             in_flight: BTreeMap::new(),
+            waiting: VecDeque::new(),
         }
     }
 
@@ -51,47 +62,142 @@ impl Delivery {
         self.in_flight.len()
     }
 
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    fn sendable(&self, command: &CommandRecord, now_ms: i64) -> bool {
+        now_ms + self.limits.send_margin_ms < command.expires_at_ms
+    }
+
+    fn in_flight_to(&self, master: &str) -> usize {
+        self.in_flight
+            .values()
+            .filter(|f| f.command.master_device_id == master)
+            .count()
+    }
+
     /// A command to deliver: new, or found open in the store after a restart (`attempts` sent
     /// already). Sending again after a restart is safe: masters apply a command id at most once.
+    /// One that went out before and can no longer be sent is not ended at once: the master's
+    /// ack may still be on its way (held by the broker for the agent's session).
     pub fn admit(&mut self, command: CommandRecord, now_ms: i64) -> Vec<DeliveryAction> {
-        if self.in_flight.contains_key(&command.id) {
+        let id = command.id;
+        if self.in_flight.contains_key(&id) || self.waiting.iter().any(|c| c.id == id) {
             return vec![];
         }
-        if now_ms >= command.expires_at_ms {
+        if command.attempts > 0 {
+            let attempts = command.attempts;
+            let sendable = self.sendable(&command, now_ms);
+            self.in_flight.insert(
+                id,
+                InFlight {
+                    command,
+                    attempts,
+                    ack_deadline_ms: now_ms + self.limits.ack_timeout_ms,
+                },
+            );
+            return if sendable && attempts < self.limits.attempts_max {
+                self.send(id, now_ms)
+            } else {
+                vec![]
+            };
+        }
+        if !self.sendable(&command, now_ms) {
             return vec![expired_action(&command)];
         }
-        let (id, attempts) = (command.id, command.attempts);
+        if self.in_flight_to(&command.master_device_id) >= self.limits.in_flight_per_master {
+            self.waiting.push_back(command);
+            return vec![];
+        }
         self.in_flight.insert(
             id,
             InFlight {
                 command,
-                attempts,
+                attempts: 0,
                 ack_deadline_ms: now_ms,
             },
         );
-        self.send(id, now_ms).into_iter().collect()
+        self.send(id, now_ms)
     }
 
-    fn send(&mut self, id: i64, now_ms: i64) -> Option<DeliveryAction> {
+    /// Sends `id` again, or ends it when it has no attempt or not enough life left.
+    fn send(&mut self, id: i64, now_ms: i64) -> Vec<DeliveryAction> {
         let limits = self.limits;
-        let flight = self.in_flight.get_mut(&id)?;
-        if flight.attempts >= limits.attempts_max {
-            let attempts = flight.attempts;
-            self.in_flight.remove(&id);
-            return Some(DeliveryAction::Finish {
+        let Some(flight) = self.in_flight.get(&id) else {
+            return vec![];
+        };
+        let attempts = flight.attempts;
+        if attempts >= limits.attempts_max {
+            return self.end(
                 id,
-                outcome: CommandOutcome::Failed {
+                CommandOutcome::Failed {
                     reason: format!("no ack from the master after {attempts} attempts"),
                     execution_time_ms: None,
                 },
-            });
+                now_ms,
+            );
         }
+        if !self.sendable(&flight.command, now_ms) {
+            // Sent, never acknowledged, and now too late to send again. The master refuses it
+            // after expiry too, so it did not run late; whether it ran in time is unknown.
+            let outcome = if attempts == 0 {
+                CommandOutcome::Expired
+            } else {
+                CommandOutcome::Failed {
+                    reason: format!("no ack from the master before expiry ({attempts} attempts)"),
+                    execution_time_ms: None,
+                }
+            };
+            return self.end(id, outcome, now_ms);
+        }
+        let flight = self.in_flight.get_mut(&id).expect("looked up above");
         flight.attempts += 1;
         flight.ack_deadline_ms = now_ms + limits.ack_timeout_ms;
-        Some(DeliveryAction::Send {
+        vec![DeliveryAction::Send {
             command: Box::new(flight.command.clone()),
             attempt: flight.attempts,
-        })
+        }]
+    }
+
+    /// Ends `id` and lets the next waiting command of its master go.
+    fn end(&mut self, id: i64, outcome: CommandOutcome, now_ms: i64) -> Vec<DeliveryAction> {
+        let Some(flight) = self.in_flight.remove(&id) else {
+            return vec![];
+        };
+        let mut actions = vec![DeliveryAction::Finish { id, outcome }];
+        actions.extend(self.promote(&flight.command.master_device_id, now_ms));
+        actions
+    }
+
+    /// Sends waiting commands of `master` while it has room.
+    fn promote(&mut self, master: &str, now_ms: i64) -> Vec<DeliveryAction> {
+        let mut actions = Vec::new();
+        while self.in_flight_to(master) < self.limits.in_flight_per_master {
+            let Some(index) = self
+                .waiting
+                .iter()
+                .position(|c| c.master_device_id == master)
+            else {
+                break;
+            };
+            let command = self.waiting.remove(index).expect("position is in range");
+            if !self.sendable(&command, now_ms) {
+                actions.push(expired_action(&command));
+                continue;
+            }
+            let id = command.id;
+            self.in_flight.insert(
+                id,
+                InFlight {
+                    command,
+                    attempts: 0,
+                    ack_deadline_ms: now_ms,
+                },
+            );
+            actions.extend(self.send(id, now_ms));
+        }
+        actions
     }
 
     /// A command already sent once by its creator (the automation path signs and publishes a
@@ -109,28 +215,35 @@ impl Delivery {
     /// The emergency stop: nothing in flight is sent again. Commands made only of `off` actions
     /// stay (switching off is always safe); the others end as failed with `reason`.
     pub fn cancel_switching_on(&mut self, reason: &str) -> Vec<DeliveryAction> {
+        let switches_on = |c: &CommandRecord| c.actions.iter().any(|a| a == "on");
+        let failed = |id: i64| DeliveryAction::Finish {
+            id,
+            outcome: CommandOutcome::Failed {
+                reason: reason.to_string(),
+                execution_time_ms: None,
+            },
+        };
         let doomed: Vec<i64> = self
             .in_flight
             .iter()
-            .filter(|(_, f)| f.command.actions.iter().any(|a| a == "on"))
+            .filter(|(_, f)| switches_on(&f.command))
             .map(|(id, _)| *id)
             .collect();
-        doomed
+        let mut actions: Vec<DeliveryAction> = doomed
             .into_iter()
             .filter_map(|id| self.in_flight.remove(&id))
-            .map(|f| DeliveryAction::Finish {
-                id: f.command.id,
-                outcome: CommandOutcome::Failed {
-                    reason: reason.to_string(),
-                    execution_time_ms: None,
-                },
-            })
-            .collect()
+            .map(|f| failed(f.command.id))
+            .collect();
+        let (doomed, kept): (VecDeque<_>, VecDeque<_>) =
+            self.waiting.drain(..).partition(|c| switches_on(c));
+        self.waiting = kept;
+        actions.extend(doomed.iter().map(|c| failed(c.id)));
+        actions
     }
 
     /// The master's answer. An ack for a command not in flight (a duplicate, or one that
     /// already ended) is ignored.
-    pub fn on_ack(&mut self, ack: &CommandAck) -> Vec<DeliveryAction> {
+    pub fn on_ack(&mut self, ack: &CommandAck, now_ms: i64) -> Vec<DeliveryAction> {
         let Some(id) = ack.command_id.map(crate::bridge::local_command_id) else {
             return vec![];
         };
@@ -145,63 +258,59 @@ impl Delivery {
                 .unwrap_or_else(|| "refused by the master".to_string())
         };
         let outcome = match ack.result {
+            // `duplicate` is a slave-confirmed earlier application of this id (PROTOCOL.md,
+            // "Acks"): the switch happened, with the relay states of now.
             AckResult::Completed | AckResult::Duplicate => CommandOutcome::Completed {
                 execution_time_ms,
                 relay_states: (!ack.relay_states.is_empty()).then(|| ack.relay_states.clone()),
             },
             AckResult::Expired => CommandOutcome::Expired,
             AckResult::Rejected | AckResult::Failed => {
-                // A replay rejection means our counter fell behind the master's (a restored
-                // database, say): sending again with a fresh counter is the remedy.
-                if ack.error.as_ref().map(|e| e.code) == Some(AckErrorCode::Replayed) {
-                    return vec![];
-                }
-                CommandOutcome::Failed {
-                    reason: reason(),
-                    execution_time_ms: Some(execution_time_ms),
+                match ack.error.as_ref().map(|e| e.code) {
+                    // Our counter fell behind the master's (commands crossed, or a restored
+                    // database): sending again at once with a fresh counter is the remedy.
+                    Some(AckErrorCode::Replayed) => return self.send(id, now_ms),
+                    // The master's queue is full: nothing ran; try again after the ack timeout
+                    // without spending an attempt.
+                    Some(AckErrorCode::Busy) => {
+                        if let Some(flight) = self.in_flight.get_mut(&id) {
+                            flight.attempts = flight.attempts.saturating_sub(1);
+                            flight.ack_deadline_ms = now_ms + self.limits.ack_timeout_ms;
+                        }
+                        return vec![];
+                    }
+                    _ => CommandOutcome::Failed {
+                        reason: reason(),
+                        execution_time_ms: Some(execution_time_ms),
+                    },
                 }
             }
         };
-        self.in_flight.remove(&id);
-        vec![DeliveryAction::Finish { id, outcome }]
+        self.end(id, outcome, now_ms)
     }
 
     /// Time passed while the broker is unreachable: nothing can be sent, so no attempt is spent
-    /// and ack deadlines move on; only what expired ends.
+    /// and ack deadlines move on. Commands that went out wait for the connection to return:
+    /// their acks may be held by the broker. Only what never went out ends, at its expiry.
     pub fn on_tick_disconnected(&mut self, now_ms: i64) -> Vec<DeliveryAction> {
         let ack_timeout_ms = self.limits.ack_timeout_ms;
-        let expired: Vec<i64> = self
-            .in_flight
-            .iter()
-            .filter(|(_, f)| now_ms >= f.command.expires_at_ms)
-            .map(|(id, _)| *id)
-            .collect();
         for flight in self.in_flight.values_mut() {
             flight.ack_deadline_ms = flight.ack_deadline_ms.max(now_ms + ack_timeout_ms);
         }
-        let mut actions = Vec::new();
-        for id in expired {
-            if let Some(flight) = self.in_flight.remove(&id) {
-                actions.push(DeliveryAction::Finish {
-                    id,
-                    outcome: if flight.attempts == 0 {
-                        CommandOutcome::Expired
-                    } else {
-                        CommandOutcome::Failed {
-                            reason: format!(
-                                "no ack from the master before expiry ({} attempts; broker unreachable)",
-                                flight.attempts
-                            ),
-                            execution_time_ms: None,
-                        }
-                    },
-                });
-            }
-        }
-        actions
+        self.expire_waiting(now_ms)
     }
 
-    /// Time passed: resend what waited too long for its ack, end what expired.
+    fn expire_waiting(&mut self, now_ms: i64) -> Vec<DeliveryAction> {
+        let margin = self.limits.send_margin_ms;
+        let (late, kept): (VecDeque<_>, VecDeque<_>) = self
+            .waiting
+            .drain(..)
+            .partition(|c| now_ms + margin >= c.expires_at_ms);
+        self.waiting = kept;
+        late.iter().map(expired_action).collect()
+    }
+
+    /// Time passed: resend what waited too long for its ack, end what can no longer be sent.
     pub fn on_tick(&mut self, now_ms: i64) -> Vec<DeliveryAction> {
         let due: Vec<i64> = self
             .in_flight
@@ -209,31 +318,8 @@ impl Delivery {
             .filter(|(_, f)| now_ms >= f.ack_deadline_ms)
             .map(|(id, _)| *id)
             .collect();
-        let mut actions = Vec::new();
+        let mut actions = self.expire_waiting(now_ms);
         for id in due {
-            let Some(flight) = self.in_flight.get(&id) else {
-                continue;
-            };
-            if now_ms >= flight.command.expires_at_ms {
-                // Sent, never acknowledged, and now too late to send again. The master refuses
-                // it after expiry too, so it did not run late; whether it ran in time is unknown.
-                let attempts = flight.attempts;
-                self.in_flight.remove(&id);
-                actions.push(DeliveryAction::Finish {
-                    id,
-                    outcome: if attempts == 0 {
-                        CommandOutcome::Expired
-                    } else {
-                        CommandOutcome::Failed {
-                            reason: format!(
-                                "no ack from the master before expiry ({attempts} attempts)"
-                            ),
-                            execution_time_ms: None,
-                        }
-                    },
-                });
-                continue;
-            }
             actions.extend(self.send(id, now_ms));
         }
         actions
@@ -241,10 +327,10 @@ impl Delivery {
 
     /// The earliest time `on_tick` has something to do.
     pub fn next_deadline_ms(&self) -> Option<i64> {
-        self.in_flight
-            .values()
-            .map(|f| f.ack_deadline_ms.min(f.command.expires_at_ms))
-            .min()
+        let margin = self.limits.send_margin_ms;
+        let flights = self.in_flight.values().map(|f| f.ack_deadline_ms);
+        let waiting = self.waiting.iter().map(|c| c.expires_at_ms - margin);
+        flights.chain(waiting).min()
     }
 }
 
@@ -273,6 +359,8 @@ mod tests {
     const LIMITS: DeliveryLimits = DeliveryLimits {
         ack_timeout_ms: 1_000,
         attempts_max: 3,
+        send_margin_ms: 0,
+        in_flight_per_master: 8,
     };
 
     fn command(id: i64, expires_at_ms: i64) -> CommandRecord {
@@ -332,7 +420,7 @@ mod tests {
             d.admit(command(1, 10_000), 1).is_empty(),
             "admitted twice, sent once"
         );
-        let done = d.on_ack(&ack(1, AckResult::Completed, None));
+        let done = d.on_ack(&ack(1, AckResult::Completed, None), 0);
         assert_eq!(
             done,
             vec![DeliveryAction::Finish {
@@ -344,7 +432,7 @@ mod tests {
             }]
         );
         assert!(
-            d.on_ack(&ack(1, AckResult::Completed, None)).is_empty(),
+            d.on_ack(&ack(1, AckResult::Completed, None), 0).is_empty(),
             "a second ack ends nothing"
         );
         assert_eq!(d.in_flight(), 0);
@@ -400,29 +488,44 @@ mod tests {
     }
 
     #[test]
-    fn while_the_broker_is_away_no_attempt_is_spent_but_expiry_still_ends_commands() {
+    fn while_the_broker_is_away_no_attempt_is_spent_and_sent_commands_wait_for_their_acks() {
         let mut d = Delivery::new(LIMITS);
         d.admit(command(1, 100_000), 0);
         d.admit(command(2, 20_000), 0);
-        for t in (1_000..20_000).step_by(1_000) {
+        for t in (1_000..30_000).step_by(1_000) {
             assert!(
                 d.on_tick_disconnected(t).is_empty(),
-                "nothing ends or resends at {t}"
+                "nothing ends or resends at {t}: an ack may be held for us by the broker"
             );
         }
-        match d.on_tick_disconnected(20_000).as_slice() {
-            [
-                DeliveryAction::Finish {
-                    id: 2,
-                    outcome: CommandOutcome::Failed { reason, .. },
-                },
-            ] => {
-                assert!(reason.contains("broker unreachable"))
-            }
-            other => panic!("expected command 2 to end at its expiry, got {other:?}"),
-        }
-        // Back online: the first resend is attempt 2, not a failure.
-        assert_eq!(sends(&d.on_tick(21_000)), vec![(1, 2)]);
+        // Back: the held ack of command 2 arrives after its expiry and is believed.
+        let done = d.on_ack(&ack(2, AckResult::Completed, None), 30_500);
+        assert!(matches!(
+            done.as_slice(),
+            [DeliveryAction::Finish {
+                id: 2,
+                outcome: CommandOutcome::Completed { .. }
+            }]
+        ));
+        // The first resend of command 1 is attempt 2, not a failure.
+        assert_eq!(sends(&d.on_tick(31_000)), vec![(1, 2)]);
+    }
+
+    #[test]
+    fn a_command_that_never_went_out_ends_expired_at_its_expiry_while_the_broker_is_away() {
+        let mut d = Delivery::new(DeliveryLimits {
+            in_flight_per_master: 1,
+            ..LIMITS
+        });
+        d.admit(command(1, 100_000), 0);
+        assert!(d.admit(command(2, 5_000), 0).is_empty(), "waits its turn");
+        assert_eq!(
+            d.on_tick_disconnected(5_000),
+            vec![DeliveryAction::Finish {
+                id: 2,
+                outcome: CommandOutcome::Expired
+            }]
+        );
     }
 
     #[test]
@@ -439,11 +542,10 @@ mod tests {
         d.admit(command(1, 100_000), 0);
         d.admit(command(2, 100_000), 0);
         match d
-            .on_ack(&ack(
-                1,
-                AckResult::Rejected,
-                Some(AckErrorCode::BadSignature),
-            ))
+            .on_ack(
+                &ack(1, AckResult::Rejected, Some(AckErrorCode::BadSignature)),
+                0,
+            )
             .as_slice()
         {
             [
@@ -457,23 +559,12 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            d.on_ack(&ack(2, AckResult::Expired, None)),
+            d.on_ack(&ack(2, AckResult::Expired, None), 0),
             vec![DeliveryAction::Finish {
                 id: 2,
                 outcome: CommandOutcome::Expired
             }]
         );
-    }
-
-    #[test]
-    fn a_replay_rejection_leaves_the_command_to_be_sent_again_with_a_new_counter() {
-        let mut d = Delivery::new(LIMITS);
-        d.admit(command(1, 100_000), 0);
-        assert!(
-            d.on_ack(&ack(1, AckResult::Rejected, Some(AckErrorCode::Replayed)))
-                .is_empty()
-        );
-        assert_eq!(sends(&d.on_tick(1_000)), vec![(1, 2)]);
     }
 
     #[test]
@@ -490,7 +581,7 @@ mod tests {
         let mut done = ack(1, AckResult::Completed, None);
         done.command_id = Some(CommandId::edge(3).unwrap());
         assert!(matches!(
-            d.on_ack(&done).as_slice(),
+            d.on_ack(&done, 0).as_slice(),
             [DeliveryAction::Finish {
                 id: -3,
                 outcome: CommandOutcome::Completed { .. }
@@ -515,5 +606,116 @@ mod tests {
         ));
         assert_eq!(d.in_flight(), 1);
         assert!(sends(&d.on_tick(1_000)).iter().all(|(id, _)| *id == 2));
+    }
+
+    #[test]
+    fn after_a_restart_a_sent_command_past_its_expiry_waits_for_its_ack_instead_of_expiring() {
+        let mut d = Delivery::new(LIMITS);
+        let mut sent = command(1, 10_000);
+        sent.attempts = 1;
+        let mut also = command(2, 10_000);
+        also.attempts = 1;
+        assert!(d.admit(sent, 50_000).is_empty(), "not sent, not ended");
+        assert!(d.admit(also, 50_000).is_empty());
+        assert!(
+            d.on_tick(50_999).is_empty(),
+            "the held acks get one ack timeout"
+        );
+        let done = d.on_ack(&ack(1, AckResult::Completed, None), 50_100);
+        assert!(matches!(
+            done.as_slice(),
+            [DeliveryAction::Finish {
+                id: 1,
+                outcome: CommandOutcome::Completed { .. }
+            }]
+        ));
+        match d.on_tick(51_000).as_slice() {
+            [
+                DeliveryAction::Finish {
+                    id: 2,
+                    outcome: CommandOutcome::Failed { reason, .. },
+                },
+            ] => assert!(reason.contains("before expiry"), "{reason}"),
+            other => panic!("a sent command never ends `expired`: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_command_is_never_sent_with_less_than_the_margin_of_life_left() {
+        let mut d = Delivery::new(DeliveryLimits {
+            send_margin_ms: 500,
+            ..LIMITS
+        });
+        assert_eq!(
+            d.admit(command(1, 1_400), 1_000),
+            vec![DeliveryAction::Finish {
+                id: 1,
+                outcome: CommandOutcome::Expired
+            }],
+            "400 ms of life is under the margin: never sent"
+        );
+        assert_eq!(sends(&d.admit(command(2, 2_600), 0)), vec![(2, 1)]);
+        // The ack timeout leaves 1,600 ms: resent. The next leaves 600 ms... then 400: not.
+        assert_eq!(sends(&d.on_tick(1_000)), vec![(2, 2)]);
+        match d.on_tick(2_200).as_slice() {
+            [
+                DeliveryAction::Finish {
+                    id: 2,
+                    outcome: CommandOutcome::Failed { reason, .. },
+                },
+            ] => assert!(reason.contains("before expiry"), "{reason}"),
+            other => panic!("expected no resend inside the margin, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn at_most_the_bound_is_in_flight_per_master_and_the_rest_follow_as_acks_return() {
+        let mut d = Delivery::new(DeliveryLimits {
+            in_flight_per_master: 2,
+            ..LIMITS
+        });
+        let mut other = command(9, 100_000);
+        other.master_device_id = "N".into();
+        assert_eq!(sends(&d.admit(command(1, 100_000), 0)), vec![(1, 1)]);
+        assert_eq!(sends(&d.admit(command(2, 100_000), 0)), vec![(2, 1)]);
+        assert!(d.admit(command(3, 100_000), 0).is_empty(), "third waits");
+        assert_eq!(
+            sends(&d.admit(other, 0)),
+            vec![(9, 1)],
+            "another master is not held up"
+        );
+        assert_eq!((d.in_flight(), d.waiting()), (3, 1));
+        let after = d.on_ack(&ack(1, AckResult::Completed, None), 10);
+        assert_eq!(sends(&after), vec![(3, 1)], "an ack lets the next one go");
+        assert_eq!(d.waiting(), 0);
+    }
+
+    #[test]
+    fn a_replayed_refusal_is_answered_by_a_resend_at_once() {
+        let mut d = Delivery::new(LIMITS);
+        d.admit(command(1, 100_000), 0);
+        let again = d.on_ack(
+            &ack(1, AckResult::Rejected, Some(AckErrorCode::Replayed)),
+            10,
+        );
+        assert_eq!(sends(&again), vec![(1, 2)], "not 3 s later: now");
+    }
+
+    #[test]
+    fn a_busy_master_is_asked_again_after_the_ack_timeout_without_spending_an_attempt() {
+        let mut d = Delivery::new(DeliveryLimits {
+            attempts_max: 1,
+            ..LIMITS
+        });
+        d.admit(command(1, 100_000), 0);
+        for round in 1..5 {
+            let t = round * 2_000;
+            assert!(
+                d.on_ack(&ack(1, AckResult::Rejected, Some(AckErrorCode::Busy)), t)
+                    .is_empty(),
+                "busy does not fail the command"
+            );
+            assert_eq!(sends(&d.on_tick(t + 1_000)), vec![(1, 1)], "round {round}");
+        }
     }
 }

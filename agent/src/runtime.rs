@@ -147,6 +147,10 @@ pub struct Shared {
     /// The latest value per (device, sensor) and its time, for macro conditions.
     latest: Mutex<HashMap<(String, String), (f64, i64)>>,
     pub automation_status: Mutex<AutomationStatus>,
+    /// Held from taking a command's signing counter to handing it to the MQTT client, by the
+    /// delivery loop and the automation task alike, so commands leave in counter order and a
+    /// master never refuses one as `replayed` because another overtook it.
+    pub(crate) command_order: tokio::sync::Mutex<()>,
 }
 
 /// What the automation task last reported, for /health and `status`.
@@ -263,6 +267,7 @@ pub async fn run(
         latest: Mutex::new(HashMap::new()),
         automation_status: Mutex::new(AutomationStatus::default()),
         config,
+        command_order: tokio::sync::Mutex::new(()),
     });
     let (automation, engine) = start_automation(&shared).await?;
 
@@ -897,6 +902,8 @@ async fn delivery_loop(
     let mut delivery = Delivery::new(DeliveryLimits {
         ack_timeout_ms: shared.config.mqtt.ack_timeout_ms as i64,
         attempts_max: shared.config.mqtt.command_attempts_max,
+        send_margin_ms: shared.config.mqtt.send_margin_ms as i64,
+        in_flight_per_master: shared.config.mqtt.in_flight_per_master as usize,
     });
     loop {
         let wait = delivery
@@ -907,7 +914,7 @@ async fn delivery_loop(
             _ = cancel.cancelled() => return,
             input = rx.recv() => match input {
                 Some(DeliveryInput::Admit(command)) => delivery.admit(*command, now_ms()),
-                Some(DeliveryInput::Ack(ack)) => delivery.on_ack(&ack),
+                Some(DeliveryInput::Ack(ack)) => delivery.on_ack(&ack, now_ms()),
                 Some(DeliveryInput::Track(command, sent_at)) => {
                     delivery.track(*command, sent_at);
                     vec![]
@@ -949,6 +956,7 @@ async fn perform(shared: &Arc<Shared>, action: DeliveryAction) {
             };
             let id = command.id;
             let master = command.master_device_id.clone();
+            let _in_counter_order = shared.command_order.lock().await;
             // The counter and the attempt are on disk before the command leaves.
             let counter = shared
                 .store

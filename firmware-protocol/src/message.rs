@@ -662,6 +662,8 @@ pub enum AckErrorCode {
     NoSuchRelay,
     /// The slave did not answer in time.
     SlaveUnreachable,
+    /// The master's queue of commands waiting for slaves is full; nothing ran. Send again later.
+    Busy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

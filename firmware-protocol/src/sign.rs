@@ -282,6 +282,7 @@ pub fn ack_error_code(code: Option<AckErrorCode>) -> u8 {
         Some(AckErrorCode::UnknownSlave) => 8,
         Some(AckErrorCode::NoSuchRelay) => 9,
         Some(AckErrorCode::SlaveUnreachable) => 10,
+        Some(AckErrorCode::Busy) => 11,
     }
 }
 

@@ -267,6 +267,14 @@ pub(crate) async fn perform(
     let had_outbox = !write.outbox.is_empty() || !write.commands.is_empty();
     let now = now_ms();
     let began = std::time::Instant::now();
+    // Signing counters are taken in the write below; the commands must leave in that order.
+    // Held only across the write and the publishes: never while waiting on a channel, since the
+    // delivery loop takes it too.
+    let in_counter_order = if step.send.is_empty() {
+        None
+    } else {
+        Some(shared.command_order.lock().await)
+    };
     let written = if write.is_empty() {
         Ok(Default::default())
     } else {
@@ -288,21 +296,14 @@ pub(crate) async fn perform(
             return;
         }
     };
-    if let Some(reason) = step.cancel_switching_on.take() {
-        let _ = delivery
-            .send(DeliveryInput::CancelSwitchingOn(reason))
-            .await;
-    }
-    if let Some(blocked) = step.block_engine {
-        let _ = engine_in.send(EngineInput::Blocked(blocked)).await;
-    }
+    let mut handed_over = Vec::new();
     for mut command in step.send {
         let Some(&counter) = counters.get(&command.id) else {
             continue;
         };
         let Some(key) = shared.key(&command.master_device_id) else {
             warn!(master = %command.master_device_id, "no signing key; the command waits for delivery to fail it");
-            let _ = delivery.send(DeliveryInput::Admit(Box::new(command))).await;
+            handed_over.push(DeliveryInput::Admit(Box::new(command)));
             continue;
         };
         match bridge::signed_command(&command, &key, counter) {
@@ -315,12 +316,22 @@ pub(crate) async fn perform(
                     warn!(command = command.id, error = %e, "publish failed; the ack timeout will resend");
                 }
                 command.attempts = 1;
-                let _ = delivery
-                    .send(DeliveryInput::Track(Box::new(command), now))
-                    .await;
+                handed_over.push(DeliveryInput::Track(Box::new(command), now));
             }
             Err(reason) => error!(command = command.id, %reason, "cannot encode a command"),
         }
+    }
+    drop(in_counter_order);
+    if let Some(reason) = step.cancel_switching_on.take() {
+        let _ = delivery
+            .send(DeliveryInput::CancelSwitchingOn(reason))
+            .await;
+    }
+    if let Some(blocked) = step.block_engine {
+        let _ = engine_in.send(EngineInput::Blocked(blocked)).await;
+    }
+    for input in handed_over {
+        let _ = delivery.send(input).await;
     }
     for (topic, payload, retain) in step.publish {
         if let Err(e) = shared

@@ -22,7 +22,8 @@ use crate::message::{
 use crate::sign::{CommandVerifier, MasterKey, ReportSigner, VerifyError};
 use crate::topic::Topic;
 
-/// Command ids a master remembers as applied (and persists), so each is applied at most once.
+/// Command ids a master remembers as applied (and persists) once their slave confirmed them, so
+/// a command sent again is answered `duplicate` with the first application's outcome.
 pub const APPLIED_COMMANDS_MAX: usize = 128;
 /// Commands waiting for slave acks at once; more are refused as busy.
 pub const PENDING_COMMANDS_MAX: usize = 16;
@@ -807,17 +808,16 @@ impl MasterCore {
                 origin,
                 Some(id),
                 Some(slave),
-                AckResult::Failed,
-                AckErrorCode::SlaveUnreachable,
+                AckResult::Rejected,
+                AckErrorCode::Busy,
                 format!("{PENDING_COMMANDS_MAX} commands already waiting for slaves"),
             );
             return;
         }
-        if self.applied.len() >= APPLIED_COMMANDS_MAX {
-            self.applied.pop_front();
-        }
-        self.applied.push_back(id);
-        out.push(Output::Persist(self.state()));
+        // Not yet "applied": only the slave's confirmation makes it so (see `on_ack`). A master
+        // that reboots before it sends the command on again; the slave's own memory of
+        // (command id, relay) keeps a relay that did switch from switching twice, and its
+        // `duplicate` answer tells that it did.
         let mut frames = Vec::new();
         for action in actions {
             let bytes = self.frame(FrameBody::RelayCommand {
@@ -1026,6 +1026,14 @@ impl MasterCore {
         };
         if result == AckResult::Rejected {
             self.forget_applied(out, pending.id);
+        } else {
+            // Confirmed by the slave: from now on this id is answered `duplicate` without
+            // reaching the slave again.
+            if self.applied.len() >= APPLIED_COMMANDS_MAX {
+                self.applied.pop_front();
+            }
+            self.applied.push_back(pending.id);
+            out.push(Output::Persist(self.state()));
         }
         info!(master = %self.id, command_id = %pending.id, ?result, execution_time_ms = elapsed, "command finished");
         self.finish(

@@ -872,3 +872,131 @@ fn a_master_that_gives_up_withdraws_the_copies_still_queued_before_reporting_fai
     }
     panic!("the command never failed");
 }
+
+// ---------------------------------------------------------------------------------------------
+// a master that reboots between accepting a command and its slave's confirmation
+
+fn persisted(outputs: &[Output]) -> MasterState {
+    outputs
+        .iter()
+        .rev()
+        .find_map(|o| match o {
+            Output::Persist(state) => Some(state.clone()),
+            _ => None,
+        })
+        .expect("the master persisted its state")
+}
+
+fn rebooted(state: MasterState) -> MasterCore {
+    let spec = MasterSpec {
+        id: master(),
+        key: key(),
+        slaves: vec![slave_spec(0, &[])],
+        sensors: vec![],
+    };
+    MasterCore::new(&spec, MasterTiming::default(), state)
+}
+
+/// Sends the master's frames to the slave and the slave's answers back; returns the acks.
+fn over_the_radio(
+    core: &mut MasterCore,
+    node: &mut SlaveNode,
+    out: &[Output],
+    t: Instant,
+) -> Vec<CommandAck> {
+    let mut acks_out = Vec::new();
+    for o in out {
+        if let Output::Frame { bytes, .. } = o {
+            for answer in node.on_frame(bytes, t).unwrap() {
+                let back = core.on_radio(slave_mac(), &answer.to_bytes().unwrap(), t);
+                acks_out.extend(acks(&back));
+            }
+        }
+    }
+    acks_out
+}
+
+#[test]
+fn a_master_rebooted_before_its_slave_confirmed_runs_the_resend_instead_of_calling_it_duplicate() {
+    let t0 = Instant::now();
+    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    let mut signer = CommandSigner::new(key(), 1);
+    let mut core = master_core();
+    let first = core.on_mqtt(
+        &command_topic(),
+        &signer.seal(command(5)).encode().unwrap(),
+        t0,
+        NOW_MS,
+    );
+    assert_eq!(frames(&first).len(), 1, "forwarded once");
+    // Killed before the frame left: the slave never saw it.
+    let mut core = rebooted(persisted(&first));
+    let resend = core.on_mqtt(
+        &command_topic(),
+        &signer.seal(command(5)).encode().unwrap(),
+        t0,
+        NOW_MS,
+    );
+    assert!(
+        acks(&resend).is_empty(),
+        "no `duplicate` for a command no slave confirmed: {:?}",
+        acks(&resend)
+    );
+    let acked = over_the_radio(&mut core, &mut node, &resend, t0);
+    assert_eq!(acked.len(), 1);
+    assert_eq!(acked[0].result, AckResult::Completed);
+    assert!(node.states().is_on(0), "the resend ran: the relay is on");
+    assert!(acked[0].relay_states[0]);
+}
+
+#[test]
+fn a_master_rebooted_after_its_slave_applied_answers_duplicate_with_the_switch_that_happened() {
+    let t0 = Instant::now();
+    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    let mut signer = CommandSigner::new(key(), 1);
+    let mut core = master_core();
+    let first = core.on_mqtt(
+        &command_topic(),
+        &signer.seal(command(5)).encode().unwrap(),
+        t0,
+        NOW_MS,
+    );
+    // The slave applied it; the master died before its ack arrived.
+    for o in &first {
+        if let Output::Frame { bytes, .. } = o {
+            node.on_frame(bytes, t0).unwrap();
+        }
+    }
+    assert!(node.states().is_on(0));
+    let mut core = rebooted(persisted(&first));
+    let resend = core.on_mqtt(
+        &command_topic(),
+        &signer.seal(command(5)).encode().unwrap(),
+        t0,
+        NOW_MS,
+    );
+    assert!(
+        acks(&resend).is_empty(),
+        "the slave is asked, not the master's memory"
+    );
+    let acked = over_the_radio(&mut core, &mut node, &resend, t0);
+    assert_eq!(acked.len(), 1);
+    assert_eq!(
+        acked[0].result,
+        AckResult::Duplicate,
+        "applied once, by the first copy"
+    );
+    assert!(
+        acked[0].relay_states[0],
+        "the duplicate carries the switch that happened"
+    );
+    // Confirmed now: a third copy is answered from the master's memory without the radio.
+    let third = core.on_mqtt(
+        &command_topic(),
+        &signer.seal(command(5)).encode().unwrap(),
+        t0,
+        NOW_MS,
+    );
+    assert!(frames(&third).is_empty());
+    assert_eq!(acks(&third)[0].result, AckResult::Duplicate);
+}
