@@ -14,6 +14,7 @@ pub mod connectivity;
 pub mod delivery;
 pub mod doctor;
 pub mod link;
+pub mod liveness;
 pub mod macros;
 pub mod metrics;
 pub mod notify;

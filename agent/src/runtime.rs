@@ -26,6 +26,7 @@ use crate::config::AgentConfig;
 use crate::connectivity::{BackendState, MqttState, Watched};
 use crate::delivery::{Delivery, DeliveryAction, DeliveryLimits};
 use crate::link::{Link, LinkEvent};
+use crate::liveness::{Liveness, Presence};
 use crate::metrics::{Metrics, label};
 use crate::reports::ReportGate;
 use crate::rules::EngineInput;
@@ -585,6 +586,7 @@ async fn inbound_loop(
         shared.keys.iter().map(|(m, k)| (m.clone(), k.clone())),
         &windows,
     );
+    let mut liveness = Liveness::new(shared.config.mqtt.heartbeat_timeout_ms);
     loop {
         let (topic, payload) = tokio::select! {
             _ = cancel.cancelled() => {
@@ -596,6 +598,7 @@ async fn inbound_loop(
             }
             _ = flush.tick() => {
                 hand_over(&writer, &mut buffer).await;
+                save_heard(&shared, &mut liveness).await;
                 // Saved with the telemetry cadence, not per report: a window that rolls back
                 // by one flush after a crash lets at most those reports be replayed once, and
                 // only by a client the broker lets publish as that master.
@@ -644,6 +647,28 @@ async fn inbound_loop(
             .mqtt_messages_in
             .get_or_create(&label("kind", kind))
             .inc();
+        // Any message on a master's own topics proves it alive (the broker admits only that
+        // master to them); its offline status is the one that says otherwise.
+        let heard_from = match &inbound {
+            Inbound::Telemetry(readings) => {
+                let mut ids: Vec<&str> = readings.iter().map(|r| r.device_id.as_str()).collect();
+                ids.dedup();
+                ids
+            }
+            Inbound::Ack(device, _) | Inbound::RelayState(device, _) => vec![device.as_str()],
+            Inbound::Status(device, status) if bridge::is_online(status) => vec![device.as_str()],
+            _ => Vec::new(),
+        };
+        let mut came_online = false;
+        for device in heard_from {
+            if liveness.heard(device, now) == Presence::CameOnline {
+                came_online = true;
+                // A status is recorded by its own arm below.
+                if !matches!(inbound, Inbound::Status(..)) {
+                    record_presence(&shared, device, true, None, now).await;
+                }
+            }
+        }
         match inbound {
             Inbound::Telemetry(readings) => {
                 if let Ok(mut latest) = shared.latest.lock() {
@@ -679,6 +704,7 @@ async fn inbound_loop(
                 let _ = delivery.send(DeliveryInput::Ack(ack)).await;
             }
             Inbound::Announce(a) => {
+                liveness.heard(a.device_id.as_str(), now);
                 record_presence(
                     &shared,
                     a.device_id.as_str(),
@@ -689,14 +715,15 @@ async fn inbound_loop(
                 .await;
             }
             Inbound::Status(device, status) => {
-                record_presence(
-                    &shared,
-                    device.as_str(),
-                    bridge::is_online(&status),
-                    None,
-                    now,
-                )
-                .await;
+                let online = bridge::is_online(&status);
+                if !online {
+                    liveness.said_offline(device.as_str(), now);
+                }
+                // A status online from a master already online is its heartbeat: heard above,
+                // nothing to record.
+                if !online || came_online {
+                    record_presence(&shared, device.as_str(), online, None, now).await;
+                }
             }
             Inbound::RelayState(device, report) => {
                 for slave in &report.slaves {
@@ -750,6 +777,17 @@ async fn inbound_loop(
             }
             Inbound::Ignored => {}
         }
+    }
+}
+
+/// Hands the masters' last-heard times to the store, so its silence check sees them.
+async fn save_heard(shared: &Arc<Shared>, liveness: &mut Liveness) {
+    let heard = liveness.take_unsaved();
+    if heard.is_empty() {
+        return;
+    }
+    if let Err(e) = shared.store.call(move |s| s.note_heard(&heard)).await {
+        warn!(error = %e, "could not save when the masters were last heard");
     }
 }
 

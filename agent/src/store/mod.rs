@@ -924,6 +924,23 @@ impl Store {
         Ok(!known)
     }
 
+    /// Moves the last-heard time of masters still online (never back, never for one offline):
+    /// what keeps a master that sends only telemetry from looking silent.
+    pub fn note_heard(&mut self, heard: &[(String, i64)]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "update devices set last_seen_ms = max(coalesce(last_seen_ms, 0), ?2)
+                 where device_id = ?1 and online = 1",
+            )?;
+            for (device, at_ms) in heard {
+                stmt.execute(params![device, at_ms])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Marks offline every device still online whose last message is older than `cutoff_ms`;
     /// returns their ids (a master that died without a last will goes quiet this way).
     pub fn mark_silent_offline(&mut self, cutoff_ms: i64) -> Result<Vec<String>> {

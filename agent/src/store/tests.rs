@@ -266,6 +266,32 @@ fn a_master_silent_past_the_cutoff_goes_offline_once() {
 }
 
 #[test]
+fn a_master_heard_only_through_telemetry_is_not_marked_silent() {
+    let mut store = Store::open_in_memory().unwrap();
+    store.record_presence("A", true, None, None, 1_000).unwrap();
+    store
+        .record_presence("B", false, None, None, 1_000)
+        .unwrap();
+    store
+        .note_heard(&[("A".into(), 9_000), ("B".into(), 9_000)])
+        .unwrap();
+    assert!(
+        store.mark_silent_offline(5_000).unwrap().is_empty(),
+        "A was heard at 9 s"
+    );
+    // Never back in time, and never online again by a heard time alone.
+    store.note_heard(&[("A".into(), 2_000)]).unwrap();
+    let devices = store.devices().unwrap();
+    assert_eq!(
+        devices,
+        vec![
+            ("A".to_string(), true, Some(9_000)),
+            ("B".to_string(), false, Some(1_000))
+        ]
+    );
+}
+
+#[test]
 fn the_delivered_config_version_is_remembered() {
     let mut store = Store::open_in_memory().unwrap();
     assert_eq!(store.delivered_config_version("A").unwrap(), None);

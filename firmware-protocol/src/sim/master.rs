@@ -28,6 +28,9 @@ pub const APPLIED_COMMANDS_MAX: usize = 128;
 /// Commands waiting for slave acks at once; more are refused as busy.
 pub const PENDING_COMMANDS_MAX: usize = 16;
 /// The simulator's firmware version in announcements.
+/// How often a master publishes its status online, whatever else it sends (PROTOCOL.md,
+/// heartbeat): the agent marks a master offline after 30 s without hearing it.
+pub const STATUS_HEARTBEAT: Duration = Duration::from_secs(10);
 pub const FIRMWARE: &str = concat!("esp32-sim-", env!("CARGO_PKG_VERSION"));
 
 /// One master as configured.
@@ -179,6 +182,8 @@ pub struct MasterCore {
     pending: Vec<Pending>,
     sequence: u32,
     last_report: Option<Vec<u8>>,
+    /// When the status online was last published (the MQTT heartbeat).
+    last_status: Option<Instant>,
 }
 
 type Outputs = Vec<Output>;
@@ -220,6 +225,7 @@ impl MasterCore {
             pending: Vec::new(),
             sequence: 0,
             last_report: None,
+            last_status: None,
         }
     }
 
@@ -395,6 +401,17 @@ impl MasterCore {
             }
         }
         self.report_states(&mut out);
+        if self
+            .last_status
+            .is_none_or(|t| now.duration_since(t) >= STATUS_HEARTBEAT)
+        {
+            self.last_status = Some(now);
+            Self::publish(
+                &mut out,
+                Topic::Status(self.id.clone()),
+                &Status::online(self.emergency_latched),
+            );
+        }
         out
     }
 

@@ -1000,3 +1000,37 @@ fn a_master_rebooted_after_its_slave_applied_answers_duplicate_with_the_switch_t
     assert!(frames(&third).is_empty());
     assert_eq!(acks(&third)[0].result, AckResult::Duplicate);
 }
+
+// ---------------------------------------------------------------------------------------------
+// the MQTT heartbeat
+
+fn status_publications(outputs: &[Output]) -> usize {
+    outputs
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                Output::Publish {
+                    topic: Topic::Status(_),
+                    ..
+                }
+            )
+        })
+        .count()
+}
+
+#[test]
+fn a_master_publishes_its_status_online_every_ten_seconds_whatever_else_it_sends() {
+    let mut core = master_core();
+    let t0 = Instant::now();
+    let mut published = 0;
+    // Heartbeat ticks every second for 35 s: at 0, 10, 20 and 30 s.
+    for s in 0..=35 {
+        let out = core.on_heartbeat(t0 + Duration::from_secs(s));
+        published += status_publications(&out);
+        if s % 10 == 0 {
+            assert_eq!(status_publications(&out), 1, "a status at {s} s");
+        }
+    }
+    assert_eq!(published, 4);
+}

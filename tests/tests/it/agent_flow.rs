@@ -639,3 +639,117 @@ async fn an_agent_started_with_broker_and_backend_down_waits_for_them_and_then_w
     let id = insert_command(&world, MASTER, SLAVE, 2, 5);
     until_status(&world, &id, "completed", Duration::from_secs(60)).await;
 }
+
+/// Waits (up to 30 s) until /health shows `MASTER` online (`want`) or offline.
+async fn until_master_online(api: &str, want: bool, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while master_online(api).await != Some(want) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether /health shows `MASTER` online.
+async fn master_online(api: &str) -> Option<bool> {
+    let h: serde_json::Value = reqwest::get(format!("{api}/health"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    h["masters"]
+        .as_array()?
+        .iter()
+        .find(|m| m["device_id"] == MASTER)
+        .and_then(|m| m["online"].as_bool())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_only_sends_telemetry_stays_online_and_goes_offline_once_silent() {
+    use firmware_protocol::sim::rumqttc::{AsyncClient, QoS};
+    const SILENT_AFTER_MS: u64 = 1_500;
+    let world = World::start_full();
+    let login = world
+        .stack
+        .broker_login(autocore_stack::Role::Agent, "pi-alice")
+        .unwrap();
+    let mqtt = format!(
+        "url = \"{}\"\n        username = \"{}\"\n        password = \"{}\"\n        heartbeat_timeout_ms = {SILENT_AFTER_MS}",
+        world.stack.mqtt_url().unwrap(),
+        login.username,
+        login.password
+    );
+    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
+    let agent = crate::support::start_agent_with(
+        &world,
+        &jwt,
+        &mqtt,
+        &master_toml(MASTER, KEY_HEX, "mqtt"),
+    )
+    .await;
+    // A master that never announces and has no status: only readings, as a firmware might
+    // between its (lost) status messages. It stays connected when it falls silent, so no last
+    // will says anything.
+    let master_login = world
+        .stack
+        .broker_login(
+            Role::Master {
+                device_id: MASTER.into(),
+            },
+            "telemetry-only",
+        )
+        .unwrap();
+    let (client, mut eventloop) = AsyncClient::new(
+        mqtt_options(&world.stack.mqtt_url().unwrap(), &master_login),
+        100,
+    );
+    let pump = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    // Readings every 250 ms while `talking` is set.
+    let talking = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let publisher = {
+        let talking = talking.clone();
+        let topic = format!("autocore/devices/{MASTER}/telemetry");
+        tokio::spawn(async move {
+            loop {
+                if talking.load(std::sync::atomic::Ordering::SeqCst) {
+                    let reading = r#"{"v":1,"ph":{"value":6.8,"unit":"pH"}}"#;
+                    let _ = client
+                        .publish(topic.as_str(), QoS::AtLeastOnce, false, reading)
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    until_master_online(&agent.api, true, "the master online from its telemetry").await;
+    // Three times the silence timeout: online at every sample.
+    let mut samples = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(3 * SILENT_AFTER_MS);
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            master_online(&agent.api).await,
+            Some(true),
+            "a master heard every 250 ms shown offline (sample {samples})"
+        );
+        samples += 1;
+    }
+    assert!(samples >= 20);
+    // Silent but connected: offline after the timeout (and the agent's check interval).
+    talking.store(false, std::sync::atomic::Ordering::SeqCst);
+    until_master_online(&agent.api, false, "the silent master offline").await;
+    // Heard again: online again, without an announce.
+    talking.store(true, std::sync::atomic::Ordering::SeqCst);
+    until_master_online(
+        &agent.api,
+        true,
+        "the master back online from its telemetry",
+    )
+    .await;
+    publisher.abort();
+    pump.abort();
+    agent.shut_down().await;
+}
