@@ -578,7 +578,7 @@ impl MasterCore {
                 Self::publish(out, Topic::Ack(self.id.clone()), &ack);
             }
             Origin::Http => {
-                let Some(id) = command_id.and_then(CommandId::backend_id) else {
+                let Some(id) = command_id.map(CommandId::row_id) else {
                     return;
                 };
                 let outcome = match (result, error) {
@@ -701,7 +701,7 @@ impl MasterCore {
     pub fn on_polled(&mut self, rows: Vec<SlaveCommandRow>, now: Instant, wall_ms: u64) -> Outputs {
         let mut out = Vec::new();
         for row in rows {
-            let id = match CommandId::backend(row.id) {
+            let id = match CommandId::from_row_id(row.id) {
                 Ok(id) => id,
                 Err(e) => {
                     warn!(master = %self.id, row = row.id, "ignoring polled row: {e}");
