@@ -26,6 +26,8 @@ const validateCreate = compile({
     device_id: { type: "string", pattern: "^[A-Za-z0-9_.:-]{1,64}$" },
     rule_id: { type: "string", pattern: "^[A-Za-z0-9_.:-]{1,64}$" },
     ...RULE_FIELDS,
+    // Check only: an editor validating as the user types. Answers 200 with the problems.
+    dry_run: { type: "boolean" },
   },
   required: ["device_id", "rule_id", "rule_name", "rule_json"],
   additionalProperties: false,
@@ -127,9 +129,11 @@ async function create(req: Request): Promise<Response> {
   }
   const device = await visibleDevice(caller, body.device_id);
   const problems = await ruleProblems(caller, device.device_id, body, schemaProblems);
+  const { dry_run: dryRun, ...row } = body;
+  if (dryRun === true) return json(200, { valid: problems.length === 0, problems });
   if (problems.length > 0) return invalid("the rule was not saved", problems);
   const answer = await caller.rest.request("POST", "/decision_rules", {
-    body,
+    body: row,
     prefer: "return=representation",
   });
   if (answer.status !== 201) return duplicateOr(answer, device.device_id, body.rule_id);

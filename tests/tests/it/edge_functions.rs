@@ -515,3 +515,70 @@ fn the_functions_type_check_lint_clean_and_are_formatted() {
         );
     }
 }
+
+/// Every case of schemas/rule_cases.json through the `rules` function (`dry_run`), on a slave
+/// with 16 relays: the function refuses exactly the rules the database refuses, so a rule the
+/// function passes is never refused on insert, and each problem names a path in `rule_json`.
+#[tokio::test]
+async fn the_rules_function_judges_every_rule_case_as_the_database_does() {
+    let (world, functions) = world_with_functions();
+    world.sql(&format!(
+        "update relay_slaves set relay_count = 16 where master_device_id = '{MASTER}'"
+    ));
+    let alice = Function::new(&world, &functions, "rules", Some(&Claims::user(ALICE)));
+    let text = std::fs::read_to_string(autocore_stack::repo_root().join("schemas/rule_cases.json"))
+        .unwrap();
+    let doc: Value = serde_json::from_str(&text).unwrap();
+    let cases = doc["cases"].as_array().unwrap();
+    assert!(cases.len() >= 40, "expected the case list");
+    let mut wrong = Vec::new();
+    let mut normalised: Vec<String> = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let (status, body) = alice
+            .post(
+                json!({"device_id": MASTER, "rule_id": "CASE", "rule_name": name,
+                         "rule_json": case["rule_json"], "dry_run": true}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{name}: {body}");
+        let want_valid = case["database"] == "accept";
+        let valid = body["valid"] == true;
+        if valid != problems(&body).is_empty() {
+            wrong.push(format!("{name}: valid and problems disagree: {body}"));
+        }
+        if valid && !want_valid {
+            // 1.0 is 1 to JavaScript: the function stores the rule with 1, which the database
+            // accepts. Only a text the function stores unchanged must be refused.
+            let (status, stored) = alice
+                .post(
+                    json!({"device_id": MASTER, "rule_id": format!("CASE_{}", normalised.len()),
+                             "rule_name": name, "rule_json": case["rule_json"]}),
+                )
+                .await;
+            if status != StatusCode::CREATED || stored["rule"]["rule_json"] == case["rule_json"] {
+                wrong.push(format!(
+                    "{name}: function {body}, database {}",
+                    case["database"]
+                ));
+            }
+            normalised.push(name.to_string());
+        } else if valid != want_valid {
+            wrong.push(format!(
+                "{name}: function {body}, database {}",
+                case["database"]
+            ));
+        }
+        for (path, message) in problems(&body) {
+            if !path.starts_with("rule_json") || message.is_empty() {
+                wrong.push(format!(
+                    "{name}: problem outside rule_json: {path}: {message}"
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // Only whole numbers written with a fraction; the dry runs stored nothing.
+    assert_eq!(normalised, ["relay_number 1.0"]);
+    assert_eq!(world.sql_one("select count(*) from decision_rules"), "1");
+}
