@@ -45,12 +45,36 @@ export class Refusal extends Error {
 // Bodies are small JSON objects; anything bigger is refused before it is parsed.
 export const MAX_BODY_BYTES = 64 * 1024;
 
+/** The body's text, refused (413) past `MAX_BODY_BYTES` without reading the rest. */
+async function boundedText(req: Request): Promise<string> {
+  const tooLarge = () => new Refusal(refuse(413, "body_too_large", `the body is larger than ${MAX_BODY_BYTES} bytes`));
+  if (Number(req.headers.get("Content-Length") ?? 0) > MAX_BODY_BYTES) throw tooLarge();
+  if (!req.body) return "";
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  const reader = req.body.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    size += value.length;
+    if (size > MAX_BODY_BYTES) {
+      await reader.cancel();
+      throw tooLarge();
+    }
+    chunks.push(value);
+  }
+  const bytes = new Uint8Array(size);
+  let offset = 0;
+  for (const chunk of chunks) {
+    bytes.set(chunk, offset);
+    offset += chunk.length;
+  }
+  return new TextDecoder().decode(bytes);
+}
+
 /** The request body as a JSON object, or a 400 saying what is wrong with it. */
 export async function readObject(req: Request): Promise<Record<string, unknown>> {
-  const text = await req.text();
-  if (new TextEncoder().encode(text).length > MAX_BODY_BYTES) {
-    throw new Refusal(refuse(413, "body_too_large", `the body is larger than ${MAX_BODY_BYTES} bytes`));
-  }
+  const text = await boundedText(req);
   let body: unknown;
   try {
     body = JSON.parse(text);

@@ -126,6 +126,21 @@ async fn rules_are_checked_against_the_schema_the_database_and_the_device_before
     assert_eq!(body["error"], "malformed_json", "{body}");
     let (status, body) = alice.post(json!([1, 2])).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // Bounded: a body over 64 KiB is refused unread; only POST and PATCH (and a browser's
+    // preflight) are answered.
+    let (status, body) = alice
+        .post(json!({"device_id": MASTER, "rule_name": "x".repeat(70_000)}))
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    let (status, body) = alice.raw(Method::GET, String::new()).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{body}");
+    let preflight = reqwest::Client::new()
+        .request(Method::OPTIONS, &alice.url)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), StatusCode::NO_CONTENT);
+    assert_eq!(preflight.headers()["access-control-allow-origin"], "*");
 
     // Every problem at once, each at its path: the schema's, the database's (a blank sensor
     // name, which no JSON Schema keyword says), and the device's (relay 9 on a 4-relay slave, a
