@@ -44,11 +44,13 @@ export class Refusal extends Error {
 
 // Bodies are small JSON objects; anything bigger is refused before it is parsed.
 export const MAX_BODY_BYTES = 64 * 1024;
+// A body over the limit is read on (and thrown away) up to this much, so that the client, still
+// sending, gets the 413 instead of a reset connection; past it the connection is dropped.
+const DRAIN_BYTES = 1024 * 1024;
 
-/** The body's text, refused (413) past `MAX_BODY_BYTES` without reading the rest. */
+/** The body's text; past `MAX_BODY_BYTES` nothing more is kept and the answer is 413. */
 async function boundedText(req: Request): Promise<string> {
   const tooLarge = () => new Refusal(refuse(413, "body_too_large", `the body is larger than ${MAX_BODY_BYTES} bytes`));
-  if (Number(req.headers.get("Content-Length") ?? 0) > MAX_BODY_BYTES) throw tooLarge();
   if (!req.body) return "";
   const chunks: Uint8Array[] = [];
   let size = 0;
@@ -57,12 +59,13 @@ async function boundedText(req: Request): Promise<string> {
     const { done, value } = await reader.read();
     if (done) break;
     size += value.length;
-    if (size > MAX_BODY_BYTES) {
+    if (size > DRAIN_BYTES) {
       await reader.cancel();
       throw tooLarge();
     }
-    chunks.push(value);
+    if (size <= MAX_BODY_BYTES) chunks.push(value);
   }
+  if (size > MAX_BODY_BYTES) throw tooLarge();
   const bytes = new Uint8Array(size);
   let offset = 0;
   for (const chunk of chunks) {

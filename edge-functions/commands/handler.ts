@@ -6,7 +6,7 @@
 // edge-functions/README.md.
 
 import { invalid, json, type Problem, readObject, refuse, serveJson } from "../_shared/http.ts";
-import { callerOf, describeSlaves, knownSlaves, visibleDevice } from "../_shared/rest.ts";
+import { backendRefusal, callerOf, describeSlaves, knownSlaves, visibleDevice } from "../_shared/rest.ts";
 import { compile, problemsOf, sortByPath } from "../_shared/validate.ts";
 
 /** relay_commands_slave_manual_max_5_relays. */
@@ -133,11 +133,16 @@ async function send(req: Request): Promise<Response> {
     status: "pending",
     expires_at: new Date(Date.now() + expiresIn * 1000).toISOString(),
   };
-  const inserted = await caller.rest.ok("POST", "/relay_commands_slave", {
+  const answer = await caller.rest.request("POST", "/relay_commands_slave", {
     body: row,
     prefer: "return=representation",
-  }) as unknown[];
-  return json(201, { command: inserted[0] });
+  });
+  if (answer.status === 409 && (answer.body as { code?: string } | null)?.code === "23505") {
+    // The idempotency key: a retry of a command that was already queued.
+    return refuse(409, "duplicate_client_id", `a command with client_id ${body.client_id} was already sent`);
+  }
+  if (answer.status !== 201) return backendRefusal(answer);
+  return json(201, { command: (answer.body as unknown[])[0] });
 }
 
 export const handler = serveJson(["POST"], send);

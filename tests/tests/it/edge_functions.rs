@@ -126,7 +126,7 @@ async fn rules_are_checked_against_the_schema_the_database_and_the_device_before
     assert_eq!(body["error"], "malformed_json", "{body}");
     let (status, body) = alice.post(json!([1, 2])).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-    // Bounded: a body over 64 KiB is refused unread; only POST and PATCH (and a browser's
+    // Bounded: a body over 64 KiB is refused, never kept; only POST and PATCH (and a browser's
     // preflight) are answered.
     let (status, body) = alice
         .post(json!({"device_id": MASTER, "rule_name": "x".repeat(70_000)}))
@@ -377,8 +377,13 @@ async fn commands_are_refused_with_the_reason_and_a_good_one_is_queued() {
     let mut good = command(json!([0, 3]), json!(["on", "off"]), json!([30, 0]));
     good["expires_in_seconds"] = json!(60);
     good["priority"] = json!(40);
-    let (status, body) = alice.post(good).await;
+    good["client_id"] = json!("6d1f3c3e-8a4b-4c2a-9d43-2f1e0b7a5c11");
+    let (status, body) = alice.post(good.clone()).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+    // A retry with the same idempotency key queues nothing more.
+    let (status, again) = alice.post(good).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
+    assert_eq!(again["error"], "duplicate_client_id", "{again}");
     let id = body["command"]["id"].as_i64().expect("the stored row");
     assert_eq!(
         world.sql_one(&format!(
