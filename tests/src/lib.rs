@@ -3,6 +3,7 @@
 //! the [`Stack`] is dropped (panics included) and killed with their owner otherwise.
 
 pub mod bench;
+pub mod edge;
 pub mod jwt;
 pub mod mosquitto;
 pub mod postgres;
@@ -13,6 +14,7 @@ pub mod tap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 
+pub use edge::EdgeFunctions;
 pub use jwt::Claims;
 pub use mosquitto::{Login, Mosquitto, Role, Security};
 pub use postgres::{Postgres, PostgresOptions};

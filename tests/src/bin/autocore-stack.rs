@@ -3,7 +3,7 @@
 //! `--master DEVICE_ID=KEY_HEX` (repeatable) gives a master, e.g. an `esp32-sim`, its login.
 
 use anyhow::Context;
-use autocore_stack::{Role, Stack, StackOptions};
+use autocore_stack::{EdgeFunctions, Role, Stack, StackOptions};
 
 fn main() -> anyhow::Result<()> {
     let mut masters = Vec::new();
@@ -24,9 +24,13 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     let stack = Stack::start(StackOptions::default()).context("starting the local stack")?;
+    // The edge functions in front of this stack's PostgREST, at /functions/v1/NAME.
+    let functions =
+        EdgeFunctions::start(&stack.rest_url()?).context("starting the edge functions")?;
     for line in stack.env_lines() {
         println!("{line}");
     }
+    println!("AUTOCORE_FUNCTIONS_URL={}", functions.url());
     let agent = stack.broker_login(Role::Agent, "autocore-agent")?;
     let monitor = stack.broker_login(Role::Monitor, "autocore-monitor")?;
     for (id, key) in &masters {
@@ -40,6 +44,7 @@ fn main() -> anyhow::Result<()> {
     let (tx, rx) = std::sync::mpsc::channel();
     ctrlc_channel(tx)?;
     let _ = rx.recv();
+    drop(functions);
     drop(stack);
     eprintln!("autocore-stack: stopped");
     Ok(())

@@ -9,6 +9,7 @@ mod broker;
 mod cloud_side;
 mod command_queue;
 mod doctor;
+mod edge_functions;
 mod harness;
 mod notify;
 mod pgtap;
