@@ -583,8 +583,8 @@ impl MasterCore {
                 };
                 let outcome = match (result, error) {
                     (AckResult::Completed | AckResult::Duplicate, _) => Ok(relay_states),
-                    (_, Some((code, message))) => Err(format!("{code:?}: {message}")),
-                    (other, None) => Err(format!("{other:?}")),
+                    (_, Some((code, message))) => Err(format!("{}: {message}", code.as_str())),
+                    (other, None) => Err(format!("{other:?}").to_lowercase()),
                 };
                 out.push(Output::Complete(Completion {
                     command_id: id,

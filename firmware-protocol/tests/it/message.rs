@@ -281,3 +281,23 @@ proptest! {
         let _ = RelayCommand::decode(&bytes);
     }
 }
+
+#[test]
+fn an_ack_error_code_is_named_as_the_wire_writes_it() {
+    use firmware_protocol::message::AckErrorCode;
+    for code in [
+        AckErrorCode::Malformed,
+        AckErrorCode::Unsigned,
+        AckErrorCode::BadSignature,
+        AckErrorCode::Replayed,
+        AckErrorCode::WrongMaster,
+        AckErrorCode::Expired,
+        AckErrorCode::EmergencyLatched,
+        AckErrorCode::UnknownSlave,
+        AckErrorCode::NoSuchRelay,
+        AckErrorCode::SlaveUnreachable,
+        AckErrorCode::Busy,
+    ] {
+        assert_eq!(json!(code), json!(code.as_str()));
+    }
+}
