@@ -13,6 +13,7 @@ pub mod config;
 pub mod connectivity;
 pub mod delivery;
 pub mod doctor;
+pub mod drop_episode;
 pub mod link;
 pub mod liveness;
 pub mod macros;

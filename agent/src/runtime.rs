@@ -25,6 +25,7 @@ use crate::cloud::{Cloud, CloudConfig, CloudError, TokenSource};
 use crate::config::AgentConfig;
 use crate::connectivity::{BackendState, MqttState, Watched};
 use crate::delivery::{Delivery, DeliveryAction, DeliveryLimits};
+use crate::drop_episode::{DropEpisode, DropLog};
 use crate::link::{Link, LinkEvent};
 use crate::liveness::{Liveness, Presence};
 use crate::metrics::{Metrics, label};
@@ -858,12 +859,13 @@ async fn hand_over(writer: &mpsc::Sender<Vec<Reading>>, buffer: &mut Vec<Reading
 
 /// Commits batches of readings in the order they came, until the inbound loop ends.
 async fn telemetry_writer(shared: Arc<Shared>, mut batches: mpsc::Receiver<Vec<Reading>>) {
+    let mut dropping = DropEpisode::default();
     while let Some(readings) = batches.recv().await {
-        flush_readings(&shared, readings).await;
+        flush_readings(&shared, readings, &mut dropping).await;
     }
 }
 
-async fn flush_readings(shared: &Arc<Shared>, readings: Vec<Reading>) {
+async fn flush_readings(shared: &Arc<Shared>, readings: Vec<Reading>, dropping: &mut DropEpisode) {
     if readings.is_empty() {
         return;
     }
@@ -881,9 +883,27 @@ async fn flush_readings(shared: &Arc<Shared>, readings: Vec<Reading>) {
     {
         Ok((added, dropped)) => {
             shared.metrics.readings_stored.inc_by(added as u64);
-            if dropped > 0 {
-                shared.metrics.telemetry_dropped.inc_by(dropped);
-                warn!(dropped, rows_max, "outbox full: oldest telemetry dropped");
+            shared.metrics.telemetry_dropped.inc_by(dropped);
+            match dropping.note(dropped, now) {
+                DropLog::Nothing => {}
+                DropLog::Began { dropped } => {
+                    warn!(
+                        dropped,
+                        rows_max, "outbox full: dropping the oldest telemetry"
+                    );
+                }
+                DropLog::Lasting { since_last, total } => {
+                    warn!(
+                        since_last,
+                        total, rows_max, "outbox still full: oldest telemetry dropped"
+                    );
+                }
+                DropLog::Ended { total, lasted_ms } => {
+                    info!(
+                        total,
+                        lasted_ms, "outbox has room again: telemetry no longer dropped"
+                    );
+                }
             }
             shared.outbox_ready.notify_one();
         }
