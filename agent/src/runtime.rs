@@ -153,6 +153,8 @@ pub struct Shared {
     /// delivery loop and the automation task alike, so commands leave in counter order and a
     /// master never refuses one as `replayed` because another overtook it.
     pub(crate) command_order: tokio::sync::Mutex<()>,
+    /// Per master, the request id of a lock call not answered yet (see `pull_commands`).
+    lock_requests: Mutex<HashMap<String, String>>,
 }
 
 /// What the automation task last reported, for /health and `status`.
@@ -270,6 +272,7 @@ pub async fn run(
         automation_status: Mutex::new(AutomationStatus::default()),
         config,
         command_order: tokio::sync::Mutex::new(()),
+        lock_requests: Mutex::new(HashMap::new()),
     });
     let (automation, engine) = start_automation(&shared).await?;
 
@@ -1386,13 +1389,30 @@ async fn deliver_configs(shared: &Arc<Shared>, masters: &[String]) {
 
 async fn pull_commands(shared: &Arc<Shared>, master: &str, delivery: &mpsc::Sender<DeliveryInput>) {
     let cfg = &shared.config.cloud;
+    // The same name until a call is answered: a retry after a lost answer gets what that call
+    // locked instead of leaving it locked in the cloud until the lock timeout.
+    let request_id = match shared.lock_requests.lock() {
+        Ok(mut open) => open
+            .entry(master.to_string())
+            .or_insert_with(|| uuid::Uuid::new_v4().simple().to_string())
+            .clone(),
+        Err(_) => uuid::Uuid::new_v4().simple().to_string(),
+    };
     let rows = match shared
         .cloud
-        .lock_commands(master, cfg.lock_batch_max, cfg.lock_timeout_seconds)
+        .lock_commands(
+            master,
+            cfg.lock_batch_max,
+            cfg.lock_timeout_seconds,
+            &request_id,
+        )
         .await
     {
         Ok(rows) => {
             note_cloud_result(shared, Ok(()));
+            if let Ok(mut open) = shared.lock_requests.lock() {
+                open.remove(master);
+            }
             rows
         }
         Err(e) => {

@@ -263,16 +263,21 @@ impl Cloud {
         serde_json::from_str(&body).map_err(|e| CloudError::Decode(format!("{function}: {e}")))
     }
 
-    /// Locks up to `limit` commands of `master` for `timeout_seconds`.
+    /// Locks up to `limit` commands of `master` for `timeout_seconds`. `request_id` names the
+    /// call: repeated after a failure without an answer, it returns what the lost call locked.
     pub async fn lock_commands(
         &self,
         master: &str,
         limit: u32,
         timeout_seconds: u32,
+        request_id: &str,
     ) -> Result<Vec<CloudCommand>, CloudError> {
         self.rpc(
             "get_and_lock_slave_commands",
-            json!({"p_master_device_id": master, "p_limit": limit, "p_timeout_seconds": timeout_seconds}),
+            json!({
+                "p_master_device_id": master, "p_limit": limit,
+                "p_timeout_seconds": timeout_seconds, "p_request_id": request_id,
+            }),
         )
         .await
     }

@@ -753,3 +753,100 @@ async fn a_master_that_only_sends_telemetry_stays_online_and_goes_offline_once_s
     pump.abort();
     agent.shut_down().await;
 }
+
+/// A proxy in front of PostgREST that, once armed, loses the answer of the first lock call that
+/// locked something: the backend did the work, the agent sees a 504 (as after a PostgREST freeze
+/// or a request timeout).
+async fn answer_losing_proxy(
+    upstream: String,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> String {
+    use axum::body::{Body, to_bytes};
+    use axum::http::{Request, Response};
+    let client = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |request: Request<Body>| {
+        let (client, upstream, armed) = (client.clone(), upstream.clone(), armed.clone());
+        async move {
+            let (parts, body) = request.into_parts();
+            let body = to_bytes(body, 1 << 20).await.unwrap_or_default();
+            let path = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let mut forward = client.request(parts.method.clone(), format!("{upstream}{path}"));
+            for (name, value) in &parts.headers {
+                if name != "host" && name != "content-length" {
+                    forward = forward.header(name, value);
+                }
+            }
+            let bad_gateway = || Response::builder().status(502).body(Body::empty()).unwrap();
+            let Ok(answer) = forward.body(body).send().await else {
+                return bad_gateway();
+            };
+            let status = answer.status();
+            let content_type = answer.headers().get("content-type").cloned();
+            let Ok(bytes) = answer.bytes().await else {
+                return bad_gateway();
+            };
+            if path.ends_with("/rpc/get_and_lock_slave_commands")
+                && bytes.as_ref() != b"[]"
+                && armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Response::builder().status(504).body(Body::empty()).unwrap();
+            }
+            let mut response = Response::builder().status(status.as_u16());
+            if let Some(content_type) = content_type {
+                response = response.header("content-type", content_type);
+            }
+            response.body(Body::from(bytes)).unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_call_whose_answer_is_lost_is_retried_and_gets_the_same_command() {
+    let world = World::start_full();
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let proxy = answer_losing_proxy(world.stack.rest_url().unwrap(), armed.clone()).await;
+    let sim_stop = start_sim(one_master_sim(&world, KEY_HEX));
+    let login = world
+        .stack
+        .broker_login(Role::Agent, "pi-alice")
+        .expect("the agent's broker login");
+    let mqtt = format!(
+        "url = \"{}\"\n        username = \"{}\"\n        password = \"{}\"",
+        world.stack.mqtt_url().unwrap(),
+        login.username,
+        login.password
+    );
+    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
+    let agent = crate::support::start_agent_on(
+        &world,
+        &proxy,
+        &jwt,
+        &mqtt,
+        &master_toml(MASTER, KEY_HEX, "mqtt"),
+    )
+    .await;
+    let id = insert_command(&world, MASTER, SLAVE, 1, 30);
+    until_status(&world, &id, "completed", Duration::from_secs(20)).await;
+    assert!(
+        !armed.load(std::sync::atomic::Ordering::SeqCst),
+        "the proxy lost one lock answer"
+    );
+    // Handed out once: the retry (same request id) returned the row the lost call had locked,
+    // instead of it waiting out the 30 s lock timeout to be handed out again.
+    assert_eq!(
+        world.sql_one(&format!(
+            "select delivery_count from relay_commands_slave where id = {id}"
+        )),
+        "1"
+    );
+    agent.shut_down().await;
+    let _ = sim_stop.send(());
+}

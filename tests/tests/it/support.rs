@@ -313,6 +313,18 @@ pub async fn start_agent_with_jwt(world: &World, jwt: &str, tail_toml: &str) -> 
 /// [`start_agent`] with the JWT `jwt` and `mqtt_toml` as its `[mqtt]` section's keys (`url`
 /// among them), for a broker of the test's own.
 pub async fn start_agent_with(world: &World, jwt: &str, mqtt_toml: &str, tail_toml: &str) -> Agent {
+    let rest = world.stack.rest_url().unwrap();
+    start_agent_on(world, &rest, jwt, mqtt_toml, tail_toml).await
+}
+
+/// [`start_agent_with`] on the backend at `rest` (a proxy of the test's in front of PostgREST).
+pub async fn start_agent_on(
+    world: &World,
+    rest: &str,
+    jwt: &str,
+    mqtt_toml: &str,
+    tail_toml: &str,
+) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
         r#"
@@ -333,7 +345,6 @@ pub async fn start_agent_with(world: &World, jwt: &str, mqtt_toml: &str, tail_to
         {tail_toml}
         "#,
         db = dir.path().join("agent.db").display(),
-        rest = world.stack.rest_url().unwrap(),
     );
     let config = autocore_agent::config::AgentConfig::from_toml(
         &toml,
