@@ -17,6 +17,7 @@ pub mod link;
 pub mod macros;
 pub mod metrics;
 pub mod notify;
+pub mod provision;
 pub mod reports;
 pub mod rules;
 pub mod runtime;
