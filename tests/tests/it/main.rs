@@ -12,6 +12,7 @@ mod doctor;
 mod harness;
 mod notify;
 mod pgtap;
+mod provision;
 mod reports;
 mod roles;
 mod simulator;
