@@ -102,12 +102,54 @@ pub fn claim_url(url: &str) -> String {
 /// agent, and a `[[masters]]` entry with a new key per master (an existing master keeps its key).
 pub async fn provision(request: &ProvisionRequest) -> Result<Provisioned, ProvisionError> {
     let base = read_table(&request.config_path)?;
-    // Checked before the code is spent: the agent id must be valid here too.
+    // The configuration is checked with placeholders before the code is spent, so a bad key
+    // in it (or a bad agent id) costs no claim code.
     crate::config::check_id("agent.id", &request.agent_id)?;
+    let placeholder = ClaimAnswer {
+        access_token: String::new(),
+        refresh_token: String::new(),
+        expires_at: None,
+        agent_id: request.agent_id.clone(),
+        owner_id: String::new(),
+        rest_url: "http://127.0.0.1".into(),
+        auth_url: "http://127.0.0.1".into(),
+        masters: request.masters.clone(),
+    };
+    config_text(&base, &placeholder, request)?;
     let answer = claim(request).await?;
+    let text = config_text(&base, &answer, request)?;
     create_state_dir(&request.state_dir)?;
-    let session_path = request.state_dir.join("session.json");
-    let mut table = base;
+    let session_path = session_path(&request.state_dir);
+    session::write(
+        &session_path,
+        &Session {
+            access_token: answer.access_token.clone(),
+            refresh_token: answer.refresh_token.clone(),
+            expires_at: answer.expires_at,
+        },
+    )?;
+    write_config(&request.config_path, &text)?;
+    give_to_state_dir_owner(&request.state_dir, &[&session_path, &request.config_path])?;
+    Ok(Provisioned {
+        agent_id: answer.agent_id,
+        owner_id: answer.owner_id,
+        config_path: request.config_path.clone(),
+        session_path,
+        masters: answer.masters,
+    })
+}
+
+fn session_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("session.json")
+}
+
+/// The configuration `base` becomes with what the claim gave, checked as the agent loads it.
+fn config_text(
+    base: &toml::Table,
+    answer: &ClaimAnswer,
+    request: &ProvisionRequest,
+) -> Result<String, ProvisionError> {
+    let mut table = base.clone();
     set(&mut table, "agent", "id", answer.agent_id.clone().into());
     if !has(&table, "store", "path") {
         let db = request.state_dir.join("agent.db");
@@ -129,7 +171,10 @@ pub async fn provision(request: &ProvisionRequest) -> Result<Provisioned, Provis
         &mut table,
         "cloud",
         "jwt_file",
-        session_path.display().to_string().into(),
+        session_path(&request.state_dir)
+            .display()
+            .to_string()
+            .into(),
     );
     if let Some(cloud) = table.get_mut("cloud").and_then(|c| c.as_table_mut()) {
         cloud.remove("jwt");
@@ -165,22 +210,7 @@ pub async fn provision(request: &ProvisionRequest) -> Result<Provisioned, Provis
         reason: e.to_string(),
     })?;
     AgentConfig::from_toml(&text, &request.config_path, std::iter::empty())?;
-    session::write(
-        &session_path,
-        &Session {
-            access_token: answer.access_token.clone(),
-            refresh_token: answer.refresh_token.clone(),
-            expires_at: answer.expires_at,
-        },
-    )?;
-    write_config(&request.config_path, &text)?;
-    Ok(Provisioned {
-        agent_id: answer.agent_id,
-        owner_id: answer.owner_id,
-        config_path: request.config_path.clone(),
-        session_path,
-        masters: answer.masters,
-    })
+    Ok(text)
 }
 
 /// `POST {url}/functions/v1/claim-agent`: the code, the agent id and name, the masters.
@@ -331,6 +361,10 @@ fn write_config(path: &Path, text: &str) -> Result<(), ProvisionError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(file_err)?;
     }
+    let previous_owner = std::fs::metadata(path).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt as _;
+        (m.uid(), m.gid())
+    });
     if path.exists() {
         let mut bak = path.as_os_str().to_owned();
         bak.push(".bak");
@@ -338,6 +372,35 @@ fn write_config(path: &Path, text: &str) -> Result<(), ProvisionError> {
         crate::broker::write_atomically(Path::new(&bak), &old, 0o600)?;
     }
     crate::broker::write_atomically(path, text, 0o600)?;
+    // Run as root, the file stays its owner's (the package makes it autocore's).
+    if let Some((uid, gid)) = previous_owner
+        && nix::unistd::geteuid().is_root()
+    {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(file_err)?;
+    }
+    Ok(())
+}
+
+/// Run as root (`sudo autocore-agent provision`), the files go to the state directory's owner
+/// (the package's `autocore` user), who runs the agent and rewrites the session; run as that
+/// user, they are its own already.
+fn give_to_state_dir_owner(dir: &Path, files: &[&Path]) -> Result<(), ProvisionError> {
+    use std::os::unix::fs::MetadataExt as _;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| ProvisionError::File {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    for file in files {
+        std::os::unix::fs::chown(file, Some(meta.uid()), Some(meta.gid())).map_err(|e| {
+            ProvisionError::File {
+                path: file.to_path_buf(),
+                reason: format!("giving it to the state directory's owner: {e}"),
+            }
+        })?;
+    }
     Ok(())
 }
 
