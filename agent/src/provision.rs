@@ -197,7 +197,8 @@ fn config_text(
         set(&mut table, "mqtt", "password", random_hex(24)?.into());
     }
     let mut masters = Vec::new();
-    for id in &answer.masters {
+    let mut seen = std::collections::BTreeSet::new();
+    for id in answer.masters.iter().filter(|id| seen.insert(id.as_str())) {
         let key = match existing_key(&table, id) {
             Some(key) => key,
             None => random_hex(32)?,

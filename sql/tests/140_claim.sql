@@ -89,10 +89,10 @@ select is(tests.snapshot(), current_setting('tests.before'), 'the expired code c
 -- ---------------------------------------------------------------------------
 select results_eq(
   format($$select agent_id, owner_id, masters from claim_agent(lower(replace(%L, '-', ' ')), 'pi-new', 'new pi',
-            '{ESP32_NEW_1,ESP32_ALICE_U,ESP32_ALICE_R}', 'c0000000-0000-0000-0000-000000000003')$$,
+            '{ESP32_NEW_1,ESP32_ALICE_U,ESP32_ALICE_R,ESP32_NEW_1}', 'c0000000-0000-0000-0000-000000000003')$$,
          current_setting('tests.code')),
-  $$values ('pi-new'::text, 'a0000000-0000-0000-0000-000000000001'::uuid, '{ESP32_NEW_1,ESP32_ALICE_U,ESP32_ALICE_R}'::text[])$$,
-  'a good code (typed in lower case, with a space) makes an agent of the code''s user');
+  $$values ('pi-new'::text, 'a0000000-0000-0000-0000-000000000001'::uuid, '{ESP32_ALICE_R,ESP32_ALICE_U,ESP32_NEW_1}'::text[])$$,
+  'a good code (typed in lower case, with a space; a master named twice) makes an agent of the code''s user');
 select results_eq($$select owner_id, name, revoked_at from edge_agents where agent_id = 'pi-new'$$,
   $$values ('a0000000-0000-0000-0000-000000000001'::uuid, 'new pi'::text, null::timestamptz)$$,
   'the edge_agents row belongs to the code''s user');

@@ -181,7 +181,7 @@ begin
     insert into private.agent_logins (auth_user_id, agent_id) values (p_auth_user_id, p_agent_id);
   end if;
   insert into public.device_status (device_id, owner_id, agent_id, device_name)
-  select m, v_code.owner_id, p_agent_id, m from unnest(coalesce(p_masters, '{}')) m
+  select distinct m, v_code.owner_id, p_agent_id, m from unnest(coalesce(p_masters, '{}')) m
   on conflict on constraint device_status_pkey do update
     set agent_id = excluded.agent_id, updated_at = now()
     where public.device_status.owner_id = excluded.owner_id;
@@ -190,7 +190,7 @@ begin
 
   agent_id := p_agent_id;
   owner_id := v_code.owner_id;
-  masters := coalesce(p_masters, '{}');
+  masters := array(select distinct m from unnest(coalesce(p_masters, '{}')) m order by m);
   return next;
 end
 $$;

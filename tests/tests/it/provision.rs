@@ -328,6 +328,30 @@ async fn a_code_unknown_used_expired_or_naming_someone_elses_master_fails_clearl
     assert!(nothing_written(&dir("second")));
     assert_eq!(backend_state(&world), after_first);
 
+    // One code claimed by two Pis at once, through two claim services (two connections): one
+    // gets it, the other is told it is used.
+    let code = claim_code(&world).await;
+    let other = stand_in(&world, Duration::from_secs(3600)).await;
+    let (dir_a, dir_b) = (dir("race-a"), dir("race-b"));
+    let (a, b) = tokio::join!(
+        provision(&auth, &dir_a, &code, "pi-race-a", &[], &[]),
+        provision(&other, &dir_b, &code, "pi-race-b", &[], &[]),
+    );
+    let mut outcomes = [a, b];
+    outcomes.sort_by_key(|o| o.0);
+    assert_eq!(outcomes[0].0, 0, "one claim wins: {}", outcomes[0].2);
+    assert_eq!(outcomes[1].0, 1, "the other loses");
+    assert!(
+        outcomes[1].2.contains("claim_code_used"),
+        "{}",
+        outcomes[1].2
+    );
+    assert_eq!(
+        world.sql_one("select count(*) from edge_agents where agent_id like 'pi-race-%'"),
+        "1"
+    );
+    let after_first = backend_state(&world);
+
     // Expired.
     let code = claim_code(&world).await;
     world.sql("update private.claim_codes set expires_at = now() - interval '1 second' where used_at is null");
