@@ -319,9 +319,10 @@ begin
   end if;
   if v_device.owner_id <> v_owner
      or (v_device.agent_id is not null and v_device.agent_id <> v_agent and v_device.revoked_at is null) then
+    -- 23505 (HTTP 409), not 42501 (403): the agent reads a 403 as its token refused.
     raise exception 'master_taken: master % is another owner''s or served by another live agent; unassign it in the dashboard first',
       p_device_id
-      using errcode = 'insufficient_privilege';
+      using errcode = 'unique_violation';
   end if;
   update public.device_status d set agent_id = v_agent, updated_at = now()
    where d.device_id = p_device_id;

@@ -398,5 +398,9 @@ async fn a_code_unknown_used_expired_or_naming_someone_elses_master_fails_clearl
     .await;
     assert_eq!(status, 1, "{stderr}");
     assert!(stderr.contains("master_taken"), "{stderr}");
+    assert!(
+        stderr.contains("(409)"),
+        "not taken for a refused token: {stderr}"
+    );
     assert_eq!(std::fs::read_to_string(&config).unwrap(), text_before);
 }
