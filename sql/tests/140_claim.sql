@@ -135,7 +135,7 @@ select results_eq($$select device_id from device_status order by device_id$$,
   'which sees exactly its masters');
 
 -- Another login claiming pi-new (not bound to it) is refused.
-select tests.act_as('authenticated', '{"role":"authenticated","sub":"c0000000-0000-0000-0000-000000000004","agent_id":"pi-new"}');
+select tests.act_as('authenticated', '{"role":"authenticated","sub":"c0000000-0000-0000-0000-000000000004","agent_id":"pi-new","owner_id":"a0000000-0000-0000-0000-000000000001"}');
 select throws_ok('select autocore_hooks.check_request()', '42501', null,
   'a login not bound to the agent its token names is refused');
 
@@ -158,7 +158,7 @@ select is((select agent_id from device_status where device_id = 'ESP32_NEW_2'), 
 update edge_agents set revoked_at = now() where agent_id = 'pi-new';
 select is(custom_access_token_hook('{"user_id":"c0000000-0000-0000-0000-000000000003","claims":{}}') #>> '{error,http_code}',
   '403', 'a revoked agent gets no new token');
-select tests.act_as('authenticated', '{"role":"authenticated","sub":"c0000000-0000-0000-0000-000000000003","agent_id":"pi-new"}');
+select tests.act_as('authenticated', '{"role":"authenticated","sub":"c0000000-0000-0000-0000-000000000003","agent_id":"pi-new","owner_id":"a0000000-0000-0000-0000-000000000001"}');
 select throws_like('select autocore_hooks.check_request()', 'edge_agent_refused:%',
   'a revoked agent''s unexpired token is refused before its request');
 

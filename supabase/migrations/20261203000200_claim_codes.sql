@@ -246,15 +246,19 @@ comment on function public.custom_access_token_hook(jsonb) is
 -- agent_login = the login) when the login is bound to the agent its agent_id names; every
 -- policy and RPC then sees the agent as before, and caller_kind() still checks it is live.
 -- Anything that does not go through PostgREST (Realtime) sees the login, which is nobody.
+-- Stable, as before: it writes no rows (set_config is a setting of this transaction), and a
+-- volatile one costs a snapshot per statement on every request.
 create or replace function autocore_hooks.check_request() returns void
-language plpgsql volatile security definer
+language plpgsql stable security definer
 set search_path = ''
 as $$
 declare
   v_claims jsonb := auth.jwt();
   v_owner uuid;
 begin
-  if v_claims ->> 'agent_id' is not null
+  -- Only tokens the hook issued carry owner_id; minted agent tokens (sub = owner) skip the
+  -- lookup. The claim only says where to look: the binding decides.
+  if v_claims ->> 'agent_id' is not null and v_claims ? 'owner_id' and not v_claims ? 'agent_login'
      and v_claims ->> 'sub' ~ '^[0-9a-fA-F-]{36}$' then
     select a.owner_id into v_owner
       from private.agent_logins l
