@@ -239,6 +239,13 @@ async fn a_claim_code_provisions_a_pi_that_completes_a_dashboard_command_refresh
         "pending",
         "a revoked agent locks nothing"
     );
+    // The agent's own refresher is refused at its next refresh (tokens live 4 s here).
+    eventually(
+        "the agent's refresh refused",
+        Duration::from_secs(15),
+        || (auth.refused() >= 1).then_some(()),
+    )
+    .await;
     let current = session(&state);
     let refused = reqwest::Client::new()
         .post(format!(
