@@ -211,8 +211,12 @@ pub struct CloudSection {
     /// Supabase's public anon key, sent as `apikey`; not needed on plain PostgREST.
     pub api_key: Option<Secret>,
     pub jwt: Option<Secret>,
-    /// Read at start and again whenever it changes, so a token rotates without a restart.
+    /// Read at start and again whenever it changes, so a token rotates without a restart. Holds
+    /// the JWT, or the session `provision` wrote (access and refresh token, JSON).
     pub jwt_file: Option<PathBuf>,
+    /// Supabase Auth's base URL (`https://<project>.supabase.co/auth/v1`): when set, the agent
+    /// refreshes the session in `jwt_file` before its access token expires.
+    pub auth_url: Option<String>,
     #[serde(default = "defaults::poll_interval_ms")]
     pub poll_interval_ms: u64,
     #[serde(default = "defaults::request_timeout_ms")]
@@ -468,6 +472,15 @@ impl AgentConfig {
             }
             (None, None) => return Err(invalid("cloud.jwt", "set cloud.jwt or cloud.jwt_file")),
             _ => {}
+        }
+        if let Some(auth_url) = &self.cloud.auth_url {
+            check_url("cloud.auth_url", auth_url, &["http", "https"])?;
+            if self.cloud.jwt_file.is_none() {
+                return Err(invalid(
+                    "cloud.auth_url",
+                    "refreshing a session needs it in cloud.jwt_file (autocore-agent provision writes both)",
+                ));
+            }
         }
         in_range(
             "cloud.poll_interval_ms",

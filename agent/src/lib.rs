@@ -19,6 +19,7 @@ pub mod liveness;
 pub mod macros;
 pub mod metrics;
 pub mod notify;
+pub mod provision;
 pub mod reports;
 pub mod rules;
 pub mod runtime;

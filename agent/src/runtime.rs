@@ -277,6 +277,22 @@ pub async fn run(
     let (automation, engine) = start_automation(&shared).await?;
 
     let cancel = CancellationToken::new();
+    if let (Some(auth_url), Some(session)) =
+        (&shared.config.cloud.auth_url, &shared.config.cloud.jwt_file)
+    {
+        tokio::spawn(crate::cloud::session::run_refresher(
+            session.clone(),
+            auth_url.clone(),
+            shared
+                .config
+                .cloud
+                .api_key
+                .as_ref()
+                .map(|k| k.expose().to_string()),
+            Duration::from_millis(shared.config.cloud.request_timeout_ms),
+            cancel.clone(),
+        ));
+    }
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE_MESSAGES_MAX);
     let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_QUEUE_MAX);
 

@@ -2,6 +2,7 @@
 //! backend applied, real PostgREST 12 and Mosquitto, each on a free loopback port, torn down when
 //! the [`Stack`] is dropped (panics included) and killed with their owner otherwise.
 
+pub mod auth;
 pub mod bench;
 pub mod edge;
 pub mod jwt;

@@ -1,6 +1,8 @@
 //! `autocore-stack`: starts the local stack for a person, prints its `KEY=value` lines (with an
 //! agent's and a monitor's broker login), and runs until Ctrl-C, then tears everything down.
 //! `--master DEVICE_ID=KEY_HEX` (repeatable) gives a master, e.g. an `esp32-sim`, its login.
+//! `AUTOCORE_CLAIM_URL` is the local claim service and refresh grant (`autocore_stack::auth`), for
+//! `autocore-agent provision --url`.
 
 use anyhow::Context;
 use autocore_stack::{EdgeFunctions, Role, Stack, StackOptions};
@@ -40,11 +42,28 @@ fn main() -> anyhow::Result<()> {
     println!("AUTOCORE_MQTT_PASSWORD={}", agent.password);
     println!("AUTOCORE_MQTT_MONITOR_USERNAME={}", monitor.username);
     println!("AUTOCORE_MQTT_MONITOR_PASSWORD={}", monitor.password);
+    // Kept until the end: the stand-in's server runs on it.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("building the claim service's runtime")?;
+    let claim = runtime
+        .block_on(autocore_stack::auth::AuthStandIn::start(
+            &stack.pg_url()?,
+            stack.jwt_secret(),
+            &stack.rest_url()?,
+            std::time::Duration::from_secs(3600),
+        ))
+        .context("starting the local claim service")?;
+    println!("AUTOCORE_CLAIM_URL={}", claim.url());
     eprintln!("autocore-stack: running; Ctrl-C stops it and removes its data");
     let (tx, rx) = std::sync::mpsc::channel();
     ctrlc_channel(tx)?;
     let _ = rx.recv();
     drop(functions);
+    drop(claim);
+    drop(runtime);
     drop(stack);
     eprintln!("autocore-stack: stopped");
     Ok(())

@@ -13,6 +13,7 @@ mod edge_functions;
 mod harness;
 mod notify;
 mod pgtap;
+mod provision;
 mod reports;
 mod roles;
 mod simulator;
