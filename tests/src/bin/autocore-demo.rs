@@ -182,7 +182,7 @@ async fn edge_demo(
     };
 
     step(
-        "Starting esp32-sim: master ESP32_HIDRO_F44738 with slave 14:33:5C:38:BF:60 (4 relays), pH drifting 6.8 -> 6.0",
+        "Starting esp32-sim: master ESP32_HIDRO_F44738 with slave 14:33:5C:38:BF:60 (4 relays), pH drifting 6.8 -> 6.0 over 15 s (60 readings, one every 250 ms)",
     );
     let sim_config = SimConfig {
         mqtt_url: Some(stack.mqtt_url()?),
