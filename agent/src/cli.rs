@@ -250,21 +250,27 @@ pub fn rules_test(
     Ok(out)
 }
 
-/// The exit code of a configuration that cannot be used (as for a bad command line).
-pub const EXIT_CONFIG: u8 = 2;
+/// The exit code of what a restart cannot fix (as for a bad command line): a configuration
+/// that cannot be used, or a database a newer agent wrote. The unit's
+/// `RestartPreventExitStatus=2` keeps systemd from restarting the agent into it every 2 s.
+pub const EXIT_SETUP: u8 = 2;
 
 /// How the binary ends: an error is printed as one line of causes (`{:#}`), never with anyhow's
-/// Debug form, which adds a backtrace when `RUST_BACKTRACE` is set; a configuration error exits
-/// with [`EXIT_CONFIG`], any other with 1.
+/// Debug form, which adds a backtrace when `RUST_BACKTRACE` is set; a configuration error or a
+/// newer database exits with [`EXIT_SETUP`], any other with 1.
 pub fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            let config = e
-                .chain()
-                .any(|cause| cause.downcast_ref::<crate::config::ConfigError>().is_some());
-            std::process::ExitCode::from(if config { EXIT_CONFIG } else { 1 })
+            let setup = e.chain().any(|cause| {
+                cause.downcast_ref::<crate::config::ConfigError>().is_some()
+                    || matches!(
+                        cause.downcast_ref::<crate::store::StoreError>(),
+                        Some(crate::store::StoreError::NewerSchema { .. })
+                    )
+            });
+            std::process::ExitCode::from(if setup { EXIT_SETUP } else { 1 })
         }
     }
 }

@@ -60,9 +60,16 @@ pub const ENGINE_QUEUE_MAX: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("store: {0}")]
+    // No `{0}` beside `#[from]`: the cause is the error's source, printed once by `{:#}`.
+    #[error("store")]
     Store(#[from] StoreError),
-    #[error("mqtt: {0}")]
+    #[error("database {}", path.display())]
+    Database {
+        path: std::path::PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error("mqtt")]
     Bridge(#[from] bridge::BridgeError),
     #[error("safety/engine configuration: {0}")]
     Interlocks(String),
@@ -218,7 +225,10 @@ pub async fn run(
     // With two providers compiled in (see Cargo.toml), rustls would panic at the first TLS
     // handshake; an error here only means one is installed already.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let store = Store::open(&config.store.path)?;
+    let store = Store::open(&config.store.path).map_err(|source| RuntimeError::Database {
+        path: config.store.path.clone(),
+        source,
+    })?;
     let store = StoreHandle::new(store);
     let token = match (&config.cloud.jwt, &config.cloud.jwt_file) {
         (Some(jwt), _) => TokenSource::Inline(jwt.clone()),

@@ -24,7 +24,11 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("stored JSON is unreadable: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("the database has schema version {found}, newer than this agent knows ({known})")]
+    #[error(
+        "the database has schema version {found}, newer than this agent's ({known}): a newer \
+         autocore-agent wrote it; install that version or a later one again (an agent never \
+         downgrades its database)"
+    )]
     NewerSchema { found: i64, known: i64 },
     #[error("the store's lock was poisoned by a panic")]
     Poisoned,

@@ -602,3 +602,123 @@ fn a_fresh_database_starts_a_masters_counter_above_what_it_accepted_before() {
         "then one by one"
     );
 }
+
+/// A database as an agent of schema version `version` left it: the migrations up to it, and
+/// rows written with the columns schema 1 already had (every later schema keeps them).
+fn database_at_schema(path: &Path, version: usize) {
+    let conn = Connection::open(path).unwrap();
+    for sql in &schema::MIGRATIONS[..version] {
+        conn.execute_batch(sql).unwrap();
+    }
+    conn.pragma_update(None, "user_version", version as i64)
+        .unwrap();
+    conn.execute_batch(
+        r#"insert into commands (id, master_device_id, slave_mac_address, relay_numbers, actions,
+               duration_seconds, command_type, triggered_by, priority, expires_at_ms, state,
+               attempts, signing_counter, accepted_at_ms)
+           values (7, 'ESP32_A', '14:33:5C:38:BF:60', '[0]', '["on"]', '[60]', 'manual',
+               'manual', 10, 1000000, 'sent', 1, 41, 1);
+           insert into outbox (class, idempotency_key, payload, created_at_ms)
+           values ('completion', 'completion:6', '{"command_id": 6, "status": "completed"}', 2);
+           insert into signing_counters (master_device_id, counter) values ('ESP32_A', 41);
+           insert into cursors (name, value) values ('rules', '2026-01-01T00:00:00Z');"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_database_of_every_older_schema_is_migrated_keeping_its_rows() {
+    let known = schema::MIGRATIONS.len() as i64;
+    for version in 1..schema::MIGRATIONS.len() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        database_at_schema(&path, version);
+
+        let mut store = Store::open(&path).unwrap_or_else(|e| panic!("from {version}: {e}"));
+        let found: i64 = store
+            .conn
+            .query_row("pragma user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(found, known, "from schema {version}");
+        let sent = store.command(7).unwrap().expect("the command survives");
+        assert_eq!(
+            (sent.state, sent.attempts),
+            (CommandState::Sent, 1),
+            "from schema {version}"
+        );
+        let due = store.outbox_due(10, 10).unwrap();
+        assert_eq!(due.len(), 1, "from schema {version}");
+        assert_eq!(due[0].idempotency_key, "completion:6");
+        assert_eq!(due[0].payload["command_id"], 6);
+        assert_eq!(
+            store.next_signing_counter("ESP32_A", 3).unwrap(),
+            42,
+            "from schema {version}: the signing counter never goes back"
+        );
+        assert_eq!(
+            store.cursor("rules").unwrap().as_deref(),
+            Some("2026-01-01T00:00:00Z")
+        );
+        // What the later migrations added works on the migrated file: a local command's
+        // client_id (2), notifications from events (5).
+        let mut local = command(-1);
+        local.command_type = "rule".into();
+        store.accept_command(&local, 4).unwrap();
+        store
+            .enqueue(
+                OutboxClass::Event,
+                "event:1",
+                &json!({"event_type": "x"}),
+                5,
+            )
+            .unwrap();
+        assert_eq!(store.notify_inbox(10).unwrap().len(), 1, "from {version}");
+        drop(store);
+        // And the migrated file opens again as it is.
+        let store = Store::open_read_only(&path).unwrap();
+        assert_eq!(store.open_commands().unwrap().len(), 2);
+    }
+}
+
+#[test]
+fn a_database_of_a_newer_schema_is_refused_with_its_version_and_rows_untouched() {
+    let known = schema::MIGRATIONS.len() as i64;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.db");
+    database_at_schema(&path, schema::MIGRATIONS.len());
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", known + 1).unwrap();
+    }
+    for (how, result) in [
+        ("open", Store::open(&path).map(drop)),
+        ("open_existing", Store::open_existing(&path).map(drop)),
+    ] {
+        match result {
+            Err(e @ StoreError::NewerSchema { found, known: k }) => {
+                assert_eq!((found, k), (known + 1, known), "{how}");
+                let message = e.to_string();
+                assert!(
+                    message.contains(&format!("schema version {}", known + 1))
+                        && message.contains("a newer autocore-agent")
+                        && message.contains("never downgrades"),
+                    "{how}: {message}"
+                );
+            }
+            other => panic!("{how}: expected NewerSchema, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        Store::open_read_only(&path).map(drop),
+        Err(StoreError::SchemaVersion { .. })
+    ));
+    let conn = Connection::open(&path).unwrap();
+    let found: i64 = conn
+        .query_row("pragma user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(found, known + 1, "the version is not touched");
+    let rows: i64 = conn
+        .query_row("select count(*) from commands", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 1, "the rows are not touched");
+}
