@@ -333,6 +333,9 @@ impl Cloud {
                     } else {
                         json!(c["error_message"].as_str().unwrap_or("failed on the edge"))
                     },
+                    // Rows queued by an older agent have no times: the backend records now().
+                    "finished_at": c["finished_at_ms"].as_i64().map(format_timestamp_ms),
+                    "sent_at": c["sent_at_ms"].as_i64().map(format_timestamp_ms),
                 })
             })
             .collect();

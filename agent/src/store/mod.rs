@@ -489,14 +489,14 @@ impl Store {
         now_ms: i64,
     ) -> Result<bool> {
         let tx = self.conn.transaction()?;
-        let row: Option<(String, String, String)> = tx
+        let row: Option<(String, String, String, Option<i64>)> = tx
             .query_row(
-                "select state, master_device_id, slave_mac_address from commands where id = ?1",
+                "select state, master_device_id, slave_mac_address, last_sent_at_ms from commands where id = ?1",
                 [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
-        let Some((state, master, slave)) = row else {
+        let Some((state, master, slave, sent_at_ms)) = row else {
             return Ok(false);
         };
         if CommandState::parse(&state).is_final() {
@@ -552,12 +552,16 @@ impl Store {
             tx.commit()?;
             return Ok(true);
         }
+        // The times travel with the report: pushed after an outage, it still says when the
+        // master answered and when the command went out.
         let payload = serde_json::json!({
             "command_id": id,
             "status": state.as_str(),
             "execution_time_ms": exec_ms,
             "error_message": error,
             "relay_states": relay_states,
+            "finished_at_ms": now_ms,
+            "sent_at_ms": sent_at_ms,
         });
         insert_outbox(
             &tx,

@@ -200,6 +200,10 @@ async fn with_the_backend_away_commands_run_and_every_reading_and_completion_arr
         during["outbox"]["depth"].as_u64().unwrap() > 3,
         "readings and completions queued: {during}"
     );
+    let returned_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
     world.stack.restart_backend().expect("backend returns");
 
     let list = ids.join(",");
@@ -208,6 +212,21 @@ async fn with_the_backend_away_commands_run_and_every_reading_and_completion_arr
             .then_some(())
     })
     .await;
+    // Recorded when they happened, during the outage, not when the reports were pushed.
+    let (completed_before, with_sent_at) = (
+        world.sql_one(&format!(
+            "select count(*) from relay_commands_slave where id in ({list})
+               and completed_at < to_timestamp({returned_at_ms} / 1000.0)"
+        )),
+        world.sql_one(&format!(
+            "select count(*) from relay_commands_slave where id in ({list})
+               and sent_at is not null and sent_at <= completed_at"
+        )),
+    );
+    assert_eq!(
+        (completed_before.as_str(), with_sent_at.as_str()),
+        ("3", "3")
+    );
     let drained = eventually_async_health(&edge.api, |h| h["outbox"]["depth"] == 0).await;
     assert_eq!(drained["backend_reachable"], true);
     drop(edge);
