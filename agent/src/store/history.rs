@@ -405,8 +405,12 @@ impl Store {
     /// Gives back up to `pages` free pages (the file shrinks at the next WAL checkpoint).
     /// Nothing happens unless the database is in incremental auto-vacuum.
     pub fn incremental_vacuum(&mut self, pages: u64) -> Result<()> {
-        self.conn
-            .execute_batch(&format!("pragma incremental_vacuum({pages})"))?;
+        // The pragma frees one page per step of the statement: run it to the end.
+        let mut stmt = self
+            .conn
+            .prepare(&format!("pragma incremental_vacuum({pages})"))?;
+        let mut rows = stmt.query([])?;
+        while rows.next()?.is_some() {}
         Ok(())
     }
 
@@ -424,6 +428,32 @@ impl Store {
         self.conn
             .execute_batch("pragma auto_vacuum = incremental; vacuum;")?;
         Ok(true)
+    }
+
+    /// Folds the WAL into the database file and cuts it back to nothing, so the file's size is
+    /// the data's (the agent's own checkpoints run by themselves every 1,000 pages).
+    pub fn checkpoint(&mut self) -> Result<()> {
+        self.conn.execute_batch("pragma wal_checkpoint(truncate)")?;
+        Ok(())
+    }
+
+    /// Bytes on disk of the raw readings (table and index) and of the rollups (`dbstat`, which
+    /// reads every page: for benchmarks and tests, not for the housekeeper).
+    pub fn history_bytes(&self) -> Result<(u64, u64)> {
+        let bytes = |names: &str| -> Result<u64> {
+            Ok(self.conn.query_row(
+                &format!(
+                    "select coalesce(sum(pgsize), 0) from dbstat where name in ({names})
+                     and aggregate = true"
+                ),
+                [],
+                |r| r.get::<_, i64>(0),
+            )? as u64)
+        };
+        Ok((
+            bytes("'readings_history', 'readings_history_time'")?,
+            bytes("'readings_rollup', 'readings_rollup_time'")?,
+        ))
     }
 
     /// The database's auto-vacuum mode: 0 none, 1 full, 2 incremental.
