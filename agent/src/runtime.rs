@@ -348,6 +348,7 @@ pub async fn run(
     ));
     tasks.spawn(housekeeper(
         shared.store.clone(),
+        shared.metrics.clone(),
         shared.config.history_bounds(),
         Duration::from_millis(shared.config.history.housekeeping_interval_ms),
         cancel.clone(),
@@ -449,6 +450,7 @@ async fn prepare_history(
 /// `interval`, so neither a full history nor a drained outbox keeps the SD card's space.
 async fn housekeeper(
     store: StoreHandle,
+    metrics: Arc<Metrics>,
     bounds: crate::store::HistoryBounds,
     interval: Duration,
     cancel: CancellationToken,
@@ -461,7 +463,21 @@ async fn housekeeper(
             _ = tick.tick() => {}
         }
         let bounds = bounds.clone();
-        match store.call(move |s| s.history_step(&bounds, now_ms())).await {
+        let result = store
+            .call(move |s| Ok((s.history_step(&bounds, now_ms())?, s.history_stats()?)))
+            .await;
+        if let Ok((_, stats)) = &result {
+            let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            metrics.history_raw_rows.set(gauge(stats.raw_rows));
+            metrics.history_rollup_rows.set(gauge(stats.rollup_rows));
+            metrics
+                .database_bytes
+                .set(gauge(stats.page_count * stats.page_size));
+            metrics
+                .database_free_bytes
+                .set(gauge(stats.freelist_pages * stats.page_size));
+        }
+        match result.map(|(step, _)| step) {
             Ok(step) if step.raw_deleted + step.rollup_deleted + step.pages_vacuumed > 0 => {
                 debug!(
                     raw_deleted = step.raw_deleted,
