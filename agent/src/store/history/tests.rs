@@ -524,3 +524,49 @@ fn a_database_of_schema_5_migrates_its_history_and_switches_to_incremental_vacuu
     let store = Store::open(&path).unwrap();
     assert_eq!(store.auto_vacuum_mode().unwrap(), 2, "it stays");
 }
+
+#[test]
+fn rules_test_replays_a_range_only_the_rollups_cover_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.db");
+    let mut store = Store::open(&path).unwrap();
+    let readings: Vec<Reading> = (0..240)
+        .map(|i| reading("ph", 6.8 - 0.8 * i as f64 / 239.0, T0 + i * 10_000))
+        .collect();
+    store.enqueue_readings(&readings, T0).unwrap();
+    let end = T0 + 40 * 60_000;
+    let b = HistoryBounds {
+        raw_hours: 1,
+        ..bounds()
+    };
+    store.history_step(&b, end + 86_400_000).unwrap();
+    drop(store);
+    let text = format!(
+        "[agent]\nid = \"pi-test\"\n[store]\npath = \"{}\"\n[cloud]\nrest_url = \"http://127.0.0.1:9\"\n\
+         jwt = \"t\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n[engine]\ntime_zone = \"UTC\"\n",
+        path.display()
+    );
+    let config =
+        crate::config::AgentConfig::from_toml(&text, Path::new("test.toml"), std::iter::empty())
+            .unwrap();
+    let rule = crate::cli::RuleUnderTest::Json {
+        rule_json: json!({
+            "conditions": {"type": "sensor_compare", "sensor": "ph", "operator": "<", "value": 6.5},
+            "actions": [{"type": "relay_on", "slave_mac_address": "14:33:5C:38:BF:60",
+                         "relay_number": 0, "duration_seconds": 60}]}),
+        device_id: DEV.into(),
+        cooldown_seconds: 3_600,
+        max_executions_per_hour: 0,
+    };
+    let report = crate::cli::rules_test(&config, &rule, T0, end).unwrap();
+    let lines: Vec<&str> = report.lines().collect();
+    assert_eq!(
+        lines[0], "rule RULE_UNDER_TEST on ESP32_HIDRO_F44738: 40 readings replayed, 1 firings",
+        "{report}"
+    );
+    assert!(
+        lines[1].starts_with("note: 40 of them stand for a minute each"),
+        "{report}"
+    );
+    assert_eq!(lines.len(), 3, "one firing: {report}");
+}
