@@ -214,8 +214,31 @@ pub async fn run(
     // With two providers compiled in (see Cargo.toml), rustls would panic at the first TLS
     // handshake; an error here only means one is installed already.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let store = StoreHandle::new(Store::open(&config.store.path)?);
-    prepare_history(&store, config.history_bounds()).await?;
+    // Migrating an old database (schema 6 rolls up the whole history) and bringing its history
+    // within bounds can outlast systemd's start timeout on a slow card: extend it meanwhile.
+    const EXTEND_EVERY: Duration = Duration::from_secs(20);
+    crate::service::extend_start(EXTEND_EVERY * 3);
+    let keepalive = tokio::spawn(async {
+        loop {
+            tokio::time::sleep(EXTEND_EVERY).await;
+            crate::service::extend_start(EXTEND_EVERY * 3);
+        }
+    });
+    let path = config.store.path.clone();
+    let opened = tokio::task::spawn_blocking(move || Store::open(&path))
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()));
+    let prepared = match opened {
+        Ok(Ok(store)) => {
+            let store = StoreHandle::new(store);
+            prepare_history(&store, config.history_bounds())
+                .await
+                .map(|()| store)
+        }
+        Ok(Err(e)) | Err(e) => Err(e.into()),
+    };
+    keepalive.abort();
+    let store = prepared?;
     let token = match (&config.cloud.jwt, &config.cloud.jwt_file) {
         (Some(jwt), _) => TokenSource::Inline(jwt.clone()),
         (None, Some(path)) => TokenSource::file(path.clone()),
@@ -399,19 +422,11 @@ async fn watchdog_loop(shared: Arc<Shared>, period: Duration, cancel: Cancellati
 /// Before anything else runs: the history brought within its bounds (after an upgrade from an
 /// unbounded history this deletes most of it), then a database made before schema 6 switched
 /// to incremental auto-vacuum with its one VACUUM, which then copies only what is kept.
-/// systemd's start timeout is extended meanwhile.
 async fn prepare_history(
     store: &StoreHandle,
     bounds: crate::store::HistoryBounds,
 ) -> Result<(), RuntimeError> {
-    const EXTEND_EVERY: Duration = Duration::from_secs(20);
-    let keepalive = tokio::spawn(async {
-        loop {
-            crate::service::extend_start(EXTEND_EVERY * 3);
-            tokio::time::sleep(EXTEND_EVERY).await;
-        }
-    });
-    let result = store
+    store
         .call(move |s| {
             let mut deleted = 0;
             // Nothing else runs yet: larger steps, and all of them.
@@ -441,9 +456,8 @@ async fn prepare_history(
             }
             Ok(())
         })
-        .await;
-    keepalive.abort();
-    Ok(result?)
+        .await?;
+    Ok(())
 }
 
 /// Drives the history's housekeeping: one bounded step (prune, then give pages back) every
