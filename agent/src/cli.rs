@@ -227,17 +227,30 @@ pub fn rules_test(
     };
     let mut out = String::new();
     for record in records {
-        let readings = store.readings_between(&record.device_id, since_ms, until_ms)?;
-        let firings = crate::rules::replay(&record, &catalog, &settings, readings.iter().cloned())
+        let history = store.readings_for_replay(&record.device_id, since_ms, until_ms)?;
+        let readings = history.readings;
+        let count = readings.len();
+        let firings = crate::rules::replay(&record, &catalog, &settings, readings)
             .map_err(|e| anyhow::anyhow!("rule {} cannot run: {e}", record.rule_id))?;
         writeln!(
             out,
             "rule {} on {}: {} readings replayed, {} firings",
             record.rule_id,
             record.device_id,
-            readings.len(),
+            count,
             firings.len()
         )?;
+        if history.from_rollups > 0
+            && let Some(raw_from) = history.raw_from_ms
+        {
+            writeln!(
+                out,
+                "note: {} of them stand for a minute each (the minute's last reading per sensor): \
+                 raw readings before {} are pruned (see [history])",
+                history.from_rollups,
+                crate::cloud::format_timestamp_ms(raw_from)
+            )?;
+        }
         for f in &firings {
             writeln!(
                 out,

@@ -513,7 +513,7 @@ pub fn classify_free(dir: &Path, available: u64, total: u64) -> Finding {
         dir.display()
     );
     let hint = "free space (old logs, journalctl --vacuum-size) or lower \
-                engine.history_hours: SQLite cannot commit on a full disk";
+                history.raw_rows_max: SQLite cannot commit on a full disk";
     if available < FREE_FAIL_BYTES {
         Finding::fail(CHECK, message, hint)
     } else if available < FREE_WARN_BYTES || percent < FREE_WARN_PERCENT {

@@ -225,11 +225,35 @@ pub async fn run(
     // With two providers compiled in (see Cargo.toml), rustls would panic at the first TLS
     // handshake; an error here only means one is installed already.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let store = Store::open(&config.store.path).map_err(|source| RuntimeError::Database {
-        path: config.store.path.clone(),
-        source,
-    })?;
-    let store = StoreHandle::new(store);
+    // Migrating an old database (schema 6 rolls up the whole history) and bringing its history
+    // within bounds can outlast systemd's start timeout on a slow card: extend it meanwhile.
+    const EXTEND_EVERY: Duration = Duration::from_secs(20);
+    crate::service::extend_start(EXTEND_EVERY * 3);
+    let keepalive = tokio::spawn(async {
+        loop {
+            tokio::time::sleep(EXTEND_EVERY).await;
+            crate::service::extend_start(EXTEND_EVERY * 3);
+        }
+    });
+    let path = config.store.path.clone();
+    let opened = tokio::task::spawn_blocking(move || Store::open(&path))
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()));
+    let prepared = match opened {
+        Ok(Ok(store)) => {
+            let store = StoreHandle::new(store);
+            prepare_history(&store, config.history_bounds())
+                .await
+                .map(|()| store)
+        }
+        Ok(Err(source)) => Err(RuntimeError::Database {
+            path: config.store.path.clone(),
+            source,
+        }),
+        Err(e) => Err(e.into()),
+    };
+    keepalive.abort();
+    let store = prepared?;
     let token = match (&config.cloud.jwt, &config.cloud.jwt_file) {
         (Some(jwt), _) => TokenSource::Inline(jwt.clone()),
         (None, Some(path)) => TokenSource::file(path.clone()),
@@ -377,6 +401,13 @@ pub async fn run(
         crate::api::ServeLimits::default(),
         api_cancel,
     ));
+    tasks.spawn(housekeeper(
+        shared.store.clone(),
+        shared.metrics.clone(),
+        shared.config.history_bounds(),
+        Duration::from_millis(shared.config.history.housekeeping_interval_ms),
+        cancel.clone(),
+    ));
     if let Some(period) = crate::service::watchdog_period() {
         tasks.spawn(watchdog_loop(shared.clone(), period, cancel.clone()));
     }
@@ -416,6 +447,94 @@ async fn watchdog_loop(shared: Arc<Shared>, period: Duration, cancel: Cancellati
         match shared.store.call(|_| Ok(())).await {
             Ok(()) => crate::service::watchdog(),
             Err(e) => warn!(error = %e, "the store did not answer: not feeding the watchdog"),
+        }
+    }
+}
+
+/// Before anything else runs: the history brought within its bounds (after an upgrade from an
+/// unbounded history this deletes most of it), then a database made before schema 6 switched
+/// to incremental auto-vacuum with its one VACUUM, which then copies only what is kept.
+async fn prepare_history(
+    store: &StoreHandle,
+    bounds: crate::store::HistoryBounds,
+) -> Result<(), RuntimeError> {
+    store
+        .call(move |s| {
+            let mut deleted = 0;
+            // Nothing else runs yet: larger steps, and all of them.
+            let bounds = crate::store::HistoryBounds {
+                prune_rows_per_step: bounds.prune_rows_per_step.saturating_mul(10),
+                vacuum_pages_per_step: 0,
+                ..bounds
+            };
+            loop {
+                let step = s.history_step(&bounds, now_ms())?;
+                deleted += step.raw_deleted + step.rollup_deleted;
+                if step.raw_deleted + step.rollup_deleted == 0 || !step.more {
+                    break;
+                }
+            }
+            if deleted > 0 {
+                info!(deleted, "history pruned to its bounds");
+            }
+            if s.auto_vacuum_mode()? != 2 {
+                info!("switching the database to incremental auto-vacuum: one VACUUM, once");
+                let started = std::time::Instant::now();
+                s.ensure_incremental_vacuum()?;
+                info!(
+                    seconds = started.elapsed().as_secs_f64(),
+                    "database switched to incremental auto-vacuum"
+                );
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(())
+}
+
+/// Drives the history's housekeeping: one bounded step (prune, then give pages back) every
+/// `interval`, so neither a full history nor a drained outbox keeps the SD card's space.
+async fn housekeeper(
+    store: StoreHandle,
+    metrics: Arc<Metrics>,
+    bounds: crate::store::HistoryBounds,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let bounds = bounds.clone();
+        let result = store
+            .call(move |s| Ok((s.history_step(&bounds, now_ms())?, s.history_stats()?)))
+            .await;
+        if let Ok((_, stats)) = &result {
+            let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            metrics.history_raw_rows.set(gauge(stats.raw_rows));
+            metrics.history_rollup_rows.set(gauge(stats.rollup_rows));
+            metrics
+                .database_bytes
+                .set(gauge(stats.page_count * stats.page_size));
+            metrics
+                .database_free_bytes
+                .set(gauge(stats.freelist_pages * stats.page_size));
+        }
+        match result.map(|(step, _)| step) {
+            Ok(step) if step.raw_deleted + step.rollup_deleted + step.pages_vacuumed > 0 => {
+                debug!(
+                    raw_deleted = step.raw_deleted,
+                    rollup_deleted = step.rollup_deleted,
+                    pages_vacuumed = step.pages_vacuumed,
+                    free_pages = step.freelist_pages,
+                    "history housekeeping"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "history housekeeping failed; trying again"),
         }
     }
 }

@@ -4,11 +4,13 @@
 //! before the caller acts on it. No I/O but SQLite; time comes in as `now_ms`.
 
 mod automation;
+pub mod history;
 mod notify;
 pub mod polling;
-mod schema;
+pub(crate) mod schema;
 
 pub use automation::{AutomationWrite, OutboxEntry};
+pub use history::{HistoryBounds, HistoryStats, ReplayReadings, Rollup, StepReport};
 pub use notify::NotificationRow;
 
 use std::path::Path;
@@ -68,6 +70,8 @@ pub(crate) const NEXT_SIGNING_COUNTER: &str =
      on conflict (master_device_id) do update set counter = counter + 1
      returning counter";
 
+/// The WAL file's size left after a checkpoint (`journal_size_limit`).
+pub const WAL_BYTES_KEPT: u64 = 16 * 1024 * 1024;
 /// How long a statement waits for another connection's lock.
 pub const BUSY_TIMEOUT_MS: u64 = 5_000;
 /// How long opening the store keeps retrying a preparation that another connection's lock
@@ -381,12 +385,17 @@ impl Store {
     }
 
     /// WAL, FULL sync (what we promised survives power loss), foreign keys, migrations.
+    /// Incremental auto-vacuum takes effect only on a new file (set before WAL writes its
+    /// header); an older database is switched by [`Store::ensure_incremental_vacuum`]. The WAL
+    /// is cut back to [`WAL_BYTES_KEPT`] after a checkpoint, so a big prune's WAL does not stay.
     fn prepare(&mut self) -> Result<()> {
-        self.conn.execute_batch(
-            "pragma journal_mode = wal;
+        self.conn.execute_batch(&format!(
+            "pragma auto_vacuum = incremental;
+             pragma journal_mode = wal;
              pragma synchronous = full;
-             pragma foreign_keys = on;",
-        )?;
+             pragma foreign_keys = on;
+             pragma journal_size_limit = {WAL_BYTES_KEPT};"
+        ))?;
         self.migrate()
     }
 
@@ -600,22 +609,12 @@ impl Store {
                 "insert into outbox (class, idempotency_key, payload, created_at_ms)
                  values ('telemetry', ?1, ?2, ?3) on conflict (idempotency_key) do nothing",
             )?;
-            let mut history = tx.prepare_cached(
-                "insert into readings_history (device_id, sensor_key, recorded_at_ms, value, received_at_ms)
-                 values (?1, ?2, ?3, ?4, ?5) on conflict do nothing",
-            )?;
             for r in readings {
                 let key = format!("t:{}:{}:{}", r.device_id, r.sensor_key, r.recorded_at_ms);
                 added += stmt.execute(params![key, serde_json::to_string(r)?, now_ms])?;
-                history.execute(params![
-                    r.device_id,
-                    r.sensor_key,
-                    r.recorded_at_ms,
-                    r.value,
-                    r.received_at_ms
-                ])?;
             }
         }
+        history::record(&tx, readings)?;
         tx.commit()?;
         Ok(added)
     }
