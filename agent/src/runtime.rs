@@ -1342,6 +1342,9 @@ fn record_link_event(shared: &Arc<Shared>, event: LinkEvent) {
                 let result = shared
                     .store
                     .call(move |s| {
+                        // The backoff the rows earned failing during the outage outlived its
+                        // cause: every row is due at once, not after its 14th doubling.
+                        s.outbox_due_now()?;
                         let stats = s.outbox_stats(now)?;
                         let dropped_before: i64 = s.cursor("outage_dropped_at_start")?.and_then(|v| v.parse().ok()).unwrap_or(0);
                         let dropped = s.counter("telemetry_dropped")? - dropped_before;
@@ -1394,8 +1397,17 @@ async fn poll_loop(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // Completions go out before new locks: a command a master finished while the backend
+        // was away would otherwise see its lock time out and be handed out again.
+        let completions_waiting = shared
+            .store
+            .call(|s| s.completions_waiting(now_ms()))
+            .await
+            .unwrap_or(false);
         for master in &masters {
-            pull_commands(&shared, master, &delivery).await;
+            if !completions_waiting {
+                pull_commands(&shared, master, &delivery).await;
+            }
             pull_rules(&shared, master).await;
         }
         pull_latch(&shared).await;

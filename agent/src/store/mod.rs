@@ -619,11 +619,13 @@ impl Store {
         Ok(added)
     }
 
-    /// Up to `limit` rows due now, oldest first.
+    /// Up to `limit` rows due now: command completions first (the cloud must learn what ran
+    /// before it hands out more), then oldest first.
     pub fn outbox_due(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxRow>> {
         let mut stmt = self.conn.prepare_cached(
             "select seq, class, idempotency_key, payload, created_at_ms, attempts from outbox
-             where next_attempt_at_ms <= ?1 order by seq limit ?2",
+             where next_attempt_at_ms <= ?1
+             order by case class when 'completion' then 0 else 1 end, seq limit ?2",
         )?;
         let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
             Ok((
@@ -651,6 +653,16 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// Whether a command's completion is due to be pushed at `now_ms`. One backing off after
+    /// failures does not count: it must not hold up every new command.
+    pub fn completions_waiting(&self, now_ms: i64) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "select exists (select 1 from outbox where class = 'completion' and next_attempt_at_ms <= ?1)",
+            [now_ms],
+            |r| r.get(0),
+        )?)
     }
 
     /// The cloud has these rows: remove them.

@@ -186,6 +186,62 @@ fn a_row_retried_later_is_not_due_before_its_time() {
     assert_eq!(store.outbox_due(100, 10).unwrap()[0].attempts, 1);
 }
 
+#[test]
+fn completions_leave_the_outbox_ahead_of_older_rows() {
+    let mut store = Store::open_in_memory().unwrap();
+    store
+        .enqueue_readings(&[reading("ph", 1), reading("ph", 2)], 1)
+        .unwrap();
+    assert!(!store.completions_waiting(10).unwrap());
+    store.accept_command(&command(7), 1).unwrap();
+    store
+        .finish_command(
+            7,
+            &CommandOutcome::Completed {
+                execution_time_ms: 5,
+                relay_states: None,
+            },
+            3,
+        )
+        .unwrap();
+    assert!(store.completions_waiting(10).unwrap());
+    let due = store.outbox_due(10, 10).unwrap();
+    assert_eq!(due[0].class, OutboxClass::Completion, "{due:?}");
+    // Backing off after a failure: it no longer holds up new locks.
+    store
+        .outbox_retry_later(&[due[0].seq], "503", 1_000)
+        .unwrap();
+    assert!(!store.completions_waiting(10).unwrap());
+    assert!(store.completions_waiting(1_000).unwrap());
+    store.outbox_delivered(&[due[0].seq]).unwrap();
+    assert!(!store.completions_waiting(1_000).unwrap());
+}
+
+#[test]
+fn when_an_outage_ends_every_row_backing_off_is_due_at_once() {
+    let mut store = Store::open_in_memory().unwrap();
+    for key in ["a", "b"] {
+        store
+            .enqueue(OutboxClass::Event, key, &json!({}), 1)
+            .unwrap();
+    }
+    let seqs: Vec<i64> = store
+        .outbox_due(1, 10)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    // Far in the future: the backoff after many failures during the outage.
+    store
+        .outbox_retry_later(&seqs, "timeout", 10_000_000)
+        .unwrap();
+    assert!(store.outbox_due(2, 10).unwrap().is_empty());
+    assert_eq!(store.outbox_due_now().unwrap(), 2);
+    let due = store.outbox_due(2, 10).unwrap();
+    assert_eq!(due.len(), 2, "due at once; their attempts kept: {due:?}");
+    assert!(due.iter().all(|r| r.attempts == 1));
+}
+
 fn rule(revision: i64, enabled: bool, deleted: bool) -> RuleRecord {
     RuleRecord {
         id: "r1".into(),
