@@ -14,6 +14,7 @@ pub mod connectivity;
 pub mod delivery;
 pub mod doctor;
 pub mod drop_episode;
+pub mod durable_file;
 pub mod link;
 pub mod liveness;
 pub mod macros;

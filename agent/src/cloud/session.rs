@@ -64,35 +64,14 @@ pub fn read(path: &Path) -> Result<Session, SessionError> {
 /// Replaces `path` with `session` atomically: written beside it with mode 0600, synced, renamed
 /// over it, and the directory synced, so a power cut leaves the old session or the new one.
 pub fn write(path: &Path, session: &Session) -> Result<(), SessionError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let err = |source| SessionError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
     let text = serde_json::to_string_pretty(session).map_err(|e| SessionError::Format {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    file.write_all(text.as_bytes()).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
-    }
-    Ok(())
+    crate::durable_file::replace(path, text.as_bytes(), 0o600).map_err(|source| SessionError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The most a refresh comes before the access token's expiry.

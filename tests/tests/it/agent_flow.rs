@@ -691,15 +691,9 @@ async fn a_master_that_only_sends_telemetry_stays_online_and_goes_offline_once_s
     use firmware_protocol::sim::rumqttc::{AsyncClient, QoS};
     const SILENT_AFTER_MS: u64 = 1_500;
     let world = World::start_full();
-    let login = world
-        .stack
-        .broker_login(autocore_stack::Role::Agent, "pi-alice")
-        .unwrap();
-    let mqtt = format!(
-        "url = \"{}\"\n        username = \"{}\"\n        password = \"{}\"\n        heartbeat_timeout_ms = {SILENT_AFTER_MS}",
-        world.stack.mqtt_url().unwrap(),
-        login.username,
-        login.password
+    let mqtt = crate::support::agent_mqtt_toml(
+        &world,
+        &format!("heartbeat_timeout_ms = {SILENT_AFTER_MS}"),
     );
     let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
     let agent = crate::support::start_agent_with(
@@ -833,16 +827,7 @@ async fn a_lock_call_whose_answer_is_lost_is_retried_and_gets_the_same_command()
     let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let proxy = answer_losing_proxy(world.stack.rest_url().unwrap(), armed.clone()).await;
     let sim_stop = start_sim(one_master_sim(&world, KEY_HEX));
-    let login = world
-        .stack
-        .broker_login(Role::Agent, "pi-alice")
-        .expect("the agent's broker login");
-    let mqtt = format!(
-        "url = \"{}\"\n        username = \"{}\"\n        password = \"{}\"",
-        world.stack.mqtt_url().unwrap(),
-        login.username,
-        login.password
-    );
+    let mqtt = crate::support::agent_mqtt_toml(&world, "");
     let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
     let agent = crate::support::start_agent_on(
         &world,

@@ -297,17 +297,21 @@ pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
 
 /// [`start_agent`] with the JWT `jwt`, for tokens the backend must refuse.
 pub async fn start_agent_with_jwt(world: &World, jwt: &str, tail_toml: &str) -> Agent {
+    start_agent_with(world, jwt, &agent_mqtt_toml(world, ""), tail_toml).await
+}
+
+/// The agent's `[mqtt]` keys on the world's broker with its own login, then `extra` keys.
+pub fn agent_mqtt_toml(world: &World, extra: &str) -> String {
     let login = world
         .stack
         .broker_login(autocore_stack::Role::Agent, "pi-alice")
         .expect("the agent's broker login");
-    let mqtt = format!(
-        "url = \"{}\"\n        username = \"{}\"\n        password = \"{}\"",
+    format!(
+        "url = \"{}\"\n        username = \"{}\"\n        password = \"{}\"\n        {extra}",
         world.stack.mqtt_url().unwrap(),
         login.username,
         login.password
-    );
-    start_agent_with(world, jwt, &mqtt, tail_toml).await
+    )
 }
 
 /// [`start_agent`] with the JWT `jwt` and `mqtt_toml` as its `[mqtt]` section's keys (`url`
