@@ -182,6 +182,9 @@ pub struct MasterCore {
     pending: Vec<Pending>,
     sequence: u32,
     last_report: Option<Vec<u8>>,
+    /// Connected to the broker (`on_connected` ran): no heartbeat goes out before, where it
+    /// could overtake the subscriptions and tell the world a master listens that does not yet.
+    connected: bool,
     /// When the status online was last published (the MQTT heartbeat).
     last_status: Option<Instant>,
 }
@@ -225,6 +228,7 @@ impl MasterCore {
             pending: Vec::new(),
             sequence: 0,
             last_report: None,
+            connected: false,
             last_status: None,
         }
     }
@@ -308,6 +312,8 @@ impl MasterCore {
         );
         self.last_report = None;
         self.report_states(&mut out);
+        self.connected = true;
+        self.last_status = None;
         out
     }
 
@@ -401,16 +407,19 @@ impl MasterCore {
             }
         }
         self.report_states(&mut out);
-        if self
-            .last_status
-            .is_none_or(|t| now.duration_since(t) >= STATUS_HEARTBEAT)
-        {
-            self.last_status = Some(now);
-            Self::publish(
-                &mut out,
-                Topic::Status(self.id.clone()),
-                &Status::online(self.emergency_latched),
-            );
+        match self.last_status {
+            _ if !self.connected => {}
+            // The status `on_connected` published starts the count.
+            None => self.last_status = Some(now),
+            Some(t) if now.duration_since(t) >= STATUS_HEARTBEAT => {
+                self.last_status = Some(now);
+                Self::publish(
+                    &mut out,
+                    Topic::Status(self.id.clone()),
+                    &Status::online(self.emergency_latched),
+                );
+            }
+            Some(_) => {}
         }
         out
     }
