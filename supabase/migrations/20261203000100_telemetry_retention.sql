@@ -276,6 +276,10 @@ begin
   -- Closed minutes are done, those behind the horizon included (nothing left to roll them from).
   delete from private.rollup_pending p where p.level = '1m' and p.bucket < v_close;
   get diagnostics v_closed = row_count;
+  -- And after one, the next run must not plan for a queue that is gone.
+  if v_closed > 10000 then
+    analyze private.rollup_pending;
+  end if;
 
   update private.rollup_watermark w
      set received_since = greatest(v_next_since, v_since), last_run_at = v_now
@@ -344,6 +348,9 @@ begin
 
   delete from private.rollup_pending p where p.level = '1h' and p.bucket < v_close;
   get diagnostics v_closed = row_count;
+  if v_closed > 1000 then
+    analyze private.rollup_pending;
+  end if;
 
   return jsonb_build_object('buckets_closed', v_closed, 'hours_changed', v_changed,
     'ms', round(extract(epoch from clock_timestamp() - v_now) * 1000, 1));
