@@ -177,6 +177,17 @@ as $$
   select pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('autocore.telemetry_jobs')::bigint)
 $$;
 
+-- A float sum depends on the order rows are added in, which depends on the plan: the same
+-- readings can give averages a few units in the last place apart. That is not a change (else a
+-- second run would rewrite buckets, and queue their hours, for nothing).
+create or replace function private.same_average(p_old double precision, p_new double precision)
+returns boolean
+language sql immutable
+set search_path = ''
+as $$
+  select abs(p_old - p_new) <= 1e-9 * greatest(1.0, abs(p_old), abs(p_new))
+$$;
+
 -- Minute rollup: every closed minute that readings received since the watermark touched (late
 -- ones included) is recomputed from raw and upserted; an unchanged bucket is not rewritten. The
 -- hours those changes fall in are queued for the hour rollup. Returns what it did.
@@ -256,10 +267,11 @@ begin
           avg_value = excluded.avg_value, last_value = excluded.last_value, unit = excluded.unit,
           sample_count = excluded.sample_count, last_recorded_at = excluded.last_recorded_at,
           rolled_at = excluded.rolled_at
-      where (r.min_value, r.max_value, r.avg_value, r.last_value, r.unit, r.sample_count, r.last_recorded_at)
+      where (r.min_value, r.max_value, r.last_value, r.unit, r.sample_count, r.last_recorded_at)
             is distinct from
-            (excluded.min_value, excluded.max_value, excluded.avg_value, excluded.last_value,
+            (excluded.min_value, excluded.max_value, excluded.last_value,
              excluded.unit, excluded.sample_count, excluded.last_recorded_at)
+         or not private.same_average(r.avg_value, excluded.avg_value)
     returning r.device_id, r.sensor_key, r.bucket
   ), hours as (
     insert into private.rollup_pending (level, device_id, sensor_key, bucket)
@@ -340,10 +352,11 @@ begin
         avg_value = excluded.avg_value, last_value = excluded.last_value, unit = excluded.unit,
         sample_count = excluded.sample_count, last_recorded_at = excluded.last_recorded_at,
         rolled_at = excluded.rolled_at
-    where (r.min_value, r.max_value, r.avg_value, r.last_value, r.unit, r.sample_count, r.last_recorded_at)
+    where (r.min_value, r.max_value, r.last_value, r.unit, r.sample_count, r.last_recorded_at)
           is distinct from
-          (excluded.min_value, excluded.max_value, excluded.avg_value, excluded.last_value,
-           excluded.unit, excluded.sample_count, excluded.last_recorded_at);
+          (excluded.min_value, excluded.max_value, excluded.last_value,
+           excluded.unit, excluded.sample_count, excluded.last_recorded_at)
+       or not private.same_average(r.avg_value, excluded.avg_value);
   get diagnostics v_changed = row_count;
 
   delete from private.rollup_pending p where p.level = '1h' and p.bucket < v_close;
@@ -378,6 +391,8 @@ declare
   v_minutes integer;
   v_events integer;
   v_firings integer;
+  v_n integer;
+  v_cut record;
 begin
   perform private.lock_telemetry_jobs();
   v_rollup_1m := private.telemetry_rollup_1m();
@@ -423,8 +438,13 @@ begin
     from public.flight_recordings f
     join public.device_status d
       on d.owner_id = f.owner_id and (f.device_id is null or d.device_id = f.device_id)
-    join public.telemetry_data t
-      on t.device_id = d.device_id and t.recorded_at >= f.window_start and t.recorded_at <= f.window_end
+    -- Lateral: one index range scan per device and window, never a scan of the table.
+    cross join lateral (
+      select r.device_id, r.sensor_key, r.value, r.unit, r.recorded_at
+        from public.telemetry_data r
+       where r.device_id = d.device_id
+         and r.recorded_at >= f.window_start and r.recorded_at <= f.window_end
+    ) t
    where not f.complete
   on conflict do nothing;
   get diagnostics v_copied = row_count;
@@ -436,29 +456,31 @@ begin
      and f.window_end < v_now - make_interval(days => o.raw_days);
   get diagnostics v_completed = row_count;
 
-  -- Raw readings, device by device through (device_id, recorded_at).
-  with cut as (
-    select d.device_id, v_now - make_interval(days => o.raw_days) as before
+  -- Raw readings and minute rollups, device by device, each cutoff a constant of its statement:
+  -- an index range scan on (device_id, recorded_at), where one statement joining every
+  -- device's cutoff was planned as a scan of the whole table.
+  v_raw := 0;
+  v_minutes := 0;
+  for v_cut in
+    select d.device_id,
+           v_now - make_interval(days => o.raw_days) as raw_before,
+           v_now - make_interval(days => o.rollup_1m_days) as minutes_before
       from public.device_status d
       join private.owner_retention o on o.owner_id = d.owner_id
-  ), gone as (
-    delete from public.telemetry_data t
-     using cut
-     where t.device_id = cut.device_id and t.recorded_at < cut.before
-    returning 1
-  ), horizon as (
+  loop
+    execute 'delete from public.telemetry_data where device_id = $1 and recorded_at < $2'
+      using v_cut.device_id, v_cut.raw_before;
+    get diagnostics v_n = row_count;
+    v_raw := v_raw + v_n;
     insert into private.telemetry_horizon as h (device_id, raw_deleted_before)
-    select cut.device_id, cut.before from cut
+    values (v_cut.device_id, v_cut.raw_before)
     on conflict (device_id) do update
-      set raw_deleted_before = greatest(h.raw_deleted_before, excluded.raw_deleted_before)
-  )
-  select count(*) into v_raw from gone;
-
-  delete from public.telemetry_rollup_1m m
-   using public.device_status d, private.owner_retention o
-   where m.device_id = d.device_id and o.owner_id = d.owner_id
-     and m.bucket < v_now - make_interval(days => o.rollup_1m_days);
-  get diagnostics v_minutes = row_count;
+      set raw_deleted_before = greatest(h.raw_deleted_before, excluded.raw_deleted_before);
+    execute 'delete from public.telemetry_rollup_1m where device_id = $1 and bucket < $2'
+      using v_cut.device_id, v_cut.minutes_before;
+    get diagnostics v_n = row_count;
+    v_minutes := v_minutes + v_n;
+  end loop;
 
   delete from public.rule_executions r
    using public.device_status d, private.owner_retention o
@@ -489,6 +511,7 @@ $$;
 -- Jobs, not API: neither anon nor authenticated may run them (PostgREST does not expose private
 -- either); service_role may, to run one by hand.
 revoke all on function private.lock_telemetry_jobs() from public, anon, authenticated;
+revoke all on function private.same_average(double precision, double precision) from public, anon, authenticated;
 revoke all on function private.telemetry_rollup_1m() from public, anon, authenticated;
 revoke all on function private.telemetry_rollup_1h() from public, anon, authenticated;
 revoke all on function private.telemetry_retention() from public, anon, authenticated;
