@@ -237,21 +237,14 @@ pub fn decode_inbound(
 }
 
 /// The wire id of a command the agent keeps under `id`: cloud rows by their id, commands the Pi
-/// created (negative ids here) as edge ids.
+/// created (negative ids here, as in the local API's rows) as edge ids.
 pub fn command_id(id: i64) -> Result<CommandId, firmware_protocol::command_id::CommandIdError> {
-    if id < 0 {
-        CommandId::edge(id.unsigned_abs())
-    } else {
-        CommandId::backend(id)
-    }
+    CommandId::from_row_id(id)
 }
 
 /// The inverse of [`command_id`].
 pub fn local_command_id(id: CommandId) -> i64 {
-    match id.backend_id() {
-        Some(backend) => backend,
-        None => -(id.number() as i64),
-    }
+    id.row_id()
 }
 
 pub fn is_online(status: &Status) -> bool {

@@ -424,27 +424,12 @@ pub fn install_hint(files: &WrittenFiles, users: usize) -> String {
     )
 }
 
-/// Writes `text` beside `path` with `mode` and renames it over `path`.
+/// Writes `text` beside `path` with `mode` and renames it over `path` (see `durable_file`).
 pub fn write_atomically(path: &Path, text: &str, mode: u32) -> Result<(), BrokerError> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let err = |source| BrokerError::Io {
+    crate::durable_file::replace(path, text.as_bytes(), mode).map_err(|source| BrokerError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let _ = std::fs::remove_file(&tmp);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    file.write_all(text.as_bytes()).map_err(err)?;
-    file.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    })
 }
 
 #[cfg(test)]

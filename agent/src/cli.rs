@@ -1,4 +1,5 @@
-//! The `autocore-agent` command line: `run`, `status`, `check-config`, `rules test|schema`. Kept in the library so
+//! The `autocore-agent` command line: `run`, `status`, `check-config`, `broker-config`, `doctor`,
+//! `provision`, `masters add`, `rules test|schema`. Kept in the library so
 //! that the binary and the end-to-end tests run exactly the same code.
 
 use std::path::PathBuf;
@@ -63,10 +64,68 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make this Pi an edge agent with a claim code from the dashboard: writes the agent's
+    /// session (0600) in the state directory and its configuration (0600), with a new key for
+    /// each master; with --broker-dir, Mosquitto's files too.
+    Provision {
+        /// The claim code (XXXXX-XXXXX, case and dashes do not matter).
+        #[arg(long)]
+        code: String,
+        /// The project's base URL (https://<project>.supabase.co); the claim goes to
+        /// URL/functions/v1/claim-agent.
+        #[arg(long)]
+        url: String,
+        /// This Pi's agent id (edge_agents.agent_id).
+        #[arg(long)]
+        agent_id: String,
+        /// A name for the dashboard.
+        #[arg(long)]
+        name: Option<String>,
+        /// A master this agent serves (repeatable); its key is made here and never sent.
+        #[arg(long = "master", value_name = "DEVICE_ID")]
+        masters: Vec<String>,
+        /// Supabase's public (anon or publishable) key, never the service-role key.
+        #[arg(long, env = "AUTOCORE_CLOUD_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// The configuration to write; keys it has that provisioning does not set are kept.
+        #[arg(long, short, default_value = "/etc/autocore/agent.toml")]
+        config: PathBuf,
+        /// Where the session (session.json) goes, and the database if the configuration names none.
+        #[arg(long, default_value = "/var/lib/autocore")]
+        state_dir: PathBuf,
+        /// The broker the agent and its masters use ([mqtt] url).
+        #[arg(long)]
+        mqtt_url: Option<String>,
+        /// Write Mosquitto's passwd, acl and autocore.conf there (as broker-config does).
+        #[arg(long)]
+        broker_dir: Option<PathBuf>,
+        #[arg(long, default_value = "1883")]
+        listener: crate::broker::Listener,
+    },
+    /// Masters of this agent.
+    Masters {
+        #[command(subcommand)]
+        command: MastersCommand,
+    },
     /// Rules: replay one over stored telemetry, or print the rule_json schema.
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum MastersCommand {
+    /// Serve one more master: the backend assigns it to this agent, a new key goes into the
+    /// configuration, and with --broker-dir Mosquitto's files get its login.
+    Add {
+        device_id: String,
+        #[arg(long, short, default_value = "/etc/autocore/agent.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        broker_dir: Option<PathBuf>,
+        #[arg(long, default_value = "1883")]
+        listener: crate::broker::Listener,
     },
 }
 
@@ -168,17 +227,30 @@ pub fn rules_test(
     };
     let mut out = String::new();
     for record in records {
-        let readings = store.readings_between(&record.device_id, since_ms, until_ms)?;
-        let firings = crate::rules::replay(&record, &catalog, &settings, readings.iter().cloned())
+        let history = store.readings_for_replay(&record.device_id, since_ms, until_ms)?;
+        let readings = history.readings;
+        let count = readings.len();
+        let firings = crate::rules::replay(&record, &catalog, &settings, readings)
             .map_err(|e| anyhow::anyhow!("rule {} cannot run: {e}", record.rule_id))?;
         writeln!(
             out,
             "rule {} on {}: {} readings replayed, {} firings",
             record.rule_id,
             record.device_id,
-            readings.len(),
+            count,
             firings.len()
         )?;
+        if history.from_rollups > 0
+            && let Some(raw_from) = history.raw_from_ms
+        {
+            writeln!(
+                out,
+                "note: {} of them stand for a minute each (the minute's last reading per sensor): \
+                 raw readings before {} are pruned (see [history])",
+                history.from_rollups,
+                crate::cloud::format_timestamp_ms(raw_from)
+            )?;
+        }
         for f in &firings {
             writeln!(
                 out,
@@ -191,21 +263,27 @@ pub fn rules_test(
     Ok(out)
 }
 
-/// The exit code of a configuration that cannot be used (as for a bad command line).
-pub const EXIT_CONFIG: u8 = 2;
+/// The exit code of what a restart cannot fix (as for a bad command line): a configuration
+/// that cannot be used, or a database a newer agent wrote. The unit's
+/// `RestartPreventExitStatus=2` keeps systemd from restarting the agent into it every 2 s.
+pub const EXIT_SETUP: u8 = 2;
 
 /// How the binary ends: an error is printed as one line of causes (`{:#}`), never with anyhow's
-/// Debug form, which adds a backtrace when `RUST_BACKTRACE` is set; a configuration error exits
-/// with [`EXIT_CONFIG`], any other with 1.
+/// Debug form, which adds a backtrace when `RUST_BACKTRACE` is set; a configuration error or a
+/// newer database exits with [`EXIT_SETUP`], any other with 1.
 pub fn exit(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            let config = e
-                .chain()
-                .any(|cause| cause.downcast_ref::<crate::config::ConfigError>().is_some());
-            std::process::ExitCode::from(if config { EXIT_CONFIG } else { 1 })
+            let setup = e.chain().any(|cause| {
+                cause.downcast_ref::<crate::config::ConfigError>().is_some()
+                    || matches!(
+                        cause.downcast_ref::<crate::store::StoreError>(),
+                        Some(crate::store::StoreError::NewerSchema { .. })
+                    )
+            });
+            std::process::ExitCode::from(if setup { EXIT_SETUP } else { 1 })
         }
     }
 }
@@ -296,6 +374,72 @@ pub fn main() -> anyhow::Result<()> {
             }
             Ok(report.result()?)
         }
+        Command::Provision {
+            code,
+            url,
+            agent_id,
+            name,
+            masters,
+            api_key,
+            config,
+            state_dir,
+            mqtt_url,
+            broker_dir,
+            listener,
+        } => {
+            let request = crate::provision::ProvisionRequest {
+                url,
+                code,
+                agent_id,
+                name,
+                masters,
+                api_key,
+                config_path: config,
+                state_dir,
+                mqtt_url,
+                timeout: std::time::Duration::from_secs(30),
+            };
+            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            let done = runtime
+                .block_on(crate::provision::provision(&request))
+                .context("provisioning")?;
+            println!(
+                "provisioned agent {} for owner {}: session in {} (0600), configuration in {} (0600) with {} master(s): {}",
+                done.agent_id,
+                done.owner_id,
+                done.session_path.display(),
+                done.config_path.display(),
+                done.masters.len(),
+                done.masters.join(", ")
+            );
+            println!(
+                "each master's key is its [[masters]] key there: flash it onto the master; it never left this Pi"
+            );
+            write_broker_files(&done.config_path, broker_dir.as_deref(), &listener)?;
+            Ok(())
+        }
+        Command::Masters {
+            command:
+                MastersCommand::Add {
+                    device_id,
+                    config: path,
+                    broker_dir,
+                    listener,
+                },
+        } => {
+            let config = load(&path)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            let (_, created) =
+                runtime.block_on(crate::provision::add_master(&path, &config, &device_id))?;
+            println!(
+                "master {device_id} {} for agent {}; its key is in {} ([[masters]]): flash it onto the master, then restart the agent",
+                if created { "registered" } else { "assigned" },
+                config.agent.id,
+                path.display()
+            );
+            write_broker_files(&path, broker_dir.as_deref(), &listener)?;
+            Ok(())
+        }
         Command::Rules {
             command: RulesCommand::Schema,
         } => {
@@ -337,6 +481,26 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Mosquitto's files from the configuration at `config`, when a folder is given.
+fn write_broker_files(
+    config: &std::path::Path,
+    dir: Option<&std::path::Path>,
+    listener: &crate::broker::Listener,
+) -> anyhow::Result<()> {
+    let Some(dir) = dir else {
+        println!(
+            "broker logins: run autocore-agent broker-config -c {} --out /etc/mosquitto/conf.d, then reload mosquitto",
+            config.display()
+        );
+        return Ok(());
+    };
+    let config = load(config)?;
+    let users = crate::broker::users_from_config(&config)?;
+    let files = crate::broker::write_files(dir, &users, listener)?;
+    println!("{}", crate::broker::install_hint(&files, users.len()));
+    Ok(())
 }
 
 fn load(path: &std::path::Path) -> anyhow::Result<AgentConfig> {

@@ -93,6 +93,8 @@ pub struct AgentConfig {
     #[serde(default)]
     pub engine: EngineSection,
     #[serde(default)]
+    pub history: HistorySection,
+    #[serde(default)]
     pub safety: SafetySection,
     #[serde(default)]
     pub masters: Vec<MasterSection>,
@@ -142,9 +144,10 @@ pub struct EngineSection {
     /// IANA time zone of time windows and cron schedules; empty = the system's.
     #[serde(default)]
     pub time_zone: String,
-    /// How long readings are kept on the Pi for `autocore-agent rules test`.
-    #[serde(default = "defaults::history_hours")]
-    pub history_hours: u64,
+    /// Replaced by `[history] raw_hours`; still read (with a warning) so that a configuration
+    /// written for an older agent keeps working.
+    #[serde(default)]
+    pub history_hours: Option<u64>,
     /// Expiry of the commands the Pi creates (rules, macros, controls, safety offs).
     #[serde(default = "defaults::command_ttl_ms")]
     pub command_ttl_ms: u64,
@@ -155,8 +158,51 @@ impl Default for EngineSection {
         EngineSection {
             stale_after_ms: defaults::stale_after_ms(),
             time_zone: String::new(),
-            history_hours: defaults::history_hours(),
+            history_hours: None,
             command_ttl_ms: defaults::command_ttl_ms(),
+        }
+    }
+}
+
+/// The reading history on the Pi (docs/decisions/0014): raw readings bounded by age and rows,
+/// one-minute rollups kept longer, space given back in bounded steps.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistorySection {
+    /// Raw readings older than this are pruned (default 168; `engine.history_hours` of older
+    /// configurations when this is not set).
+    #[serde(default)]
+    pub raw_hours: Option<u64>,
+    /// At most this many raw readings are kept; the oldest minutes go first.
+    #[serde(default = "defaults::raw_rows_max")]
+    pub raw_rows_max: u64,
+    /// One-minute rollups older than this are pruned.
+    #[serde(default = "defaults::rollup_days")]
+    pub rollup_days: u64,
+    /// At most this many rollups (one per device, sensor and minute) are kept.
+    #[serde(default = "defaults::rollup_rows_max")]
+    pub rollup_rows_max: u64,
+    /// How often the housekeeper prunes and gives space back.
+    #[serde(default = "defaults::housekeeping_interval_ms")]
+    pub housekeeping_interval_ms: u64,
+    /// Rows one housekeeping step deletes per table, at most (the store waits that long).
+    #[serde(default = "defaults::prune_rows_per_step")]
+    pub prune_rows_per_step: u64,
+    /// Free pages one step gives back to the file system, at most.
+    #[serde(default = "defaults::vacuum_pages_per_step")]
+    pub vacuum_pages_per_step: u64,
+}
+
+impl Default for HistorySection {
+    fn default() -> Self {
+        HistorySection {
+            raw_hours: None,
+            raw_rows_max: defaults::raw_rows_max(),
+            rollup_days: defaults::rollup_days(),
+            rollup_rows_max: defaults::rollup_rows_max(),
+            housekeeping_interval_ms: defaults::housekeeping_interval_ms(),
+            prune_rows_per_step: defaults::prune_rows_per_step(),
+            vacuum_pages_per_step: defaults::vacuum_pages_per_step(),
         }
     }
 }
@@ -211,8 +257,12 @@ pub struct CloudSection {
     /// Supabase's public anon key, sent as `apikey`; not needed on plain PostgREST.
     pub api_key: Option<Secret>,
     pub jwt: Option<Secret>,
-    /// Read at start and again whenever it changes, so a token rotates without a restart.
+    /// Read at start and again whenever it changes, so a token rotates without a restart. Holds
+    /// the JWT, or the session `provision` wrote (access and refresh token, JSON).
     pub jwt_file: Option<PathBuf>,
+    /// Supabase Auth's base URL (`https://<project>.supabase.co/auth/v1`): when set, the agent
+    /// refreshes the session in `jwt_file` before its access token expires.
+    pub auth_url: Option<String>,
     #[serde(default = "defaults::poll_interval_ms")]
     pub poll_interval_ms: u64,
     #[serde(default = "defaults::request_timeout_ms")]
@@ -332,6 +382,24 @@ mod defaults {
     pub fn history_hours() -> u64 {
         168
     }
+    pub fn raw_rows_max() -> u64 {
+        3_000_000
+    }
+    pub fn rollup_days() -> u64 {
+        30
+    }
+    pub fn rollup_rows_max() -> u64 {
+        3_000_000
+    }
+    pub fn housekeeping_interval_ms() -> u64 {
+        5_000
+    }
+    pub fn prune_rows_per_step() -> u64 {
+        20_000
+    }
+    pub fn vacuum_pages_per_step() -> u64 {
+        2_048
+    }
     pub fn command_ttl_ms() -> u64 {
         30_000
     }
@@ -343,8 +411,8 @@ mod defaults {
     }
 }
 
-const SECTIONS: [&str; 9] = [
-    "agent", "store", "cloud", "mqtt", "api", "engine", "safety", "log", "notify",
+const SECTIONS: [&str; 10] = [
+    "agent", "store", "cloud", "mqtt", "api", "engine", "history", "safety", "log", "notify",
 ];
 
 impl AgentConfig {
@@ -392,6 +460,12 @@ impl AgentConfig {
                     "cannot read {}: {e}; the backend will refuse the agent until it can",
                     file.display()
                 ),
+            ));
+        }
+        if self.engine.history_hours.is_some() {
+            warnings.push(warning(
+                "engine.history_hours",
+                "moved to [history] raw_hours; still read when that is not set",
             ));
         }
         if self.safety.operator_token.is_none() {
@@ -468,6 +542,15 @@ impl AgentConfig {
             }
             (None, None) => return Err(invalid("cloud.jwt", "set cloud.jwt or cloud.jwt_file")),
             _ => {}
+        }
+        if let Some(auth_url) = &self.cloud.auth_url {
+            check_url("cloud.auth_url", auth_url, &["http", "https"])?;
+            if self.cloud.jwt_file.is_none() {
+                return Err(invalid(
+                    "cloud.auth_url",
+                    "refreshing a session needs it in cloud.jwt_file (autocore-agent provision writes both)",
+                ));
+            }
         }
         in_range(
             "cloud.poll_interval_ms",
@@ -558,12 +641,10 @@ impl AgentConfig {
             1_000,
             86_400_000,
         )?;
-        in_range(
-            "engine.history_hours",
-            self.engine.history_hours,
-            0,
-            24 * 366,
-        )?;
+        if let Some(hours) = self.engine.history_hours {
+            in_range("engine.history_hours", hours, 0, 24 * 366)?;
+        }
+        self.validate_history()?;
         in_range(
             "engine.command_ttl_ms",
             self.engine.command_ttl_ms,
@@ -612,6 +693,78 @@ impl AgentConfig {
             }
         }
         Ok(())
+    }
+
+    fn validate_history(&self) -> Result<(), ConfigError> {
+        let h = &self.history;
+        if let Some(hours) = h.raw_hours {
+            in_range("history.raw_hours", hours, 0, 24 * 366)?;
+        }
+        in_range(
+            "history.raw_rows_max",
+            h.raw_rows_max,
+            10_000,
+            1_000_000_000,
+        )?;
+        in_range("history.rollup_days", h.rollup_days, 1, 3_660)?;
+        in_range(
+            "history.rollup_rows_max",
+            h.rollup_rows_max,
+            10_000,
+            1_000_000_000,
+        )?;
+        in_range(
+            "history.housekeeping_interval_ms",
+            h.housekeeping_interval_ms,
+            100,
+            3_600_000,
+        )?;
+        in_range(
+            "history.prune_rows_per_step",
+            h.prune_rows_per_step,
+            100,
+            1_000_000,
+        )?;
+        in_range(
+            "history.vacuum_pages_per_step",
+            h.vacuum_pages_per_step,
+            1,
+            1_000_000,
+        )?;
+        // Rollups answer for the minutes before the raw window: they must reach back further.
+        if h.rollup_days * 24 < self.history_raw_hours() {
+            return Err(invalid(
+                "history.rollup_days",
+                format!(
+                    "{} days keeps rollups for less than the {} hours of raw readings \
+                     (history.raw_hours): keep rollups at least as long",
+                    h.rollup_days,
+                    self.history_raw_hours()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long raw readings are kept: `history.raw_hours`, else the older
+    /// `engine.history_hours`, else 168.
+    pub fn history_raw_hours(&self) -> u64 {
+        self.history
+            .raw_hours
+            .or(self.engine.history_hours)
+            .unwrap_or_else(defaults::history_hours)
+    }
+
+    /// The history's bounds and step sizes.
+    pub fn history_bounds(&self) -> crate::store::HistoryBounds {
+        crate::store::HistoryBounds {
+            raw_hours: self.history_raw_hours(),
+            raw_rows_max: self.history.raw_rows_max,
+            rollup_days: self.history.rollup_days,
+            rollup_rows_max: self.history.rollup_rows_max,
+            prune_rows_per_step: self.history.prune_rows_per_step,
+            vacuum_pages_per_step: self.history.vacuum_pages_per_step,
+        }
     }
 
     /// The engine's time zone: `engine.time_zone`, else the system's.
@@ -1023,6 +1176,95 @@ mod tests {
             error_key(load(EXAMPLE, &[("AUTOCORE_LOG_LEVEL", "loud=[")])),
             "log.level"
         );
+    }
+
+    #[test]
+    fn bad_history_bounds_name_their_key() {
+        for (var, value, key) in [
+            ("AUTOCORE_HISTORY_RAW_ROWS_MAX", "5", "history.raw_rows_max"),
+            (
+                "AUTOCORE_HISTORY_RAW_ROWS_MAX",
+                "lots",
+                "history.raw_rows_max",
+            ),
+            ("AUTOCORE_HISTORY_RAW_HOURS", "100000", "history.raw_hours"),
+            ("AUTOCORE_HISTORY_ROLLUP_DAYS", "0", "history.rollup_days"),
+            (
+                "AUTOCORE_HISTORY_ROLLUP_ROWS_MAX",
+                "-1",
+                "history.rollup_rows_max",
+            ),
+            (
+                "AUTOCORE_HISTORY_HOUSEKEEPING_INTERVAL_MS",
+                "1",
+                "history.housekeeping_interval_ms",
+            ),
+            (
+                "AUTOCORE_HISTORY_PRUNE_ROWS_PER_STEP",
+                "0",
+                "history.prune_rows_per_step",
+            ),
+            (
+                "AUTOCORE_HISTORY_VACUUM_PAGES_PER_STEP",
+                "0",
+                "history.vacuum_pages_per_step",
+            ),
+        ] {
+            assert_eq!(
+                error_key(load(EXAMPLE, &[(var, value)])),
+                key,
+                "{var}={value}"
+            );
+        }
+        // Rollups that end before the raw readings do would leave a hole for `rules test`.
+        assert_eq!(
+            error_key(load(
+                EXAMPLE,
+                &[
+                    ("AUTOCORE_HISTORY_RAW_HOURS", "72"),
+                    ("AUTOCORE_HISTORY_ROLLUP_DAYS", "2")
+                ]
+            )),
+            "history.rollup_days"
+        );
+        let text = EXAMPLE.replace("raw_rows_max = 3000000", "raw_rows_max = 0");
+        assert_eq!(error_key(load(&text, &[])), "history.raw_rows_max");
+        let text = EXAMPLE.replace("[history]", "[history]\nraw_row_max = 5");
+        let err = load(&text, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("history") && err.contains("raw_row_max"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_history_bounds_come_from_the_file_and_the_environment() {
+        let config = load(EXAMPLE, &[("AUTOCORE_HISTORY_RAW_ROWS_MAX", "500000")]).unwrap();
+        let bounds = config.history_bounds();
+        assert_eq!(bounds.raw_rows_max, 500_000);
+        assert_eq!(bounds.raw_hours, 168);
+        assert_eq!(bounds.rollup_days, 30);
+        assert!(!warned_keys(&config).contains(&"engine.history_hours".to_string()));
+    }
+
+    #[test]
+    fn an_older_configuration_with_engine_history_hours_still_loads_with_a_warning() {
+        let text = EXAMPLE
+            .replace("raw_hours = 168\n", "")
+            .replace("[engine]", "[engine]\nhistory_hours = 48");
+        let config = load(&text, &[]).unwrap();
+        assert_eq!(config.history_bounds().raw_hours, 48);
+        assert!(warned_keys(&config).contains(&"engine.history_hours".to_string()));
+        // [history] raw_hours wins when both are set.
+        let both = text.replace("[history]", "[history]\nraw_hours = 24");
+        assert_eq!(load(&both, &[]).unwrap().history_bounds().raw_hours, 24);
+        // No [history] at all: the defaults.
+        let start = EXAMPLE.find("[history]").unwrap();
+        let end = EXAMPLE.find("[safety]").unwrap();
+        let bare = format!("{}{}", &EXAMPLE[..start], &EXAMPLE[end..]);
+        let config = load(&bare, &[]).unwrap();
+        assert_eq!(config.history_bounds().raw_hours, 168);
+        assert_eq!(config.history_bounds().raw_rows_max, 3_000_000);
     }
 
     #[test]

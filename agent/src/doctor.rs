@@ -292,6 +292,39 @@ pub fn classify_token(exp: Result<Option<i64>, String>, now_s: i64) -> Finding {
     }
 }
 
+/// The access token of a session the agent refreshes (`cloud.auth_url`): a short life is normal,
+/// since the agent renews it before it ends; an ended one is renewed when the agent runs, unless
+/// the refresh token is refused (revoked: provision again).
+pub fn classify_session(exp: Result<Option<i64>, String>, now_s: i64) -> Finding {
+    const CHECK: &str = "token";
+    let again = "provision the Pi again with a new claim code (autocore-agent provision)";
+    match exp {
+        Err(why) => Finding::fail(CHECK, format!("cannot be read: {why}"), again),
+        Ok(None) => Finding::ok(CHECK, "has no expiry (no exp claim)"),
+        Ok(Some(exp)) => {
+            let left = exp - now_s;
+            if left > 0 {
+                Finding::ok(
+                    CHECK,
+                    format!(
+                        "session token expires in {}; the agent refreshes it before then (cloud.auth_url)",
+                        human_ms(left * 1000)
+                    ),
+                )
+            } else {
+                Finding::warn(
+                    CHECK,
+                    format!(
+                        "session token expired {} ago; the agent refreshes it when it runs",
+                        human_ms(-left * 1000)
+                    ),
+                    format!("start the agent; if its log says the refresh was refused, {again}"),
+                )
+            }
+        }
+    }
+}
+
 /// What one authenticated request to the backend came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendAnswer {
@@ -480,7 +513,7 @@ pub fn classify_free(dir: &Path, available: u64, total: u64) -> Finding {
         dir.display()
     );
     let hint = "free space (old logs, journalctl --vacuum-size) or lower \
-                engine.history_hours: SQLite cannot commit on a full disk";
+                history.raw_rows_max: SQLite cannot commit on a full disk";
     if available < FREE_FAIL_BYTES {
         Finding::fail(CHECK, message, hint)
     } else if available < FREE_WARN_BYTES || percent < FREE_WARN_PERCENT {
@@ -754,7 +787,11 @@ async fn probe_backend(config: &AgentConfig) -> (Finding, Option<Finding>, Resul
             );
         }
     };
-    let token_finding = classify_token(jwt_exp(&token), now_ms() / 1000);
+    let token_finding = if config.cloud.auth_url.is_some() {
+        classify_session(jwt_exp(&token), now_ms() / 1000)
+    } else {
+        classify_token(jwt_exp(&token), now_ms() / 1000)
+    };
     let base = config.cloud.rest_url.trim_end_matches('/');
     let url = format!("{base}/system_status?select=owner_id&limit=1");
     let client = reqwest011::Client::builder()

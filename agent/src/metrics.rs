@@ -44,6 +44,12 @@ pub struct Metrics {
     pub rule_firing_seconds: Histogram,
     /// Notifications by kind, target and outcome (sent, retried, failed, dropped, rate_limited).
     pub notifications: Family<Labels, Counter>,
+    /// The reading history (docs/decisions/0014): raw rows, rollup rows, and the database's
+    /// pages in bytes, in all and free, after the last housekeeping step.
+    pub history_raw_rows: Gauge,
+    pub history_rollup_rows: Gauge,
+    pub database_bytes: Gauge,
+    pub database_free_bytes: Gauge,
 }
 
 /// Buckets from 100 µs to about 400 ms.
@@ -97,6 +103,10 @@ impl Metrics {
             automation_write_seconds: latency_histogram(),
             rule_firing_seconds: latency_histogram(),
             notifications: Family::default(),
+            history_raw_rows: Gauge::default(),
+            history_rollup_rows: Gauge::default(),
+            database_bytes: Gauge::default(),
+            database_free_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -128,6 +138,26 @@ impl Metrics {
             "reports_refused",
             "Acks and relay state reports refused for their signature or counter, by check",
             m.reports_refused.clone(),
+        );
+        registry.register(
+            "history_raw_rows",
+            "Raw readings kept on the Pi ([history] raw_rows_max bounds them)",
+            m.history_raw_rows.clone(),
+        );
+        registry.register(
+            "history_rollup_rows",
+            "One-minute rollups kept on the Pi ([history] rollup_rows_max bounds them)",
+            m.history_rollup_rows.clone(),
+        );
+        registry.register(
+            "database_bytes",
+            "Size of the agent's SQLite database (its pages) after the last housekeeping step",
+            m.database_bytes.clone(),
+        );
+        registry.register(
+            "database_free_bytes",
+            "Free pages in the database, in bytes, not yet given back to the file system",
+            m.database_free_bytes.clone(),
         );
         registry.register(
             "readings_stored",

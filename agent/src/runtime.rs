@@ -25,7 +25,9 @@ use crate::cloud::{Cloud, CloudConfig, CloudError, TokenSource};
 use crate::config::AgentConfig;
 use crate::connectivity::{BackendState, MqttState, Watched};
 use crate::delivery::{Delivery, DeliveryAction, DeliveryLimits};
+use crate::drop_episode::{DropEpisode, DropLog};
 use crate::link::{Link, LinkEvent};
+use crate::liveness::{Liveness, Presence};
 use crate::metrics::{Metrics, label};
 use crate::reports::ReportGate;
 use crate::rules::EngineInput;
@@ -58,9 +60,16 @@ pub const ENGINE_QUEUE_MAX: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    #[error("store: {0}")]
+    // No `{0}` beside `#[from]`: the cause is the error's source, printed once by `{:#}`.
+    #[error("store")]
     Store(#[from] StoreError),
-    #[error("mqtt: {0}")]
+    #[error("database {}", path.display())]
+    Database {
+        path: std::path::PathBuf,
+        #[source]
+        source: StoreError,
+    },
+    #[error("mqtt")]
     Bridge(#[from] bridge::BridgeError),
     #[error("safety/engine configuration: {0}")]
     Interlocks(String),
@@ -151,6 +160,8 @@ pub struct Shared {
     /// delivery loop and the automation task alike, so commands leave in counter order and a
     /// master never refuses one as `replayed` because another overtook it.
     pub(crate) command_order: tokio::sync::Mutex<()>,
+    /// Per master, the request id of a lock call not answered yet (see `pull_commands`).
+    lock_requests: Mutex<HashMap<String, String>>,
 }
 
 /// What the automation task last reported, for /health and `status`.
@@ -214,8 +225,35 @@ pub async fn run(
     // With two providers compiled in (see Cargo.toml), rustls would panic at the first TLS
     // handshake; an error here only means one is installed already.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let store = Store::open(&config.store.path)?;
-    let store = StoreHandle::new(store);
+    // Migrating an old database (schema 6 rolls up the whole history) and bringing its history
+    // within bounds can outlast systemd's start timeout on a slow card: extend it meanwhile.
+    const EXTEND_EVERY: Duration = Duration::from_secs(20);
+    crate::service::extend_start(EXTEND_EVERY * 3);
+    let keepalive = tokio::spawn(async {
+        loop {
+            tokio::time::sleep(EXTEND_EVERY).await;
+            crate::service::extend_start(EXTEND_EVERY * 3);
+        }
+    });
+    let path = config.store.path.clone();
+    let opened = tokio::task::spawn_blocking(move || Store::open(&path))
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()));
+    let prepared = match opened {
+        Ok(Ok(store)) => {
+            let store = StoreHandle::new(store);
+            prepare_history(&store, config.history_bounds())
+                .await
+                .map(|()| store)
+        }
+        Ok(Err(source)) => Err(RuntimeError::Database {
+            path: config.store.path.clone(),
+            source,
+        }),
+        Err(e) => Err(e.into()),
+    };
+    keepalive.abort();
+    let store = prepared?;
     let token = match (&config.cloud.jwt, &config.cloud.jwt_file) {
         (Some(jwt), _) => TokenSource::Inline(jwt.clone()),
         (None, Some(path)) => TokenSource::file(path.clone()),
@@ -268,10 +306,27 @@ pub async fn run(
         automation_status: Mutex::new(AutomationStatus::default()),
         config,
         command_order: tokio::sync::Mutex::new(()),
+        lock_requests: Mutex::new(HashMap::new()),
     });
     let (automation, engine) = start_automation(&shared).await?;
 
     let cancel = CancellationToken::new();
+    if let (Some(auth_url), Some(session)) =
+        (&shared.config.cloud.auth_url, &shared.config.cloud.jwt_file)
+    {
+        tokio::spawn(crate::cloud::session::run_refresher(
+            session.clone(),
+            auth_url.clone(),
+            shared
+                .config
+                .cloud
+                .api_key
+                .as_ref()
+                .map(|k| k.expose().to_string()),
+            Duration::from_millis(shared.config.cloud.request_timeout_ms),
+            cancel.clone(),
+        ));
+    }
     let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE_MESSAGES_MAX);
     let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_QUEUE_MAX);
 
@@ -346,6 +401,13 @@ pub async fn run(
         crate::api::ServeLimits::default(),
         api_cancel,
     ));
+    tasks.spawn(housekeeper(
+        shared.store.clone(),
+        shared.metrics.clone(),
+        shared.config.history_bounds(),
+        Duration::from_millis(shared.config.history.housekeeping_interval_ms),
+        cancel.clone(),
+    ));
     if let Some(period) = crate::service::watchdog_period() {
         tasks.spawn(watchdog_loop(shared.clone(), period, cancel.clone()));
     }
@@ -385,6 +447,94 @@ async fn watchdog_loop(shared: Arc<Shared>, period: Duration, cancel: Cancellati
         match shared.store.call(|_| Ok(())).await {
             Ok(()) => crate::service::watchdog(),
             Err(e) => warn!(error = %e, "the store did not answer: not feeding the watchdog"),
+        }
+    }
+}
+
+/// Before anything else runs: the history brought within its bounds (after an upgrade from an
+/// unbounded history this deletes most of it), then a database made before schema 6 switched
+/// to incremental auto-vacuum with its one VACUUM, which then copies only what is kept.
+async fn prepare_history(
+    store: &StoreHandle,
+    bounds: crate::store::HistoryBounds,
+) -> Result<(), RuntimeError> {
+    store
+        .call(move |s| {
+            let mut deleted = 0;
+            // Nothing else runs yet: larger steps, and all of them.
+            let bounds = crate::store::HistoryBounds {
+                prune_rows_per_step: bounds.prune_rows_per_step.saturating_mul(10),
+                vacuum_pages_per_step: 0,
+                ..bounds
+            };
+            loop {
+                let step = s.history_step(&bounds, now_ms())?;
+                deleted += step.raw_deleted + step.rollup_deleted;
+                if step.raw_deleted + step.rollup_deleted == 0 || !step.more {
+                    break;
+                }
+            }
+            if deleted > 0 {
+                info!(deleted, "history pruned to its bounds");
+            }
+            if s.auto_vacuum_mode()? != 2 {
+                info!("switching the database to incremental auto-vacuum: one VACUUM, once");
+                let started = std::time::Instant::now();
+                s.ensure_incremental_vacuum()?;
+                info!(
+                    seconds = started.elapsed().as_secs_f64(),
+                    "database switched to incremental auto-vacuum"
+                );
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(())
+}
+
+/// Drives the history's housekeeping: one bounded step (prune, then give pages back) every
+/// `interval`, so neither a full history nor a drained outbox keeps the SD card's space.
+async fn housekeeper(
+    store: StoreHandle,
+    metrics: Arc<Metrics>,
+    bounds: crate::store::HistoryBounds,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let bounds = bounds.clone();
+        let result = store
+            .call(move |s| Ok((s.history_step(&bounds, now_ms())?, s.history_stats()?)))
+            .await;
+        if let Ok((_, stats)) = &result {
+            let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            metrics.history_raw_rows.set(gauge(stats.raw_rows));
+            metrics.history_rollup_rows.set(gauge(stats.rollup_rows));
+            metrics
+                .database_bytes
+                .set(gauge(stats.page_count * stats.page_size));
+            metrics
+                .database_free_bytes
+                .set(gauge(stats.freelist_pages * stats.page_size));
+        }
+        match result.map(|(step, _)| step) {
+            Ok(step) if step.raw_deleted + step.rollup_deleted + step.pages_vacuumed > 0 => {
+                debug!(
+                    raw_deleted = step.raw_deleted,
+                    rollup_deleted = step.rollup_deleted,
+                    pages_vacuumed = step.pages_vacuumed,
+                    free_pages = step.freelist_pages,
+                    "history housekeeping"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "history housekeeping failed; trying again"),
         }
     }
 }
@@ -585,6 +735,7 @@ async fn inbound_loop(
         shared.keys.iter().map(|(m, k)| (m.clone(), k.clone())),
         &windows,
     );
+    let mut liveness = Liveness::new(shared.config.mqtt.heartbeat_timeout_ms);
     loop {
         let (topic, payload) = tokio::select! {
             _ = cancel.cancelled() => {
@@ -596,6 +747,7 @@ async fn inbound_loop(
             }
             _ = flush.tick() => {
                 hand_over(&writer, &mut buffer).await;
+                save_heard(&shared, &mut liveness).await;
                 // Saved with the telemetry cadence, not per report: a window that rolls back
                 // by one flush after a crash lets at most those reports be replayed once, and
                 // only by a client the broker lets publish as that master.
@@ -644,6 +796,28 @@ async fn inbound_loop(
             .mqtt_messages_in
             .get_or_create(&label("kind", kind))
             .inc();
+        // Any message on a master's own topics proves it alive (the broker admits only that
+        // master to them); its offline status is the one that says otherwise.
+        let heard_from = match &inbound {
+            Inbound::Telemetry(readings) => {
+                let mut ids: Vec<&str> = readings.iter().map(|r| r.device_id.as_str()).collect();
+                ids.dedup();
+                ids
+            }
+            Inbound::Ack(device, _) | Inbound::RelayState(device, _) => vec![device.as_str()],
+            Inbound::Status(device, status) if bridge::is_online(status) => vec![device.as_str()],
+            _ => Vec::new(),
+        };
+        let mut came_online = false;
+        for device in heard_from {
+            if liveness.heard(device, now) == Presence::CameOnline {
+                came_online = true;
+                // A status is recorded by its own arm below.
+                if !matches!(inbound, Inbound::Status(..)) {
+                    record_presence(&shared, device, true, None, now).await;
+                }
+            }
+        }
         match inbound {
             Inbound::Telemetry(readings) => {
                 if let Ok(mut latest) = shared.latest.lock() {
@@ -679,6 +853,7 @@ async fn inbound_loop(
                 let _ = delivery.send(DeliveryInput::Ack(ack)).await;
             }
             Inbound::Announce(a) => {
+                liveness.heard(a.device_id.as_str(), now);
                 record_presence(
                     &shared,
                     a.device_id.as_str(),
@@ -689,14 +864,15 @@ async fn inbound_loop(
                 .await;
             }
             Inbound::Status(device, status) => {
-                record_presence(
-                    &shared,
-                    device.as_str(),
-                    bridge::is_online(&status),
-                    None,
-                    now,
-                )
-                .await;
+                let online = bridge::is_online(&status);
+                if !online {
+                    liveness.said_offline(device.as_str(), now);
+                }
+                // A status online from a master already online is its heartbeat: heard above,
+                // nothing to record.
+                if !online || came_online {
+                    record_presence(&shared, device.as_str(), online, None, now).await;
+                }
             }
             Inbound::RelayState(device, report) => {
                 for slave in &report.slaves {
@@ -750,6 +926,17 @@ async fn inbound_loop(
             }
             Inbound::Ignored => {}
         }
+    }
+}
+
+/// Hands the masters' last-heard times to the store, so its silence check sees them.
+async fn save_heard(shared: &Arc<Shared>, liveness: &mut Liveness) {
+    let heard = liveness.take_unsaved();
+    if heard.is_empty() {
+        return;
+    }
+    if let Err(e) = shared.store.call(move |s| s.note_heard(&heard)).await {
+        warn!(error = %e, "could not save when the masters were last heard");
     }
 }
 
@@ -820,12 +1007,13 @@ async fn hand_over(writer: &mpsc::Sender<Vec<Reading>>, buffer: &mut Vec<Reading
 
 /// Commits batches of readings in the order they came, until the inbound loop ends.
 async fn telemetry_writer(shared: Arc<Shared>, mut batches: mpsc::Receiver<Vec<Reading>>) {
+    let mut dropping = DropEpisode::default();
     while let Some(readings) = batches.recv().await {
-        flush_readings(&shared, readings).await;
+        flush_readings(&shared, readings, &mut dropping).await;
     }
 }
 
-async fn flush_readings(shared: &Arc<Shared>, readings: Vec<Reading>) {
+async fn flush_readings(shared: &Arc<Shared>, readings: Vec<Reading>, dropping: &mut DropEpisode) {
     if readings.is_empty() {
         return;
     }
@@ -843,9 +1031,27 @@ async fn flush_readings(shared: &Arc<Shared>, readings: Vec<Reading>) {
     {
         Ok((added, dropped)) => {
             shared.metrics.readings_stored.inc_by(added as u64);
-            if dropped > 0 {
-                shared.metrics.telemetry_dropped.inc_by(dropped);
-                warn!(dropped, rows_max, "outbox full: oldest telemetry dropped");
+            shared.metrics.telemetry_dropped.inc_by(dropped);
+            match dropping.note(dropped, now) {
+                DropLog::Nothing => {}
+                DropLog::Began { dropped } => {
+                    warn!(
+                        dropped,
+                        rows_max, "outbox full: dropping the oldest telemetry"
+                    );
+                }
+                DropLog::Lasting { since_last, total } => {
+                    warn!(
+                        since_last,
+                        total, rows_max, "outbox still full: oldest telemetry dropped"
+                    );
+                }
+                DropLog::Ended { total, lasted_ms } => {
+                    info!(
+                        total,
+                        lasted_ms, "outbox has room again: telemetry no longer dropped"
+                    );
+                }
             }
             shared.outbox_ready.notify_one();
         }
@@ -1136,6 +1342,9 @@ fn record_link_event(shared: &Arc<Shared>, event: LinkEvent) {
                 let result = shared
                     .store
                     .call(move |s| {
+                        // The backoff the rows earned failing during the outage outlived its
+                        // cause: every row is due at once, not after its 14th doubling.
+                        s.outbox_due_now()?;
                         let stats = s.outbox_stats(now)?;
                         let dropped_before: i64 = s.cursor("outage_dropped_at_start")?.and_then(|v| v.parse().ok()).unwrap_or(0);
                         let dropped = s.counter("telemetry_dropped")? - dropped_before;
@@ -1188,8 +1397,17 @@ async fn poll_loop(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // Completions go out before new locks: a command a master finished while the backend
+        // was away would otherwise see its lock time out and be handed out again.
+        let completions_waiting = shared
+            .store
+            .call(|s| s.completions_waiting(now_ms()))
+            .await
+            .unwrap_or(false);
         for master in &masters {
-            pull_commands(&shared, master, &delivery).await;
+            if !completions_waiting {
+                pull_commands(&shared, master, &delivery).await;
+            }
             pull_rules(&shared, master).await;
         }
         pull_latch(&shared).await;
@@ -1328,13 +1546,30 @@ async fn deliver_configs(shared: &Arc<Shared>, masters: &[String]) {
 
 async fn pull_commands(shared: &Arc<Shared>, master: &str, delivery: &mpsc::Sender<DeliveryInput>) {
     let cfg = &shared.config.cloud;
+    // The same name until a call is answered: a retry after a lost answer gets what that call
+    // locked instead of leaving it locked in the cloud until the lock timeout.
+    let request_id = match shared.lock_requests.lock() {
+        Ok(mut open) => open
+            .entry(master.to_string())
+            .or_insert_with(|| uuid::Uuid::new_v4().simple().to_string())
+            .clone(),
+        Err(_) => uuid::Uuid::new_v4().simple().to_string(),
+    };
     let rows = match shared
         .cloud
-        .lock_commands(master, cfg.lock_batch_max, cfg.lock_timeout_seconds)
+        .lock_commands(
+            master,
+            cfg.lock_batch_max,
+            cfg.lock_timeout_seconds,
+            &request_id,
+        )
         .await
     {
         Ok(rows) => {
             note_cloud_result(shared, Ok(()));
+            if let Ok(mut open) = shared.lock_requests.lock() {
+                open.remove(master);
+            }
             rows
         }
         Err(e) => {

@@ -20,6 +20,14 @@ pub fn ready() {
     send(sd_notify::NotifyState::Ready);
 }
 
+/// EXTEND_TIMEOUT_USEC: a long one-time step before READY (the history's first prune and
+/// VACUUM after an upgrade) needs `by` more, so systemd does not kill the start and begin it
+/// again for ever.
+pub fn extend_start(by: Duration) {
+    let usec = u32::try_from(by.as_micros()).unwrap_or(u32::MAX);
+    send(sd_notify::NotifyState::ExtendTimeoutUsec(usec));
+}
+
 /// STOPPING=1: the shutdown has begun (so a slow stop is not mistaken for a hang).
 pub fn stopping() {
     send(sd_notify::NotifyState::Stopping);

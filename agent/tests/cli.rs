@@ -95,3 +95,48 @@ fn run_logs_the_configuration_warnings_at_warn_as_json_lines_without_colours() {
         .any(|v| v["level"] == "WARN" && v["fields"]["key"] == "api.listen");
     assert!(warned, "{stdout}");
 }
+
+#[test]
+fn a_database_from_a_newer_agent_is_refused_in_one_line_with_exit_code_2_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listen.local_addr().unwrap().port();
+    drop(listen);
+    let path = config(dir.path(), |t| {
+        t.replace("127.0.0.1:8787", &format!("127.0.0.1:{port}"))
+    });
+    let db = dir.path().join("agent.db");
+    drop(autocore_agent::store::Store::open(&db).unwrap());
+    let newer = autocore_agent::store::Store::schema_version() + 1;
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .pragma_update(None, "user_version", newer)
+        .unwrap();
+
+    // Exit code 2, like a configuration error: the unit's RestartPreventExitStatus=2 keeps
+    // systemd from restarting the agent into the same refusal every 2 s.
+    let out = agent(&["run", "-c", path.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let expected = format!(
+        "error: the agent stopped with an error: database {}: the database has schema version \
+         {newer}, newer than this agent's ({}): a newer autocore-agent wrote it; install that \
+         version or a later one again (an agent never downgrades its database)",
+        db.display(),
+        newer - 1
+    );
+    assert_eq!(stderr.trim_end(), expected);
+
+    let out = agent(&["status", "-c", path.to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!("schema version {newer}, newer than this agent's")),
+        "{stdout}"
+    );
+    let kept: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("pragma user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(kept, newer, "the database is left for the newer agent");
+}

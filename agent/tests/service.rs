@@ -77,6 +77,16 @@ fn the_agent_says_ready_feeds_the_watchdog_and_stops_cleanly_on_sigterm_without_
         panic!("READY=1 then WATCHDOG=1 twice expected; seen {seen:?}");
     }
 
+    // The start timeout is extended while the database is opened and migrated.
+    let extended = seen
+        .iter()
+        .position(|l| l == "EXTEND_TIMEOUT_USEC=60000000");
+    let ready_at = seen.iter().position(|l| l == "READY=1");
+    assert!(
+        extended.is_some() && extended < ready_at,
+        "EXTEND_TIMEOUT_USEC before READY=1 expected; seen {seen:?}"
+    );
+
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -104,6 +104,24 @@ impl CommandId {
         self.0 & !EDGE_BIT
     }
 
+    /// From a `relay_commands_slave` row's `id`: positive is a backend row; negative is a
+    /// command the Pi created, as the Pi's local API serves it (`edge:<-id>`); 0 is refused.
+    pub fn from_row_id(id: i64) -> Result<CommandId, CommandIdError> {
+        match id {
+            0 => Err(CommandIdError::Zero),
+            id if id > 0 => CommandId::backend(id),
+            id => CommandId::edge(id.unsigned_abs()),
+        }
+    }
+
+    /// The inverse of [`CommandId::from_row_id`]: the `id` a row carries for this command.
+    pub fn row_id(self) -> i64 {
+        match self.origin() {
+            CommandOrigin::Backend => self.0 as i64,
+            CommandOrigin::Edge => -(self.number() as i64),
+        }
+    }
+
     /// The backend row id, if this is one.
     pub fn backend_id(self) -> Option<i64> {
         match self.origin() {

@@ -666,6 +666,26 @@ pub enum AckErrorCode {
     Busy,
 }
 
+impl AckErrorCode {
+    /// The code as the wire writes it (`no_such_relay`), also at the head of the
+    /// `p_error_message` a polling master reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckErrorCode::Malformed => "malformed",
+            AckErrorCode::Unsigned => "unsigned",
+            AckErrorCode::BadSignature => "bad_signature",
+            AckErrorCode::Replayed => "replayed",
+            AckErrorCode::WrongMaster => "wrong_master",
+            AckErrorCode::Expired => "expired",
+            AckErrorCode::EmergencyLatched => "emergency_latched",
+            AckErrorCode::UnknownSlave => "unknown_slave",
+            AckErrorCode::NoSuchRelay => "no_such_relay",
+            AckErrorCode::SlaveUnreachable => "slave_unreachable",
+            AckErrorCode::Busy => "busy",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AckError {

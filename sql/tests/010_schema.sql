@@ -24,7 +24,7 @@ select is(
       and not exists (select 1 from unnest(p.proconfig) c where c like 'search_path=%')),
   0::bigint, 'every SECURITY DEFINER function sets a fixed search_path');
 
-select ok(not has_function_privilege('anon', 'public.get_and_lock_slave_commands(text,integer,integer)', 'execute'),
+select ok(not has_function_privilege('anon', 'public.get_and_lock_slave_commands(text,integer,integer,text)', 'execute'),
   'anon cannot call get_and_lock_slave_commands');
 select ok(not has_function_privilege('anon', 'public.complete_slave_command(bigint,integer,boolean[])', 'execute'),
   'anon cannot call complete_slave_command');

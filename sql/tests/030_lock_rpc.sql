@@ -1,7 +1,7 @@
 -- get_and_lock_slave_commands: order, limit, locking, lock timeout, expiry, parameter checks.
 begin;
 \ir fixtures/world.sql
-select plan(17);
+select plan(23);
 
 -- Created oldest first, in an order that differs from the hand-out order.
 select tests.command('ESP32_ALICE_1', 'manual', 10, now() - interval '50 s') as manual_old \gset
@@ -86,6 +86,32 @@ select tests.command('ESP32_ALICE_1', 'manual', 10, now() - interval '1 s') as f
 select tests.as_agent('pi-alice');
 select is((select count(*)::int from get_and_lock_slave_commands('ESP32_ALICE_1')), 1,
   'a new command is handed out with the default arguments');
+
+-- A named call whose answer was lost: the retry returns what it locked, nothing new.
+select tests.as_superuser();
+select tests.command('ESP32_ALICE_1', 'manual', 10, now() - interval '1 s') as named_a \gset
+select tests.command('ESP32_ALICE_1', 'manual', 10, now() - interval '1 s') as named_b \gset
+select tests.as_agent('pi-alice');
+select results_eq(
+  'select id from get_and_lock_slave_commands(''ESP32_ALICE_1'', 1, 30, ''request-0001'') order by id',
+  format('values (%s::bigint)', :named_a),
+  'a named call locks as an unnamed one does');
+select results_eq(
+  'select id from get_and_lock_slave_commands(''ESP32_ALICE_1'', 1, 30, ''request-0001'')',
+  format('values (%s::bigint)', :named_a),
+  'the same request id again returns what the first call locked, not the next command');
+select tests.as_superuser();
+select is((select delivery_count from relay_commands_slave where id = :named_a), 1,
+  'a retried call does not hand the command out a second time');
+select is((select status from relay_commands_slave where id = :named_b), 'pending',
+  'a retried call locks nothing new');
+select tests.as_agent('pi-alice');
+select results_eq(
+  'select id from get_and_lock_slave_commands(''ESP32_ALICE_1'', 1, 30, ''request-0002'')',
+  format('values (%s::bigint)', :named_b),
+  'a new request id locks the next command');
+select throws_ok('select * from get_and_lock_slave_commands(''ESP32_ALICE_1'', 1, 30, ''no spaces allowed'')', '22023',
+  'p_request_id must be 8..64 characters of A-Z a-z 0-9 _ -', 'a malformed request id is refused');
 
 select * from finish();
 rollback;

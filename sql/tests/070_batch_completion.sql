@@ -2,7 +2,7 @@
 -- in one call, with the rules of complete_slave_command and fail_slave_command.
 begin;
 \ir fixtures/world.sql
-select plan(29);
+select plan(34);
 
 select has_function('public', 'complete_slave_commands', array['jsonb'], 'complete_slave_commands(jsonb) exists');
 select is((select prosecdef from pg_proc where oid = 'public.complete_slave_commands(jsonb)'::regprocedure), true,
@@ -139,6 +139,28 @@ select is((select status from relay_commands_slave where id = :d1), 'pending', '
 
 select tests.as_anon();
 select throws_ok('select * from complete_slave_commands(''[]'')', '42501', null, 'anon cannot call complete_slave_commands');
+
+-- The edge's times: when the master answered and when the command went out.
+select tests.as_superuser();
+select tests.command('ESP32_ALICE_1', 'manual', 10, now() - interval '10 minutes', now() + interval '1 hour') as timed \gset
+select tests.command('ESP32_ALICE_1', 'manual', 10, now() - interval '10 minutes', now() + interval '1 hour') as ahead \gset
+select tests.as_agent('pi-alice');
+select throws_ok(
+  format('select * from complete_slave_commands(%L)',
+         format('[{"command_id": %s, "status": "completed", "finished_at": "last tuesday-ish"}]', :timed)),
+  '22023', 'p_completions[0].finished_at must be null or an RFC 3339 time', 'a time that is not one is refused');
+select is((select count(*)::int from complete_slave_commands(format(
+  '[{"command_id": %s, "status": "completed", "finished_at": "%s", "sent_at": "%s"},
+    {"command_id": %s, "status": "completed", "finished_at": "2999-01-01T00:00:00Z"}]',
+  :timed, now() - interval '8 minutes', now() - interval '9 minutes', :ahead)::jsonb)), 2,
+  'a batch with the edge''s times completes');
+select tests.as_superuser();
+select is((select completed_at from relay_commands_slave where id = :timed), now() - interval '8 minutes',
+  'completed_at is when the master answered, not when the report arrived');
+select is((select sent_at from relay_commands_slave where id = :timed), now() - interval '9 minutes',
+  'sent_at is when the edge sent the command');
+select is((select completed_at from relay_commands_slave where id = :ahead), now(),
+  'a time in the future (an edge clock ahead) is recorded as now');
 
 select * from finish();
 rollback;

@@ -2,7 +2,9 @@
 //! backend applied, real PostgREST 12 and Mosquitto, each on a free loopback port, torn down when
 //! the [`Stack`] is dropped (panics included) and killed with their owner otherwise.
 
+pub mod auth;
 pub mod bench;
+pub mod edge;
 pub mod jwt;
 pub mod mosquitto;
 pub mod postgres;
@@ -13,6 +15,7 @@ pub mod tap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 
+pub use edge::EdgeFunctions;
 pub use jwt::Claims;
 pub use mosquitto::{Login, Mosquitto, Role, Security};
 pub use postgres::{Postgres, PostgresOptions};

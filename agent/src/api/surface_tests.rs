@@ -416,3 +416,26 @@ async fn an_agent_whose_broker_fails_the_tls_handshake_is_degraded_with_a_tls_er
     );
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_housekeeper_runs_and_shows_the_history_and_the_database_in_the_metrics() {
+    let agent = testing::offline("[history]\nhousekeeping_interval_ms = 100\n").await;
+    let bytes = testing::eventually("the database's size in /metrics", 10, || async {
+        let metrics = agent.metrics().await;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("autocore_agent_database_bytes "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|b| *b > 0)
+    })
+    .await;
+    assert!(bytes >= 4_096, "{bytes}");
+    let metrics = agent.metrics().await;
+    for line in [
+        "autocore_agent_history_raw_rows 0",
+        "autocore_agent_history_rollup_rows 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
+    agent.stop().await;
+}

@@ -2,6 +2,7 @@
 //! `postgrest` crate over reqwest), with the agent's JWT, re-read from its file when it changes.
 //! Every call has a timeout; every failure is classified as transient or final.
 
+pub mod session;
 mod token;
 
 use std::time::Duration;
@@ -263,16 +264,21 @@ impl Cloud {
         serde_json::from_str(&body).map_err(|e| CloudError::Decode(format!("{function}: {e}")))
     }
 
-    /// Locks up to `limit` commands of `master` for `timeout_seconds`.
+    /// Locks up to `limit` commands of `master` for `timeout_seconds`. `request_id` names the
+    /// call: repeated after a failure without an answer, it returns what the lost call locked.
     pub async fn lock_commands(
         &self,
         master: &str,
         limit: u32,
         timeout_seconds: u32,
+        request_id: &str,
     ) -> Result<Vec<CloudCommand>, CloudError> {
         self.rpc(
             "get_and_lock_slave_commands",
-            json!({"p_master_device_id": master, "p_limit": limit, "p_timeout_seconds": timeout_seconds}),
+            json!({
+                "p_master_device_id": master, "p_limit": limit,
+                "p_timeout_seconds": timeout_seconds, "p_request_id": request_id,
+            }),
         )
         .await
     }
@@ -327,6 +333,9 @@ impl Cloud {
                     } else {
                         json!(c["error_message"].as_str().unwrap_or("failed on the edge"))
                     },
+                    // Rows queued by an older agent have no times: the backend records now().
+                    "finished_at": c["finished_at_ms"].as_i64().map(format_timestamp_ms),
+                    "sent_at": c["sent_at_ms"].as_i64().map(format_timestamp_ms),
                 })
             })
             .collect();
@@ -426,13 +435,19 @@ impl Cloud {
         serde_json::from_str(&body).map_err(|e| CloudError::Decode(format!("macros: {e}")))
     }
 
-    /// The owner's user id: the `sub` claim of the agent's own token (read, not verified: the
-    /// backend verifies it on every request).
+    /// The owner's user id: the `owner_id` claim of a token Supabase Auth issued to the agent's
+    /// own login (whose `sub` is the login), else the `sub` of a minted agent token (read, not
+    /// verified: the backend verifies it on every request).
     fn owner_id(&self) -> Result<String, CloudError> {
         let token = self.token.current()?;
         token::unverified_claims(&token)
             .ok()
-            .and_then(|c| c["sub"].as_str().map(str::to_string))
+            .and_then(|c| {
+                c["owner_id"]
+                    .as_str()
+                    .or(c["sub"].as_str())
+                    .map(str::to_string)
+            })
             .ok_or(CloudError::Token(TokenError::NoOwner))
     }
 
@@ -477,6 +492,17 @@ impl Cloud {
             )
             .await?;
         Ok(())
+    }
+
+    /// Serves master `device_id` from now on (`adopt_master`); true when the backend created it.
+    pub async fn adopt_master(&self, device_id: &str) -> Result<bool, CloudError> {
+        let rows: Vec<Value> = self
+            .rpc("adopt_master", json!({ "p_device_id": device_id }))
+            .await?;
+        Ok(rows
+            .first()
+            .and_then(|r| r["created"].as_bool())
+            .unwrap_or(false))
     }
 
     /// Updates the presence columns of one device row.

@@ -1,5 +1,7 @@
 //! Where the agent's JWT comes from: inline in the config, or a file re-read whenever it
-//! changes, so an operator rotates the token without restarting the agent.
+//! changes, so an operator (or the session refresher) rotates the token without restarting the
+//! agent. The file holds the JWT alone, or a session written by `provision` (JSON with
+//! `access_token` and `refresh_token`, see [`super::session`]), whose access token is sent.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -17,6 +19,8 @@ pub enum TokenError {
     },
     #[error("the JWT file {0} is empty")]
     Empty(PathBuf),
+    #[error("the session file {path} is unreadable: {reason}")]
+    Session { path: PathBuf, reason: String },
     /// Found before any request: nothing the backend said.
     #[error("the agent's token carries no owner (no readable `sub` claim)")]
     NoOwner,
@@ -75,7 +79,17 @@ impl TokenSource {
                     return Ok(token.expose().to_string());
                 }
                 let text = std::fs::read_to_string(path).map_err(read_err)?;
-                let token = text.trim().to_string();
+                let text = text.trim();
+                let token = if text.starts_with('{') {
+                    serde_json::from_str::<super::session::Session>(text)
+                        .map_err(|e| TokenError::Session {
+                            path: path.clone(),
+                            reason: e.to_string(),
+                        })?
+                        .access_token
+                } else {
+                    text.to_string()
+                };
                 if token.is_empty() {
                     return Err(TokenError::Empty(path.clone()));
                 }
@@ -99,6 +113,19 @@ mod tests {
         assert_eq!(source.current().unwrap(), "first.token");
         std::fs::write(&path, "second.token.longer\n").unwrap();
         assert_eq!(source.current().unwrap(), "second.token.longer");
+    }
+
+    #[test]
+    fn a_session_file_gives_its_access_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("session.json");
+        std::fs::write(&path, r#"{"access_token":"a.b.c","refresh_token":"r"}"#).unwrap();
+        assert_eq!(TokenSource::file(path.clone()).current().unwrap(), "a.b.c");
+        std::fs::write(&path, r#"{"access_token":"a.b.c"}"#).unwrap();
+        assert!(matches!(
+            TokenSource::file(path).current(),
+            Err(TokenError::Session { .. })
+        ));
     }
 
     #[test]

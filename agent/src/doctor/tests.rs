@@ -56,6 +56,21 @@ fn a_token_expiring_within_a_day_warns_and_an_expired_one_fails() {
 }
 
 #[test]
+fn a_refreshed_session_token_with_an_hour_left_is_fine_and_an_ended_one_a_warning() {
+    let now = 1_800_000_000;
+    let fine = classify_session(Ok(Some(now + 3000)), now);
+    assert_eq!(fine.level, Level::Ok, "{fine}");
+    assert!(fine.message.contains("refreshes"), "{fine}");
+    let ended = classify_session(Ok(Some(now - 60)), now);
+    assert_eq!(ended.level, Level::Warn);
+    assert!(ended.hint.unwrap().contains("provision"));
+    assert_eq!(
+        classify_session(Err("not a JWT".into()), now).level,
+        Level::Fail
+    );
+}
+
+#[test]
 fn the_exp_claim_is_read_from_the_tokens_payload_without_verifying_it() {
     use base64::Engine as _;
     let encode = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);

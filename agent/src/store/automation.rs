@@ -1,6 +1,6 @@
 //! What the decision engine, the interlock arbiter and macros keep on disk: rule timers and
 //! arming, the arbiter's snapshot (relays on with their off-deadline, the emergency latch), a
-//! short reading history for `rules test`, the macros mirror, and the commands the Pi itself
+//! the macros mirror, and the commands the Pi itself
 //! created. A firing's commands, the rule's new state and its reports go in one transaction.
 
 use std::collections::HashMap;
@@ -9,7 +9,7 @@ use rusqlite::{OptionalExtension, params};
 use serde_json::{Value, json};
 
 use super::{
-    CommandRecord, OutboxClass, RULE_SELECT, Reading, Result, RuleRecord, Store, insert_command,
+    CommandRecord, OutboxClass, RULE_SELECT, Result, RuleRecord, Store, insert_command,
     insert_outbox, rule_from_row,
 };
 
@@ -225,39 +225,6 @@ impl Store {
             }
         }
         Ok(counts)
-    }
-
-    /// Readings of one device in `[from_ms, to_ms]`, oldest first.
-    pub fn readings_between(
-        &self,
-        device_id: &str,
-        from_ms: i64,
-        to_ms: i64,
-    ) -> Result<Vec<Reading>> {
-        let mut stmt = self.conn.prepare_cached(
-            "select sensor_key, recorded_at_ms, value, received_at_ms from readings_history
-             where device_id = ?1 and recorded_at_ms between ?2 and ?3
-             order by recorded_at_ms, sensor_key",
-        )?;
-        let rows = stmt.query_map(params![device_id, from_ms, to_ms], |r| {
-            Ok(Reading {
-                device_id: device_id.to_string(),
-                sensor_key: r.get(0)?,
-                recorded_at_ms: r.get(1)?,
-                value: r.get(2)?,
-                unit: None,
-                received_at_ms: r.get(3)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
-    }
-
-    /// Forgets readings older than `before_ms`; returns how many.
-    pub fn prune_history(&mut self, before_ms: i64) -> Result<usize> {
-        Ok(self.conn.execute(
-            "delete from readings_history where recorded_at_ms < ?1",
-            [before_ms],
-        )?)
     }
 
     /// Replaces the macros mirror with what the cloud holds now: `(id, revision, definition)`.

@@ -4,11 +4,13 @@
 //! before the caller acts on it. No I/O but SQLite; time comes in as `now_ms`.
 
 mod automation;
+pub mod history;
 mod notify;
 pub mod polling;
-mod schema;
+pub(crate) mod schema;
 
 pub use automation::{AutomationWrite, OutboxEntry};
+pub use history::{HistoryBounds, HistoryStats, ReplayReadings, Rollup, StepReport};
 pub use notify::NotificationRow;
 
 use std::path::Path;
@@ -24,7 +26,11 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("stored JSON is unreadable: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("the database has schema version {found}, newer than this agent knows ({known})")]
+    #[error(
+        "the database has schema version {found}, newer than this agent's ({known}): a newer \
+         autocore-agent wrote it; install that version or a later one again (an agent never \
+         downgrades its database)"
+    )]
     NewerSchema { found: i64, known: i64 },
     #[error("the store's lock was poisoned by a panic")]
     Poisoned,
@@ -64,6 +70,8 @@ pub(crate) const NEXT_SIGNING_COUNTER: &str =
      on conflict (master_device_id) do update set counter = counter + 1
      returning counter";
 
+/// The WAL file's size left after a checkpoint (`journal_size_limit`).
+pub const WAL_BYTES_KEPT: u64 = 16 * 1024 * 1024;
 /// How long a statement waits for another connection's lock.
 pub const BUSY_TIMEOUT_MS: u64 = 5_000;
 /// How long opening the store keeps retrying a preparation that another connection's lock
@@ -377,12 +385,17 @@ impl Store {
     }
 
     /// WAL, FULL sync (what we promised survives power loss), foreign keys, migrations.
+    /// Incremental auto-vacuum takes effect only on a new file (set before WAL writes its
+    /// header); an older database is switched by [`Store::ensure_incremental_vacuum`]. The WAL
+    /// is cut back to [`WAL_BYTES_KEPT`] after a checkpoint, so a big prune's WAL does not stay.
     fn prepare(&mut self) -> Result<()> {
-        self.conn.execute_batch(
-            "pragma journal_mode = wal;
+        self.conn.execute_batch(&format!(
+            "pragma auto_vacuum = incremental;
+             pragma journal_mode = wal;
              pragma synchronous = full;
-             pragma foreign_keys = on;",
-        )?;
+             pragma foreign_keys = on;
+             pragma journal_size_limit = {WAL_BYTES_KEPT};"
+        ))?;
         self.migrate()
     }
 
@@ -485,14 +498,14 @@ impl Store {
         now_ms: i64,
     ) -> Result<bool> {
         let tx = self.conn.transaction()?;
-        let row: Option<(String, String, String)> = tx
+        let row: Option<(String, String, String, Option<i64>)> = tx
             .query_row(
-                "select state, master_device_id, slave_mac_address from commands where id = ?1",
+                "select state, master_device_id, slave_mac_address, last_sent_at_ms from commands where id = ?1",
                 [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
-        let Some((state, master, slave)) = row else {
+        let Some((state, master, slave, sent_at_ms)) = row else {
             return Ok(false);
         };
         if CommandState::parse(&state).is_final() {
@@ -548,12 +561,16 @@ impl Store {
             tx.commit()?;
             return Ok(true);
         }
+        // The times travel with the report: pushed after an outage, it still says when the
+        // master answered and when the command went out.
         let payload = serde_json::json!({
             "command_id": id,
             "status": state.as_str(),
             "execution_time_ms": exec_ms,
             "error_message": error,
             "relay_states": relay_states,
+            "finished_at_ms": now_ms,
+            "sent_at_ms": sent_at_ms,
         });
         insert_outbox(
             &tx,
@@ -592,31 +609,23 @@ impl Store {
                 "insert into outbox (class, idempotency_key, payload, created_at_ms)
                  values ('telemetry', ?1, ?2, ?3) on conflict (idempotency_key) do nothing",
             )?;
-            let mut history = tx.prepare_cached(
-                "insert into readings_history (device_id, sensor_key, recorded_at_ms, value, received_at_ms)
-                 values (?1, ?2, ?3, ?4, ?5) on conflict do nothing",
-            )?;
             for r in readings {
                 let key = format!("t:{}:{}:{}", r.device_id, r.sensor_key, r.recorded_at_ms);
                 added += stmt.execute(params![key, serde_json::to_string(r)?, now_ms])?;
-                history.execute(params![
-                    r.device_id,
-                    r.sensor_key,
-                    r.recorded_at_ms,
-                    r.value,
-                    r.received_at_ms
-                ])?;
             }
         }
+        history::record(&tx, readings)?;
         tx.commit()?;
         Ok(added)
     }
 
-    /// Up to `limit` rows due now, oldest first.
+    /// Up to `limit` rows due now: command completions first (the cloud must learn what ran
+    /// before it hands out more), then oldest first.
     pub fn outbox_due(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxRow>> {
         let mut stmt = self.conn.prepare_cached(
             "select seq, class, idempotency_key, payload, created_at_ms, attempts from outbox
-             where next_attempt_at_ms <= ?1 order by seq limit ?2",
+             where next_attempt_at_ms <= ?1
+             order by case class when 'completion' then 0 else 1 end, seq limit ?2",
         )?;
         let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
             Ok((
@@ -644,6 +653,16 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// Whether a command's completion is due to be pushed at `now_ms`. One backing off after
+    /// failures does not count: it must not hold up every new command.
+    pub fn completions_waiting(&self, now_ms: i64) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "select exists (select 1 from outbox where class = 'completion' and next_attempt_at_ms <= ?1)",
+            [now_ms],
+            |r| r.get(0),
+        )?)
     }
 
     /// The cloud has these rows: remove them.
@@ -922,6 +941,23 @@ impl Store {
             params![device_id, online, now_ms, firmware_version, wifi_rssi],
         )?;
         Ok(!known)
+    }
+
+    /// Moves the last-heard time of masters still online (never back, never for one offline):
+    /// what keeps a master that sends only telemetry from looking silent.
+    pub fn note_heard(&mut self, heard: &[(String, i64)]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "update devices set last_seen_ms = max(coalesce(last_seen_ms, 0), ?2)
+                 where device_id = ?1 and online = 1",
+            )?;
+            for (device, at_ms) in heard {
+                stmt.execute(params![device, at_ms])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Marks offline every device still online whose last message is older than `cutoff_ms`;

@@ -239,4 +239,41 @@ pub const MIGRATIONS: &[&str] = &[
                 coalesce(new.finished_at_ms, 0));
     end;
     "#,
+    // 6: bounded history (docs/decisions/0014). One-minute rollups per device and sensor, kept
+    // longer than raw readings, built from what the raw table holds now; the raw table's row
+    // count and the rollups' kept in `counters` (a count(*) over millions of rows on every
+    // housekeeping step would cost more than the prune). The switch to incremental auto-vacuum
+    // needs a VACUUM, which cannot run in this transaction: `Store::ensure_incremental_vacuum`.
+    r#"
+    create table readings_rollup (
+        device_id text not null,
+        sensor_key text not null,
+        minute_ms integer not null,          -- the minute's start, Unix ms
+        min real not null,
+        max real not null,
+        sum real not null,
+        count integer not null,
+        last real not null,                  -- the value of the minute's latest reading
+        last_at_ms integer not null,         -- its recorded_at_ms
+        last_received_at_ms integer,         -- when it arrived (replay judges staleness by it)
+        primary key (device_id, sensor_key, minute_ms)
+    ) without rowid;
+    create index readings_rollup_time on readings_rollup (minute_ms);
+
+    insert into readings_rollup (device_id, sensor_key, minute_ms, min, max, sum, count, last,
+                                 last_at_ms, last_received_at_ms)
+    select m.device_id, m.sensor_key, m.minute_ms, m.lo, m.hi, m.total, m.n, h.value, m.last_at,
+           h.received_at_ms
+    from (select device_id, sensor_key, recorded_at_ms - (recorded_at_ms % 60000) as minute_ms,
+                 min(value) as lo, max(value) as hi, sum(value) as total, count(*) as n,
+                 max(recorded_at_ms) as last_at
+          from readings_history group by 1, 2, 3) as m
+    join readings_history as h
+      on h.device_id = m.device_id and h.sensor_key = m.sensor_key and h.recorded_at_ms = m.last_at;
+
+    insert into counters (name, value) values
+        ('history_raw_rows', (select count(*) from readings_history)),
+        ('history_rollup_rows', (select count(*) from readings_rollup))
+    on conflict (name) do update set value = excluded.value;
+    "#,
 ];

@@ -186,6 +186,62 @@ fn a_row_retried_later_is_not_due_before_its_time() {
     assert_eq!(store.outbox_due(100, 10).unwrap()[0].attempts, 1);
 }
 
+#[test]
+fn completions_leave_the_outbox_ahead_of_older_rows() {
+    let mut store = Store::open_in_memory().unwrap();
+    store
+        .enqueue_readings(&[reading("ph", 1), reading("ph", 2)], 1)
+        .unwrap();
+    assert!(!store.completions_waiting(10).unwrap());
+    store.accept_command(&command(7), 1).unwrap();
+    store
+        .finish_command(
+            7,
+            &CommandOutcome::Completed {
+                execution_time_ms: 5,
+                relay_states: None,
+            },
+            3,
+        )
+        .unwrap();
+    assert!(store.completions_waiting(10).unwrap());
+    let due = store.outbox_due(10, 10).unwrap();
+    assert_eq!(due[0].class, OutboxClass::Completion, "{due:?}");
+    // Backing off after a failure: it no longer holds up new locks.
+    store
+        .outbox_retry_later(&[due[0].seq], "503", 1_000)
+        .unwrap();
+    assert!(!store.completions_waiting(10).unwrap());
+    assert!(store.completions_waiting(1_000).unwrap());
+    store.outbox_delivered(&[due[0].seq]).unwrap();
+    assert!(!store.completions_waiting(1_000).unwrap());
+}
+
+#[test]
+fn when_an_outage_ends_every_row_backing_off_is_due_at_once() {
+    let mut store = Store::open_in_memory().unwrap();
+    for key in ["a", "b"] {
+        store
+            .enqueue(OutboxClass::Event, key, &json!({}), 1)
+            .unwrap();
+    }
+    let seqs: Vec<i64> = store
+        .outbox_due(1, 10)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    // Far in the future: the backoff after many failures during the outage.
+    store
+        .outbox_retry_later(&seqs, "timeout", 10_000_000)
+        .unwrap();
+    assert!(store.outbox_due(2, 10).unwrap().is_empty());
+    assert_eq!(store.outbox_due_now().unwrap(), 2);
+    let due = store.outbox_due(2, 10).unwrap();
+    assert_eq!(due.len(), 2, "due at once; their attempts kept: {due:?}");
+    assert!(due.iter().all(|r| r.attempts == 1));
+}
+
 fn rule(revision: i64, enabled: bool, deleted: bool) -> RuleRecord {
     RuleRecord {
         id: "r1".into(),
@@ -262,6 +318,32 @@ fn a_master_silent_past_the_cutoff_goes_offline_once() {
     assert!(
         store.mark_silent_offline(2_000).unwrap().is_empty(),
         "already offline"
+    );
+}
+
+#[test]
+fn a_master_heard_only_through_telemetry_is_not_marked_silent() {
+    let mut store = Store::open_in_memory().unwrap();
+    store.record_presence("A", true, None, None, 1_000).unwrap();
+    store
+        .record_presence("B", false, None, None, 1_000)
+        .unwrap();
+    store
+        .note_heard(&[("A".into(), 9_000), ("B".into(), 9_000)])
+        .unwrap();
+    assert!(
+        store.mark_silent_offline(5_000).unwrap().is_empty(),
+        "A was heard at 9 s"
+    );
+    // Never back in time, and never online again by a heard time alone.
+    store.note_heard(&[("A".into(), 2_000)]).unwrap();
+    let devices = store.devices().unwrap();
+    assert_eq!(
+        devices,
+        vec![
+            ("A".to_string(), true, Some(9_000)),
+            ("B".to_string(), false, Some(1_000))
+        ]
     );
 }
 
@@ -431,7 +513,7 @@ fn a_rule_problem_is_reported_once_per_revision_and_reason() {
 }
 
 #[test]
-fn readings_are_kept_for_replay_and_pruned_by_age() {
+fn readings_are_kept_for_replay_with_their_arrival_time() {
     let mut store = Store::open_in_memory().unwrap();
     store
         .enqueue_readings(
@@ -458,11 +540,7 @@ fn readings_are_kept_for_replay_and_pruned_by_age() {
         ],
         "the arrival time is kept for replay"
     );
-    assert_eq!(store.prune_history(2_500).unwrap(), 2);
-    assert_eq!(
-        store.readings_between("ESP32_A", 0, 10_000).unwrap().len(),
-        1
-    );
+    // Pruning: store/history/tests.rs.
 }
 
 #[test]
@@ -575,4 +653,124 @@ fn a_fresh_database_starts_a_masters_counter_above_what_it_accepted_before() {
         first + 1,
         "then one by one"
     );
+}
+
+/// A database as an agent of schema version `version` left it: the migrations up to it, and
+/// rows written with the columns schema 1 already had (every later schema keeps them).
+fn database_at_schema(path: &Path, version: usize) {
+    let conn = Connection::open(path).unwrap();
+    for sql in &schema::MIGRATIONS[..version] {
+        conn.execute_batch(sql).unwrap();
+    }
+    conn.pragma_update(None, "user_version", version as i64)
+        .unwrap();
+    conn.execute_batch(
+        r#"insert into commands (id, master_device_id, slave_mac_address, relay_numbers, actions,
+               duration_seconds, command_type, triggered_by, priority, expires_at_ms, state,
+               attempts, signing_counter, accepted_at_ms)
+           values (7, 'ESP32_A', '14:33:5C:38:BF:60', '[0]', '["on"]', '[60]', 'manual',
+               'manual', 10, 1000000, 'sent', 1, 41, 1);
+           insert into outbox (class, idempotency_key, payload, created_at_ms)
+           values ('completion', 'completion:6', '{"command_id": 6, "status": "completed"}', 2);
+           insert into signing_counters (master_device_id, counter) values ('ESP32_A', 41);
+           insert into cursors (name, value) values ('rules', '2026-01-01T00:00:00Z');"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_database_of_every_older_schema_is_migrated_keeping_its_rows() {
+    let known = schema::MIGRATIONS.len() as i64;
+    for version in 1..schema::MIGRATIONS.len() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        database_at_schema(&path, version);
+
+        let mut store = Store::open(&path).unwrap_or_else(|e| panic!("from {version}: {e}"));
+        let found: i64 = store
+            .conn
+            .query_row("pragma user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(found, known, "from schema {version}");
+        let sent = store.command(7).unwrap().expect("the command survives");
+        assert_eq!(
+            (sent.state, sent.attempts),
+            (CommandState::Sent, 1),
+            "from schema {version}"
+        );
+        let due = store.outbox_due(10, 10).unwrap();
+        assert_eq!(due.len(), 1, "from schema {version}");
+        assert_eq!(due[0].idempotency_key, "completion:6");
+        assert_eq!(due[0].payload["command_id"], 6);
+        assert_eq!(
+            store.next_signing_counter("ESP32_A", 3).unwrap(),
+            42,
+            "from schema {version}: the signing counter never goes back"
+        );
+        assert_eq!(
+            store.cursor("rules").unwrap().as_deref(),
+            Some("2026-01-01T00:00:00Z")
+        );
+        // What the later migrations added works on the migrated file: a local command's
+        // client_id (2), notifications from events (5).
+        let mut local = command(-1);
+        local.command_type = "rule".into();
+        store.accept_command(&local, 4).unwrap();
+        store
+            .enqueue(
+                OutboxClass::Event,
+                "event:1",
+                &json!({"event_type": "x"}),
+                5,
+            )
+            .unwrap();
+        assert_eq!(store.notify_inbox(10).unwrap().len(), 1, "from {version}");
+        drop(store);
+        // And the migrated file opens again as it is.
+        let store = Store::open_read_only(&path).unwrap();
+        assert_eq!(store.open_commands().unwrap().len(), 2);
+    }
+}
+
+#[test]
+fn a_database_of_a_newer_schema_is_refused_with_its_version_and_rows_untouched() {
+    let known = schema::MIGRATIONS.len() as i64;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.db");
+    database_at_schema(&path, schema::MIGRATIONS.len());
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", known + 1).unwrap();
+    }
+    for (how, result) in [
+        ("open", Store::open(&path).map(drop)),
+        ("open_existing", Store::open_existing(&path).map(drop)),
+    ] {
+        match result {
+            Err(e @ StoreError::NewerSchema { found, known: k }) => {
+                assert_eq!((found, k), (known + 1, known), "{how}");
+                let message = e.to_string();
+                assert!(
+                    message.contains(&format!("schema version {}", known + 1))
+                        && message.contains("a newer autocore-agent")
+                        && message.contains("never downgrades"),
+                    "{how}: {message}"
+                );
+            }
+            other => panic!("{how}: expected NewerSchema, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        Store::open_read_only(&path).map(drop),
+        Err(StoreError::SchemaVersion { .. })
+    ));
+    let conn = Connection::open(&path).unwrap();
+    let found: i64 = conn
+        .query_row("pragma user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(found, known + 1, "the version is not touched");
+    let rows: i64 = conn
+        .query_row("select count(*) from commands", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 1, "the rows are not touched");
 }

@@ -28,6 +28,9 @@ pub const APPLIED_COMMANDS_MAX: usize = 128;
 /// Commands waiting for slave acks at once; more are refused as busy.
 pub const PENDING_COMMANDS_MAX: usize = 16;
 /// The simulator's firmware version in announcements.
+/// How often a master publishes its status online, whatever else it sends (PROTOCOL.md,
+/// heartbeat): the agent marks a master offline after 30 s without hearing it.
+pub const STATUS_HEARTBEAT: Duration = Duration::from_secs(10);
 pub const FIRMWARE: &str = concat!("esp32-sim-", env!("CARGO_PKG_VERSION"));
 
 /// One master as configured.
@@ -179,6 +182,8 @@ pub struct MasterCore {
     pending: Vec<Pending>,
     sequence: u32,
     last_report: Option<Vec<u8>>,
+    /// When the status online was last published (the MQTT heartbeat).
+    last_status: Option<Instant>,
 }
 
 type Outputs = Vec<Output>;
@@ -220,6 +225,7 @@ impl MasterCore {
             pending: Vec::new(),
             sequence: 0,
             last_report: None,
+            last_status: None,
         }
     }
 
@@ -395,6 +401,17 @@ impl MasterCore {
             }
         }
         self.report_states(&mut out);
+        if self
+            .last_status
+            .is_none_or(|t| now.duration_since(t) >= STATUS_HEARTBEAT)
+        {
+            self.last_status = Some(now);
+            Self::publish(
+                &mut out,
+                Topic::Status(self.id.clone()),
+                &Status::online(self.emergency_latched),
+            );
+        }
         out
     }
 
@@ -561,13 +578,13 @@ impl MasterCore {
                 Self::publish(out, Topic::Ack(self.id.clone()), &ack);
             }
             Origin::Http => {
-                let Some(id) = command_id.and_then(CommandId::backend_id) else {
+                let Some(id) = command_id.map(CommandId::row_id) else {
                     return;
                 };
                 let outcome = match (result, error) {
                     (AckResult::Completed | AckResult::Duplicate, _) => Ok(relay_states),
-                    (_, Some((code, message))) => Err(format!("{code:?}: {message}")),
-                    (other, None) => Err(format!("{other:?}")),
+                    (_, Some((code, message))) => Err(format!("{}: {message}", code.as_str())),
+                    (other, None) => Err(format!("{other:?}").to_lowercase()),
                 };
                 out.push(Output::Complete(Completion {
                     command_id: id,
@@ -684,7 +701,7 @@ impl MasterCore {
     pub fn on_polled(&mut self, rows: Vec<SlaveCommandRow>, now: Instant, wall_ms: u64) -> Outputs {
         let mut out = Vec::new();
         for row in rows {
-            let id = match CommandId::backend(row.id) {
+            let id = match CommandId::from_row_id(row.id) {
                 Ok(id) => id,
                 Err(e) => {
                     warn!(master = %self.id, row = row.id, "ignoring polled row: {e}");

@@ -98,6 +98,20 @@ fn command_ids_hold_backend_row_ids_and_edge_ids_apart() {
         assert!(bad.parse::<CommandId>().is_err(), "{bad}");
     }
     assert!(CommandId::from_raw(0).is_err());
+    // Rows: positive ids are the backend's, negative ones the Pi's own (its local API).
+    assert_eq!(
+        CommandId::from_row_id(5).unwrap(),
+        CommandId::backend(5).unwrap()
+    );
+    assert_eq!(
+        CommandId::from_row_id(-5).unwrap(),
+        CommandId::edge(5).unwrap()
+    );
+    for id in [5, -5, i64::MAX, -i64::MAX] {
+        assert_eq!(CommandId::from_row_id(id).unwrap().row_id(), id);
+    }
+    assert!(CommandId::from_row_id(0).is_err());
+    assert!(CommandId::from_row_id(i64::MIN).is_err());
 }
 
 #[test]
@@ -265,5 +279,25 @@ proptest! {
         let bytes = serde_json::to_vec(&map).unwrap();
         let _ = Telemetry::decode(&bytes);
         let _ = RelayCommand::decode(&bytes);
+    }
+}
+
+#[test]
+fn an_ack_error_code_is_named_as_the_wire_writes_it() {
+    use firmware_protocol::message::AckErrorCode;
+    for code in [
+        AckErrorCode::Malformed,
+        AckErrorCode::Unsigned,
+        AckErrorCode::BadSignature,
+        AckErrorCode::Replayed,
+        AckErrorCode::WrongMaster,
+        AckErrorCode::Expired,
+        AckErrorCode::EmergencyLatched,
+        AckErrorCode::UnknownSlave,
+        AckErrorCode::NoSuchRelay,
+        AckErrorCode::SlaveUnreachable,
+        AckErrorCode::Busy,
+    ] {
+        assert_eq!(json!(code), json!(code.as_str()));
     }
 }

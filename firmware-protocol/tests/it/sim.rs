@@ -536,42 +536,50 @@ fn a_polled_row_that_expired_is_failed_and_never_sent() {
 
 #[test]
 fn a_polled_row_runs_and_completes_with_relay_states() {
-    let t0 = Instant::now();
-    let mut core = master_core();
-    let out = core.on_polled(vec![row(8, "2999-01-01T00:00:00.123456+00:00")], t0, NOW_MS);
-    let sent = frames(&out);
-    assert_eq!(sent.len(), 1);
-    let FrameBody::RelayCommand {
-        command_id,
-        relay,
-        action,
-        duration_s,
-    } = sent[0].body
-    else {
-        panic!("expected a relay command");
-    };
-    assert_eq!((relay, action, duration_s), (0, SwitchAction::On, 30));
-    let ack = bytes(
-        FrameBody::Ack {
+    // A backend row, and one the Pi created (its local API serves those with negative ids).
+    for row_id in [8, -8] {
+        let t0 = Instant::now();
+        let mut core = master_core();
+        let out = core.on_polled(
+            vec![row(row_id, "2999-01-01T00:00:00.123456+00:00")],
+            t0,
+            NOW_MS,
+        );
+        let sent = frames(&out);
+        assert_eq!(sent.len(), 1);
+        let FrameBody::RelayCommand {
             command_id,
             relay,
-            code: AckCode::Applied,
-            states: RelayStates { bits: 1, count: 4 },
-            elapsed_ms: 0,
-        },
-        sent[0].sequence,
-        false,
-    );
-    let out = core.on_radio(slave_mac(), &ack, t0);
-    let completion = out
-        .iter()
-        .find_map(|o| match o {
-            Output::Complete(c) => Some(c.clone()),
-            _ => None,
-        })
-        .unwrap();
-    assert_eq!(completion.command_id, 8);
-    assert_eq!(completion.outcome, Ok(vec![true, false, false, false]));
+            action,
+            duration_s,
+        } = sent[0].body
+        else {
+            panic!("expected a relay command");
+        };
+        assert_eq!((relay, action, duration_s), (0, SwitchAction::On, 30));
+        assert_eq!(command_id, CommandId::from_row_id(row_id).unwrap().to_raw());
+        let ack = bytes(
+            FrameBody::Ack {
+                command_id,
+                relay,
+                code: AckCode::Applied,
+                states: RelayStates { bits: 1, count: 4 },
+                elapsed_ms: 0,
+            },
+            sent[0].sequence,
+            false,
+        );
+        let out = core.on_radio(slave_mac(), &ack, t0);
+        let completion = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Complete(c) => Some(c.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(completion.command_id, row_id);
+        assert_eq!(completion.outcome, Ok(vec![true, false, false, false]));
+    }
 }
 
 #[test]
@@ -999,4 +1007,38 @@ fn a_master_rebooted_after_its_slave_applied_answers_duplicate_with_the_switch_t
     );
     assert!(frames(&third).is_empty());
     assert_eq!(acks(&third)[0].result, AckResult::Duplicate);
+}
+
+// ---------------------------------------------------------------------------------------------
+// the MQTT heartbeat
+
+fn status_publications(outputs: &[Output]) -> usize {
+    outputs
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                Output::Publish {
+                    topic: Topic::Status(_),
+                    ..
+                }
+            )
+        })
+        .count()
+}
+
+#[test]
+fn a_master_publishes_its_status_online_every_ten_seconds_whatever_else_it_sends() {
+    let mut core = master_core();
+    let t0 = Instant::now();
+    let mut published = 0;
+    // Heartbeat ticks every second for 35 s: at 0, 10, 20 and 30 s.
+    for s in 0..=35 {
+        let out = core.on_heartbeat(t0 + Duration::from_secs(s));
+        published += status_publications(&out);
+        if s % 10 == 0 {
+            assert_eq!(status_publications(&out), 1, "a status at {s} s");
+        }
+    }
+    assert_eq!(published, 4);
 }

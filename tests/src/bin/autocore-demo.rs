@@ -11,6 +11,8 @@ use uuid::Uuid;
 
 const MASTER: &str = "ESP32_HIDRO_F44738";
 const SLAVE_MAC: &str = "14:33:5C:38:BF:60";
+/// The slave board's relays, in the backend's registration and in the simulator.
+const SLAVE_RELAYS: usize = 4;
 const AGENT: &str = "pi-greenhouse";
 
 #[tokio::main(flavor = "current_thread")]
@@ -42,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
     let dashboard = stack.token(&Claims::user(owner));
     let agent = stack.token(&Claims::agent(owner, AGENT));
 
-    step("The dashboard registers a Pi agent and an ESP32 master");
+    step("The dashboard registers a Pi agent, an ESP32 master and its slave relay board");
     post(
         &http,
         &rest,
@@ -59,9 +61,24 @@ async fn main() -> anyhow::Result<()> {
         json!({"device_id": MASTER, "owner_id": owner, "agent_id": AGENT, "device_name": "Hydroponics master", "mac_address": "24:6F:28:F4:47:38"}),
     )
     .await?;
-    println!("    agent {AGENT} serves master {MASTER}");
+    // Registered with its real relay count: a slave the backend first meets in a completion is
+    // taken to have 8 relays until it reports (the seed's markCommandCompleted does the same).
+    post(
+        &http,
+        &rest,
+        &dashboard,
+        "/relay_slaves",
+        json!({"master_device_id": MASTER, "slave_mac_address": SLAVE_MAC, "slave_name": "Hydroponics relays", "relay_count": SLAVE_RELAYS, "relay_states": vec![false; SLAVE_RELAYS]}),
+    )
+    .await?;
+    println!(
+        "    agent {AGENT} serves master {MASTER}; its slave board {SLAVE_MAC} has {SLAVE_RELAYS} relays, numbered 0 to {}",
+        SLAVE_RELAYS - 1
+    );
 
-    step("The dashboard sends three commands, in this order");
+    step(
+        "The dashboard sends three commands, in this order (#N: the row's id in relay_commands_slave)",
+    );
     let commands = [
         json!({"relay_numbers": [0, 1], "actions": ["on", "on"], "duration_seconds": [30, 30], "command_type": "manual", "triggered_by": "manual", "priority": 10}),
         json!({"relay_numbers": [2], "actions": ["on"], "duration_seconds": [60], "command_type": "rule", "triggered_by": "rule", "priority": 50, "rule_id": "RULE_001", "rule_name": "Ajustar pH quando baixo"}),
@@ -120,7 +137,11 @@ async fn main() -> anyhow::Result<()> {
         "/relay_slaves?select=slave_mac_address,relay_states",
     )
     .await?;
-    println!("    relay_slaves as the dashboard sees it: {slaves}");
+    println!(
+        "    relay_slaves as the dashboard sees it: {} (relays 0 to {}: relay 3 on, as the command said; no board runs in this part, so the RPC applies the command to the states it knows)",
+        slaves[0]["relay_states"],
+        SLAVE_RELAYS - 1
+    );
 
     step("The dashboard cancels the two commands still locked, before the real agent starts");
     for row in &locked[1..] {
@@ -161,7 +182,7 @@ async fn edge_demo(
     };
 
     step(
-        "Starting esp32-sim: master ESP32_HIDRO_F44738 with slave 14:33:5C:38:BF:60 (4 relays), pH drifting 6.8 -> 6.0",
+        "Starting esp32-sim: master ESP32_HIDRO_F44738 with slave 14:33:5C:38:BF:60 (4 relays), pH drifting 6.8 -> 6.0 over 15 s (60 readings, one every 250 ms)",
     );
     let sim_config = SimConfig {
         mqtt_url: Some(stack.mqtt_url()?),
@@ -175,7 +196,7 @@ async fn edge_demo(
                         max_on_s: 600,
                         boot_on: false
                     };
-                    4
+                    SLAVE_RELAYS
                 ],
             }],
             sensors: vec![SensorSpec {
@@ -264,13 +285,13 @@ async fn edge_demo(
     )
     .await?;
     println!(
-        "    {}  execution {} ms",
+        "    {}  execution {} ms (the master's measure: from receiving the command to the slave's confirmation)",
         describe(&done[0]),
         done[0]["execution_time_ms"]
     );
     let slaves = get(http, &rest, dashboard, "/relay_slaves?select=relay_states").await?;
     println!(
-        "    relay states in the cloud: {}",
+        "    relay states in the cloud, now from the board's signed report: {} (relay 1 on for 10 s; relay 3 is off on the real board: part one switched it on paper only)",
         slaves[0]["relay_states"]
     );
 
@@ -299,67 +320,87 @@ async fn edge_demo(
     step(
         "pH falls below 6.5: the rule fires on the Pi, the slave runs it, the cloud learns afterwards",
     );
-    let fired = wait_for(
-        http,
-        &rest,
-        dashboard,
-        "/rule_executions?select=executed_at,result,explanation&order=executed_at",
-        |rows| rows.as_array().is_some_and(|r| r.len() >= 2),
-    )
-    .await?;
-    for row in fired.as_array().into_iter().flatten() {
-        println!(
-            "    {}  {}",
-            row["executed_at"],
-            row["explanation"].as_str().unwrap_or("")
-        );
+    // Two firings (the second one cooldown later, as the pH keeps falling), each with the one
+    // command its one action makes, completed in the cloud.
+    let mut firings = Vec::new();
+    for attempt in 0.. {
+        firings = firings_in_cloud(http, &rest, dashboard, i64::MAX).await?;
+        if firings.len() >= 2
+            && firings
+                .iter()
+                .all(|f| f.commands.len() == f.client_ids.len())
+        {
+            break;
+        }
+        if attempt == 150 {
+            bail!("the rule did not fire twice with its commands within 30 s");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    let rule_commands = get(
-        http,
-        &rest,
-        dashboard,
-        "/relay_commands_slave?select=id,command_type,triggered_by,rule_id,priority,relay_numbers,actions,status&command_type=eq.rule&triggered_by=eq.rule&status=eq.completed&order=id",
-    )
-    .await?;
-    for row in rule_commands.as_array().into_iter().flatten() {
-        println!(
-            "    {}  triggered_by {}  rule {}",
-            describe(row),
-            row["triggered_by"],
-            row["rule_id"]
-        );
+    for firing in &firings {
+        println!("    {}  {}", clock(&firing.executed_at), firing.explanation);
+        for command in &firing.commands {
+            println!(
+                "        -> {}  triggered_by {}  rule {}",
+                describe(command),
+                command["triggered_by"],
+                command["rule_id"]
+            );
+        }
     }
+    println!(
+        "    {} firings so far, each with its command: one action (relay 0 on {RULE_DURATION_S} s) makes one command; the next firing waits out the {RULE_COOLDOWN_S} s cooldown",
+        firings.len()
+    );
 
     step(
         "The backend goes away (PostgREST and Postgres stopped); the agent keeps control and queues",
     );
-    let before = rule_commands.as_array().map_or(0, |r| r.len());
+    let outage_start_ms = now_ms();
     stack.stop_backend();
+    println!(
+        "    the outbox gets a row for each pH reading (every 250 ms), each relay state the slave reports, and each firing: its command (relay 0 on), its execution record, and {RULE_DURATION_S} s later the Pi's own command switching relay 0 off"
+    );
     for _ in 0..8 {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let h: Value = http.get(&health_url).send().await?.json().await?;
         println!(
-            "    backend reachable: {:<5}  outbox: {} rows waiting",
-            h["backend_reachable"], h["outbox"]["depth"]
+            "    backend reachable: {:<5}  outbox: {} rows waiting: {}",
+            h["backend_reachable"],
+            h["outbox"]["depth"],
+            outbox_classes(&db)?
         );
     }
-
-    let offline = autocore_agent::store::Store::open(&db)?
+    let offline: Vec<String> = autocore_agent::store::Store::open_read_only(&db)?
         .outbox_due(i64::MAX, 10_000)?
         .into_iter()
         .filter(|r| r.payload["kind"] == "execution")
-        .count();
-    println!(
-        "    rule firings while the backend was away: {offline}; their records wait in the outbox"
-    );
+        .map(|r| clock(r.payload["row"]["executed_at"].as_str().unwrap_or("?")))
+        .collect();
+    if offline.is_empty() {
+        println!(
+            "    rule firings while the backend was away: none (the {RULE_COOLDOWN_S} s cooldown had not ended)"
+        );
+    } else {
+        println!(
+            "    rule firings while the backend was away: {} (at {}); their commands and records wait in the outbox",
+            offline.len(),
+            offline.join(", ")
+        );
+    }
 
     step("The backend returns; the outbox drains in order, each row once");
     stack.restart_backend().context("restarting the backend")?;
+    let outage_end_ms = now_ms();
     let mut last_depth = Value::Null;
+    // Everything the agent queued before the moment it reports an empty outbox is in the cloud.
+    let mut drained_ms = i64::MAX;
     for _ in 0..60 {
+        let asked_ms = now_ms();
         let h: Value = http.get(&health_url).send().await?.json().await?;
         last_depth = h["outbox"]["depth"].clone();
         if h["backend_reachable"] == true && h["outbox"]["depth"] == 0 {
+            drained_ms = asked_ms;
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -373,7 +414,10 @@ async fn edge_demo(
     )
     .await;
     match events {
-        Ok(rows) => println!("    event recorded in the cloud: {}", rows[0]["message"]),
+        Ok(rows) => println!(
+            "    event recorded in the cloud: {} (rows: those still waiting when the agent recorded the outage's end, its first pushes already through; dropped: readings beyond the outbox's bound)",
+            rows[0]["message"]
+        ),
         Err(e) => println!("    (event not visible yet: {e})"),
     }
     let readings = get(
@@ -383,17 +427,44 @@ async fn edge_demo(
         "/telemetry_data?select=value&sensor_key=eq.ph&order=recorded_at.desc&limit=1",
     )
     .await?;
-    println!("    latest pH in the cloud: {}", readings[0]["value"]);
-    let after = get(
+    println!(
+        "    latest pH in the cloud: {} (the simulated pH reaches 6.0 after 15 s and stays there)",
+        readings[0]["value"]
+    );
+    let firings = firings_in_cloud(http, &rest, dashboard, drained_ms).await?;
+    let at = |f: &Firing| autocore_agent::cloud::parse_timestamp_ms(&f.executed_at).unwrap_or(0);
+    let before = firings.iter().filter(|f| at(f) < outage_start_ms).count();
+    let during = firings
+        .iter()
+        .filter(|f| (outage_start_ms..outage_end_ms).contains(&at(f)))
+        .count();
+    let after = firings.len() - before - during;
+    let commands: usize = firings.iter().map(|f| f.commands.len()).sum();
+    println!(
+        "    rule firings in the cloud: {} = {before} before the outage + {during} during it (arrived with the drain) + {after} since the backend returned (the pH stays below 6.5, so the rule fires again after each {RULE_COOLDOWN_S} s cooldown)",
+        firings.len()
+    );
+    println!(
+        "    rule commands in the cloud for them: {commands}, one per firing, each once{}",
+        if commands == firings.len() && firings.iter().all(|f| f.commands.len() == 1) {
+            String::new()
+        } else {
+            " -- NOT as expected".to_string()
+        }
+    );
+    let offs = get(
         http,
         &rest,
         dashboard,
-        "/relay_commands_slave?select=id&command_type=eq.rule&triggered_by=eq.rule&status=eq.completed",
+        &format!(
+            "/relay_commands_slave?select=id&command_type=eq.automation&created_at=lt.{}",
+            autocore_agent::cloud::format_timestamp_ms(drained_ms)
+        ),
     )
     .await?;
     println!(
-        "    rule commands in the cloud: {before} before the outage, {} now (each once)",
-        after.as_array().map_or(0, |r| r.len())
+        "    and {} automation commands: the Pi switching a relay off when its duration ended (relay 1 after its 10 s, relay 0 after each firing's {RULE_DURATION_S} s); they take command ids too, hence the gaps between #N",
+        offs.as_array().map_or(0, |r| r.len())
     );
 
     step(
@@ -484,6 +555,112 @@ async fn edge_demo(
     let _ = agent_task.await;
     let _ = sim_task.await;
     Ok(())
+}
+
+/// A rule firing as the cloud records it (`rule_executions`), with the commands it created.
+struct Firing {
+    executed_at: String,
+    explanation: String,
+    client_ids: Vec<String>,
+    commands: Vec<Value>,
+}
+
+/// The firings recorded in the cloud that happened before `until_ms`, oldest first, each with
+/// the rule commands (`relay_commands_slave.client_id`) its record names.
+async fn firings_in_cloud(
+    http: &reqwest::Client,
+    rest: &str,
+    token: &str,
+    until_ms: i64,
+) -> anyhow::Result<Vec<Firing>> {
+    let rows = get(
+        http,
+        rest,
+        token,
+        "/rule_executions?select=executed_at,explanation,command_client_ids&order=executed_at",
+    )
+    .await?;
+    let commands = get(
+        http,
+        rest,
+        token,
+        "/relay_commands_slave?select=id,client_id,command_type,triggered_by,rule_id,priority,relay_numbers,actions,status&command_type=eq.rule&order=id",
+    )
+    .await?;
+    let commands = commands.as_array().cloned().unwrap_or_default();
+    let mut firings = Vec::new();
+    for row in rows.as_array().into_iter().flatten() {
+        let executed_at = row["executed_at"].as_str().unwrap_or("").to_string();
+        if autocore_agent::cloud::parse_timestamp_ms(&executed_at).is_none_or(|t| t >= until_ms) {
+            continue;
+        }
+        let client_ids: Vec<String> = row["command_client_ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str().map(str::to_string))
+            .collect();
+        let mine = commands
+            .iter()
+            .filter(|c| {
+                c["client_id"]
+                    .as_str()
+                    .is_some_and(|id| client_ids.iter().any(|mine| mine == id))
+            })
+            .cloned()
+            .collect();
+        firings.push(Firing {
+            executed_at,
+            explanation: row["explanation"].as_str().unwrap_or("").to_string(),
+            client_ids,
+            commands: mine,
+        });
+    }
+    Ok(firings)
+}
+
+/// The outbox's rows waiting, by kind, read from the agent's SQLite.
+fn outbox_classes(db: &std::path::Path) -> anyhow::Result<String> {
+    use autocore_agent::store::OutboxClass;
+    let stats = autocore_agent::store::Store::open_read_only(db)?.outbox_stats(now_ms())?;
+    Ok(stats
+        .by_class
+        .iter()
+        .map(|(class, n)| {
+            let (one, many) = match class {
+                OutboxClass::Telemetry => ("reading", "readings"),
+                OutboxClass::RelayState => ("relay report", "relay reports"),
+                OutboxClass::RuleCommand => ("command made on the Pi", "commands made on the Pi"),
+                OutboxClass::RuleFeedback => ("execution record", "execution records"),
+                OutboxClass::Completion => ("completion", "completions"),
+                OutboxClass::Event => ("event", "events"),
+                OutboxClass::DeviceStatus => ("presence change", "presence changes"),
+            };
+            format!("{n} {}", if *n == 1 { one } else { many })
+        })
+        .collect::<Vec<_>>()
+        .join(", "))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `HH:MM:SS.mmm` (UTC) of an RFC 3339 timestamp, for a person reading the narration.
+fn clock(timestamp: &str) -> String {
+    let Some(ms) = autocore_agent::cloud::parse_timestamp_ms(timestamp) else {
+        return timestamp.to_string();
+    };
+    let of_day = ms.rem_euclid(86_400_000);
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        of_day / 3_600_000,
+        of_day / 60_000 % 60,
+        of_day / 1000 % 60,
+        of_day % 1000
+    )
 }
 
 async fn wait_for(

@@ -200,6 +200,10 @@ async fn with_the_backend_away_commands_run_and_every_reading_and_completion_arr
         during["outbox"]["depth"].as_u64().unwrap() > 3,
         "readings and completions queued: {during}"
     );
+    let returned_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
     world.stack.restart_backend().expect("backend returns");
 
     let list = ids.join(",");
@@ -208,6 +212,21 @@ async fn with_the_backend_away_commands_run_and_every_reading_and_completion_arr
             .then_some(())
     })
     .await;
+    // Recorded when they happened, during the outage, not when the reports were pushed.
+    let (completed_before, with_sent_at) = (
+        world.sql_one(&format!(
+            "select count(*) from relay_commands_slave where id in ({list})
+               and completed_at < to_timestamp({returned_at_ms} / 1000.0)"
+        )),
+        world.sql_one(&format!(
+            "select count(*) from relay_commands_slave where id in ({list})
+               and sent_at is not null and sent_at <= completed_at"
+        )),
+    );
+    assert_eq!(
+        (completed_before.as_str(), with_sent_at.as_str()),
+        ("3", "3")
+    );
     let drained = eventually_async_health(&edge.api, |h| h["outbox"]["depth"] == 0).await;
     assert_eq!(drained["backend_reachable"], true);
     drop(edge);
@@ -638,4 +657,200 @@ async fn an_agent_started_with_broker_and_backend_down_waits_for_them_and_then_w
     world.stack.restart_backend().unwrap();
     let id = insert_command(&world, MASTER, SLAVE, 2, 5);
     until_status(&world, &id, "completed", Duration::from_secs(60)).await;
+}
+
+/// Waits (up to 30 s) until /health shows `MASTER` online (`want`) or offline.
+async fn until_master_online(api: &str, want: bool, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while master_online(api).await != Some(want) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether /health shows `MASTER` online.
+async fn master_online(api: &str) -> Option<bool> {
+    let h: serde_json::Value = reqwest::get(format!("{api}/health"))
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    h["masters"]
+        .as_array()?
+        .iter()
+        .find(|m| m["device_id"] == MASTER)
+        .and_then(|m| m["online"].as_bool())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_only_sends_telemetry_stays_online_and_goes_offline_once_silent() {
+    use firmware_protocol::sim::rumqttc::{AsyncClient, QoS};
+    const SILENT_AFTER_MS: u64 = 1_500;
+    let world = World::start_full();
+    let mqtt = crate::support::agent_mqtt_toml(
+        &world,
+        &format!("heartbeat_timeout_ms = {SILENT_AFTER_MS}"),
+    );
+    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
+    let agent = crate::support::start_agent_with(
+        &world,
+        &jwt,
+        &mqtt,
+        &master_toml(MASTER, KEY_HEX, "mqtt"),
+    )
+    .await;
+    // A master that never announces and has no status: only readings, as a firmware might
+    // between its (lost) status messages. It stays connected when it falls silent, so no last
+    // will says anything.
+    let master_login = world
+        .stack
+        .broker_login(
+            Role::Master {
+                device_id: MASTER.into(),
+            },
+            "telemetry-only",
+        )
+        .unwrap();
+    let (client, mut eventloop) = AsyncClient::new(
+        mqtt_options(&world.stack.mqtt_url().unwrap(), &master_login),
+        100,
+    );
+    let pump = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    // Readings every 250 ms while `talking` is set.
+    let talking = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let publisher = {
+        let talking = talking.clone();
+        let topic = format!("autocore/devices/{MASTER}/telemetry");
+        tokio::spawn(async move {
+            loop {
+                if talking.load(std::sync::atomic::Ordering::SeqCst) {
+                    let reading = r#"{"v":1,"ph":{"value":6.8,"unit":"pH"}}"#;
+                    let _ = client
+                        .publish(topic.as_str(), QoS::AtLeastOnce, false, reading)
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    until_master_online(&agent.api, true, "the master online from its telemetry").await;
+    // Three times the silence timeout: online at every sample.
+    let mut samples = 0;
+    let until = tokio::time::Instant::now() + Duration::from_millis(3 * SILENT_AFTER_MS);
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            master_online(&agent.api).await,
+            Some(true),
+            "a master heard every 250 ms shown offline (sample {samples})"
+        );
+        samples += 1;
+    }
+    assert!(samples >= 20);
+    // Silent but connected: offline after the timeout (and the agent's check interval).
+    talking.store(false, std::sync::atomic::Ordering::SeqCst);
+    until_master_online(&agent.api, false, "the silent master offline").await;
+    // Heard again: online again, without an announce.
+    talking.store(true, std::sync::atomic::Ordering::SeqCst);
+    until_master_online(
+        &agent.api,
+        true,
+        "the master back online from its telemetry",
+    )
+    .await;
+    publisher.abort();
+    pump.abort();
+    agent.shut_down().await;
+}
+
+/// A proxy in front of PostgREST that, once armed, loses the answer of the first lock call that
+/// locked something: the backend did the work, the agent sees a 504 (as after a PostgREST freeze
+/// or a request timeout).
+async fn answer_losing_proxy(
+    upstream: String,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> String {
+    use axum::body::{Body, to_bytes};
+    use axum::http::{Request, Response};
+    let client = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |request: Request<Body>| {
+        let (client, upstream, armed) = (client.clone(), upstream.clone(), armed.clone());
+        async move {
+            let (parts, body) = request.into_parts();
+            let body = to_bytes(body, 1 << 20).await.unwrap_or_default();
+            let path = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let mut forward = client.request(parts.method.clone(), format!("{upstream}{path}"));
+            for (name, value) in &parts.headers {
+                if name != "host" && name != "content-length" {
+                    forward = forward.header(name, value);
+                }
+            }
+            let bad_gateway = || Response::builder().status(502).body(Body::empty()).unwrap();
+            let Ok(answer) = forward.body(body).send().await else {
+                return bad_gateway();
+            };
+            let status = answer.status();
+            let content_type = answer.headers().get("content-type").cloned();
+            let Ok(bytes) = answer.bytes().await else {
+                return bad_gateway();
+            };
+            if path.ends_with("/rpc/get_and_lock_slave_commands")
+                && bytes.as_ref() != b"[]"
+                && armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Response::builder().status(504).body(Body::empty()).unwrap();
+            }
+            let mut response = Response::builder().status(status.as_u16());
+            if let Some(content_type) = content_type {
+                response = response.header("content-type", content_type);
+            }
+            response.body(Body::from(bytes)).unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_call_whose_answer_is_lost_is_retried_and_gets_the_same_command() {
+    let world = World::start_full();
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let proxy = answer_losing_proxy(world.stack.rest_url().unwrap(), armed.clone()).await;
+    let sim_stop = start_sim(one_master_sim(&world, KEY_HEX));
+    let mqtt = crate::support::agent_mqtt_toml(&world, "");
+    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
+    let agent = crate::support::start_agent_on(
+        &world,
+        &proxy,
+        &jwt,
+        &mqtt,
+        &master_toml(MASTER, KEY_HEX, "mqtt"),
+    )
+    .await;
+    let id = insert_command(&world, MASTER, SLAVE, 1, 30);
+    until_status(&world, &id, "completed", Duration::from_secs(20)).await;
+    assert!(
+        !armed.load(std::sync::atomic::Ordering::SeqCst),
+        "the proxy lost one lock answer"
+    );
+    // Handed out once: the retry (same request id) returned the row the lost call had locked,
+    // instead of it waiting out the 30 s lock timeout to be handed out again.
+    assert_eq!(
+        world.sql_one(&format!(
+            "select delivery_count from relay_commands_slave where id = {id}"
+        )),
+        "1"
+    );
+    agent.shut_down().await;
+    let _ = sim_stop.send(());
 }

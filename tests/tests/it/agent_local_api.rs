@@ -30,10 +30,13 @@ fn local_token(device_id: &str, key_hex: &str) -> String {
     autocore_agent::api::master_token(&hex::decode(key_hex).unwrap(), device_id)
 }
 
+/// The operator's token for the local API's controls.
+const OPERATOR: &str = "operator-token-for-the-polling-tests";
+
 /// The agent in-process, both masters polling; stopped when dropped.
 async fn start_agent(world: &World) -> Agent {
     let masters = format!(
-        "{}{}",
+        "[safety]\noperator_token = \"{OPERATOR}\"\n{}{}",
         master_toml(MASTER, MASTER_KEY, "poll"),
         master_toml(NEIGHBOUR, NEIGHBOUR_KEY, "poll")
     );
@@ -330,4 +333,32 @@ async fn eventually_health(agent: &Agent, done: impl Fn(&Value) -> bool) -> Valu
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_polling_the_pi_runs_a_command_the_pi_created_itself() {
+    let world = World::start_full();
+    let agent = start_agent(&world).await;
+    // The operator holds relay 1 on: a command the Pi creates (no cloud row), which the local
+    // API serves with a negative id (PROTOCOL.md, command ids).
+    let held = reqwest::Client::new()
+        .post(format!("{}/controls/hold", agent.api))
+        .bearer_auth(OPERATOR)
+        .json(&json!({"master": MASTER, "slave_mac": SLAVE, "relay": 1, "max_seconds": 60}))
+        .send()
+        .await
+        .unwrap();
+    assert!(held.status().is_success(), "{}", held.text().await.unwrap());
+    // The simulated master polls it, runs it on its slave and completes it.
+    let master = start_polling_master(&agent);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !finished_locally(&agent).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the Pi's own command never completed on the polling master"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    master.stop().await;
+    agent.shut_down().await;
 }

@@ -297,22 +297,38 @@ pub async fn start_agent(world: &World, tail_toml: &str) -> Agent {
 
 /// [`start_agent`] with the JWT `jwt`, for tokens the backend must refuse.
 pub async fn start_agent_with_jwt(world: &World, jwt: &str, tail_toml: &str) -> Agent {
+    start_agent_with(world, jwt, &agent_mqtt_toml(world, ""), tail_toml).await
+}
+
+/// The agent's `[mqtt]` keys on the world's broker with its own login, then `extra` keys.
+pub fn agent_mqtt_toml(world: &World, extra: &str) -> String {
     let login = world
         .stack
         .broker_login(autocore_stack::Role::Agent, "pi-alice")
         .expect("the agent's broker login");
-    let mqtt = format!(
-        "url = \"{}\"\n        username = \"{}\"\n        password = \"{}\"",
+    format!(
+        "url = \"{}\"\n        username = \"{}\"\n        password = \"{}\"\n        {extra}",
         world.stack.mqtt_url().unwrap(),
         login.username,
         login.password
-    );
-    start_agent_with(world, jwt, &mqtt, tail_toml).await
+    )
 }
 
 /// [`start_agent`] with the JWT `jwt` and `mqtt_toml` as its `[mqtt]` section's keys (`url`
 /// among them), for a broker of the test's own.
 pub async fn start_agent_with(world: &World, jwt: &str, mqtt_toml: &str, tail_toml: &str) -> Agent {
+    let rest = world.stack.rest_url().unwrap();
+    start_agent_on(world, &rest, jwt, mqtt_toml, tail_toml).await
+}
+
+/// [`start_agent_with`] on the backend at `rest` (a proxy of the test's in front of PostgREST).
+pub async fn start_agent_on(
+    world: &World,
+    rest: &str,
+    jwt: &str,
+    mqtt_toml: &str,
+    tail_toml: &str,
+) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
         r#"
@@ -333,7 +349,6 @@ pub async fn start_agent_with(world: &World, jwt: &str, mqtt_toml: &str, tail_to
         {tail_toml}
         "#,
         db = dir.path().join("agent.db").display(),
-        rest = world.stack.rest_url().unwrap(),
     );
     let config = autocore_agent::config::AgentConfig::from_toml(
         &toml,

@@ -1,0 +1,4 @@
+// Supabase Edge Function `commands` (entrypoint in supabase/config.toml). See edge-functions/README.md.
+import { handler } from "./handler.ts";
+
+Deno.serve(handler);

@@ -1,0 +1,4 @@
+// Supabase Edge Function `emergency` (entrypoint in supabase/config.toml). See edge-functions/README.md.
+import { handler } from "./handler.ts";
+
+Deno.serve(handler);
