@@ -104,6 +104,15 @@ impl Postgres {
             // does (pgoutput); costs a little WAL, and no slot exists unless a test makes one.
             "-c".to_string(),
             "wal_level=logical".to_string(),
+            // pg_cron, as hosted Supabase has it: the migrations schedule the telemetry rollups
+            // and retention with it. Jobs run in background workers, so the scheduler needs no
+            // password to connect back; it serves the backend's database only.
+            "-c".to_string(),
+            "shared_preload_libraries=pg_cron".to_string(),
+            "-c".to_string(),
+            format!("cron.database_name={DATABASE}"),
+            "-c".to_string(),
+            "cron.use_background_workers=on".to_string(),
         ];
         if !options.durable {
             for setting in [
