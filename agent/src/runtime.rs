@@ -431,6 +431,11 @@ pub async fn run(
     cancel.cancel();
     let _ = shared.mqtt.disconnect().await;
     while tasks.join_next().await.is_some() {}
+    // A cleanly stopped agent leaves one self-contained database file: what a backup, an
+    // upgrade or `status` reads is the file itself, and reading it changes nothing.
+    if let Err(e) = shared.store.call(|s| s.checkpoint()).await {
+        warn!(error = %e, "could not fold the WAL into the database at shutdown");
+    }
     Ok(())
 }
 

@@ -389,9 +389,15 @@ impl Store {
     /// header); an older database is switched by [`Store::ensure_incremental_vacuum`]. The WAL
     /// is cut back to [`WAL_BYTES_KEPT`] after a checkpoint, so a big prune's WAL does not stay.
     fn prepare(&mut self) -> Result<()> {
+        // Only on a new file: setting it rewrites the header even when it is already set, and
+        // `status` or `doctor` must leave an existing database as they found it.
+        let pages: i64 = self.conn.query_row("pragma page_count", [], |r| r.get(0))?;
+        if pages == 0 {
+            self.conn
+                .execute_batch("pragma auto_vacuum = incremental;")?;
+        }
         self.conn.execute_batch(&format!(
-            "pragma auto_vacuum = incremental;
-             pragma journal_mode = wal;
+            "pragma journal_mode = wal;
              pragma synchronous = full;
              pragma foreign_keys = on;
              pragma journal_size_limit = {WAL_BYTES_KEPT};"

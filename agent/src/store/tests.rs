@@ -774,3 +774,31 @@ fn a_database_of_a_newer_schema_is_refused_with_its_version_and_rows_untouched()
         .unwrap();
     assert_eq!(rows, 1, "the rows are not touched");
 }
+
+#[test]
+fn opening_an_existing_database_again_leaves_its_file_unchanged() {
+    // `status` and `rules test` open the agent's file; an upgrade's check compares it byte
+    // for byte. A pragma that rewrote the header at every open broke that.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.db");
+    {
+        let mut store = Store::open(&path).unwrap();
+        store.accept_command(&command(7), 1).unwrap();
+        store.checkpoint().unwrap();
+    }
+    let before = std::fs::read(&path).unwrap();
+    for _ in 0..2 {
+        let store = Store::open_existing(&path).unwrap();
+        store.outbox_stats(10).unwrap();
+    }
+    assert!(std::fs::read(&path).unwrap() == before, "the file changed");
+    let store = Store::open_existing(&path).unwrap();
+    let mode: i64 = store
+        .conn
+        .query_row("pragma auto_vacuum", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        mode, 2,
+        "a new file is created with incremental auto-vacuum"
+    );
+}
