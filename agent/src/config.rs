@@ -267,6 +267,10 @@ pub struct CloudSection {
     pub poll_interval_ms: u64,
     #[serde(default = "defaults::request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// The polls' small reads (locks, rule changes, the latch) give up after this, so a
+    /// backend that stops answering is noticed sooner than a push's request timeout.
+    /// Default: 3 s, or the request timeout when that is shorter ([`CloudSection::poll_timeout_ms`]).
+    pub poll_timeout_ms: Option<u64>,
     /// How long a command locked by this agent stays locked in the cloud.
     #[serde(default = "defaults::lock_timeout_seconds")]
     pub lock_timeout_seconds: u32,
@@ -274,6 +278,15 @@ pub struct CloudSection {
     pub lock_batch_max: u32,
     #[serde(default = "defaults::push_batch_rows_max")]
     pub push_batch_rows_max: usize,
+}
+
+impl CloudSection {
+    /// How long a poll's read waits for the backend (see `poll_timeout_ms`).
+    pub fn poll_timeout_ms(&self) -> u64 {
+        self.poll_timeout_ms
+            .unwrap_or_else(defaults::poll_timeout_ms)
+            .min(self.request_timeout_ms)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -348,6 +361,9 @@ mod defaults {
     }
     pub fn poll_interval_ms() -> u64 {
         1_000
+    }
+    pub fn poll_timeout_ms() -> u64 {
+        3_000
     }
     pub fn request_timeout_ms() -> u64 {
         10_000
@@ -564,6 +580,14 @@ impl AgentConfig {
             100,
             300_000,
         )?;
+        if let Some(poll_timeout_ms) = self.cloud.poll_timeout_ms {
+            in_range(
+                "cloud.poll_timeout_ms",
+                poll_timeout_ms,
+                100,
+                self.cloud.request_timeout_ms,
+            )?;
+        }
         in_range(
             "cloud.lock_timeout_seconds",
             self.cloud.lock_timeout_seconds as u64,
@@ -998,6 +1022,24 @@ mod tests {
         assert_eq!(
             error_key(load(EXAMPLE, &[("AUTOCORE_MQTT_URL", "http://x")])),
             "mqtt.url"
+        );
+    }
+
+    #[test]
+    fn the_poll_timeout_is_three_seconds_or_the_request_timeout_and_never_longer() {
+        let config = load(EXAMPLE, &[]).unwrap();
+        assert_eq!(config.cloud.poll_timeout_ms(), 3_000);
+        let short = load(EXAMPLE, &[("AUTOCORE_CLOUD_REQUEST_TIMEOUT_MS", "1000")]).unwrap();
+        assert_eq!(short.cloud.poll_timeout_ms(), 1_000);
+        let set = load(EXAMPLE, &[("AUTOCORE_CLOUD_POLL_TIMEOUT_MS", "500")]).unwrap();
+        assert_eq!(set.cloud.poll_timeout_ms(), 500);
+        assert_eq!(
+            error_key(load(
+                EXAMPLE,
+                &[("AUTOCORE_CLOUD_POLL_TIMEOUT_MS", "20000")]
+            )),
+            "cloud.poll_timeout_ms",
+            "longer than the request timeout (10 s)"
         );
     }
 

@@ -270,7 +270,8 @@ pub async fn run(
             request_timeout: Duration::from_millis(config.cloud.request_timeout_ms),
         },
         token,
-    );
+    )
+    .with_poll_timeout(Duration::from_millis(config.cloud.poll_timeout_ms()));
     let mut keys = HashMap::new();
     for master in &config.masters {
         let key =

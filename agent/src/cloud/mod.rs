@@ -187,6 +187,9 @@ pub struct Cloud {
     client: postgrest::Postgrest,
     token: TokenSource,
     timeout: Duration,
+    /// For the small reads of every poll (locks, rule changes, the latch): a backend that
+    /// stops answering is noticed after this, not after a push's whole request timeout.
+    poll_timeout: Duration,
 }
 
 impl std::fmt::Debug for Cloud {
@@ -207,6 +210,7 @@ impl Cloud {
             client,
             token,
             timeout: config.request_timeout,
+            poll_timeout: config.request_timeout,
         }
     }
 
@@ -215,12 +219,18 @@ impl Cloud {
         builder: postgrest::Builder,
         prefer: Option<&'static str>,
     ) -> Result<String, CloudError> {
+        self.send_within(builder, prefer, self.timeout).await
+    }
+
+    /// [`Cloud::send`] giving up after `timeout`.
+    async fn send_within(
+        &self,
+        builder: postgrest::Builder,
+        prefer: Option<&'static str>,
+        timeout: Duration,
+    ) -> Result<String, CloudError> {
         let token = self.token.current()?;
-        let (client, request) = builder
-            .auth(token)
-            .build()
-            .timeout(self.timeout)
-            .build_split();
+        let (client, request) = builder.auth(token).build().timeout(timeout).build_split();
         let mut request = request.map_err(|e| CloudError::Decode(e.to_string()))?;
         if let Some(prefer) = prefer {
             request
@@ -253,13 +263,28 @@ impl Cloud {
         }
     }
 
+    /// The poll reads give up after this instead of the request timeout (at most that).
+    pub fn with_poll_timeout(mut self, poll_timeout: Duration) -> Cloud {
+        self.poll_timeout = poll_timeout.min(self.timeout);
+        self
+    }
+
     async fn rpc<T: serde::de::DeserializeOwned>(
         &self,
         function: &str,
         args: Value,
     ) -> Result<T, CloudError> {
+        self.rpc_within(function, args, self.timeout).await
+    }
+
+    async fn rpc_within<T: serde::de::DeserializeOwned>(
+        &self,
+        function: &str,
+        args: Value,
+        timeout: Duration,
+    ) -> Result<T, CloudError> {
         let body = self
-            .send(self.client.rpc(function, args.to_string()), None)
+            .send_within(self.client.rpc(function, args.to_string()), None, timeout)
             .await?;
         serde_json::from_str(&body).map_err(|e| CloudError::Decode(format!("{function}: {e}")))
     }
@@ -273,12 +298,14 @@ impl Cloud {
         timeout_seconds: u32,
         request_id: &str,
     ) -> Result<Vec<CloudCommand>, CloudError> {
-        self.rpc(
+        // Safe to give up early: the retry names the same call and gets what it locked.
+        self.rpc_within(
             "get_and_lock_slave_commands",
             json!({
                 "p_master_device_id": master, "p_limit": limit,
                 "p_timeout_seconds": timeout_seconds, "p_request_id": request_id,
             }),
+            self.poll_timeout,
         )
         .await
     }
@@ -353,9 +380,10 @@ impl Cloud {
         after_id: Option<&str>,
         limit: u32,
     ) -> Result<Vec<RuleChange>, CloudError> {
-        self.rpc(
+        self.rpc_within(
             "get_decision_rule_changes",
             json!({"p_device_id": device, "p_since": since, "p_after_id": after_id, "p_limit": limit}),
+            self.poll_timeout,
         )
         .await
     }
@@ -404,7 +432,7 @@ impl Cloud {
         let builder = self.client.from("system_status").select(
             "owner_id,emergency_stop,emergency_reason,emergency_changed_at,emergency_changed_by",
         );
-        let body = self.send(builder, None).await?;
+        let body = self.send_within(builder, None, self.poll_timeout).await?;
         let mut rows: Vec<SystemStatusRow> = serde_json::from_str(&body)
             .map_err(|e| CloudError::Decode(format!("system_status: {e}")))?;
         Ok(rows.pop())
@@ -431,7 +459,7 @@ impl Cloud {
             .client
             .from("macros")
             .select("id,name,description,enabled,revision,macro_actions(*)");
-        let body = self.send(builder, None).await?;
+        let body = self.send_within(builder, None, self.poll_timeout).await?;
         serde_json::from_str(&body).map_err(|e| CloudError::Decode(format!("macros: {e}")))
     }
 
@@ -461,7 +489,7 @@ impl Cloud {
             .from("device_status")
             .select("device_id,config,config_version")
             .in_("device_id", device_ids);
-        let body = self.send(builder, None).await?;
+        let body = self.send_within(builder, None, self.poll_timeout).await?;
         serde_json::from_str(&body).map_err(|e| CloudError::Decode(format!("device_status: {e}")))
     }
 
@@ -562,6 +590,48 @@ pub fn format_timestamp_ms(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_backend_that_stops_answering_is_given_up_on_after_the_poll_timeout() {
+        // Accepts connections and never answers, as a frozen PostgREST does.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        let cloud = Cloud::new(
+            &CloudConfig {
+                rest_url: url,
+                api_key: None,
+                request_timeout: Duration::from_secs(600),
+            },
+            // `sub` only: a token with an owner, so the request is really sent.
+            TokenSource::Inline(crate::config::Secret::new(
+                "x.eyJzdWIiOiJhIiwiYWdlbnRfaWQiOiJwaSJ9.y",
+            )),
+        )
+        .with_poll_timeout(Duration::from_millis(200));
+        // Within the test's bound only if the poll timeout applies (the request timeout is
+        // ten minutes): the lock call and the latch read both give up as unreachable.
+        let lock = tokio::time::timeout(
+            Duration::from_secs(30),
+            cloud.lock_commands("M1", 5, 30, "request-0001"),
+        )
+        .await
+        .expect("the lock call gave up after the poll timeout");
+        assert!(matches!(lock, Err(CloudError::Unreachable(_))), "{lock:?}");
+        let latch = tokio::time::timeout(Duration::from_secs(30), cloud.system_status())
+            .await
+            .expect("the latch read gave up after the poll timeout");
+        assert!(
+            matches!(latch, Err(CloudError::Unreachable(_))),
+            "{latch:?}"
+        );
+        held.abort();
+    }
 
     #[tokio::test]
     async fn a_token_without_an_owner_is_a_token_problem_not_a_backend_answer() {
