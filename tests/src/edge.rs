@@ -4,9 +4,8 @@
 //! binary in `tools/`; the functions' npm imports come from `tools/deno` (filled by
 //! scripts/install-deps) with `--cached-only`, so nothing is fetched at test time.
 
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
@@ -81,21 +80,9 @@ impl EdgeFunctions {
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), StackError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.process.ensure_running()?;
-            // The router listens only once every function's module graph has loaded.
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(StackError::NotReady {
-                    service: "edge-functions",
-                    log_tail: self.process.log_tail(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        // The router listens only once every function's module graph has loaded.
+        self.process
+            .wait_for_port(self.port, timeout, Duration::from_millis(50))
     }
 
     pub fn log_tail(&self) -> String {

@@ -262,20 +262,8 @@ impl Mosquitto {
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), StackError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.process.ensure_running()?;
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(StackError::NotReady {
-                    service: "mosquitto",
-                    log_tail: self.process.log_tail(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.process
+            .wait_for_port(self.port, timeout, Duration::from_millis(20))
     }
 
     pub fn stop(&mut self) {

@@ -114,6 +114,30 @@ impl ManagedProcess {
         }
     }
 
+    /// Waits until something accepts TCP connections on loopback `port`, checking every `poll`
+    /// that the process still runs; fails with the log's tail after `timeout`.
+    pub fn wait_for_port(
+        &mut self,
+        port: u16,
+        timeout: Duration,
+        poll: Duration,
+    ) -> Result<(), StackError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.ensure_running()?;
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(StackError::NotReady {
+                    service: self.spec.name,
+                    log_tail: self.log_tail(),
+                });
+            }
+            std::thread::sleep(poll);
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
