@@ -805,24 +805,19 @@ async fn inbound_loop(
         // Any message on a master's own topics proves it alive (the broker admits only that
         // master to them); its offline status is the one that says otherwise.
         let heard_from = match &inbound {
-            Inbound::Telemetry(readings) => {
-                let mut ids: Vec<&str> = readings.iter().map(|r| r.device_id.as_str()).collect();
-                ids.dedup();
-                ids
-            }
-            Inbound::Ack(device, _) | Inbound::RelayState(device, _) => vec![device.as_str()],
-            Inbound::Status(device, status) if bridge::is_online(status) => vec![device.as_str()],
-            _ => Vec::new(),
+            // One message, one master: its readings all carry the topic's device id.
+            Inbound::Telemetry(readings) => readings.first().map(|r| r.device_id.as_str()),
+            Inbound::Ack(device, _) | Inbound::RelayState(device, _) => Some(device.as_str()),
+            Inbound::Status(device, status) if bridge::is_online(status) => Some(device.as_str()),
+            _ => None,
         };
-        let mut came_online = false;
-        for device in heard_from {
-            if liveness.heard(device, now) == Presence::CameOnline {
-                came_online = true;
-                // A status is recorded by its own arm below.
-                if !matches!(inbound, Inbound::Status(..)) {
-                    record_presence(&shared, device, true, None, now).await;
-                }
-            }
+        let came_online =
+            heard_from.is_some_and(|device| liveness.heard(device, now) == Presence::CameOnline);
+        // A status is recorded by its own arm below.
+        if let Some(device) = heard_from.filter(|_| came_online)
+            && !matches!(inbound, Inbound::Status(..))
+        {
+            record_presence(&shared, device, true, None, now).await;
         }
         match inbound {
             Inbound::Telemetry(readings) => {
