@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use crate::cloud::format_timestamp_ms;
 use crate::config::{MasterSection, Transport};
 use crate::metrics::{Metrics, label};
-use crate::runtime::{Shared, now_ms};
+use crate::shared::{Shared, now_ms};
 use crate::store::polling::{PolledCommand, PolledFinish};
 use crate::store::{CommandOutcome, CommandState, RuleRecord, StoreError, StoreHandle};
 

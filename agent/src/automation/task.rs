@@ -17,8 +17,8 @@ use crate::cloud::SystemStatusRow;
 use crate::rules::compile::Catalog;
 use crate::rules::driver::{EngineInput, EngineOutput};
 use crate::rules::engine::Firing;
-use crate::runtime::{DeliveryInput, Shared, now_ms};
 use crate::safety::RelayRef;
+use crate::shared::{DeliveryInput, Shared, now_ms};
 use crate::store::CommandRecord;
 
 /// Requests to the automation task.
