@@ -131,7 +131,6 @@ pub async fn run(
     let stall_after_ms = STALL_POLL_INTERVALS * config.cloud.poll_interval_ms as i64;
     let (automation_tx, automation_rx) = mpsc::channel(AUTOMATION_QUEUE_MAX);
     let (engine_tx, engine_rx) = mpsc::channel(ENGINE_QUEUE_MAX);
-    let (engine_out_tx, engine_out_rx) = mpsc::channel(ENGINE_QUEUE_MAX);
     let shared = Arc::new(Shared {
         masters: config.masters.iter().map(|m| m.device_id.clone()).collect(),
         keys,
@@ -147,7 +146,7 @@ pub async fn run(
         link: Mutex::new(Link::new(stall_after_ms, now_ms())),
         mqtt_connected: std::sync::atomic::AtomicBool::new(false),
         automation: automation_tx,
-        engine: engine_tx.clone(),
+        engine: engine_tx,
         latest: Mutex::new(HashMap::new()),
         automation_status: Mutex::new(AutomationStatus::default()),
         config,
@@ -211,21 +210,13 @@ pub async fn run(
                 .await;
         }
     }
-    // The engine ends when its input closes, but the senders live as long as `shared`: stop it
-    // with everything else.
-    let engine_cancel = cancel.clone();
-    tasks.spawn(async move {
-        tokio::select! {
-            _ = crate::rules::run_engine(engine, crate::rules::Clock::new(), engine_rx, engine_out_tx) => {}
-            _ = engine_cancel.cancelled() => {}
-        }
-    });
     tasks.spawn(crate::automation::task::run(
         shared.clone(),
         automation,
+        engine,
+        crate::rules::Clock::new(),
         automation_rx,
-        engine_out_rx,
-        engine_tx,
+        engine_rx,
         delivery_tx.clone(),
         cancel.clone(),
     ));

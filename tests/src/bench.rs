@@ -221,6 +221,11 @@ impl BenchLogins {
         Ok(options)
     }
 
+    /// Tool `id`'s broker login, for a client that is not the simulator's (a benchmark peer).
+    pub fn tool_login(&self, id: &str) -> Option<&crate::Login> {
+        self.tools.iter().find(|l| l.username == id)
+    }
+
     /// The agent's `username` and `password` lines for its `[mqtt]` section.
     pub fn agent_toml(&self) -> String {
         format!(
@@ -228,4 +233,59 @@ impl BenchLogins {
             self.agent.username, self.agent.password
         )
     }
+}
+
+// ------------------------------------------------------------------ processes seen from /proc
+
+use anyhow::Context as _;
+
+/// VmRSS and VmHWM of `pid`, in kB.
+pub fn memory_kb(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// utime + stime of `pid`, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("malformed /proc/<pid>/stat")?;
+    // Fields after the name start at field 3 (state); utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let utime: u64 = fields
+        .get(11)
+        .context("no utime")?
+        .parse()
+        .context("utime")?;
+    let stime: u64 = fields
+        .get(12)
+        .context("no stime")?
+        .parse()
+        .context("stime")?;
+    Ok(utime + stime)
+}
+
+pub fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr().context("the free port")?.port())
 }

@@ -15,8 +15,8 @@ use super::{Automation, LatchSource, Step};
 use crate::bridge;
 use crate::cloud::SystemStatusRow;
 use crate::rules::compile::Catalog;
-use crate::rules::driver::{EngineInput, EngineOutput};
-use crate::rules::engine::Firing;
+use crate::rules::driver::EngineInput;
+use crate::rules::{Clock, Engine};
 use crate::safety::RelayRef;
 use crate::shared::{DeliveryInput, Shared, now_ms};
 use crate::store::CommandRecord;
@@ -77,15 +77,20 @@ pub enum AutomationInput {
     },
 }
 
-/// How long the task waits for the engine's state after a firing; the engine sends it at once.
-const STATE_WAIT: Duration = Duration::from_millis(200);
+/// Readings evaluated in one step at most: those already queued when one arrives are
+/// evaluated with it, so that their firings and states share the step's one commit.
+const READINGS_PER_STEP_MAX: usize = 256;
 
+/// The automation task owns the rule engine too: a reading is evaluated where its firing is
+/// decided and written, with no task hand-off between the engine and the executor.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run(
     shared: Arc<Shared>,
     mut automation: Automation,
+    mut engine: Engine,
+    clock: Clock,
     mut input: mpsc::Receiver<AutomationInput>,
-    mut engine_out: mpsc::Receiver<EngineOutput>,
-    engine_in: mpsc::Sender<EngineInput>,
+    mut engine_in: mpsc::Receiver<EngineInput>,
     delivery: mpsc::Sender<DeliveryInput>,
     cancel: CancellationToken,
 ) {
@@ -96,32 +101,55 @@ pub(crate) async fn run(
             .next_deadline_ms()
             .map(|d| Duration::from_millis((d - now_ms()).clamp(0, 1_000) as u64))
             .unwrap_or(Duration::from_secs(1));
+        let engine_deadline = engine.next_deadline_ms();
         let step = tokio::select! {
             _ = cancel.cancelled() => return,
-            out = engine_out.recv() => match out {
-                Some(EngineOutput::Fired(firing)) => {
-                    let began = std::time::Instant::now();
-                    let (firings, states) = collect_firing(firing, &mut engine_out).await;
+            first = engine_in.recv() => {
+                let Some(first) = first else { return };
+                let began = std::time::Instant::now();
+                let mut firings = Vec::new();
+                let mut problems = None;
+                let mut inputs = 0;
+                let mut next = Some(first);
+                while let Some(item) = next.take() {
+                    inputs += 1;
+                    match item {
+                        EngineInput::Reading(reading) => {
+                            firings.extend(engine.on_reading(&reading, clock.now_ms()));
+                        }
+                        EngineInput::Rules { rules, catalog } => {
+                            let now = clock.now_ms();
+                            problems = Some((engine.load(&rules, &catalog, &HashMap::new()), engine.contradictions().to_vec()));
+                            // New windows and schedules take their baseline now.
+                            firings.extend(engine.on_tick(now));
+                        }
+                        EngineInput::Blocked(blocked) => engine.set_blocked(blocked, clock.now_ms()),
+                    }
+                    if inputs < READINGS_PER_STEP_MAX {
+                        next = engine_in.try_recv().ok();
+                    }
+                }
+                if let Some((problems, contradictions)) = problems {
+                    record_problems(&shared, &loaded, problems).await;
+                    record_contradictions(&shared, contradictions).await;
+                }
+                let states = encode_states(engine.take_dirty());
+                if firings.is_empty() {
+                    let mut step = Step::default();
+                    step.write.rule_states = states;
+                    step
+                } else {
                     let step = automation.on_firings(firings, states, now_ms());
-                    perform(&shared, step, &engine_in, &delivery).await;
+                    perform(&shared, step, &mut engine, &clock, &delivery).await;
                     shared.metrics.rule_firing_seconds.observe(began.elapsed().as_secs_f64());
                     continue;
                 }
-                Some(EngineOutput::State(states)) => {
-                    let mut step = Step::default();
-                    step.write.rule_states = encode_states(states);
-                    step
-                }
-                Some(EngineOutput::Problems(problems)) => {
-                    record_problems(&shared, &loaded, problems).await;
-                    continue;
-                }
-                Some(EngineOutput::Contradictions(found)) => {
-                    record_contradictions(&shared, found).await;
-                    continue;
-                }
-                None => return,
-            },
+            }
+            () = tokio::time::sleep_until(clock.instant_at(engine_deadline.unwrap_or(i64::MAX))), if engine_deadline.is_some() => {
+                let firings = engine.on_tick(clock.now_ms());
+                let states = encode_states(engine.take_dirty());
+                automation.on_firings(firings, states, now_ms())
+            }
             request = input.recv() => match request {
                 None => return,
                 Some(request) => match request {
@@ -129,11 +157,21 @@ pub(crate) async fn run(
                         match rules_and_catalog(&shared, &automation).await {
                             Ok((rules, catalog)) => {
                                 loaded = running_rules(&rules);
-                                let _ = engine_in.send(EngineInput::Rules { rules, catalog }).await;
+                                let now = clock.now_ms();
+                                let problems = engine.load(&rules, &catalog, &HashMap::new());
+                                let contradictions = engine.contradictions().to_vec();
+                                record_problems(&shared, &loaded, problems).await;
+                                record_contradictions(&shared, contradictions).await;
+                                // New windows and schedules take their baseline now.
+                                let firings = engine.on_tick(now);
+                                let states = encode_states(engine.take_dirty());
+                                automation.on_firings(firings, states, now_ms())
                             }
-                            Err(e) => error!(error = %e, "could not read the rules mirror"),
+                            Err(e) => {
+                                error!(error = %e, "could not read the rules mirror");
+                                continue;
+                            }
                         }
-                        continue;
                     }
                     other => handle(&shared, &mut automation, other),
                 },
@@ -145,23 +183,7 @@ pub(crate) async fn run(
                 })
             }
         };
-        perform(&shared, step, &engine_in, &delivery).await;
-    }
-}
-
-/// The firings of one engine step and the states that go with them (sent right after).
-async fn collect_firing(
-    first: Firing,
-    engine_out: &mut mpsc::Receiver<EngineOutput>,
-) -> (Vec<Firing>, Vec<(String, Value)>) {
-    let mut firings = vec![first];
-    loop {
-        match tokio::time::timeout(STATE_WAIT, engine_out.recv()).await {
-            Ok(Some(EngineOutput::Fired(f))) => firings.push(f),
-            Ok(Some(EngineOutput::State(states))) => return (firings, encode_states(states)),
-            // Anything else (or nothing): persist what we have; states come with the next step.
-            _ => return (firings, vec![]),
-        }
+        perform(&shared, step, &mut engine, &clock, &delivery).await;
     }
 }
 
@@ -259,7 +281,8 @@ fn handle(shared: &Arc<Shared>, automation: &mut Automation, request: Automation
 pub(crate) async fn perform(
     shared: &Arc<Shared>,
     mut step: Step,
-    engine_in: &mpsc::Sender<EngineInput>,
+    engine: &mut Engine,
+    clock: &Clock,
     delivery: &mpsc::Sender<DeliveryInput>,
 ) {
     step.write.send_now = step.send.iter().map(|c| c.id).collect();
@@ -328,7 +351,22 @@ pub(crate) async fn perform(
             .await;
     }
     if let Some(blocked) = step.block_engine {
-        let _ = engine_in.send(EngineInput::Blocked(blocked)).await;
+        engine.set_blocked(blocked, clock.now_ms());
+        // A reset restarts held-for timers: those states are on disk before the next step.
+        let states = encode_states(engine.take_dirty());
+        if !states.is_empty() {
+            let write = crate::store::AutomationWrite {
+                rule_states: states,
+                ..Default::default()
+            };
+            if let Err(e) = shared
+                .store
+                .call(move |s| s.write_automation(&write, now))
+                .await
+            {
+                error!(error = %e, "could not record the rules' states after the latch changed");
+            }
+        }
     }
     for input in handed_over {
         let _ = delivery.send(input).await;

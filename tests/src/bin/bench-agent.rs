@@ -19,8 +19,8 @@
 //! `AUTOCORE_BENCH_LOAD_SECONDS` (default 30), `AUTOCORE_BENCH_IDLE_SECONDS` (default 30).
 
 use autocore_stack::bench::{InProcessAgent, env_number, health, percentile, wait_for_health};
+use autocore_stack::bench::{clock_ticks_per_second, cpu_ticks, free_port, memory_kb};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -904,57 +904,6 @@ fn sim_config(
 }
 
 // ------------------------------------------------------------------------------------- memory
-
-/// VmRSS and VmHWM of `pid`, in kB.
-fn memory_kb(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-            .with_context(|| format!("no {name} in /proc/{pid}/status"))
-    };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    let after_name = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("malformed /proc/<pid>/stat")?;
-    // Fields after the name start at field 3 (state); utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let utime: u64 = fields
-        .get(11)
-        .context("no utime")?
-        .parse()
-        .context("utime")?;
-    let stime: u64 = fields
-        .get(12)
-        .context("no stime")?
-        .parse()
-        .context("stime")?;
-    Ok(utime + stime)
-}
-
-fn clock_ticks_per_second() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr().context("the free port")?.port())
-}
 
 fn bench_memory(
     runtime: &tokio::runtime::Runtime,
