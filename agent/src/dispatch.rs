@@ -82,7 +82,7 @@ pub(crate) async fn perform(shared: &Arc<Shared>, action: DeliveryAction) {
             // The counter and the attempt are on disk before the command leaves.
             let counter = shared
                 .store
-                .call(move |s| {
+                .call_urgent(move |s| {
                     let now = now_ms();
                     let counter = s.next_signing_counter(&master, now)?;
                     s.mark_sent(id, Some(counter), None, now)?;

@@ -29,6 +29,8 @@ pub const BAD_MESSAGE_LOGS_PER_S_MAX: u32 = 5;
 pub const DISCOVERED_DEVICES_MAX: usize = 100;
 /// Batches of readings waiting for their commit (the inbound loop waits beyond it: backpressure).
 pub const TELEMETRY_BATCHES_QUEUED_MAX: usize = 8;
+/// Readings written by one store job: what a firing may have to wait for behind telemetry.
+pub const TELEMETRY_ROWS_PER_JOB: usize = 100;
 
 /// Counts every bad message and logs at most a few a second, so a flood cannot fill the disk.
 pub(crate) struct BadMessageLog {
@@ -385,15 +387,39 @@ pub(crate) async fn flush_readings(
     let count = readings.len();
     let rows_max = shared.config.store.outbox_rows_max;
     let now = now_ms();
-    match shared
-        .store
-        .call(move |s| {
-            let added = s.enqueue_readings(&readings, now)?;
-            let dropped = s.enforce_outbox_bound(rows_max)?;
-            Ok((added, dropped))
+    // Queued in bounded chunks, back to back: they share a group commit, and a firing waits
+    // for one chunk at most, not for the whole batch.
+    let mut chunks: Vec<Vec<Reading>> = Vec::new();
+    let mut rest = readings;
+    while rest.len() > TELEMETRY_ROWS_PER_JOB {
+        let tail = rest.split_off(TELEMETRY_ROWS_PER_JOB);
+        chunks.push(std::mem::replace(&mut rest, tail));
+    }
+    chunks.push(rest);
+    let last = chunks.len() - 1;
+    let answers: Vec<_> = chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, chunk)| {
+            shared.store.call_queued(move |s| {
+                let added = s.enqueue_readings(&chunk, now)?;
+                let dropped = if i == last {
+                    s.enforce_outbox_bound(rows_max)?
+                } else {
+                    0
+                };
+                Ok((added, dropped))
+            })
         })
-        .await
-    {
+        .collect();
+    let mut total = Ok((0, 0));
+    for answer in answers {
+        total = match (total, answer.await) {
+            (Ok((a, d)), Ok((added, dropped))) => Ok((a + added, d + dropped)),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+    }
+    match total {
         Ok((added, dropped)) => {
             shared.metrics.readings_stored.inc_by(added as u64);
             shared.metrics.telemetry_dropped.inc_by(dropped);

@@ -270,7 +270,7 @@ pub async fn run(
     while tasks.join_next().await.is_some() {}
     // A cleanly stopped agent leaves one self-contained database file: what a backup, an
     // upgrade or `status` reads is the file itself, and reading it changes nothing.
-    if let Err(e) = shared.store.call(|s| s.checkpoint()).await {
+    if let Err(e) = shared.store.call_alone(|s| s.checkpoint()).await {
         warn!(error = %e, "could not fold the WAL into the database at shutdown");
     }
     Ok(())
@@ -301,7 +301,7 @@ async fn prepare_history(
     bounds: crate::store::HistoryBounds,
 ) -> Result<(), RuntimeError> {
     store
-        .call(move |s| {
+        .call_alone(move |s| {
             let mut deleted = 0;
             // Nothing else runs yet: larger steps, and all of them.
             let bounds = crate::store::HistoryBounds {
@@ -352,7 +352,7 @@ async fn housekeeper(
         }
         let bounds = bounds.clone();
         let result = store
-            .call(move |s| Ok((s.history_step(&bounds, now_ms())?, s.history_stats()?)))
+            .call_alone(move |s| Ok((s.history_step(&bounds, now_ms())?, s.history_stats()?)))
             .await;
         if let Ok((_, stats)) = &result {
             let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);

@@ -301,9 +301,10 @@ pub(crate) async fn perform(
     let written = if write.is_empty() {
         Ok(Default::default())
     } else {
+        // Urgent: ahead of telemetry and sync, committed with whatever else is due.
         let written = shared
             .store
-            .call(move |s| s.write_automation(&write, now))
+            .call_urgent(move |s| s.write_automation(&write, now))
             .await;
         shared
             .metrics

@@ -74,7 +74,7 @@ impl Store {
         if w.is_empty() {
             return Ok(counters);
         }
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let mut highest = 0i64;
         for (cmd, client_id) in &w.commands {
             debug_assert!(cmd.id < 0, "Pi-created commands have negative ids");
@@ -187,7 +187,7 @@ impl Store {
         report: &Value,
         now_ms: i64,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         for (slave, states) in slaves {
             super::upsert_relay_states(&tx, master, slave, states, now_ms)?;
         }
@@ -229,7 +229,7 @@ impl Store {
 
     /// Replaces the macros mirror with what the cloud holds now: `(id, revision, definition)`.
     pub fn replace_macros(&mut self, macros: &[(String, i64, Value)]) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute("delete from macros", [])?;
         for (id, revision, def) in macros {
             tx.execute(
@@ -262,7 +262,7 @@ impl Store {
         reason: Option<&str>,
         now_ms: i64,
     ) -> Result<bool> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let last: Option<(i64, Option<String>)> = tx
             .query_row(
                 "select revision, reason from rule_problems where rule = ?1",
@@ -295,7 +295,7 @@ impl Store {
 /// The `relay_commands_slave` row that tells the cloud what a Pi-created command did, queued
 /// when the command ends (so a master polling the cloud never sees it pending and runs it).
 pub(super) fn edge_command_report(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &rusqlite::Connection,
     id: i64,
     status: &str,
     execution_time_ms: Option<u32>,

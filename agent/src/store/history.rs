@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{OptionalExtension, Transaction, params};
+use rusqlite::{OptionalExtension, params};
 
 use super::{Reading, Result, Store, add_counter};
 
@@ -158,7 +158,7 @@ fn raw_from(conn: &rusqlite::Connection) -> Result<Option<i64>> {
 /// reading already kept is skipped) and their minutes' rollups. A reading older than the raw
 /// window (a master's late backlog) goes to its rollup only, so the raw table never holds a
 /// minute the rollups answer for.
-pub(super) fn record(tx: &Transaction<'_>, readings: &[Reading]) -> Result<()> {
+pub(super) fn record(tx: &rusqlite::Connection, readings: &[Reading]) -> Result<()> {
     let from = raw_from(tx)?;
     let mut raw_added = 0i64;
     let mut minutes: BTreeMap<(&str, &str, i64), MinuteAgg> = BTreeMap::new();
@@ -466,7 +466,7 @@ impl Store {
     /// Deletes raw readings before the plan's cutoffs, at most `rows_max`; returns how many and
     /// whether some are still due.
     fn prune_raw(&mut self, plan: &PrunePlan) -> Result<(u64, bool)> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         // A window start in the future is a clock that was set back: start again from now's.
         let kept = raw_from(&tx)?.filter(|w| *w <= plan.now_ms);
         let mut before = plan.raw_before_ms.max(kept.unwrap_or(i64::MIN));
@@ -508,7 +508,7 @@ impl Store {
     /// Deletes rollups before the plan's cutoff and the oldest over the row bound, at most
     /// `rows_max`; returns how many and whether some are still due.
     fn prune_rollups(&mut self, plan: &PrunePlan) -> Result<(u64, bool)> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let mut before = plan.rollup_before_ms;
         if plan.rollup_excess_rows > 0 {
             let nth = plan.rollup_excess_rows.min(plan.rows_max).max(1);

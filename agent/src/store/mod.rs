@@ -8,13 +8,14 @@ pub mod history;
 mod notify;
 pub mod polling;
 pub(crate) mod schema;
+mod writer;
 
 pub use automation::{AutomationWrite, OutboxEntry};
 pub use history::{HistoryBounds, HistoryStats, ReplayReadings, Rollup, StepReport};
 pub use notify::NotificationRow;
+pub use writer::{GROUP_JOBS_MAX, StoreHandle};
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -438,7 +439,7 @@ impl Store {
     /// Records a command before anything acts on it. A command already known (handed out again
     /// after a lock timeout, or pulled twice) is not recorded again: its state is returned.
     pub fn accept_command(&mut self, cmd: &CommandRecord, now_ms: i64) -> Result<Accepted> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let known: Option<String> = tx
             .query_row("select state from commands where id = ?1", [cmd.id], |r| {
                 r.get(0)
@@ -503,7 +504,7 @@ impl Store {
         outcome: &CommandOutcome,
         now_ms: i64,
     ) -> Result<bool> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let row: Option<(String, String, String, Option<i64>)> = tx
             .query_row(
                 "select state, master_device_id, slave_mac_address, last_sent_at_ms from commands where id = ?1",
@@ -599,7 +600,7 @@ impl Store {
         payload: &Value,
         now_ms: i64,
     ) -> Result<bool> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let inserted = insert_outbox(&tx, class, idempotency_key, payload, now_ms)?;
         tx.commit()?;
         Ok(inserted)
@@ -608,7 +609,7 @@ impl Store {
     /// Queues a batch of readings in one transaction (one fsync for the whole batch); a reading
     /// already queued (same device, sensor and time) is skipped. Returns how many were new.
     pub fn enqueue_readings(&mut self, readings: &[Reading], now_ms: i64) -> Result<usize> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let mut added = 0;
         {
             let mut stmt = tx.prepare_cached(
@@ -689,7 +690,7 @@ impl Store {
         error: &str,
         next_attempt_at_ms: i64,
     ) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         {
             let mut stmt = tx.prepare_cached(
                 "update outbox set attempts = attempts + 1, last_error = ?2, next_attempt_at_ms = ?3 where seq = ?1",
@@ -713,7 +714,7 @@ impl Store {
     /// The cloud refused this row for good: move it aside with the reason, so it neither blocks
     /// the queue nor disappears.
     pub fn outbox_reject(&mut self, seq: i64, reason: &str, now_ms: i64) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute(
             "insert or replace into outbox_rejected (seq, class, idempotency_key, payload, created_at_ms, rejected_at_ms, reason)
              select seq, class, idempotency_key, payload, created_at_ms, ?2, ?3 from outbox where seq = ?1",
@@ -760,7 +761,7 @@ impl Store {
         if excess <= 0 {
             return Ok(0);
         }
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let dropped = tx.execute(
             "delete from outbox where seq in (
                select seq from outbox where class = 'telemetry' order by seq limit ?1)",
@@ -776,7 +777,7 @@ impl Store {
     /// The next command-signing counter for `master`, on disk before it is used: after a crash
     /// the counter never goes back, so a master never sees a counter twice.
     pub fn next_signing_counter(&mut self, master: &str, now_ms: i64) -> Result<u64> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let value: i64 =
             tx.query_row(NEXT_SIGNING_COUNTER, params![master, now_ms], |r| r.get(0))?;
         tx.commit()?;
@@ -815,7 +816,7 @@ impl Store {
 
     /// Saves windows that moved, in one transaction. u64s are stored by their bits.
     pub fn save_report_windows(&mut self, windows: &[(String, u64, u64)]) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         for (master, highest, seen) in windows {
             tx.execute(
                 "insert into report_windows (master_device_id, highest, seen) values (?1, ?2, ?3)
@@ -866,7 +867,7 @@ impl Store {
     /// Applies changes from the cloud; a change older than what is mirrored (lower revision) is
     /// ignored, so re-reading an overlap is harmless. Returns how many rows changed.
     pub fn apply_rule_changes(&mut self, changes: &[RuleRecord]) -> Result<usize> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let mut changed = 0;
         {
             let mut stmt = tx.prepare_cached(
@@ -952,7 +953,7 @@ impl Store {
     /// Moves the last-heard time of masters still online (never back, never for one offline):
     /// what keeps a master that sends only telemetry from looking silent.
     pub fn note_heard(&mut self, heard: &[(String, i64)]) -> Result<()> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         {
             let mut stmt = tx.prepare_cached(
                 "update devices set last_seen_ms = max(coalesce(last_seen_ms, 0), ?2)
@@ -969,7 +970,7 @@ impl Store {
     /// Marks offline every device still online whose last message is older than `cutoff_ms`;
     /// returns their ids (a master that died without a last will goes quiet this way).
     pub fn mark_silent_offline(&mut self, cutoff_ms: i64) -> Result<Vec<String>> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let ids: Vec<String> = {
             let mut stmt = tx.prepare_cached(
                 "update devices set online = 0 where online = 1 and coalesce(last_seen_ms, 0) < ?1 returning device_id",
@@ -1151,35 +1152,6 @@ fn add_counter(conn: &Connection, name: &str, by: i64) -> rusqlite::Result<()> {
         params![name, by],
     )?;
     Ok(())
-}
-
-/// The store shared by the agent's tasks. Calls run on tokio's blocking pool: a commit with
-/// `synchronous=FULL` waits for the disk and must not stall the async workers.
-#[derive(Debug, Clone)]
-pub struct StoreHandle {
-    inner: Arc<Mutex<Store>>,
-}
-
-impl StoreHandle {
-    pub fn new(store: Store) -> StoreHandle {
-        StoreHandle {
-            inner: Arc::new(Mutex::new(store)),
-        }
-    }
-
-    pub async fn call<R, F>(&self, f: F) -> Result<R>
-    where
-        F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
-        R: Send + 'static,
-    {
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut store = inner.lock().map_err(|_| StoreError::Poisoned)?;
-            f(&mut store)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
-    }
 }
 
 #[cfg(test)]

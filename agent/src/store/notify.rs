@@ -62,7 +62,7 @@ impl Store {
         rows_max: u64,
         now_ms: i64,
     ) -> Result<Vec<(String, String)>> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         tx.execute("delete from notify_inbox where seq <= ?1", [through_seq])?;
         {
             let mut stmt = tx.prepare_cached(

@@ -80,7 +80,7 @@ impl Store {
             ended += usize::from(self.finish_command(id, &CommandOutcome::Expired, now_ms)?);
         }
 
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.savepoint()?;
         let ids: Vec<i64> = {
             let mut stmt = tx.prepare_cached(&format!(
                 "select id from commands

@@ -1,0 +1,429 @@
+//! The store's own thread and its group commit. Every call on a [`StoreHandle`] is a job for one
+//! thread that owns the SQLite connection. Jobs queued together run in one transaction and share
+//! its one commit (one fsync with `synchronous = FULL`); each job is answered only after that
+//! commit, so nothing a job wrote is acted on before it is on disk.
+//!
+//! Urgent jobs (a firing's decision, a command's signing counter) are taken before any other.
+//! Once one has joined a group, the group commits as soon as no other urgent job waits: the
+//! urgent job waits at most for the one job already running (telemetry is handed over in
+//! bounded chunks), then shares the commit with whatever else was due.
+//!
+//! Each job runs in a savepoint of its own inside the group: a job that fails (or panics) loses
+//! all its writes and none of the others'. Store methods open savepoints, not transactions, so
+//! that they nest there (outside a group a savepoint is a transaction of its own).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::{Result, Store, StoreError};
+
+/// Jobs in one group at most: bounds how long a group holds SQLite's write lock.
+pub const GROUP_JOBS_MAX: usize = 64;
+
+/// What a job's result does once its group is committed (or its commit failed: the error).
+type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+/// Runs the job; says whether it succeeded, and how to answer it.
+type Job = Box<dyn FnOnce(&mut Store) -> (bool, Reply) + Send>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Joins the group; goes first.
+    Urgent,
+    /// Joins the group.
+    Normal,
+    /// Runs outside any transaction (checkpoint, VACUUM, bounded housekeeping steps).
+    Alone,
+}
+
+#[derive(Default)]
+struct Queue {
+    urgent: VecDeque<Job>,
+    normal: VecDeque<(Kind, Job)>,
+    closed: bool,
+}
+
+struct Inner {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+}
+
+/// Closes the queue when the last handle goes: the thread finishes what is queued, then ends
+/// and closes the database.
+struct Closer(Arc<Inner>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        let mut queue = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
+        queue.closed = true;
+        self.0.ready.notify_one();
+    }
+}
+
+/// The store shared by the agent's tasks: a handle to the store's thread.
+#[derive(Clone)]
+pub struct StoreHandle {
+    inner: Arc<Closer>,
+}
+
+impl std::fmt::Debug for StoreHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreHandle").finish_non_exhaustive()
+    }
+}
+
+impl StoreHandle {
+    /// Starts the store's thread with `store`.
+    pub fn new(store: Store) -> StoreHandle {
+        let inner = Arc::new(Inner {
+            queue: Mutex::new(Queue::default()),
+            ready: Condvar::new(),
+        });
+        let thread_inner = inner.clone();
+        std::thread::Builder::new()
+            .name("autocore-store".into())
+            .spawn(move || run(store, &thread_inner))
+            .expect("spawning the store's thread");
+        StoreHandle {
+            inner: Arc::new(Closer(inner)),
+        }
+    }
+
+    /// Runs `f` in the next group; answers after its commit.
+    pub async fn call<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.submit(Kind::Normal, f).await
+    }
+
+    /// Like [`StoreHandle::call`], ahead of every job that is not urgent: the hot path's
+    /// writes (a firing's decision, a command's signing counter).
+    pub async fn call_urgent<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.submit(Kind::Urgent, f).await
+    }
+
+    /// Runs `f` outside any transaction, after the jobs queued before it: for what SQLite
+    /// refuses inside one (a checkpoint, VACUUM) or what should not hold a group (housekeeping).
+    pub async fn call_alone<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.submit(Kind::Alone, f).await
+    }
+
+    /// Queues `f` now (not at the first poll, as `call` does) and returns its answer to await:
+    /// several jobs queued back to back share a group.
+    pub fn call_queued<R, F>(&self, f: F) -> impl Future<Output = Result<R>> + use<R, F>
+    where
+        F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let queued = self.enqueue(Kind::Normal, f);
+        async move {
+            queued?
+                .await
+                .map_err(|_| StoreError::Task("the store's thread ended".into()))?
+        }
+    }
+
+    async fn submit<R, F>(&self, kind: Kind, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.enqueue(kind, f)?
+            .await
+            .map_err(|_| StoreError::Task("the store's thread ended".into()))?
+    }
+
+    fn enqueue<R, F>(&self, kind: Kind, f: F) -> Result<tokio::sync::oneshot::Receiver<Result<R>>>
+    where
+        F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |store: &mut Store| {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store)))
+                .unwrap_or_else(|_| Err(StoreError::Task("a store call panicked".into())));
+            let ok = result.is_ok();
+            let reply: Reply = Box::new(move |commit: Option<&StoreError>| {
+                let _ = tx.send(match commit {
+                    Some(e) if result.is_ok() => {
+                        Err(StoreError::Task(format!("the group commit failed: {e}")))
+                    }
+                    _ => result,
+                });
+            });
+            (ok, reply)
+        });
+        {
+            let inner = &self.inner.0;
+            let mut queue = inner.queue.lock().map_err(|_| StoreError::Poisoned)?;
+            match kind {
+                Kind::Urgent => queue.urgent.push_back(job),
+                other => queue.normal.push_back((other, job)),
+            }
+            inner.ready.notify_one();
+        }
+        Ok(rx)
+    }
+}
+
+/// The next job of a group, or why the group ends.
+enum Next {
+    Job(Job, Kind),
+    /// An `Alone` job waits: commit the group first.
+    Commit,
+}
+
+fn run(mut store: Store, inner: &Inner) {
+    loop {
+        // Wait for work; end when closed and drained.
+        {
+            let mut queue = inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+            while queue.urgent.is_empty() && queue.normal.is_empty() {
+                if queue.closed {
+                    return;
+                }
+                queue = inner.ready.wait(queue).unwrap_or_else(|p| p.into_inner());
+            }
+            if queue.urgent.is_empty()
+                && let Some((Kind::Alone, _)) = queue.normal.front()
+                && let Some((_, job)) = queue.normal.pop_front()
+            {
+                drop(queue);
+                job(&mut store).1(None);
+                continue;
+            }
+        }
+        let began = store.begin_group();
+        let mut replies: Vec<Reply> = Vec::new();
+        let mut urgent_joined = false;
+        loop {
+            let next = {
+                let mut queue = inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(job) = queue.urgent.pop_front() {
+                    Some(Next::Job(job, Kind::Urgent))
+                } else if urgent_joined || replies.len() >= GROUP_JOBS_MAX {
+                    None
+                } else {
+                    match queue.normal.front() {
+                        Some((Kind::Alone, _)) => Some(Next::Commit),
+                        Some(_) => queue
+                            .normal
+                            .pop_front()
+                            .map(|(kind, job)| Next::Job(job, kind)),
+                        None => None,
+                    }
+                }
+            };
+            match next {
+                Some(Next::Job(job, kind)) => {
+                    urgent_joined |= kind == Kind::Urgent;
+                    // Each job in a savepoint of its own: a failing one loses all its writes
+                    // and nothing of the others'.
+                    let own = began.is_ok() && store.begin_job().is_ok();
+                    let (ok, reply) = job(&mut store);
+                    if own {
+                        store.end_job(ok);
+                    }
+                    replies.push(reply);
+                }
+                Some(Next::Commit) | None => break,
+            }
+        }
+        // Without a group (BEGIN refused) each job's savepoint was its own transaction.
+        let committed = match began {
+            Ok(()) => store.commit_group(),
+            Err(_) => Ok(()),
+        };
+        let error = committed.err();
+        if error.is_some() {
+            store.rollback_group();
+        }
+        for reply in replies {
+            reply(error.as_ref());
+        }
+    }
+}
+
+impl Store {
+    fn begin_group(&mut self) -> Result<()> {
+        self.conn.execute_batch("begin")?;
+        Ok(())
+    }
+
+    fn commit_group(&mut self) -> Result<()> {
+        self.conn.execute_batch("commit")?;
+        Ok(())
+    }
+
+    fn begin_job(&mut self) -> Result<()> {
+        self.conn.execute_batch("savepoint group_job")?;
+        Ok(())
+    }
+
+    fn end_job(&mut self, ok: bool) {
+        let sql = if ok {
+            "release group_job"
+        } else {
+            "rollback to group_job; release group_job"
+        };
+        let _ = self.conn.execute_batch(sql);
+    }
+
+    fn rollback_group(&mut self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("rollback");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::OutboxClass;
+
+    fn handle() -> (tempfile::TempDir, StoreHandle) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("agent.db")).unwrap();
+        (dir, StoreHandle::new(store))
+    }
+
+    /// Holds the store's thread in a job until the returned sender is used, so that the jobs
+    /// queued meanwhile run together.
+    fn hold(store: &StoreHandle) -> mpsc::Sender<()> {
+        let (release, released) = mpsc::channel::<()>();
+        let (started_tx, started) = mpsc::channel::<()>();
+        drop(store.call_queued(move |_| {
+            started_tx.send(()).unwrap();
+            released.recv().unwrap();
+            Ok(())
+        }));
+        started.recv().unwrap();
+        release
+    }
+
+    fn queue_row(s: &mut Store, key: &str) -> Result<bool> {
+        s.enqueue(OutboxClass::Event, key, &json!({"key": key}), 1)
+    }
+
+    async fn keys(store: &StoreHandle) -> Vec<String> {
+        store
+            .call(|s| s.outbox_due(i64::MAX, 100))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.idempotency_key)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn jobs_queued_together_share_a_transaction_and_a_failing_one_loses_only_its_writes() {
+        let (_dir, store) = handle();
+        let release = hold(&store);
+        let a = store.call_queued(|s| queue_row(s, "a"));
+        let b = store.call_queued(|s| {
+            queue_row(s, "b")?;
+            // Inside the group: the job's own savepoint, not a transaction of its own.
+            assert!(!s.conn.is_autocommit());
+            Err::<bool, _>(StoreError::Task("refused after writing".into()))
+        });
+        let c = store.call_queued(|s| queue_row(s, "c"));
+        release.send(()).unwrap();
+        assert!(a.await.unwrap());
+        assert!(b.await.is_err());
+        assert!(c.await.unwrap());
+        assert_eq!(keys(&store).await, vec!["a", "c"]);
+    }
+
+    #[tokio::test]
+    async fn an_urgent_job_runs_before_the_jobs_queued_ahead_of_it() {
+        let (_dir, store) = handle();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let release = hold(&store);
+        let seen = order.clone();
+        let normal = store.call_queued(move |_| {
+            seen.lock().unwrap().push("normal");
+            Ok(())
+        });
+        let seen = order.clone();
+        let urgent = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .call_urgent(move |_| {
+                        seen.lock().unwrap().push("urgent");
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        // The urgent job is queued once the spawned task has run: wait for that.
+        while store.inner.0.queue.lock().unwrap().urgent.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).unwrap();
+        urgent.await.unwrap().unwrap();
+        normal.await.unwrap();
+        assert_eq!(*order.lock().unwrap(), vec!["urgent", "normal"]);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_is_an_error_and_the_jobs_beside_it_are_kept() {
+        let (_dir, store) = handle();
+        let release = hold(&store);
+        let a = store.call_queued(|s| queue_row(s, "a"));
+        let b = store.call_queued(|s| -> Result<bool> {
+            queue_row(s, "b")?;
+            panic!("a bug in a store call");
+        });
+        release.send(()).unwrap();
+        assert!(a.await.unwrap());
+        assert!(matches!(b.await, Err(StoreError::Task(_))));
+        assert_eq!(keys(&store).await, vec!["a"]);
+        // The thread lives on.
+        assert!(store.call(|s| queue_row(s, "c")).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_job_alone_runs_outside_any_transaction_and_others_inside_one() {
+        let (_dir, store) = handle();
+        assert!(
+            store
+                .call_alone(|s| Ok(s.conn.is_autocommit()))
+                .await
+                .unwrap()
+        );
+        assert!(!store.call(|s| Ok(s.conn.is_autocommit())).await.unwrap());
+        // A checkpoint is refused inside a transaction; alone it works.
+        store.call_alone(|s| s.checkpoint()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_thread_ends_and_closes_the_database_when_the_last_handle_goes() {
+        let (dir, store) = handle();
+        store.call(|s| queue_row(s, "a")).await.unwrap();
+        drop(store);
+        // Closed cleanly: the last connection's close removes the WAL file.
+        let wal = dir.path().join("agent.db-wal");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while wal.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            !wal.exists(),
+            "the WAL is still there: the store was not closed"
+        );
+    }
+}
