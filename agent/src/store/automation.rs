@@ -82,11 +82,11 @@ impl Store {
             insert_command(&tx, cmd, Some(client_id), now_ms)?;
         }
         if highest > 0 {
-            tx.execute(
+            tx.prepare_cached(
                 "insert into counters (name, value) values (?1, ?2)
                  on conflict (name) do update set value = max(value, excluded.value)",
-                params![EDGE_NUMBER_COUNTER, highest],
-            )?;
+            )?
+            .execute(params![EDGE_NUMBER_COUNTER, highest])?;
         }
         {
             let mut stmt = tx.prepare_cached(
@@ -98,36 +98,31 @@ impl Store {
             }
         }
         if let Some(snapshot) = &w.safety {
-            tx.execute(
-                "insert into safety_state (id, snapshot, updated_at_ms) values (1, ?1, ?2)
-                 on conflict (id) do update set snapshot = excluded.snapshot, updated_at_ms = excluded.updated_at_ms",
-                params![snapshot.to_string(), now_ms],
-            )?;
+            tx.prepare_cached("insert into safety_state (id, snapshot, updated_at_ms) values (1, ?1, ?2)
+                 on conflict (id) do update set snapshot = excluded.snapshot, updated_at_ms = excluded.updated_at_ms")?.execute(params![snapshot.to_string(), now_ms])?;
         }
         for e in &w.outbox {
             insert_outbox(&tx, e.class, &e.idempotency_key, &e.payload, now_ms)?;
         }
         for (name, value) in &w.cursors {
-            tx.execute(
+            tx.prepare_cached(
                 "insert into cursors (name, value) values (?1, ?2)
                  on conflict (name) do update set value = excluded.value",
-                params![name, value],
-            )?;
+            )?
+            .execute(params![name, value])?;
         }
         for id in &w.send_now {
             let Some((cmd, _)) = w.commands.iter().find(|(c, _)| c.id == *id) else {
                 continue;
             };
-            let counter: i64 = tx.query_row(
-                super::NEXT_SIGNING_COUNTER,
-                params![&cmd.master_device_id, now_ms],
-                |r| r.get(0),
-            )?;
-            tx.execute(
+            let counter: i64 = tx
+                .prepare_cached(super::NEXT_SIGNING_COUNTER)?
+                .query_row(params![&cmd.master_device_id, now_ms], |r| r.get(0))?;
+            tx.prepare_cached(
                 "update commands set state = 'sent', attempts = attempts + 1, last_sent_at_ms = ?2,
                     signing_counter = ?3 where id = ?1",
-                params![id, now_ms, counter],
-            )?;
+            )?
+            .execute(params![id, now_ms, counter])?;
             counters.insert(*id, counter as u64);
         }
         tx.commit()?;
@@ -230,12 +225,10 @@ impl Store {
     /// Replaces the macros mirror with what the cloud holds now: `(id, revision, definition)`.
     pub fn replace_macros(&mut self, macros: &[(String, i64, Value)]) -> Result<()> {
         let tx = self.conn.savepoint()?;
-        tx.execute("delete from macros", [])?;
+        tx.prepare_cached("delete from macros")?.execute([])?;
         for (id, revision, def) in macros {
-            tx.execute(
-                "insert into macros (id, definition, revision) values (?1, ?2, ?3)",
-                params![id, def.to_string(), revision],
-            )?;
+            tx.prepare_cached("insert into macros (id, definition, revision) values (?1, ?2, ?3)")?
+                .execute(params![id, def.to_string(), revision])?;
         }
         tx.commit()?;
         Ok(())
@@ -278,11 +271,8 @@ impl Store {
         if unchanged {
             return Ok(false);
         }
-        tx.execute(
-            "insert into rule_problems (rule, revision, reason) values (?1, ?2, ?3)
-             on conflict (rule) do update set revision = excluded.revision, reason = excluded.reason",
-            params![rule, revision, reason],
-        )?;
+        tx.prepare_cached("insert into rule_problems (rule, revision, reason) values (?1, ?2, ?3)
+             on conflict (rule) do update set revision = excluded.revision, reason = excluded.reason")?.execute(params![rule, revision, reason])?;
         let payload =
             json!({"kind": "rule_error", "id": rule, "revision": revision, "error": reason});
         let key = format!("rule-error:{rule}:{revision}:{now_ms}");

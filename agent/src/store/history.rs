@@ -486,18 +486,19 @@ impl Store {
             }
         }
         if raw_from(&tx)? != Some(before) {
-            tx.execute(
+            tx.prepare_cached(
                 "insert into cursors (name, value) values (?1, ?2)
                  on conflict (name) do update set value = excluded.value",
-                params![RAW_FROM, before.to_string()],
-            )?;
+            )?
+            .execute(params![RAW_FROM, before.to_string()])?;
         }
-        let deleted = tx.execute(
-            "delete from readings_history where (device_id, sensor_key, recorded_at_ms) in (
+        let deleted = tx
+            .prepare_cached(
+                "delete from readings_history where (device_id, sensor_key, recorded_at_ms) in (
                 select device_id, sensor_key, recorded_at_ms from readings_history
                 where recorded_at_ms < ?1 order by recorded_at_ms limit ?2)",
-            params![before, plan.rows_max as i64],
-        )? as u64;
+            )?
+            .execute(params![before, plan.rows_max as i64])? as u64;
         if deleted > 0 {
             add_counter(&tx, RAW_ROWS, -(deleted as i64))?;
         }
@@ -523,12 +524,13 @@ impl Store {
                 before = before.max(at + MINUTE_MS);
             }
         }
-        let deleted = tx.execute(
-            "delete from readings_rollup where (device_id, sensor_key, minute_ms) in (
+        let deleted = tx
+            .prepare_cached(
+                "delete from readings_rollup where (device_id, sensor_key, minute_ms) in (
                 select device_id, sensor_key, minute_ms from readings_rollup
                 where minute_ms < ?1 order by minute_ms limit ?2)",
-            params![before, plan.rows_max as i64],
-        )? as u64;
+            )?
+            .execute(params![before, plan.rows_max as i64])? as u64;
         if deleted > 0 {
             add_counter(&tx, ROLLUP_ROWS, -(deleted as i64))?;
         }

@@ -71,6 +71,8 @@ pub(crate) const NEXT_SIGNING_COUNTER: &str =
      on conflict (master_device_id) do update set counter = counter + 1
      returning counter";
 
+/// Prepared statements kept for reuse on the agent's connection.
+pub const STATEMENTS_CACHED_MAX: usize = 128;
 /// The WAL file's size left after a checkpoint (`journal_size_limit`).
 pub const WAL_BYTES_KEPT: u64 = 16 * 1024 * 1024;
 /// How long a statement waits for another connection's lock.
@@ -368,6 +370,9 @@ impl Store {
     fn init(conn: Connection) -> Result<Store> {
         // The busy timeout first: another process (`status`, a test) may hold the file briefly.
         conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
+        // Every statement the agent runs again stays prepared (parsing is most of a small
+        // statement's cost): more than rusqlite's default of 16.
+        conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED_MAX);
         let mut store = Store { conn };
         // Switching a new file to WAL and migrating it can meet another connection doing the
         // same; some of those lock conflicts answer "busy" without waiting on the timeout, so
@@ -487,12 +492,18 @@ impl Store {
         polled_by: Option<&str>,
         now_ms: i64,
     ) -> Result<()> {
-        self.conn.execute(
-            "update commands set state = 'sent', attempts = attempts + 1, last_sent_at_ms = ?2,
+        self.conn
+            .prepare_cached(
+                "update commands set state = 'sent', attempts = attempts + 1, last_sent_at_ms = ?2,
                 signing_counter = coalesce(?3, signing_counter), polled_by = coalesce(?4, polled_by)
              where id = ?1 and state in ('accepted', 'sent')",
-            params![id, now_ms, signing_counter.map(|c| c as i64), polled_by],
-        )?;
+            )?
+            .execute(params![
+                id,
+                now_ms,
+                signing_counter.map(|c| c as i64),
+                polled_by
+            ])?;
         Ok(())
     }
 
@@ -548,11 +559,18 @@ impl Store {
             .as_ref()
             .map(serde_json::to_string)
             .transpose()?;
-        tx.execute(
+        tx.prepare_cached(
             "update commands set state = ?2, finished_at_ms = ?3, execution_time_ms = ?4,
                 error_message = ?5, relay_states = ?6 where id = ?1",
-            params![id, state.as_str(), now_ms, exec_ms, error, states_json],
-        )?;
+        )?
+        .execute(params![
+            id,
+            state.as_str(),
+            now_ms,
+            exec_ms,
+            error,
+            states_json
+        ])?;
         if let Some(states) = &relay_states {
             upsert_relay_states(&tx, &master, &slave, states, now_ms)?;
         }
@@ -676,10 +694,9 @@ impl Store {
     pub fn outbox_delivered(&mut self, seqs: &[i64]) -> Result<()> {
         // One statement for the whole batch: a drain deletes a thousand rows per request.
         let list = serde_json::to_string(seqs)?;
-        self.conn.execute(
-            "delete from outbox where seq in (select value from json_each(?1))",
-            [list],
-        )?;
+        self.conn
+            .prepare_cached("delete from outbox where seq in (select value from json_each(?1))")?
+            .execute([list])?;
         Ok(())
     }
 
@@ -705,22 +722,22 @@ impl Store {
 
     /// Makes every waiting row due now (after a sync restart).
     pub fn outbox_due_now(&mut self) -> Result<usize> {
-        Ok(self.conn.execute(
-            "update outbox set next_attempt_at_ms = 0 where next_attempt_at_ms > 0",
-            [],
-        )?)
+        Ok(self
+            .conn
+            .prepare_cached(
+                "update outbox set next_attempt_at_ms = 0 where next_attempt_at_ms > 0",
+            )?
+            .execute([])?)
     }
 
     /// The cloud refused this row for good: move it aside with the reason, so it neither blocks
     /// the queue nor disappears.
     pub fn outbox_reject(&mut self, seq: i64, reason: &str, now_ms: i64) -> Result<()> {
         let tx = self.conn.savepoint()?;
-        tx.execute(
-            "insert or replace into outbox_rejected (seq, class, idempotency_key, payload, created_at_ms, rejected_at_ms, reason)
-             select seq, class, idempotency_key, payload, created_at_ms, ?2, ?3 from outbox where seq = ?1",
-            params![seq, now_ms, reason],
-        )?;
-        tx.execute("delete from outbox where seq = ?1", [seq])?;
+        tx.prepare_cached("insert or replace into outbox_rejected (seq, class, idempotency_key, payload, created_at_ms, rejected_at_ms, reason)
+             select seq, class, idempotency_key, payload, created_at_ms, ?2, ?3 from outbox where seq = ?1")?.execute(params![seq, now_ms, reason])?;
+        tx.prepare_cached("delete from outbox where seq = ?1")?
+            .execute([seq])?;
         tx.commit()?;
         Ok(())
     }
@@ -762,11 +779,12 @@ impl Store {
             return Ok(0);
         }
         let tx = self.conn.savepoint()?;
-        let dropped = tx.execute(
-            "delete from outbox where seq in (
+        let dropped = tx
+            .prepare_cached(
+                "delete from outbox where seq in (
                select seq from outbox where class = 'telemetry' order by seq limit ?1)",
-            [excess],
-        )? as u64;
+            )?
+            .execute([excess])? as u64;
         add_counter(&tx, "telemetry_dropped", dropped as i64)?;
         tx.commit()?;
         Ok(dropped)
@@ -778,8 +796,9 @@ impl Store {
     /// the counter never goes back, so a master never sees a counter twice.
     pub fn next_signing_counter(&mut self, master: &str, now_ms: i64) -> Result<u64> {
         let tx = self.conn.savepoint()?;
-        let value: i64 =
-            tx.query_row(NEXT_SIGNING_COUNTER, params![master, now_ms], |r| r.get(0))?;
+        let value: i64 = tx
+            .prepare_cached(NEXT_SIGNING_COUNTER)?
+            .query_row(params![master, now_ms], |r| r.get(0))?;
         tx.commit()?;
         Ok(value as u64)
     }
@@ -818,12 +837,12 @@ impl Store {
     pub fn save_report_windows(&mut self, windows: &[(String, u64, u64)]) -> Result<()> {
         let tx = self.conn.savepoint()?;
         for (master, highest, seen) in windows {
-            tx.execute(
+            tx.prepare_cached(
                 "insert into report_windows (master_device_id, highest, seen) values (?1, ?2, ?3)
                  on conflict (master_device_id) do update
                  set highest = excluded.highest, seen = excluded.seen",
-                params![master, *highest as i64, *seen as i64],
-            )?;
+            )?
+            .execute(params![master, *highest as i64, *seen as i64])?;
         }
         tx.commit()?;
         Ok(())
@@ -854,11 +873,12 @@ impl Store {
     }
 
     pub fn set_cursor(&mut self, name: &str, value: &str) -> Result<()> {
-        self.conn.execute(
-            "insert into cursors (name, value) values (?1, ?2)
+        self.conn
+            .prepare_cached(
+                "insert into cursors (name, value) values (?1, ?2)
              on conflict (name) do update set value = excluded.value",
-            params![name, value],
-        )?;
+            )?
+            .execute(params![name, value])?;
         Ok(())
     }
 
@@ -939,14 +959,11 @@ impl Store {
             [device_id],
             |r| r.get(0),
         )?;
-        self.conn.execute(
-            "insert into devices (device_id, online, last_seen_ms, firmware_version, wifi_rssi)
+        self.conn.prepare_cached("insert into devices (device_id, online, last_seen_ms, firmware_version, wifi_rssi)
              values (?1, ?2, ?3, ?4, ?5)
              on conflict (device_id) do update set online = excluded.online, last_seen_ms = excluded.last_seen_ms,
                firmware_version = coalesce(excluded.firmware_version, devices.firmware_version),
-               wifi_rssi = coalesce(excluded.wifi_rssi, devices.wifi_rssi)",
-            params![device_id, online, now_ms, firmware_version, wifi_rssi],
-        )?;
+               wifi_rssi = coalesce(excluded.wifi_rssi, devices.wifi_rssi)")?.execute(params![device_id, online, now_ms, firmware_version, wifi_rssi])?;
         Ok(!known)
     }
 
@@ -996,11 +1013,8 @@ impl Store {
     }
 
     pub fn set_delivered_config_version(&mut self, device_id: &str, version: i64) -> Result<()> {
-        self.conn.execute(
-            "insert into devices (device_id, delivered_config_version) values (?1, ?2)
-             on conflict (device_id) do update set delivered_config_version = excluded.delivered_config_version",
-            params![device_id, version],
-        )?;
+        self.conn.prepare_cached("insert into devices (device_id, delivered_config_version) values (?1, ?2)
+             on conflict (device_id) do update set delivered_config_version = excluded.delivered_config_version")?.execute(params![device_id, version])?;
         Ok(())
     }
 
@@ -1086,13 +1100,11 @@ fn insert_command(
     client_id: Option<&str>,
     now_ms: i64,
 ) -> Result<()> {
-    conn.execute(
-        "insert into commands (id, master_device_id, slave_mac_address, slave_device_id, relay_numbers,
+    conn.prepare_cached("insert into commands (id, master_device_id, slave_mac_address, slave_device_id, relay_numbers,
             actions, duration_seconds, command_type, triggered_by, priority, rule_id, rule_name,
             expires_at_ms, state, accepted_at_ms, client_id)
          values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'accepted', ?14, ?15)
-         on conflict (id) do nothing",
-        params![
+         on conflict (id) do nothing")?.execute(params![
             cmd.id,
             cmd.master_device_id,
             cmd.slave_mac_address,
@@ -1108,8 +1120,7 @@ fn insert_command(
             cmd.expires_at_ms,
             now_ms,
             client_id,
-        ],
-    )?;
+        ])?;
     Ok(())
 }
 
@@ -1120,13 +1131,18 @@ fn upsert_relay_states(
     states: &[bool],
     now_ms: i64,
 ) -> Result<()> {
-    conn.execute(
+    conn.prepare_cached(
         "insert into relay_states (master_device_id, slave_mac_address, states, updated_at_ms)
          values (?1, ?2, ?3, ?4)
          on conflict (master_device_id, slave_mac_address) do update
            set states = excluded.states, updated_at_ms = excluded.updated_at_ms",
-        params![master, slave, serde_json::to_string(states)?, now_ms],
-    )?;
+    )?
+    .execute(params![
+        master,
+        slave,
+        serde_json::to_string(states)?,
+        now_ms
+    ])?;
     Ok(())
 }
 
@@ -1137,20 +1153,17 @@ fn insert_outbox(
     payload: &Value,
     now_ms: i64,
 ) -> Result<bool> {
-    let n = conn.execute(
-        "insert into outbox (class, idempotency_key, payload, created_at_ms) values (?1, ?2, ?3, ?4)
-         on conflict (idempotency_key) do nothing",
-        params![class.as_str(), key, payload.to_string(), now_ms],
-    )?;
+    let n = conn.prepare_cached("insert into outbox (class, idempotency_key, payload, created_at_ms) values (?1, ?2, ?3, ?4)
+         on conflict (idempotency_key) do nothing")?.execute(params![class.as_str(), key, payload.to_string(), now_ms])?;
     Ok(n == 1)
 }
 
 fn add_counter(conn: &Connection, name: &str, by: i64) -> rusqlite::Result<()> {
-    conn.execute(
+    conn.prepare_cached(
         "insert into counters (name, value) values (?1, ?2)
          on conflict (name) do update set value = value + excluded.value",
-        params![name, by],
-    )?;
+    )?
+    .execute(params![name, by])?;
     Ok(())
 }
 

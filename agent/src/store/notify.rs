@@ -63,7 +63,8 @@ impl Store {
         now_ms: i64,
     ) -> Result<Vec<(String, String)>> {
         let tx = self.conn.savepoint()?;
-        tx.execute("delete from notify_inbox where seq <= ?1", [through_seq])?;
+        tx.prepare_cached("delete from notify_inbox where seq <= ?1")?
+            .execute([through_seq])?;
         {
             let mut stmt = tx.prepare_cached(
                 "insert into notifications (target, kind, delivery_id, text, body, created_at_ms)
@@ -138,11 +139,12 @@ impl Store {
         error: &str,
         next_attempt_at_ms: i64,
     ) -> Result<()> {
-        self.conn.execute(
-            "update notifications set attempts = attempts + 1, last_error = ?2,
+        self.conn
+            .prepare_cached(
+                "update notifications set attempts = attempts + 1, last_error = ?2,
                next_attempt_at_ms = ?3 where seq = ?1",
-            params![seq, error, next_attempt_at_ms],
-        )?;
+            )?
+            .execute(params![seq, error, next_attempt_at_ms])?;
         Ok(())
     }
 }
