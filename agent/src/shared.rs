@@ -1,5 +1,6 @@
 //! State the agent's tasks share: the configuration, the store, the backend client, the MQTT
-//! client, health, and the channels into the automation task and the engine.
+//! client, health, and the channels into the automation task (requests, and readings for the
+//! engine it owns).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -92,6 +93,7 @@ pub struct Shared {
     pub(crate) mqtt_connected: std::sync::atomic::AtomicBool,
     /// Requests to the automation task (interlocks, emergency stop, macros, controls).
     pub automation: mpsc::Sender<AutomationInput>,
+    /// Readings (and rule sets) for the engine, which the automation task owns.
     pub(crate) engine: mpsc::Sender<EngineInput>,
     /// The latest value per (device, sensor) and its time, for macro conditions.
     pub(crate) latest: Mutex<HashMap<(String, String), (f64, i64)>>,

@@ -10,7 +10,8 @@
 //!    process of its own; beside it, in the same run and interleaved, Node-RED (npm `node-red`,
 //!    installed on demand into `target/bench-peers/`) running `tests/bench/node-red/flow.json`,
 //!    the same rules as a flow, and a bare MQTT echo (the floor: the same two broker hops with
-//!    nothing in between). Three loads: sparse (50 masters, no background telemetry), 50 and 200
+//!    nothing in between), and one SQLite commit beside the agent's database (the fsync the
+//!    agent's firing waits for before it publishes). Three loads: sparse (50 masters, no background telemetry), 50 and 200
 //!    simulated masters × 10 sensors at 1 Hz; CPU (from /proc/<pid>/stat) and resident memory of
 //!    the agent and of Node-RED under each;
 //! 3. emergency stop: POST /emergency/stop on the agent's local API until the simulator's relay
@@ -105,6 +106,9 @@ struct LoadResult {
     agent: Quantiles,
     node_red: Quantiles,
     bare: Quantiles,
+    /// One SQLite commit (WAL, `synchronous = FULL`) of one outbox row beside the agent's
+    /// database: the fsync the agent's firing must wait for.
+    commit: Quantiles,
     missed: (usize, usize),
     agent_cpu: f64,
     node_red_cpu: f64,
@@ -236,6 +240,10 @@ fn main() -> anyhow::Result<()> {
 
     // Processes are spawned from this (the main) thread: they die with it (PR_SET_PDEATHSIG).
     let node_red = start_node_red(&ctx, &node_red_js, dir.path())?;
+    let floor: CommitFloor = std::sync::Arc::new(std::sync::Mutex::new(
+        autocore_agent::store::Store::open(&dir.path().join("commit-floor.db"))
+            .context("the commit floor's database")?,
+    ));
     let mut results = Vec::new();
     let loads = [
         Load {
@@ -270,7 +278,9 @@ fn main() -> anyhow::Result<()> {
             _ => None,
         };
         let result = runtime
-            .block_on(bench_latency(&ctx, &agent, &node_red, load, probes, perf))
+            .block_on(bench_latency(
+                &ctx, &floor, &agent, &node_red, load, probes, perf,
+            ))
             .with_context(|| format!("the latency benchmark, {}", load.label))?;
         results.push(result);
         // The agent's own view of the firing path, to tell the store from the hops.
@@ -308,18 +318,19 @@ fn main() -> anyhow::Result<()> {
     );
     println!("## Reading → signed command, CPU and memory\n");
     println!(
-        "| load | agent p50 / p99 (max) ms | Node-RED p50 / p99 (max) ms | bare echo p50 / p99 (max) ms | agent CPU | Node-RED CPU | agent RSS | Node-RED RSS | load average before → after |"
+        "| load | agent p50 / p99 (max) ms | Node-RED p50 / p99 (max) ms | bare echo p50 / p99 (max) ms | one commit p50 / p99 (max) ms | agent CPU | Node-RED CPU | agent RSS | Node-RED RSS | load average before → after |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
     for r in &results {
         let q = |q: &Quantiles| format!("{:.2} / {:.2} ({:.2})", q.p50, q.p99, q.max);
         println!(
-            "| {} ({:.0} s) | {} | {} | {} | {:.1} % | {:.1} % | {:.1} MB | {:.1} MB | {} → {} |",
+            "| {} ({:.0} s) | {} | {} | {} | {} | {:.1} % | {:.1} % | {:.1} MB | {:.1} MB | {} → {} |",
             r.load.label,
             r.seconds,
             q(&r.agent),
             q(&r.node_red),
             q(&r.bare),
+            q(&r.commit),
             r.agent_cpu * 100.0,
             r.node_red_cpu * 100.0,
             r.agent_rss_kb as f64 / 1024.0,
@@ -365,6 +376,19 @@ fn latency_figures(results: &[LoadResult]) -> Vec<Figure> {
             ),
             target: "p50 ≤ Node-RED's".into(),
             met: Some(r.agent.p50 <= r.node_red.p50),
+        });
+        figures.push(Figure {
+            name: format!(
+                "the agent's own share, {}: agent − (bare echo + one commit)",
+                r.load.label
+            ),
+            value: format!("p50 {:.2} ms", r.agent.p50 - r.bare.p50 - r.commit.p50),
+            baseline: format!(
+                "one commit p50 {:.2} ms, p99 {:.2} ms",
+                r.commit.p50, r.commit.p99
+            ),
+            target: "(reported)".into(),
+            met: None,
         });
         figures.push(Figure {
             name: format!("CPU under load, {}", r.load.label),
@@ -1059,8 +1083,30 @@ async fn probe(
     Ok(got)
 }
 
+/// A scratch database with the agent's settings, in the agent's temp folder: the commit floor.
+type CommitFloor = std::sync::Arc<std::sync::Mutex<autocore_agent::store::Store>>;
+
+/// Times one commit of one outbox row: what a firing's write costs at least on this disk.
+async fn time_commit(floor: &CommitFloor, n: usize) -> anyhow::Result<Duration> {
+    let floor = floor.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut store = floor.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let started = Instant::now();
+        store.enqueue(
+            autocore_agent::store::OutboxClass::Event,
+            &format!("floor:{n}"),
+            &json!({"n": n}),
+            0,
+        )?;
+        Ok(started.elapsed())
+    })
+    .await
+    .context("the commit floor's thread")?
+}
+
 async fn bench_latency(
     ctx: &Ctx,
+    floor: &CommitFloor,
     agent: &AgentProcess,
     node_red: &ManagedProcess,
     load: Load,
@@ -1141,6 +1187,7 @@ async fn bench_latency(
     let mut agent_us = Vec::new();
     let mut node_red_us = Vec::new();
     let mut bare_us = Vec::new();
+    let mut commit_us = Vec::new();
     let mut missed = (0, 0);
     let started = Instant::now();
     let pause = || Duration::from_millis(rand::thread_rng().gen_range(20..40));
@@ -1189,6 +1236,9 @@ async fn bench_latency(
         .await?
         .context("the bare echo did not answer in 2 s")?;
         bare_us.push(bare.0.as_micros() as u64);
+        tokio::time::sleep(pause()).await;
+        let n = commit_us.len() + load.masters * probes;
+        commit_us.push(time_commit(floor, n).await?.as_micros() as u64);
     }
     let wall = started.elapsed();
     let ticks_after = (cpu_ticks(agent.pid)?, cpu_ticks(node_red_pid)?);
@@ -1217,6 +1267,7 @@ async fn bench_latency(
         agent: Quantiles::of(&agent_us),
         node_red: Quantiles::of(&node_red_us),
         bare: Quantiles::of(&bare_us),
+        commit: Quantiles::of(&commit_us),
         missed,
         agent_cpu: cpu(ticks_before.0, ticks_after.0),
         node_red_cpu: cpu(ticks_before.1, ticks_after.1),
@@ -1227,7 +1278,7 @@ async fn bench_latency(
         seconds: wall.as_secs_f64(),
     };
     eprintln!(
-        "bench-engine:   {}: agent p50 {:.2} p99 {:.2} max {:.2} ms; Node-RED p50 {:.2} p99 {:.2} max {:.2} ms; bare p50 {:.2} p99 {:.2} ms; CPU agent {:.1} % Node-RED {:.1} %; RSS agent {:.1} MB Node-RED {:.1} MB; load {} → {}",
+        "bench-engine:   {}: agent p50 {:.2} p99 {:.2} max {:.2} ms; Node-RED p50 {:.2} p99 {:.2} max {:.2} ms; bare p50 {:.2} p99 {:.2} ms; one commit p50 {:.2} p99 {:.2} ms; CPU agent {:.1} % Node-RED {:.1} %; RSS agent {:.1} MB Node-RED {:.1} MB; load {} → {}",
         load.label,
         result.agent.p50,
         result.agent.p99,
@@ -1237,6 +1288,8 @@ async fn bench_latency(
         result.node_red.max,
         result.bare.p50,
         result.bare.p99,
+        result.commit.p50,
+        result.commit.p99,
         result.agent_cpu * 100.0,
         result.node_red_cpu * 100.0,
         agent_rss_kb as f64 / 1024.0,
