@@ -45,9 +45,6 @@ struct Queue {
 struct Inner {
     queue: Mutex<Queue>,
     ready: Condvar,
-    /// Held by whoever runs a group: the store's thread, or an urgent caller running its own
-    /// job in place while the thread is idle.
-    store: Mutex<Store>,
 }
 
 /// Closes the queue when the last handle goes: the thread finishes what is queued, then ends
@@ -80,12 +77,11 @@ impl StoreHandle {
         let inner = Arc::new(Inner {
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
-            store: Mutex::new(store),
         });
         let thread_inner = inner.clone();
         std::thread::Builder::new()
             .name("autocore-store".into())
-            .spawn(move || run(&thread_inner))
+            .spawn(move || run(store, &thread_inner))
             .expect("spawning the store's thread");
         StoreHandle {
             inner: Arc::new(Closer(inner)),
@@ -102,35 +98,13 @@ impl StoreHandle {
     }
 
     /// Like [`StoreHandle::call`], ahead of every job that is not urgent: the hot path's
-    /// writes (a firing's decision, a command's signing counter). On tokio's multi-threaded
-    /// runtime, when the store's thread is idle, the caller runs its job and commits in place
-    /// (`block_in_place`): no wake-up of another thread between the decision and its publish.
+    /// writes (a firing's decision, a command's signing counter).
     pub async fn call_urgent<R, F>(&self, f: F) -> Result<R>
     where
         F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
-        let in_place = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if !in_place {
-            return self.submit(Kind::Urgent, f).await;
-        }
-        let rx = self.enqueue_quietly(Kind::Urgent, f)?;
-        let inner = &self.inner.0;
-        tokio::task::block_in_place(|| {
-            if let Ok(mut store) = inner.store.try_lock() {
-                run_group(&mut store, inner, true);
-            }
-        });
-        // Ours, if the store was busy, and whatever else waits go to the store's thread.
-        {
-            let queue = inner.queue.lock().map_err(|_| StoreError::Poisoned)?;
-            if !queue.urgent.is_empty() || !queue.normal.is_empty() {
-                inner.ready.notify_one();
-            }
-        }
-        rx.await
-            .map_err(|_| StoreError::Task("the store's thread ended".into()))?
+        self.submit(Kind::Urgent, f).await
     }
 
     /// Runs `f` outside any transaction, after the jobs queued before it: for what SQLite
@@ -173,21 +147,6 @@ impl StoreHandle {
         F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
-        let rx = self.enqueue_quietly(kind, f)?;
-        self.inner.0.ready.notify_one();
-        Ok(rx)
-    }
-
-    /// Queues the job without waking the store's thread.
-    fn enqueue_quietly<R, F>(
-        &self,
-        kind: Kind,
-        f: F,
-    ) -> Result<tokio::sync::oneshot::Receiver<Result<R>>>
-    where
-        F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
-        R: Send + 'static,
-    {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |store: &mut Store| {
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(store)))
@@ -210,6 +169,7 @@ impl StoreHandle {
                 Kind::Urgent => queue.urgent.push_back(job),
                 other => queue.normal.push_back((other, job)),
             }
+            inner.ready.notify_one();
         }
         Ok(rx)
     }
@@ -222,7 +182,7 @@ enum Next {
     Commit,
 }
 
-fn run(inner: &Inner) {
+fn run(mut store: Store, inner: &Inner) {
     loop {
         // Wait for work; end when closed and drained.
         {
@@ -233,73 +193,63 @@ fn run(inner: &Inner) {
                 }
                 queue = inner.ready.wait(queue).unwrap_or_else(|p| p.into_inner());
             }
-        }
-        let mut store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
-        let alone = {
-            let mut queue = inner.queue.lock().unwrap_or_else(|p| p.into_inner());
-            if queue.urgent.is_empty() && matches!(queue.normal.front(), Some((Kind::Alone, _))) {
-                queue.normal.pop_front().map(|(_, job)| job)
-            } else {
-                None
+            if queue.urgent.is_empty()
+                && let Some((Kind::Alone, _)) = queue.normal.front()
+                && let Some((_, job)) = queue.normal.pop_front()
+            {
+                drop(queue);
+                job(&mut store).1(None);
+                continue;
             }
-        };
-        match alone {
-            Some(job) => job(&mut store).1(None),
-            None => run_group(&mut store, inner, false),
         }
-    }
-}
-
-/// One group: jobs run in one transaction, each in its own savepoint, then one commit, then
-/// the answers. `urgent_only`: take no job that is not urgent (a caller running its own).
-fn run_group(store: &mut Store, inner: &Inner, urgent_only: bool) {
-    let began = store.begin_group();
-    let mut replies: Vec<Reply> = Vec::new();
-    let mut urgent_joined = false;
-    loop {
-        let next = {
-            let mut queue = inner.queue.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(job) = queue.urgent.pop_front() {
-                Some(Next::Job(job, Kind::Urgent))
-            } else if urgent_only || urgent_joined || replies.len() >= GROUP_JOBS_MAX {
-                None
-            } else {
-                match queue.normal.front() {
-                    Some((Kind::Alone, _)) => Some(Next::Commit),
-                    Some(_) => queue
-                        .normal
-                        .pop_front()
-                        .map(|(kind, job)| Next::Job(job, kind)),
-                    None => None,
+        let began = store.begin_group();
+        let mut replies: Vec<Reply> = Vec::new();
+        let mut urgent_joined = false;
+        loop {
+            let next = {
+                let mut queue = inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(job) = queue.urgent.pop_front() {
+                    Some(Next::Job(job, Kind::Urgent))
+                } else if urgent_joined || replies.len() >= GROUP_JOBS_MAX {
+                    None
+                } else {
+                    match queue.normal.front() {
+                        Some((Kind::Alone, _)) => Some(Next::Commit),
+                        Some(_) => queue
+                            .normal
+                            .pop_front()
+                            .map(|(kind, job)| Next::Job(job, kind)),
+                        None => None,
+                    }
                 }
-            }
-        };
-        match next {
-            Some(Next::Job(job, kind)) => {
-                urgent_joined |= kind == Kind::Urgent;
-                // Each job in a savepoint of its own: a failing one loses all its writes and
-                // nothing of the others'.
-                let own = began.is_ok() && store.begin_job().is_ok();
-                let (ok, reply) = job(store);
-                if own {
-                    store.end_job(ok);
+            };
+            match next {
+                Some(Next::Job(job, kind)) => {
+                    urgent_joined |= kind == Kind::Urgent;
+                    // Each job in a savepoint of its own: a failing one loses all its writes
+                    // and nothing of the others'.
+                    let own = began.is_ok() && store.begin_job().is_ok();
+                    let (ok, reply) = job(&mut store);
+                    if own {
+                        store.end_job(ok);
+                    }
+                    replies.push(reply);
                 }
-                replies.push(reply);
+                Some(Next::Commit) | None => break,
             }
-            Some(Next::Commit) | None => break,
         }
-    }
-    // Without a group (BEGIN refused) each job's savepoint was its own transaction.
-    let committed = match began {
-        Ok(()) => store.commit_group(),
-        Err(_) => Ok(()),
-    };
-    let error = committed.err();
-    if error.is_some() {
-        store.rollback_group();
-    }
-    for reply in replies {
-        reply(error.as_ref());
+        // Without a group (BEGIN refused) each job's savepoint was its own transaction.
+        let committed = match began {
+            Ok(()) => store.commit_group(),
+            Err(_) => Ok(()),
+        };
+        let error = committed.err();
+        if error.is_some() {
+            store.rollback_group();
+        }
+        for reply in replies {
+            reply(error.as_ref());
+        }
     }
 }
 
@@ -427,36 +377,6 @@ mod tests {
         urgent.await.unwrap().unwrap();
         normal.await.unwrap();
         assert_eq!(*order.lock().unwrap(), vec!["urgent", "normal"]);
-    }
-
-    fn thread_name() -> Option<String> {
-        std::thread::current().name().map(String::from)
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_urgent_job_runs_in_place_when_the_store_is_idle_and_on_its_thread_when_busy() {
-        let (_dir, store) = handle();
-        let ran_on = store.call_urgent(|_| Ok(thread_name())).await.unwrap();
-        assert_ne!(ran_on.as_deref(), Some("autocore-store"));
-        let release = hold(&store);
-        let urgent = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .call_urgent(|s| {
-                        queue_row(s, "urgent")?;
-                        Ok(thread_name())
-                    })
-                    .await
-            }
-        });
-        while store.inner.0.queue.lock().unwrap().urgent.is_empty() {
-            tokio::task::yield_now().await;
-        }
-        release.send(()).unwrap();
-        let ran_on = urgent.await.unwrap().unwrap();
-        assert_eq!(ran_on.as_deref(), Some("autocore-store"));
-        assert_eq!(keys(&store).await, vec!["urgent"]);
     }
 
     #[tokio::test]
