@@ -394,9 +394,14 @@ pub(crate) async fn flush_readings(
         })
         .await
     {
-        Ok((added, dropped)) => {
+        Ok((added, drops)) => {
             shared.metrics.readings_stored.inc_by(added as u64);
-            shared.metrics.telemetry_dropped.inc_by(dropped);
+            shared.metrics.telemetry_dropped.inc_by(drops.lost);
+            shared
+                .metrics
+                .telemetry_dropped_in_doubt
+                .inc_by(drops.in_doubt);
+            let dropped = drops.lost + drops.in_doubt;
             match dropping.note(dropped, now) {
                 DropLog::Nothing => {}
                 DropLog::Began { dropped } => {

@@ -287,6 +287,19 @@ pub struct RuleRecord {
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    /// Outbox rows handed to the push loop by [`Store::outbox_take_for_push`] and not taken
+    /// again since: the bound never drops them while their push may still succeed.
+    pushing: Vec<i64>,
+}
+
+/// Readings [`Store::enforce_outbox_bound`] dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxDrops {
+    /// Never received by the backend: lost.
+    pub lost: u64,
+    /// Dropped although an earlier push of them may have reached the backend (only when
+    /// nothing certainly lost was left to drop): lost or not, nobody can tell.
+    pub in_doubt: u64,
 }
 
 impl Store {
@@ -352,7 +365,10 @@ impl Store {
         if found != known {
             return Err(StoreError::SchemaVersion { found, known });
         }
-        Ok(Store { conn })
+        Ok(Store {
+            conn,
+            pushing: Vec::new(),
+        })
     }
 
     /// The schema version this agent writes.
@@ -367,7 +383,10 @@ impl Store {
     fn init(conn: Connection) -> Result<Store> {
         // The busy timeout first: another process (`status`, a test) may hold the file briefly.
         conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))?;
-        let mut store = Store { conn };
+        let mut store = Store {
+            conn,
+            pushing: Vec::new(),
+        };
         // Switching a new file to WAL and migrating it can meet another connection doing the
         // same; some of those lock conflicts answer "busy" without waiting on the timeout, so
         // the whole preparation is tried again rather than failing the agent's start.
@@ -661,6 +680,14 @@ impl Store {
         Ok(out)
     }
 
+    /// [`Store::outbox_due`] for the push loop: the rows are under way until the next call, and
+    /// [`Store::enforce_outbox_bound`] leaves them alone meanwhile.
+    pub fn outbox_take_for_push(&mut self, now_ms: i64, limit: usize) -> Result<Vec<OutboxRow>> {
+        let rows = self.outbox_due(now_ms, limit)?;
+        self.pushing = rows.iter().map(|r| r.seq).collect();
+        Ok(rows)
+    }
+
     /// Whether a command's completion is due to be pushed at `now_ms`. One backing off after
     /// failures does not count: it must not hold up every new command.
     pub fn completions_waiting(&self, now_ms: i64) -> Result<bool> {
@@ -682,20 +709,24 @@ impl Store {
         Ok(())
     }
 
-    /// A transient failure: try these rows again from `next_attempt_at_ms`.
+    /// A transient failure: try these rows again from `next_attempt_at_ms`. `in_doubt`: the
+    /// backend may have received them (no answer after sending); once in doubt, a row stays so.
     pub fn outbox_retry_later(
         &mut self,
         seqs: &[i64],
         error: &str,
         next_attempt_at_ms: i64,
+        in_doubt: bool,
     ) -> Result<()> {
         let tx = self.conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(
-                "update outbox set attempts = attempts + 1, last_error = ?2, next_attempt_at_ms = ?3 where seq = ?1",
+                "update outbox set attempts = attempts + 1, last_error = ?2, next_attempt_at_ms = ?3,
+                        in_doubt = max(in_doubt, ?4)
+                 where seq = ?1",
             )?;
             for seq in seqs {
-                stmt.execute(params![seq, error, next_attempt_at_ms])?;
+                stmt.execute(params![seq, error, next_attempt_at_ms, in_doubt])?;
             }
         }
         tx.commit()?;
@@ -750,25 +781,41 @@ impl Store {
     }
 
     /// Keeps the outbox at or under `rows_max` by dropping the oldest telemetry; nothing else is
-    /// ever dropped, so a queue of only commands and completions may exceed the bound. Returns how
-    /// many readings were dropped (also added to the `telemetry_dropped` counter).
-    pub fn enforce_outbox_bound(&mut self, rows_max: u64) -> Result<u64> {
+    /// ever dropped, so a queue of only commands and completions may exceed the bound. Readings
+    /// whose push is under way are never dropped (the push may succeed), and readings in doubt
+    /// (an earlier push may have reached the backend) only when nothing certainly lost is left:
+    /// so `telemetry_dropped` counts exactly the readings the backend never got, and
+    /// `telemetry_dropped_in_doubt` the ones nobody can tell about.
+    pub fn enforce_outbox_bound(&mut self, rows_max: u64) -> Result<OutboxDrops> {
         let depth: i64 = self
             .conn
             .query_row("select count(*) from outbox", [], |r| r.get(0))?;
         let excess = depth - rows_max as i64;
         if excess <= 0 {
-            return Ok(0);
+            return Ok(OutboxDrops::default());
         }
+        let pushing = serde_json::to_string(&self.pushing)?;
         let tx = self.conn.transaction()?;
-        let dropped = tx.execute(
-            "delete from outbox where seq in (
-               select seq from outbox where class = 'telemetry' order by seq limit ?1)",
-            [excess],
-        )? as u64;
-        add_counter(&tx, "telemetry_dropped", dropped as i64)?;
+        let drop_oldest = |in_doubt: i64, limit: i64| {
+            tx.execute(
+                "delete from outbox where seq in (
+                   select seq from outbox
+                   where class = 'telemetry' and in_doubt = ?1
+                     and seq not in (select value from json_each(?2))
+                   order by seq limit ?3)",
+                params![in_doubt, pushing, limit],
+            )
+            .map(|n| n as u64)
+        };
+        let lost = drop_oldest(0, excess)?;
+        let in_doubt = match excess - lost as i64 {
+            0 => 0,
+            left => drop_oldest(1, left)?,
+        };
+        add_counter(&tx, "telemetry_dropped", lost as i64)?;
+        add_counter(&tx, "telemetry_dropped_in_doubt", in_doubt as i64)?;
         tx.commit()?;
-        Ok(dropped)
+        Ok(OutboxDrops { lost, in_doubt })
     }
 
     // ---------------------------------------------------------------- counters

@@ -18,3 +18,4 @@ mod reports;
 mod roles;
 mod simulator;
 mod support;
+mod telemetry_counts;

@@ -329,6 +329,19 @@ pub async fn start_agent_on(
     mqtt_toml: &str,
     tail_toml: &str,
 ) -> Agent {
+    start_agent_overridden(world, rest, jwt, mqtt_toml, tail_toml, &[]).await
+}
+
+/// [`start_agent_on`] with `AUTOCORE_<SECTION>_<KEY>` overrides, as the environment gives them
+/// (for keys of the sections the base configuration already has, such as `[store]`).
+pub async fn start_agent_overridden(
+    world: &World,
+    rest: &str,
+    jwt: &str,
+    mqtt_toml: &str,
+    tail_toml: &str,
+    overrides: &[(&str, &str)],
+) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
         r#"
@@ -353,7 +366,9 @@ pub async fn start_agent_on(
     let config = autocore_agent::config::AgentConfig::from_toml(
         &toml,
         std::path::Path::new("test.toml"),
-        std::iter::empty(),
+        overrides
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
     )
     .unwrap();
     if world.stack.mosquitto().is_ok() {

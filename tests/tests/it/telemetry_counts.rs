@@ -1,0 +1,219 @@
+//! Telemetry dropped at the outbox bound is counted exactly: after an outage in which pushes
+//! reached the backend but their answers were lost (as behind a frozen PostgREST or a request
+//! timeout), and then the backend refused everything until the outbox overflowed, the agent's
+//! drop counter equals the readings missing in the cloud.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use autocore_stack::{Claims, Role};
+
+use crate::support::{
+    ALICE, MASTER, World, eventually, master_toml, observe_json, start_agent_overridden, start_sim,
+};
+
+const KEY_HEX: &str = "4c1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
+const SENSORS: usize = 10;
+
+/// What the proxy in front of PostgREST does.
+const PASS: u8 = 0;
+/// Forwards telemetry pushes (the backend stores them) and answers 504: the answer is lost.
+const LOSE_TELEMETRY_ANSWERS: u8 = 1;
+/// Answers 503 without forwarding anything: the backend is away.
+const AWAY: u8 = 2;
+
+async fn proxy(upstream: String, mode: Arc<AtomicU8>) -> String {
+    use axum::body::{Body, to_bytes};
+    use axum::http::{Request, Response};
+    let client = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |request: Request<Body>| {
+        let (client, upstream, mode) = (client.clone(), upstream.clone(), mode.clone());
+        async move {
+            let status = |code: u16| {
+                Response::builder()
+                    .status(code)
+                    .body(Body::empty())
+                    .unwrap()
+            };
+            let mode = mode.load(Ordering::SeqCst);
+            if mode == AWAY {
+                return status(503);
+            }
+            let (parts, body) = request.into_parts();
+            let body = to_bytes(body, 16 << 20).await.unwrap_or_default();
+            let path = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .to_string();
+            let mut forward = client.request(parts.method.clone(), format!("{upstream}{path}"));
+            for (name, value) in &parts.headers {
+                if name != "host" && name != "content-length" {
+                    forward = forward.header(name, value);
+                }
+            }
+            let Ok(answer) = forward.body(body).send().await else {
+                return status(502);
+            };
+            let code = answer.status().as_u16();
+            let content_type = answer.headers().get("content-type").cloned();
+            let Ok(bytes) = answer.bytes().await else {
+                return status(502);
+            };
+            if mode == LOSE_TELEMETRY_ANSWERS && path.ends_with("/rpc/insert_telemetry") {
+                return status(504);
+            }
+            let mut response = Response::builder().status(code);
+            if let Some(content_type) = content_type {
+                response = response.header("content-type", content_type);
+            }
+            response.body(Body::from(bytes)).unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+fn fast_sim(world: &World) -> firmware_protocol::sim::SimConfig {
+    use firmware_protocol::sim::{SensorSource, SensorSpec};
+    let mut config = crate::support::one_master_sim(world, KEY_HEX);
+    config.masters[0].sensors = (0..SENSORS)
+        .map(|i| SensorSpec {
+            name: format!("s{i}"),
+            unit: None,
+            source: SensorSource::Fixed(i as f64),
+        })
+        .collect();
+    // 10 sensors every 20 ms: 500 readings a second.
+    config.timing.telemetry_interval_ms = 20;
+    config
+}
+
+async fn metric(api: &str, name: &str) -> u64 {
+    let text = reqwest::get(format!("{api}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("autocore_agent_{name}_total ")))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+async fn outbox_depth(api: &str) -> u64 {
+    let health: serde_json::Value = reqwest::get(format!("{api}/health"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    health["outbox"]["depth"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_dropped_at_the_outbox_bound_are_exactly_the_readings_missing_in_the_cloud() {
+    let world = World::start_full();
+    let mode = Arc::new(AtomicU8::new(PASS));
+    let rest = proxy(world.stack.rest_url().unwrap(), mode.clone()).await;
+
+    // Every telemetry message the master publishes, by its time.
+    let published = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let sink = published.clone();
+    let login = world
+        .stack
+        .broker_login(Role::Monitor, "count-observer")
+        .unwrap();
+    observe_json(
+        &world.stack.mqtt_url().unwrap(),
+        &login,
+        &format!("autocore/devices/{MASTER}/telemetry"),
+        firmware_protocol::sim::rumqttc::QoS::AtLeastOnce,
+        move |v| {
+            if let Some(ts) = v["ts_ms"].as_i64() {
+                sink.lock().unwrap().insert(ts);
+            }
+        },
+    )
+    .await;
+
+    let sim_stop = start_sim(fast_sim(&world));
+    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
+    let mqtt = crate::support::agent_mqtt_toml(&world, "");
+    let agent = start_agent_overridden(
+        &world,
+        &rest,
+        &jwt,
+        &mqtt,
+        &master_toml(MASTER, KEY_HEX, "mqtt"),
+        &[("AUTOCORE_STORE_OUTBOX_ROWS_MAX", "1000")],
+    )
+    .await;
+    eventually("telemetry in the cloud", Duration::from_secs(30), || {
+        (world.sql_one("select count(*) from telemetry_data") != "0").then_some(())
+    })
+    .await;
+
+    // 1. Pushes arrive, answers are lost: those readings are in the cloud, the agent cannot know.
+    mode.store(LOSE_TELEMETRY_ANSWERS, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // 2. The backend is away until the outbox has overflowed several times over.
+    mode.store(AWAY, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while metric(&agent.api, "telemetry_dropped").await < 2_000 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing dropped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // 3. Heal, stop the master, and let the outbox drain.
+    mode.store(PASS, Ordering::SeqCst);
+    let _ = sim_stop.send(());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while outbox_depth(&agent.api).await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox never drained"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let dropped = metric(&agent.api, "telemetry_dropped").await;
+    let dropped_in_doubt = metric(&agent.api, "telemetry_dropped_in_doubt").await;
+    let stored: u64 = world
+        .sql_one(&format!(
+            "select count(*) from telemetry_data where device_id = '{MASTER}'"
+        ))
+        .parse()
+        .unwrap();
+    let first_stored: i64 = world
+        .sql_one(&format!(
+            "select (extract(epoch from min(recorded_at)) * 1000)::bigint from telemetry_data
+              where device_id = '{MASTER}'"
+        ))
+        .parse()
+        .unwrap();
+    // What the agent accepted: every message from the first one it stored on.
+    let accepted = published
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| **t >= first_stored)
+        .count() as u64
+        * SENSORS as u64;
+    agent.shut_down().await;
+    assert_eq!(
+        dropped_in_doubt, 0,
+        "readings in doubt fit in the bound, so none had to go"
+    );
+    assert_eq!(
+        accepted - stored,
+        dropped,
+        "missing in the cloud ({accepted} accepted - {stored} stored) vs counted as dropped"
+    );
+}
