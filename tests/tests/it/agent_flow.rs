@@ -152,7 +152,23 @@ async fn with_the_backend_away_commands_run_and_every_reading_and_completion_arr
  {
     let mut world = World::start_full();
     let published = telemetry_observer(&world).await;
-    let edge = start_edge(&world).await;
+    // Locks that lapse during the outage: after it, the cloud would hand the commands out again
+    // if the agent asked for commands before it had reported what it completed.
+    let sim_stop = start_sim(one_master_sim(&world, KEY_HEX));
+    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
+    let agent = crate::support::start_agent_overridden(
+        &world,
+        &world.stack.rest_url().unwrap(),
+        &jwt,
+        &crate::support::agent_mqtt_toml(&world, ""),
+        &master_toml(MASTER, KEY_HEX, "mqtt"),
+        &[("AUTOCORE_CLOUD_LOCK_TIMEOUT_SECONDS", "2")],
+    )
+    .await;
+    let edge = Edge {
+        _sim_stop: sim_stop,
+        agent,
+    };
     eventually(
         "first telemetry in the cloud",
         Duration::from_secs(30),
@@ -226,6 +242,14 @@ async fn with_the_backend_away_commands_run_and_every_reading_and_completion_arr
     assert_eq!(
         (completed_before.as_str(), with_sent_at.as_str()),
         ("3", "3")
+    );
+    // Handed out once: completions went before any new lock after the outage.
+    assert_eq!(
+        world.sql(&format!(
+            "select delivery_count from relay_commands_slave where id in ({list}) order by id"
+        )),
+        vec!["1", "1", "1"],
+        "a command completed during the outage was locked again after it"
     );
     let drained = eventually_async_health(&edge.api, |h| h["outbox"]["depth"] == 0).await;
     assert_eq!(drained["backend_reachable"], true);
