@@ -12,6 +12,7 @@ pub mod bridge;
 pub mod broker;
 pub mod cli;
 pub mod cloud;
+pub mod command;
 pub mod config;
 pub mod connectivity;
 pub mod delivery;

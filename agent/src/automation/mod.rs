@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use serde_json::{Value, json};
 
+use crate::command::{CommandSource, CommandType, RelayAction, SwitchAction, actions_to_columns};
 use crate::config::{AgentConfig, Transport};
 use crate::macros::{MacroCatalog, MacroEffect, MacroOutcome, MacroRunner};
 use crate::rules::engine::Firing;
@@ -83,8 +84,8 @@ impl Step {
 /// How a command the Pi creates is labelled in `relay_commands_slave`.
 #[derive(Debug, Clone)]
 struct Origin {
-    command_type: &'static str,
-    triggered_by: &'static str,
+    command_type: CommandType,
+    triggered_by: CommandSource,
     rule_id: Option<String>,
     rule_name: Option<String>,
 }
@@ -92,10 +93,14 @@ struct Origin {
 impl Origin {
     fn of(source: Source) -> Origin {
         let (command_type, triggered_by) = match source {
-            Source::Rule => ("rule", "rule"),
-            Source::Macro => ("automation", "macro"),
-            Source::Hold | Source::Manual | Source::Polling => ("manual", "manual"),
-            Source::Automation | Source::Safety => ("automation", "automation"),
+            Source::Rule => (CommandType::Rule, CommandSource::Rule),
+            Source::Macro => (CommandType::Automation, CommandSource::Macro),
+            Source::Hold | Source::Manual | Source::Polling => {
+                (CommandType::Manual, CommandSource::Manual)
+            }
+            Source::Automation | Source::Safety => {
+                (CommandType::Automation, CommandSource::Automation)
+            }
         };
         Origin {
             command_type,
@@ -104,6 +109,22 @@ impl Origin {
             rule_name: None,
         }
     }
+}
+
+/// What a plan sends the slave: one absolute action per relay.
+fn plan_actions(plan: &crate::safety::Plan) -> Vec<RelayAction> {
+    plan.switches
+        .iter()
+        .map(|s| RelayAction {
+            relay: s.relay,
+            action: if s.on {
+                SwitchAction::On
+            } else {
+                SwitchAction::Off
+            },
+            duration_s: s.duration_s,
+        })
+        .collect()
 }
 
 /// The interlocks as configured.
@@ -215,15 +236,9 @@ impl Automation {
             master_device_id: plan.master.clone(),
             slave_mac_address: plan.slave_mac.clone(),
             slave_device_id: None,
-            relay_numbers: plan.switches.iter().map(|s| s.relay).collect(),
-            actions: plan
-                .switches
-                .iter()
-                .map(|s| if s.on { "on" } else { "off" }.to_string())
-                .collect(),
-            duration_seconds: plan.switches.iter().map(|s| s.duration_s).collect(),
-            command_type: origin.command_type.to_string(),
-            triggered_by: origin.triggered_by.to_string(),
+            actions: plan_actions(plan),
+            command_type: origin.command_type,
+            triggered_by: origin.triggered_by,
             priority: plan.priority.clamp(0, 100),
             rule_id: origin.rule_id.clone(),
             rule_name: origin.rule_name.clone(),
@@ -451,17 +466,16 @@ impl Automation {
             Source::Manual
         };
         let switches = command
-            .relay_numbers
+            .actions
             .iter()
-            .zip(&command.actions)
-            .zip(&command.duration_seconds)
-            .map(|((&relay, action), &duration_s)| {
+            .map(|a| {
                 (
-                    relay,
-                    if action == "on" {
-                        Switch::On { duration_s }
-                    } else {
-                        Switch::Off
+                    a.relay,
+                    match a.action {
+                        SwitchAction::On => Switch::On {
+                            duration_s: a.duration_s,
+                        },
+                        SwitchAction::Off => Switch::Off,
                     },
                 )
             })
@@ -477,27 +491,10 @@ impl Automation {
             Ok(plan) => {
                 self.safety.apply(&plan, now_ms);
                 step.write.safety = self.snapshot();
-                command.relay_numbers = plan.switches.iter().map(|s| s.relay).collect();
-                command.actions = plan
-                    .switches
-                    .iter()
-                    .map(|s| if s.on { "on" } else { "off" }.to_string())
-                    .collect();
-                let requested = (
-                    command.relay_numbers.clone(),
-                    command.actions.clone(),
-                    command.duration_seconds.clone(),
-                );
-                command.duration_seconds = plan.switches.iter().map(|s| s.duration_s).collect();
+                let requested = std::mem::replace(&mut command.actions, plan_actions(&plan));
                 // The dashboard's row stays the record of what was asked (its content is
                 // immutable); what the slave is sent instead is recorded beside it.
-                if requested
-                    != (
-                        command.relay_numbers.clone(),
-                        command.actions.clone(),
-                        command.duration_seconds.clone(),
-                    )
-                {
+                if requested != command.actions {
                     step.write.outbox.push(self.event(
                         "command_adjusted",
                         "info",
@@ -508,8 +505,8 @@ impl Automation {
                         ),
                         json!({
                             "command_id": command.id,
-                            "requested": {"relay_numbers": requested.0, "actions": requested.1, "duration_seconds": requested.2},
-                            "sent": {"relay_numbers": command.relay_numbers, "actions": command.actions, "duration_seconds": command.duration_seconds},
+                            "requested": actions_to_columns(&requested),
+                            "sent": actions_to_columns(&command.actions),
                         }),
                         now_ms,
                     ));

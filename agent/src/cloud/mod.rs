@@ -11,6 +11,7 @@ use reqwest011 as reqwest;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::command::{CommandSource, CommandType};
 use crate::store::{CommandRecord, CommandState, Reading, RuleRecord};
 pub use token::{TokenError, TokenSource, unverified_claims};
 
@@ -70,7 +71,9 @@ impl CloudError {
     }
 }
 
-/// A row of `relay_commands_slave` as the RPC returns it.
+/// A row of `relay_commands_slave` as the RPC returns it: the wire's strings and parallel arrays,
+/// read only by [`CloudCommand::to_record`], which types it (a row it cannot type is refused
+/// alone, not the whole answer).
 #[derive(Debug, Clone, Deserialize)]
 pub struct CloudCommand {
     pub id: i64,
@@ -85,7 +88,6 @@ pub struct CloudCommand {
     pub priority: i32,
     pub rule_id: Option<String>,
     pub rule_name: Option<String>,
-    pub status: String,
     pub expires_at: String,
 }
 
@@ -94,34 +96,19 @@ impl CloudCommand {
     pub fn to_record(&self) -> Result<CommandRecord, String> {
         let expires_at_ms = parse_timestamp_ms(&self.expires_at)
             .ok_or_else(|| format!("unreadable expires_at {:?}", self.expires_at))?;
-        let relay_numbers = self
-            .relay_numbers
-            .iter()
-            .map(|&n| u8::try_from(n).map_err(|_| format!("relay number {n} out of range")))
-            .collect::<Result<Vec<u8>, String>>()?;
-        let duration_seconds = self
-            .duration_seconds
-            .iter()
-            .map(|&d| u32::try_from(d).map_err(|_| format!("duration {d} out of range")))
-            .collect::<Result<Vec<u32>, String>>()?;
-        if self.actions.iter().any(|a| a != "on" && a != "off") {
-            return Err(format!("actions must be on/off, got {:?}", self.actions));
-        }
-        if relay_numbers.len() != self.actions.len()
-            || relay_numbers.len() != duration_seconds.len()
-        {
-            return Err("relay_numbers, actions and duration_seconds differ in length".into());
-        }
+        let actions = crate::command::actions_from_columns(
+            &self.relay_numbers,
+            &self.actions,
+            &self.duration_seconds,
+        )?;
         Ok(CommandRecord {
             id: self.id,
             master_device_id: self.master_device_id.clone(),
             slave_mac_address: self.slave_mac_address.clone(),
             slave_device_id: self.slave_device_id.clone(),
-            relay_numbers,
-            actions: self.actions.clone(),
-            duration_seconds,
-            command_type: self.command_type.clone(),
-            triggered_by: self.triggered_by.clone(),
+            actions,
+            command_type: CommandType::parse(&self.command_type)?,
+            triggered_by: CommandSource::parse(&self.triggered_by)?,
             priority: self.priority,
             rule_id: self.rule_id.clone(),
             rule_name: self.rule_name.clone(),

@@ -16,6 +16,7 @@ pub use notify::NotificationRow;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use crate::command::{CommandSource, CommandType, RelayAction};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -115,11 +116,10 @@ pub struct CommandRecord {
     pub master_device_id: String,
     pub slave_mac_address: String,
     pub slave_device_id: Option<String>,
-    pub relay_numbers: Vec<u8>,
-    pub actions: Vec<String>,
-    pub duration_seconds: Vec<u32>,
-    pub command_type: String,
-    pub triggered_by: String,
+    /// One action per relay (the table's `relay_numbers`, `actions`, `duration_seconds`).
+    pub actions: Vec<RelayAction>,
+    pub command_type: CommandType,
+    pub triggered_by: CommandSource,
     pub priority: i32,
     pub rule_id: Option<String>,
     pub rule_name: Option<String>,
@@ -1080,16 +1080,21 @@ fn command_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CommandRecord> {
             rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
         })
     }
+    let bad = |i: usize, e: String| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
+    };
+    let relay_numbers: Vec<i64> = json(r, 4)?;
+    let actions: Vec<String> = json(r, 5)?;
+    let duration_seconds: Vec<i64> = json(r, 6)?;
     Ok(CommandRecord {
         id: r.get(0)?,
         master_device_id: r.get(1)?,
         slave_mac_address: r.get(2)?,
         slave_device_id: r.get(3)?,
-        relay_numbers: json(r, 4)?,
-        actions: json(r, 5)?,
-        duration_seconds: json(r, 6)?,
-        command_type: r.get(7)?,
-        triggered_by: r.get(8)?,
+        actions: crate::command::actions_from_columns(&relay_numbers, &actions, &duration_seconds)
+            .map_err(|e| bad(5, e))?,
+        command_type: CommandType::parse(&r.get::<_, String>(7)?).map_err(|e| bad(7, e))?,
+        triggered_by: CommandSource::parse(&r.get::<_, String>(8)?).map_err(|e| bad(8, e))?,
         priority: r.get(9)?,
         rule_id: r.get(10)?,
         rule_name: r.get(11)?,
@@ -1132,6 +1137,7 @@ fn insert_command(
     client_id: Option<&str>,
     now_ms: i64,
 ) -> Result<()> {
+    let columns = crate::command::actions_to_columns(&cmd.actions);
     conn.execute(
         "insert into commands (id, master_device_id, slave_mac_address, slave_device_id, relay_numbers,
             actions, duration_seconds, command_type, triggered_by, priority, rule_id, rule_name,
@@ -1143,11 +1149,11 @@ fn insert_command(
             cmd.master_device_id,
             cmd.slave_mac_address,
             cmd.slave_device_id,
-            serde_json::to_string(&cmd.relay_numbers)?,
-            serde_json::to_string(&cmd.actions)?,
-            serde_json::to_string(&cmd.duration_seconds)?,
-            cmd.command_type,
-            cmd.triggered_by,
+            serde_json::to_string(&columns.relay_numbers)?,
+            serde_json::to_string(&columns.actions)?,
+            serde_json::to_string(&columns.duration_seconds)?,
+            cmd.command_type.as_str(),
+            cmd.triggered_by.as_str(),
             cmd.priority,
             cmd.rule_id,
             cmd.rule_name,

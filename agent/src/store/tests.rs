@@ -11,11 +11,9 @@ pub(super) fn command(id: i64) -> CommandRecord {
         master_device_id: "ESP32_A".into(),
         slave_mac_address: "14:33:5C:38:BF:60".into(),
         slave_device_id: None,
-        relay_numbers: vec![0],
-        actions: vec!["on".into()],
-        duration_seconds: vec![60],
-        command_type: "manual".into(),
-        triggered_by: "manual".into(),
+        actions: crate::command::actions_from_columns(&[0], &["on".into()], &[60]).unwrap(),
+        command_type: crate::command::CommandType::Manual,
+        triggered_by: crate::command::CommandSource::Manual,
         priority: 10,
         rule_id: None,
         rule_name: None,
@@ -466,8 +464,8 @@ fn a_full_disk_is_a_clear_error_and_loses_nothing_already_stored() {
 
 fn edge_command(id: i64) -> CommandRecord {
     CommandRecord {
-        command_type: "rule".into(),
-        triggered_by: "rule".into(),
+        command_type: crate::command::CommandType::Rule,
+        triggered_by: crate::command::CommandSource::Rule,
         priority: 50,
         rule_id: Some("RULE_001".into()),
         rule_name: Some("pH low".into()),
@@ -785,7 +783,7 @@ fn a_database_of_every_older_schema_is_migrated_keeping_its_rows() {
         // What the later migrations added works on the migrated file: a local command's
         // client_id (2), notifications from events (5).
         let mut local = command(-1);
-        local.command_type = "rule".into();
+        local.command_type = crate::command::CommandType::Rule;
         store.accept_command(&local, 4).unwrap();
         store
             .enqueue(
