@@ -791,65 +791,25 @@ async fn a_master_that_only_sends_telemetry_stays_online_and_goes_offline_once_s
     agent.shut_down().await;
 }
 
-/// A proxy in front of PostgREST that, once armed, loses the answer of the first lock call that
-/// locked something: the backend did the work, the agent sees a 504 (as after a PostgREST freeze
-/// or a request timeout).
-async fn answer_losing_proxy(
-    upstream: String,
-    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> String {
-    use axum::body::{Body, to_bytes};
-    use axum::http::{Request, Response};
-    let client = reqwest::Client::new();
-    let app = axum::Router::new().fallback(move |request: Request<Body>| {
-        let (client, upstream, armed) = (client.clone(), upstream.clone(), armed.clone());
-        async move {
-            let (parts, body) = request.into_parts();
-            let body = to_bytes(body, 1 << 20).await.unwrap_or_default();
-            let path = parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/");
-            let mut forward = client.request(parts.method.clone(), format!("{upstream}{path}"));
-            for (name, value) in &parts.headers {
-                if name != "host" && name != "content-length" {
-                    forward = forward.header(name, value);
-                }
-            }
-            let bad_gateway = || Response::builder().status(502).body(Body::empty()).unwrap();
-            let Ok(answer) = forward.body(body).send().await else {
-                return bad_gateway();
-            };
-            let status = answer.status();
-            let content_type = answer.headers().get("content-type").cloned();
-            let Ok(bytes) = answer.bytes().await else {
-                return bad_gateway();
-            };
-            if path.ends_with("/rpc/get_and_lock_slave_commands")
-                && bytes.as_ref() != b"[]"
-                && armed.swap(false, std::sync::atomic::Ordering::SeqCst)
-            {
-                return Response::builder().status(504).body(Body::empty()).unwrap();
-            }
-            let mut response = Response::builder().status(status.as_u16());
-            if let Some(content_type) = content_type {
-                response = response.header("content-type", content_type);
-            }
-            response.body(Body::from(bytes)).unwrap()
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_call_whose_answer_is_lost_is_retried_and_gets_the_same_command() {
     let world = World::start_full();
     let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let proxy = answer_losing_proxy(world.stack.rest_url().unwrap(), armed.clone()).await;
+    // Loses the answer of the first lock call that locked something: the backend did the work,
+    // the agent sees a 504.
+    let lose = armed.clone();
+    let proxy = crate::support::faulty_proxy(
+        world.stack.rest_url().unwrap(),
+        crate::support::ProxyFaults {
+            refuse: Box::new(|_| None),
+            lose_answer: Box::new(move |path, answer| {
+                path.ends_with("/rpc/get_and_lock_slave_commands")
+                    && answer != b"[]"
+                    && lose.swap(false, std::sync::atomic::Ordering::SeqCst)
+            }),
+        },
+    )
+    .await;
     let sim_stop = start_sim(one_master_sim(&world, KEY_HEX));
     let mqtt = crate::support::agent_mqtt_toml(&world, "");
     let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));

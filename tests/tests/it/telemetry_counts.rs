@@ -24,61 +24,6 @@ const LOSE_TELEMETRY_ANSWERS: u8 = 1;
 /// Answers 503 without forwarding anything: the backend is away.
 const AWAY: u8 = 2;
 
-async fn proxy(upstream: String, mode: Arc<AtomicU8>) -> String {
-    use axum::body::{Body, to_bytes};
-    use axum::http::{Request, Response};
-    let client = reqwest::Client::new();
-    let app = axum::Router::new().fallback(move |request: Request<Body>| {
-        let (client, upstream, mode) = (client.clone(), upstream.clone(), mode.clone());
-        async move {
-            let status = |code: u16| {
-                Response::builder()
-                    .status(code)
-                    .body(Body::empty())
-                    .unwrap()
-            };
-            let mode = mode.load(Ordering::SeqCst);
-            if mode == AWAY {
-                return status(503);
-            }
-            let (parts, body) = request.into_parts();
-            let body = to_bytes(body, 16 << 20).await.unwrap_or_default();
-            let path = parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/")
-                .to_string();
-            let mut forward = client.request(parts.method.clone(), format!("{upstream}{path}"));
-            for (name, value) in &parts.headers {
-                if name != "host" && name != "content-length" {
-                    forward = forward.header(name, value);
-                }
-            }
-            let Ok(answer) = forward.body(body).send().await else {
-                return status(502);
-            };
-            let code = answer.status().as_u16();
-            let content_type = answer.headers().get("content-type").cloned();
-            let Ok(bytes) = answer.bytes().await else {
-                return status(502);
-            };
-            if mode == LOSE_TELEMETRY_ANSWERS && path.ends_with("/rpc/insert_telemetry") {
-                return status(504);
-            }
-            let mut response = Response::builder().status(code);
-            if let Some(content_type) = content_type {
-                response = response.header("content-type", content_type);
-            }
-            response.body(Body::from(bytes)).unwrap()
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
-}
-
 fn fast_sim(world: &World) -> firmware_protocol::sim::SimConfig {
     use firmware_protocol::sim::{SensorSource, SensorSpec};
     let mut config = crate::support::one_master_sim(world, KEY_HEX);
@@ -94,17 +39,8 @@ fn fast_sim(world: &World) -> firmware_protocol::sim::SimConfig {
     config
 }
 
-async fn metric(api: &str, name: &str) -> u64 {
-    let text = reqwest::get(format!("{api}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("autocore_agent_{name}_total ")))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+async fn counter(api: &str, name: &str) -> u64 {
+    crate::support::metric(api, &format!("autocore_agent_{name}_total ")).await as u64
 }
 
 async fn outbox_depth(api: &str) -> u64 {
@@ -121,7 +57,18 @@ async fn outbox_depth(api: &str) -> u64 {
 async fn readings_dropped_at_the_outbox_bound_are_exactly_the_readings_missing_in_the_cloud() {
     let world = World::start_full();
     let mode = Arc::new(AtomicU8::new(PASS));
-    let rest = proxy(world.stack.rest_url().unwrap(), mode.clone()).await;
+    let (refuse, lose) = (mode.clone(), mode.clone());
+    let rest = crate::support::faulty_proxy(
+        world.stack.rest_url().unwrap(),
+        crate::support::ProxyFaults {
+            refuse: Box::new(move |_| (refuse.load(Ordering::SeqCst) == AWAY).then_some(503)),
+            lose_answer: Box::new(move |path, _| {
+                lose.load(Ordering::SeqCst) == LOSE_TELEMETRY_ANSWERS
+                    && path.ends_with("/rpc/insert_telemetry")
+            }),
+        },
+    )
+    .await;
 
     // Every telemetry message the master publishes, by its time.
     let published = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
@@ -166,7 +113,7 @@ async fn readings_dropped_at_the_outbox_bound_are_exactly_the_readings_missing_i
     // 2. The backend is away until the outbox has overflowed several times over.
     mode.store(AWAY, Ordering::SeqCst);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while metric(&agent.api, "telemetry_dropped").await < 2_000 {
+    while counter(&agent.api, "telemetry_dropped").await < 2_000 {
         assert!(tokio::time::Instant::now() < deadline, "nothing dropped");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -183,8 +130,8 @@ async fn readings_dropped_at_the_outbox_bound_are_exactly_the_readings_missing_i
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let dropped = metric(&agent.api, "telemetry_dropped").await;
-    let dropped_in_doubt = metric(&agent.api, "telemetry_dropped_in_doubt").await;
+    let dropped = counter(&agent.api, "telemetry_dropped").await;
+    let dropped_in_doubt = counter(&agent.api, "telemetry_dropped_in_doubt").await;
     let stored: u64 = world
         .sql_one(&format!(
             "select count(*) from telemetry_data where device_id = '{MASTER}'"
