@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use crate::support::{
     ALICE, Agent, MASTER, SLAVE, World, eventually, insert_command, master_toml, mqtt_options,
-    observe_json, one_master_sim, start_agent, start_sim, until_status,
+    one_master_sim, start_agent, start_sim, until_status,
 };
 
 /// How long the backend stays away in the outage test: short in CI, a minute with
@@ -21,31 +21,6 @@ fn outage() -> Duration {
     } else {
         Duration::from_secs(8)
     }
-}
-
-/// Collects the `ts_ms` of every telemetry payload the master publishes.
-async fn telemetry_observer(
-    world: &World,
-) -> std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<i64>>> {
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-    let sink = seen.clone();
-    let login = world
-        .stack
-        .broker_login(Role::Monitor, "telemetry-observer")
-        .unwrap();
-    observe_json(
-        &world.stack.mqtt_url().unwrap(),
-        &login,
-        &format!("autocore/devices/{MASTER}/telemetry"),
-        firmware_protocol::sim::rumqttc::QoS::AtMostOnce,
-        move |v| {
-            if let Some(ts) = v["ts_ms"].as_i64() {
-                sink.lock().unwrap().insert(ts);
-            }
-        },
-    )
-    .await;
-    seen
 }
 
 const KEY_HEX: &str = "9a1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
@@ -151,7 +126,7 @@ async fn a_command_from_the_dashboard_runs_on_the_slave_and_is_completed_in_the_
 async fn with_the_backend_away_commands_run_and_every_reading_and_completion_arrives_once_it_returns()
  {
     let mut world = World::start_full();
-    let published = telemetry_observer(&world).await;
+    let published = crate::support::telemetry_observer(&world).await;
     // Locks that lapse during the outage: after it, the cloud would hand the commands out again
     // if the agent asked for commands before it had reported what it completed.
     let sim_stop = start_sim(one_master_sim(&world, KEY_HEX));

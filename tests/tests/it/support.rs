@@ -583,3 +583,29 @@ pub async fn faulty_proxy(upstream: String, faults: ProxyFaults) -> String {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     url
 }
+
+/// Collects the `ts_ms` of every telemetry payload the master publishes (QoS 1: the observer
+/// itself loses none).
+pub async fn telemetry_observer(
+    world: &World,
+) -> std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<i64>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let sink = seen.clone();
+    let login = world
+        .stack
+        .broker_login(autocore_stack::Role::Monitor, "telemetry-observer")
+        .unwrap();
+    observe_json(
+        &world.stack.mqtt_url().unwrap(),
+        &login,
+        &format!("autocore/devices/{MASTER}/telemetry"),
+        firmware_protocol::sim::rumqttc::QoS::AtLeastOnce,
+        move |v| {
+            if let Some(ts) = v["ts_ms"].as_i64() {
+                sink.lock().unwrap().insert(ts);
+            }
+        },
+    )
+    .await;
+    seen
+}

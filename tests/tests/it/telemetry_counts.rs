@@ -3,15 +3,14 @@
 //! timeout), and then the backend refused everything until the outbox overflowed, the agent's
 //! drop counter equals the readings missing in the cloud.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use autocore_stack::{Claims, Role};
+use autocore_stack::Claims;
 
 use crate::support::{
-    ALICE, MASTER, World, eventually, master_toml, observe_json, start_agent_overridden, start_sim,
+    ALICE, MASTER, World, eventually, master_toml, start_agent_overridden, start_sim,
 };
 
 const KEY_HEX: &str = "4c1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
@@ -71,24 +70,7 @@ async fn readings_dropped_at_the_outbox_bound_are_exactly_the_readings_missing_i
     .await;
 
     // Every telemetry message the master publishes, by its time.
-    let published = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
-    let sink = published.clone();
-    let login = world
-        .stack
-        .broker_login(Role::Monitor, "count-observer")
-        .unwrap();
-    observe_json(
-        &world.stack.mqtt_url().unwrap(),
-        &login,
-        &format!("autocore/devices/{MASTER}/telemetry"),
-        firmware_protocol::sim::rumqttc::QoS::AtLeastOnce,
-        move |v| {
-            if let Some(ts) = v["ts_ms"].as_i64() {
-                sink.lock().unwrap().insert(ts);
-            }
-        },
-    )
-    .await;
+    let published = crate::support::telemetry_observer(&world).await;
 
     let sim_stop = start_sim(fast_sim(&world));
     let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
