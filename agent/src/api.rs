@@ -219,7 +219,8 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(shared.clone())
-        .merge(operator::operator_app(shared))
+        .merge(operator::operator_app(shared.clone()))
+        .merge(crate::console::console_app(shared))
         .merge(polling_app(local))
 }
 

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod cloud;
 pub mod config;
 pub mod connectivity;
+pub mod console;
 pub mod delivery;
 pub mod doctor;
 pub mod drop_episode;

@@ -156,6 +156,11 @@ pub struct Shared {
     /// The latest value per (device, sensor) and its time, for macro conditions.
     latest: Mutex<HashMap<(String, String), (f64, i64)>>,
     pub automation_status: Mutex<AutomationStatus>,
+    /// Events and rule firings since start, for the operator console (the outbox forgets them
+    /// once the cloud has them).
+    pub journal: Mutex<crate::console::Journal>,
+    /// The operator console's sign-in sessions and hold-to-run leases.
+    pub console: crate::console::ConsoleState,
     /// Held from taking a command's signing counter to handing it to the MQTT client, by the
     /// delivery loop and the automation task alike, so commands leave in counter order and a
     /// master never refuses one as `replayed` because another overtook it.
@@ -172,6 +177,8 @@ pub struct AutomationStatus {
     pub macros_running: Vec<String>,
     /// The last mutex groups found violated and switched off.
     pub mutex_violations: Vec<crate::safety::MutexViolation>,
+    /// Each running macro and the steps its run has done.
+    pub macro_steps_done: Vec<(String, u32)>,
 }
 
 impl Shared {
@@ -305,6 +312,8 @@ pub async fn run(
         engine: engine_tx.clone(),
         latest: Mutex::new(HashMap::new()),
         automation_status: Mutex::new(AutomationStatus::default()),
+        journal: Mutex::new(crate::console::Journal::default()),
+        console: crate::console::ConsoleState::default(),
         config,
         command_order: tokio::sync::Mutex::new(()),
         lock_requests: Mutex::new(HashMap::new()),
@@ -1323,6 +1332,15 @@ fn record_link_event(shared: &Arc<Shared>, event: LinkEvent) {
         match event {
             LinkEvent::OutageBegan { at_ms } => {
                 warn!("backend unreachable; controlling locally and queueing");
+                if let Ok(mut journal) = shared.journal.lock() {
+                    journal.push_event(crate::console::journal::Event {
+                        at_ms,
+                        event_type: "backend_unreachable".into(),
+                        severity: "warning".into(),
+                        device: None,
+                        message: "backend unreachable; controlling locally and queueing".into(),
+                    });
+                }
                 let _ = shared
                     .store
                     .call(move |s| {
@@ -1362,9 +1380,15 @@ fn record_link_event(shared: &Arc<Shared>, event: LinkEvent) {
                             "occurred_at": crate::cloud::format_timestamp_ms(now),
                         });
                         s.enqueue(OutboxClass::Event, &format!("outage:{began_at_ms}"), &payload, now)?;
-                        Ok(stats.depth)
+                        Ok((stats.depth, payload))
                     })
                     .await;
+                let result = result.map(|(depth, report)| {
+                    if let Ok(mut journal) = shared.journal.lock() {
+                        journal.record(&report, now);
+                    }
+                    depth
+                });
                 info!(duration_ms, queued = ?result.ok(), "backend reachable again; draining the outbox");
                 shared.outbox_ready.notify_one();
             }
