@@ -159,6 +159,15 @@ impl Outcome {
             .get("back")
             .filter(|b| b.starts_with("/console") && !b.contains("//") && !b.contains('?'))
             .unwrap_or("/console");
+        if !self.status.is_success() {
+            // A refusal keeps its status, with a page that says why.
+            let page = maud::html! {
+                (maud::DOCTYPE)
+                html lang="en" { head { meta charset="utf-8"; title { "Refused · AutoCore Edge" } }
+                    body { h1 { "Refused" } p { (self.message) } p { a href=(back) { "Back" } } } }
+            };
+            return assets::html(headers, self.status, page.into_string());
+        }
         let query: String = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("notice", &self.message)
             .finish();
@@ -339,8 +348,9 @@ async fn stop(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body)
     })
     .await;
     match stopped {
-        Ok(_) => Outcome::ok("EMERGENCY STOP latched: every relay is switched off")
-            .with(json!({"latched": true})),
+        Ok(_) => Outcome::ok("EMERGENCY STOP latched: every relay is switched off").with(
+            json!({"latched": true, "latch_text": "EMERGENCY STOP latched by console: stop pressed on the operator console"}),
+        ),
         Err(o) => o,
     }
     .respond(&headers, &form)
@@ -359,7 +369,7 @@ async fn reset(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body
     .await
     {
         Ok(true) => Outcome::ok("emergency stop reset: nothing switches back on by itself")
-            .with(json!({"latched": false})),
+            .with(json!({"latched": false, "latch_text": ""})),
         Ok(false) => Outcome::refused(StatusCode::CONFLICT, "the emergency stop is not latched"),
         Err(o) => o,
     }

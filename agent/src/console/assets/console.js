@@ -39,10 +39,11 @@
     event.preventDefault();
     const data = new FormData(form, event.submitter);
     try {
-      const { ok, body } = await post(form.action, data);
+      // getAttribute: a control named "action" shadows form.action.
+      const { ok, body } = await post(form.getAttribute("action"), data);
       say(body.message || (ok ? "done" : "refused"), !ok);
       if (typeof body.latched === "boolean") {
-        showLatch(body.latched, body.latched ? "EMERGENCY STOP latched: " + body.message : "");
+        showLatch(body.latched, body.latch_text);
       }
     } catch (_) {
       say("the agent did not answer", true);
