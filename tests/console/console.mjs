@@ -208,6 +208,23 @@ try {
   await page.waitForSelector("#latch[hidden]", { state: "attached", timeout });
   await step("reset");
 
+  // ---- events: filtered by severity and by device.
+  await page.goto(`${base}/console/events?severity=critical`);
+  const critical = await page.$$eval("ol.events li", (items) => items.map((li) => [li.dataset.severity, li.textContent]));
+  check(critical.length >= 1 && critical.every(([s]) => s === "critical"), `critical only: ${JSON.stringify(critical)}`);
+  check(critical.some(([, t]) => t.includes("emergency stop by console")), `the stop is listed: ${JSON.stringify(critical)}`);
+  await page.goto(`${base}/console/events?device=${encodeURIComponent(master)}`);
+  const mine = await page.$$eval("ol.events li .dev", (items) => items.map((el) => el.textContent));
+  check(mine.length >= 1 && mine.every((d) => d === master), `device filter: ${JSON.stringify(mine)}`);
+  check((await page.textContent("ol.events")).includes("mutex group 'motor'"), "the mutex refusal is an event");
+  await page.goto(`${base}/console/events`);
+  await page.screenshot({ path: `${shots}/events-desktop.png`, fullPage: true });
+  await page.setViewportSize({ width: 360, height: 740 });
+  await page.screenshot({ path: `${shots}/events-360.png`, fullPage: true });
+  await page.setViewportSize({ width: 1280, height: 900 });
+  await page.goto(`${base}/console/relays`);
+  await page.waitForFunction(() => document.body.dataset.live === "open", null, { timeout });
+
   // ---- the page says when its own connection to the agent is lost.
   await step("shut-down-agent");
   await page.waitForSelector("#conn:not([hidden])", { timeout });

@@ -94,6 +94,16 @@ pub fn svg(buckets: &[Bucket], from_ms: i64, to_ms: i64, label: &str) -> String 
     for b in buckets {
         let _ = write!(line, "{:.1},{:.1} ", x(b.start_ms), y(b.avg));
     }
+    // A lone bucket has no line to draw: a dot shows it.
+    if buckets.len() == 1 {
+        let b = &buckets[0];
+        let _ = write!(
+            out,
+            r#"<circle class="dot" cx="{:.1}" cy="{:.1}" r="3"/>"#,
+            x(b.start_ms),
+            y(b.avg)
+        );
+    }
     let _ = write!(
         out,
         r#"<polygon class="band" points="{}"/><polyline class="avg" points="{}"/><text x="6" y="14">{hi:.2}</text><text x="6" y="{}">{lo:.2}</text></svg>"#,

@@ -176,9 +176,9 @@ impl Snapshot {
     pub fn backend_text(&self) -> String {
         match (self.backend_reachable, self.outage_began_ms) {
             (false, Some(t)) => format!(
-                "unreachable for {} (since {})",
-                ago_text((self.now_ms - t) / 1000),
-                crate::cloud::format_timestamp_ms(t)
+                "unreachable since {} ({})",
+                time_text(t),
+                ago_text((self.now_ms - t) / 1000)
             ),
             (false, None) => "unreachable".into(),
             _ => self.backend.replace('_', " "),
@@ -195,6 +195,17 @@ impl Snapshot {
             ),
         }
     }
+}
+
+/// A time as the pages show it: "2026-12-03 10:00:00 UTC".
+pub fn time_text(ms: i64) -> String {
+    let text = crate::cloud::format_timestamp_ms(ms);
+    // Whole seconds are enough for a person.
+    let text = match text.find('.') {
+        Some(dot) => format!("{}Z", &text[..dot]),
+        None => text,
+    };
+    text.replace('T', " ").replace('Z', " UTC")
 }
 
 /// The key of one relay in the page (`data-relay`) and in the live view.
@@ -260,5 +271,6 @@ mod tests {
         assert_eq!(ago_text(125), "2 min");
         assert_eq!(ago_text(7_500), "2 h 5 min");
         assert_eq!(ago_text(200_000), "2 d");
+        assert_eq!(time_text(1_796_292_000_123), "2026-12-03 10:00:00 UTC");
     }
 }

@@ -427,18 +427,38 @@ async fn switch_form(shared: &Shared, form: &Form) -> Outcome {
         return bad("choose at least one relay".into());
     }
     let (master, slave_mac) = (master.to_string(), slave.to_string());
-    match ask(shared, |reply| AutomationInput::Switch {
+    let device = master.clone();
+    let outcome = match ask(shared, |reply| AutomationInput::Switch {
         master,
-        slave_mac,
+        slave_mac: slave_mac.clone(),
         switches,
         reply,
     })
     .await
     {
-        Ok(Ok(plan)) => Outcome::ok(format!("sent: {plan}")),
-        Ok(Err(reason)) => Outcome::refused(StatusCode::CONFLICT, format!("refused: {reason}")),
-        Err(o) => o,
+        Ok(Ok(plan)) => Outcome::ok(format!("sent to {slave_mac}: {plan}")),
+        Ok(Err(reason)) => Outcome::refused(
+            StatusCode::CONFLICT,
+            format!("refused ({slave_mac}): {reason}"),
+        ),
+        Err(o) => return o,
+    };
+    // The operator's switches in the Events page, refusals too.
+    if let Ok(mut journal) = shared.journal.lock() {
+        journal.push_event(journal::Event {
+            at_ms: now_ms(),
+            event_type: "console_switch".into(),
+            severity: if outcome.status.is_success() {
+                "info"
+            } else {
+                "warning"
+            }
+            .into(),
+            device: Some(device),
+            message: format!("console operator: {}", outcome.message),
+        });
     }
+    outcome
 }
 
 async fn run_macro(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {

@@ -9,10 +9,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
-use super::live::{Snapshot, ago_text, relay_key};
+use super::live::{Snapshot, ago_text, relay_key, time_text};
 use super::session::Active;
 use super::{PageParams, assets, chart, session_of};
-use crate::cloud::format_timestamp_ms;
 use crate::runtime::{Shared, now_ms};
 
 /// The replay window the Rules page offers at most (a week).
@@ -150,11 +149,17 @@ async fn page(
     )
 }
 
-fn time_text(ms: i64) -> String {
-    // "2026-12-03T10:00:00Z" reads better as "2026-12-03 10:00:00 UTC".
-    format_timestamp_ms(ms)
-        .replace('T', " ")
-        .replace('Z', " UTC")
+/// Whether the backend takes the agent's token, as a person reads it.
+fn token_text(state: crate::connectivity::BackendState) -> &'static str {
+    use crate::connectivity::BackendState as B;
+    match state {
+        B::Reachable => "accepted",
+        B::Unauthorized => "refused: the JWT is wrong, expired or revoked",
+        B::NoToken => "no token",
+        B::Unreachable => "unknown while the backend is unreachable",
+        B::ServerError => "unknown: the backend answers with errors",
+        B::Unknown => "not checked yet",
+    }
 }
 
 // ---------------------------------------------------------------------------------- pages
@@ -221,7 +226,7 @@ pub(crate) async fn overview(
                 div.card { dt { "Masters" } dd data-live="masters" { (online) " online, " (s.devices.len() - online) " offline" } }
                 div.card { dt { "Emergency stop" } dd #overview-latch { @if s.emergency.is_some() { "LATCHED" } @else { "not latched" } } }
                 div.card { dt { "MQTT" } dd data-live="mqtt" { (s.mqtt.replace('_', " ")) } }
-                div.card { dt { "Backend token" } dd { (health.backend.state.label().replace('_', " ")) @if let Some(e) = &health.last_backend_error { br; small { (e) } } } }
+                div.card { dt { "Backend token" } dd .bad[health.backend.state == crate::connectivity::BackendState::Unauthorized] { (token_text(health.backend.state)) @if let Some(e) = &health.last_backend_error { br; small { (e) } } } }
                 div.card { dt { "Macros" } dd data-live="macros" { @if s.macros_running.is_empty() { "none running" } @else { @for (id, n) in &s.macros_running { (id) " (step " (n + 1) ") " } } } }
                 div.card.wide { dt { "Last outage" } dd { @match &outage {
                     Some(o) => { (time_text(o.at_ms)) ": " (o.message) },
@@ -296,7 +301,7 @@ pub(crate) async fn relays(
                                             input type="hidden" name="master" value=(slave.master);
                                             input type="hidden" name="slave" value=(slave.slave_mac);
                                             input type="hidden" name="relay" value=(i);
-                                            label { span.sr { "Seconds for relay " (i) } input.secs type="number" name="seconds" min="0" max="86400" value="60" inputmode="numeric"; }
+                                            label { span.sr { "Seconds for relay " (i) } input.secs type="number" name="seconds" min="0" max="86400" value="60" inputmode="numeric"; " s" }
                                             button type="submit" name="action" value="on" data-testid={"on-" (i)} { "On" }
                                             button type="submit" name="action" value="off" data-testid={"off-" (i)} { "Off" }
                                         }
