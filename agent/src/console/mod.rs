@@ -36,6 +36,8 @@ use session::{Active, Sessions};
 /// The most of a console form the agent reads; every valid one is far smaller.
 pub const FORM_BYTES_MAX: usize = 8 * 1024;
 const FORM_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a wrong operator token waits for its refusal.
+pub const SIGNIN_REFUSAL_DELAY: Duration = Duration::from_millis(500);
 /// Longest a console switch-on may ask for (the interlocks cap it further).
 pub const SWITCH_SECONDS_MAX: u32 = 86_400;
 
@@ -289,6 +291,8 @@ async fn signin(State(shared): State<Arc<Shared>>, body: Body) -> Response {
         ),
         Some(false) => {
             tracing::warn!("console: sign-in refused (wrong operator token)");
+            // Slows guessing down; connections are bounded, so this cannot pile up.
+            tokio::time::sleep(SIGNIN_REFUSAL_DELAY).await;
             pages::signin_page(
                 &shared,
                 StatusCode::UNAUTHORIZED,
@@ -518,3 +522,6 @@ pub struct PageQuery {
 }
 
 pub(crate) type PageParams = Query<PageQuery>;
+
+#[cfg(test)]
+mod tests;
