@@ -16,6 +16,7 @@ const token = env("OPERATOR_TOKEN");
 const master = env("MASTER");
 const slave = env("SLAVE");
 const shots = env("SCREENSHOTS");
+const macroId = env("MACRO_ID");
 mkdirSync(shots, { recursive: true });
 const { chromium } = await import(env("PLAYWRIGHT_CORE"));
 
@@ -132,6 +133,28 @@ try {
   await step("hold-on-again");
   await second.close();
   await step("hold-page-closed");
+
+  // ---- macros: run, the running step shown live, cancel.
+  await page.goto(`${base}/console/macros`);
+  for (let i = 0; !(await page.$(`[data-live="macro:${macroId}"]`)); i++) {
+    check(i < 60, "the macro appears on the Macros page");
+    await page.waitForTimeout(250);
+    await page.reload();
+  }
+  await page.waitForFunction(() => document.body.dataset.live === "open", null, { timeout });
+  const status = `[data-live="macro:${macroId}"]`;
+  check((await page.textContent(status)).includes("idle"), "idle before it runs");
+  await page.click(`section.macro:has(${status}) form[action="/console/macros/run"] button`);
+  await page.waitForFunction((s) => document.querySelector(s).textContent.includes("running, step 2"), status, { timeout });
+  await step("macro-running");
+  await page.screenshot({ path: `${shots}/macros-running-desktop.png`, fullPage: true });
+  await page.click(`section.macro:has(${status}) form[action="/console/macros/cancel"] button`);
+  await page.waitForFunction((s) => document.querySelector(s).textContent.includes("idle"), status, { timeout });
+  check((await page.textContent("#notice")).includes("cancelled"), "the cancel is confirmed");
+  await page.goto(`${base}/console/relays`);
+  await page.click('[data-testid="off-1"]');
+  await page.waitForSelector(`${relay(1)}[data-on="false"]`, { timeout });
+  await step("macro-cancelled-relay-off");
 
   // ---- rules: a firing's explanation once the pH ramp crosses the rule; the replay.
   await page.goto(`${base}/console/rules`);

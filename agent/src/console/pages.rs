@@ -504,7 +504,7 @@ pub(crate) async fn macros(
                 section.macro {
                     h2 { (m["name"].as_str().unwrap_or(id)) }
                     p { "Id " code { (id) } " · " @if m["enabled"].as_bool() == Some(false) { "disabled" } @else { "enabled" }
-                        " · " (m["steps"].as_array().map(Vec::len).unwrap_or(0)) " steps · "
+                        " · " (m["macro_actions"].as_array().map(Vec::len).unwrap_or(0)) " steps · "
                         span data-live={"macro:" (id)} { @match running { Some((_, n)) => { "running, step " (n + 1) }, None => { "idle" } } } }
                     form method="post" action="/console/macros/run" data-js {
                         (form_fields(csrf, Page::Macros))

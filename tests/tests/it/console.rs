@@ -126,6 +126,21 @@ async fn an_operator_runs_the_plant_from_the_console_in_a_real_browser() {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
+    // A macro: relay 1 on at once, off a minute later (long enough to be seen running).
+    let macro_id = world.sql_one(&format!(
+        "insert into macros (owner_id, agent_id, name) values ('{ALICE}', 'pi-alice', 'Fill the tank') returning id"
+    ));
+    let relay = |action: &str| {
+        format!(
+            r#"{{"master_device_id": "{MASTER}", "slave_mac_address": "{SLAVE}", "relay_number": 1, "action": "{action}", "duration_seconds": 120}}"#
+        )
+    };
+    world.sql(&format!(
+        "insert into macro_actions (macro_id, sequence, action_type, action_payload, delay_ms) values
+           ('{macro_id}', 0, 'relay', '{}', 0), ('{macro_id}', 1, 'relay', '{}', 60000)",
+        relay("on"),
+        relay("off")
+    ));
     let tail = format!(
         "[engine]\nstale_after_ms = 5000\n[safety]\noperator_token = \"{OPERATOR}\"\n\
          [[safety.mutex_groups]]\nname = \"motor\"\nmaster = \"{MASTER}\"\nslave_mac = \"{SLAVE}\"\nrelays = [2, 3]\n{}",
@@ -153,6 +168,7 @@ async fn an_operator_runs_the_plant_from_the_console_in_a_real_browser() {
         .env("OPERATOR_TOKEN", OPERATOR)
         .env("MASTER", MASTER)
         .env("SLAVE", SLAVE)
+        .env("MACRO_ID", &macro_id)
         .env("PLAYWRIGHT_CORE", &driver)
         .env("CHROMIUM", &chromium)
         .env("SCREENSHOTS", &screenshots)
@@ -186,7 +202,7 @@ async fn an_operator_runs_the_plant_from_the_console_in_a_real_browser() {
                 // Nothing reached the relays.
                 sim_reports(&seen, "the slave reports relay 1 off", |s| !s[1]).await;
             }
-            "relay1-on" | "hold-on" | "hold-on-again" | "relay1-on-offline" => {
+            "relay1-on" | "hold-on" | "hold-on-again" | "relay1-on-offline" | "macro-running" => {
                 sim_reports(
                     &seen,
                     &format!("{step}: the slave reports relay 1 on"),
@@ -194,7 +210,7 @@ async fn an_operator_runs_the_plant_from_the_console_in_a_real_browser() {
                 )
                 .await
             }
-            "relay1-off" | "hold-released" => {
+            "relay1-off" | "hold-released" | "macro-cancelled-relay-off" => {
                 sim_reports(
                     &seen,
                     &format!("{step}: the slave reports relay 1 off"),

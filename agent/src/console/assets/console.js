@@ -110,6 +110,10 @@
       document.body.dataset.live = "open";
       const view = JSON.parse(event.data);
       showLatch(view.latched, view.latch_text);
+      // A macro the view does not list is not running.
+      document.querySelectorAll('[data-live^="macro:"]').forEach((el) => {
+        if (!(el.dataset.live in view.texts)) el.textContent = "idle";
+      });
       for (const [key, text] of Object.entries(view.texts)) {
         document.querySelectorAll(`[data-live="${CSS.escape(key)}"]`).forEach((el) => { el.textContent = text; });
       }
