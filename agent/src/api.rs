@@ -5,7 +5,7 @@
 //! own commands and rules. Internals never leak into responses: every error becomes one
 //! PostgREST-shaped body (`code`, `message`, `details`, `hint`) with a message fit for the caller.
 
-mod operator;
+pub(crate) mod operator;
 
 use std::borrow::Cow;
 use std::sync::Arc;

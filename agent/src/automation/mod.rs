@@ -22,9 +22,11 @@ use crate::store::{AutomationWrite, CommandRecord, CommandState, OutboxClass, Ou
 pub const SAFETY_PRIORITY: i32 = 100;
 /// Priority of macro steps.
 pub const MACRO_PRIORITY: i32 = 60;
-/// Priority of the operator console's switches: a dashboard command's default, so the console
-/// neither overrides a hold nor is overridden by a rule more than the dashboard is.
-pub const CONSOLE_PRIORITY: i32 = 50;
+/// Priority of the operator console's switches: a person at the plant, watching, outranks
+/// macros ([`MACRO_PRIORITY`]) and rules of ordinary priority (a dashboard command's default is
+/// 50), so that a relay a macro or rule switched on can be switched off from the console; a
+/// hold (90) and the arbiter's own offs (100) still win.
+pub const CONSOLE_PRIORITY: i32 = 80;
 /// Mutex violations `/health` lists (the most recent).
 pub const MUTEX_VIOLATIONS_KEPT: usize = 10;
 

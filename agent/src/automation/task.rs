@@ -292,13 +292,8 @@ pub(crate) async fn perform(
     } else {
         Some(shared.command_order.lock().await)
     };
-    if !write.outbox.is_empty()
-        && let Ok(mut journal) = shared.journal.lock()
-    {
-        for entry in &write.outbox {
-            journal.record(&entry.payload, now);
-        }
-    }
+    // For the console's journal, once the step is on disk.
+    let journal: Vec<serde_json::Value> = write.outbox.iter().map(|e| e.payload.clone()).collect();
     let written = if write.is_empty() {
         Ok(Default::default())
     } else {
@@ -313,7 +308,16 @@ pub(crate) async fn perform(
         written
     };
     let counters = match written {
-        Ok(c) => c,
+        Ok(c) => {
+            if !journal.is_empty()
+                && let Ok(mut j) = shared.journal.lock()
+            {
+                for payload in &journal {
+                    j.record(payload, now);
+                }
+            }
+            c
+        }
         Err(e) => {
             // Nothing is sent that is not on disk; the relays stay as they are.
             error!(error = %e, "could not record an automation step; nothing sent");

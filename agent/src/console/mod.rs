@@ -342,8 +342,8 @@ async fn signout(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bo
 }
 
 /// The emergency stop: no session, no CSRF token, and a body that cannot be read still stops.
-async fn stop(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
-    let form = read_form(body).await.unwrap_or_default();
+async fn stop(State(shared): State<Arc<Shared>>, headers: HeaderMap, mut body: Body) -> Response {
+    // Stopped first: the body (only the page to go back to) may be slow or anything at all.
     let stopped = ask(&shared, |reply| AutomationInput::Stop {
         reason: "stop pressed on the operator console".into(),
         by: "console".into(),
@@ -351,6 +351,17 @@ async fn stop(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body)
         reply: Some(reply),
     })
     .await;
+    let (bytes, _) = crate::api::read_prefix(
+        &mut body,
+        FORM_BYTES_MAX,
+        crate::api::operator::STOP_BODY_READ_TIMEOUT,
+    )
+    .await;
+    let form = Form(
+        url::form_urlencoded::parse(&bytes)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect(),
+    );
     match stopped {
         Ok(_) => Outcome::ok("EMERGENCY STOP latched: every relay is switched off").with(
             json!({"latched": true, "latch_text": "EMERGENCY STOP latched by console: stop pressed on the operator console"}),

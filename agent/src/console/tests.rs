@@ -234,3 +234,24 @@ async fn pages_and_assets_are_gzipped_cached_as_they_should_be_and_locked_down()
     assert_eq!(r.status(), 404);
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_whose_body_never_comes_stops_at_once() {
+    use tokio::io::AsyncWriteExt as _;
+    let agent = agent().await;
+    let mut stream = tokio::net::TcpStream::connect(agent.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /console/stop HTTP/1.1\r\nhost: pi\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: 1000\r\n\r\nback=",
+        )
+        .await
+        .unwrap();
+    // Latched while the body is still awaited (a form is read for 10 s at most elsewhere).
+    testing::eventually("the stop latched", 5, || async {
+        let (_, state) = agent.send("GET", "/emergency", &[], "").await;
+        (state["latched"] == true).then_some(())
+    })
+    .await;
+    drop(stream);
+    agent.stop().await;
+}

@@ -223,14 +223,8 @@ async fn an_operator_runs_the_plant_from_the_console_in_a_real_browser() {
                 assert!(states[1], "held past the lease: still on at the slave");
             }
             "hold-page-closed" => {
-                let closed = tokio::time::Instant::now();
+                // Within sim_reports' 10 s: the 1 s lease lapsed, long before the hold's 60 s.
                 sim_reports(&seen, "the page closed mid-hold: relay 1 off", |s| !s[1]).await;
-                // The 1 s lease plus the way to the slave, far short of the hold's 60 s.
-                assert!(
-                    closed.elapsed() < Duration::from_secs(5),
-                    "off {:?} after the page closed",
-                    closed.elapsed()
-                );
             }
             "mutex-refused" => {
                 let states = seen.lock().unwrap().clone().unwrap();
