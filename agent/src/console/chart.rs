@@ -94,24 +94,34 @@ pub fn svg(buckets: &[Bucket], from_ms: i64, to_ms: i64, label: &str) -> String 
     for b in buckets {
         let _ = write!(line, "{:.1},{:.1} ", x(b.start_ms), y(b.avg));
     }
-    // A lone bucket has no line to draw: a dot shows it.
+    // A lone bucket has no line to draw: a short round-capped stroke shows it as a dot (a
+    // circle would be stretched with the chart).
     if buckets.len() == 1 {
         let b = &buckets[0];
+        let (cx, cy) = (x(b.start_ms), y(b.avg));
         let _ = write!(
             out,
-            r#"<circle class="dot" cx="{:.1}" cy="{:.1}" r="3"/>"#,
-            x(b.start_ms),
-            y(b.avg)
+            r#"<polyline class="dot" points="{:.1},{cy:.1} {:.1},{cy:.1}"/>"#,
+            cx - 0.5,
+            cx + 0.5
         );
     }
+    // The value range is written beside the chart, in HTML ([`range`]): text inside a chart
+    // stretched to its box would be stretched too.
     let _ = write!(
         out,
-        r#"<polygon class="band" points="{}"/><polyline class="avg" points="{}"/><text x="6" y="14">{hi:.2}</text><text x="6" y="{}">{lo:.2}</text></svg>"#,
+        r#"<polygon class="band" points="{}"/><polyline class="avg" points="{}"/></svg>"#,
         band.trim_end(),
         line.trim_end(),
-        HEIGHT - 6.0
     );
     out
+}
+
+/// The lowest minimum and the highest maximum of `buckets`.
+pub fn range(buckets: &[Bucket]) -> Option<(f64, f64)> {
+    let lo = buckets.iter().map(|b| b.min).reduce(f64::min)?;
+    let hi = buckets.iter().map(|b| b.max).reduce(f64::max)?;
+    Some((lo, hi))
 }
 
 fn escape(text: &str) -> String {
@@ -189,7 +199,8 @@ mod tests {
         let b = downsample(&[minute(0, 6.0, 7.0, 6.5, 60)], 0, 3_600_000, 60);
         let s = svg(&b, 0, 3_600_000, "ph <last hour>");
         assert!(s.contains("<polyline class=\"avg\""), "{s}");
-        assert!(s.contains(">7.00<") && s.contains(">6.00<"), "{s}");
+        assert_eq!(range(&b), Some((6.0, 7.0)));
+        assert!(s.contains("class=\"dot\""), "a lone bucket is a dot: {s}");
         assert!(s.contains("aria-label=\"ph &lt;last hour&gt;\""), "{s}");
         assert!(svg(&[], 0, 1, "x").contains("no readings"));
     }

@@ -469,13 +469,13 @@ pub(crate) async fn telemetry(
                     @let last = day.last().map(|r| r.last);
                     p { "Latest: " strong { (last.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into())) } }
                     div.charts {
-                        figure {
-                            figcaption { "Last hour" }
-                            (PreEscaped(chart::svg(&chart::downsample(day, hour_from, now, 60), hour_from, now, &format!("{sensor} over the last hour"))))
-                        }
-                        figure {
-                            figcaption { "Last day" }
-                            (PreEscaped(chart::svg(&chart::downsample(day, day_from, now, chart::BUCKETS_MAX), day_from, now, &format!("{sensor} over the last day"))))
+                        @for (caption, from, buckets) in [("Last hour", hour_from, 60), ("Last day", day_from, chart::BUCKETS_MAX)] {
+                            @let series = chart::downsample(day, from, now, buckets);
+                            figure {
+                                figcaption { (caption) @if let Some((lo, hi)) = chart::range(&series) { " · " (format!("{lo:.2} – {hi:.2}")) } }
+                                @if series.is_empty() { p.hint { "No readings." } }
+                                @else { (PreEscaped(chart::svg(&series, from, now, &format!("{sensor}, {}", caption.to_lowercase())))) }
+                            }
                         }
                     }
                 }
