@@ -123,6 +123,15 @@ try {
   await page.waitForSelector(`${relay(1)}[data-on="false"]`, { timeout });
   await step("hold-released");
 
+  // ---- hold-to-run from the keyboard: Space held on the focused button.
+  await page.focus('[data-testid="hold-1"]');
+  await page.keyboard.down(" ");
+  await page.waitForSelector(`${relay(1)}[data-on="true"]`, { timeout });
+  await step("key-hold-on");
+  await page.keyboard.up(" ");
+  await page.waitForSelector(`${relay(1)}[data-on="false"]`, { timeout });
+  await step("key-hold-released");
+
   // ---- hold-to-run: off when the page is closed mid-hold.
   const second = await context.newPage();
   await second.goto(`${base}/console/relays`);

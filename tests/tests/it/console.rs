@@ -202,7 +202,8 @@ async fn an_operator_runs_the_plant_from_the_console_in_a_real_browser() {
                 // Nothing reached the relays.
                 sim_reports(&seen, "the slave reports relay 1 off", |s| !s[1]).await;
             }
-            "relay1-on" | "hold-on" | "hold-on-again" | "relay1-on-offline" | "macro-running" => {
+            "relay1-on" | "hold-on" | "key-hold-on" | "hold-on-again" | "relay1-on-offline"
+            | "macro-running" => {
                 sim_reports(
                     &seen,
                     &format!("{step}: the slave reports relay 1 on"),
@@ -210,7 +211,7 @@ async fn an_operator_runs_the_plant_from_the_console_in_a_real_browser() {
                 )
                 .await
             }
-            "relay1-off" | "hold-released" | "macro-cancelled-relay-off" => {
+            "relay1-off" | "hold-released" | "key-hold-released" | "macro-cancelled-relay-off" => {
                 sim_reports(
                     &seen,
                     &format!("{step}: the slave reports relay 1 off"),
