@@ -5,7 +5,7 @@
 //! own commands and rules. Internals never leak into responses: every error becomes one
 //! PostgREST-shaped body (`code`, `message`, `details`, `hint`) with a message fit for the caller.
 
-mod operator;
+pub(crate) mod operator;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -219,7 +219,8 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(shared.clone())
-        .merge(operator::operator_app(shared))
+        .merge(operator::operator_app(shared.clone()))
+        .merge(crate::console::console_app(shared))
         .merge(polling_app(local))
 }
 

@@ -15,6 +15,7 @@ pub mod cloud;
 pub mod command;
 pub mod config;
 pub mod connectivity;
+pub mod console;
 pub mod delivery;
 mod dispatch;
 pub mod doctor;

@@ -23,6 +23,11 @@ use crate::store::{AutomationWrite, CommandRecord, CommandState, OutboxClass, Ou
 pub const SAFETY_PRIORITY: i32 = 100;
 /// Priority of macro steps.
 pub const MACRO_PRIORITY: i32 = 60;
+/// Priority of the operator console's switches: a person at the plant, watching, outranks
+/// macros ([`MACRO_PRIORITY`]) and rules of ordinary priority (a dashboard command's default is
+/// 50), so that a relay a macro or rule switched on can be switched off from the console; a
+/// hold (90) and the arbiter's own offs (100) still win.
+pub const CONSOLE_PRIORITY: i32 = 80;
 /// Mutex violations `/health` lists (the most recent).
 pub const MUTEX_VIOLATIONS_KEPT: usize = 10;
 
@@ -210,6 +215,11 @@ impl Automation {
 
     pub fn running_macros(&self) -> Vec<(String, u64)> {
         self.runner.running()
+    }
+
+    /// Each running macro and the steps its run has done.
+    pub fn macro_steps_done(&self) -> Vec<(String, u32)> {
+        self.runner.steps_done()
     }
 
     fn snapshot(&mut self) -> Option<Value> {
@@ -745,6 +755,33 @@ impl Automation {
                 self.holds.cancel(&relay);
                 (Err(refusal.to_string()), step)
             }
+        }
+    }
+
+    /// Relays of one slave switched from the operator console, through the interlocks like
+    /// any other request: all or none. The answer is the plan as carried out, or the refusal.
+    pub fn console_switch(
+        &mut self,
+        master: &str,
+        slave_mac: &str,
+        switches: Vec<(u8, Switch)>,
+        now_ms: i64,
+    ) -> (Result<String, String>, Step) {
+        let mut step = Step::default();
+        let request = SwitchRequest {
+            source: Source::Manual,
+            priority: CONSOLE_PRIORITY,
+            master: master.to_string(),
+            slave_mac: slave_mac.to_ascii_uppercase(),
+            switches,
+        };
+        match self.safety.check(&request, now_ms) {
+            Ok(plan) => {
+                let summary = plan.summary();
+                self.carry(&mut step, &[plan], &Origin::of(Source::Manual), now_ms);
+                (Ok(summary), step)
+            }
+            Err(refusal) => (Err(refusal.to_string()), step),
         }
     }
 

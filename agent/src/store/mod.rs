@@ -4,12 +4,14 @@
 //! before the caller acts on it. No I/O but SQLite; time comes in as `now_ms`.
 
 mod automation;
+mod console;
 pub mod history;
 mod notify;
 pub mod polling;
 pub(crate) mod schema;
 
 pub use automation::{AutomationWrite, OutboxEntry};
+pub use console::{DeviceRow, SlaveRelays};
 pub use history::{HistoryBounds, HistoryStats, ReplayReadings, Rollup, StepReport};
 pub use notify::NotificationRow;
 

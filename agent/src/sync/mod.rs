@@ -89,6 +89,15 @@ pub(crate) fn record_link_event(shared: &Arc<Shared>, event: LinkEvent) {
         match event {
             LinkEvent::OutageBegan { at_ms } => {
                 warn!("backend unreachable; controlling locally and queueing");
+                if let Ok(mut journal) = shared.journal.lock() {
+                    journal.push_event(crate::console::journal::Event {
+                        at_ms,
+                        event_type: "backend_unreachable".into(),
+                        severity: "warning".into(),
+                        device: None,
+                        message: "backend unreachable; controlling locally and queueing".into(),
+                    });
+                }
                 let _ = shared
                     .store
                     .call(move |s| {
@@ -142,9 +151,15 @@ pub(crate) fn record_link_event(shared: &Arc<Shared>, event: LinkEvent) {
                             "occurred_at": crate::cloud::format_timestamp_ms(now),
                         });
                         s.enqueue(OutboxClass::Event, &format!("outage:{began_at_ms}"), &payload, now)?;
-                        Ok(stats.depth)
+                        Ok((stats.depth, payload))
                     })
                     .await;
+                let result = result.map(|(depth, report)| {
+                    if let Ok(mut journal) = shared.journal.lock() {
+                        journal.record(&report, now);
+                    }
+                    depth
+                });
                 info!(duration_ms, queued = ?result.ok(), "backend reachable again; draining the outbox");
                 shared.outbox_ready.notify_one();
             }

@@ -8,6 +8,7 @@ mod agent_surfaces;
 mod broker;
 mod cloud_side;
 mod command_queue;
+mod console;
 mod doctor;
 mod edge_functions;
 mod harness;
