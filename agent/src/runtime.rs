@@ -152,7 +152,6 @@ pub async fn run(
         automation_status: Mutex::new(AutomationStatus::default()),
         config,
         command_order: tokio::sync::Mutex::new(()),
-        lock_requests: Mutex::new(HashMap::new()),
     });
     let (automation, engine) = start_automation(&shared).await?;
 

@@ -802,10 +802,13 @@ async fn answer_losing_proxy(
             let Ok(bytes) = answer.bytes().await else {
                 return bad_gateway();
             };
-            if path.ends_with("/rpc/get_and_lock_slave_commands")
-                && bytes.as_ref() != b"[]"
-                && armed.swap(false, std::sync::atomic::Ordering::SeqCst)
-            {
+            // The first sync answer that hands out a command is lost on its way back.
+            let locked_some = path.ends_with("/rpc/sync_agent")
+                && serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|a| a["commands"].as_array().map(|c| !c.is_empty()))
+                    .unwrap_or(false);
+            if locked_some && armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 return Response::builder().status(504).body(Body::empty()).unwrap();
             }
             let mut response = Response::builder().status(status.as_u16());

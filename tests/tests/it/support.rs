@@ -329,6 +329,18 @@ pub async fn start_agent_on(
     mqtt_toml: &str,
     tail_toml: &str,
 ) -> Agent {
+    start_agent_tuned(world, rest, jwt, mqtt_toml, "", tail_toml).await
+}
+
+/// [`start_agent_on`] with `cloud_toml`, more keys of its `[cloud]` section.
+pub async fn start_agent_tuned(
+    world: &World,
+    rest: &str,
+    jwt: &str,
+    mqtt_toml: &str,
+    cloud_toml: &str,
+    tail_toml: &str,
+) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
         r#"
@@ -341,6 +353,7 @@ pub async fn start_agent_on(
         rest_url = "{rest}"
         jwt = "{jwt}"
         poll_interval_ms = 200
+        {cloud_toml}
         [mqtt]
         {mqtt_toml}
         ack_timeout_ms = 2000
