@@ -476,3 +476,42 @@ async fn accept_commands(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_cursors_overlap_when_caught_up_and_resume_exactly_while_paging() {
+        let mut cursors = RuleCursors {
+            stored: HashMap::new(),
+            paging: HashMap::new(),
+        };
+        assert!(
+            cursors.for_request().is_empty(),
+            "no cursor: from the beginning"
+        );
+        cursors.after_page("M1", "2026-12-03T10:00:10Z", "id-1", false);
+        assert_eq!(
+            cursors.for_request(),
+            vec![("M1".into(), "2026-12-03T10:00:05Z".into(), None)],
+            "caught up: the stored cursor less the overlap, no id"
+        );
+        cursors.after_page("M1", "2026-12-03T10:00:20Z", "id-2", true);
+        assert_eq!(
+            cursors.for_request(),
+            vec![(
+                "M1".into(),
+                "2026-12-03T10:00:20Z".into(),
+                Some("id-2".into())
+            )],
+            "a full page: exactly after its last change"
+        );
+        cursors.after_page("M1", "2026-12-03T10:00:30Z", "id-3", false);
+        assert_eq!(
+            cursors.for_request(),
+            vec![("M1".into(), "2026-12-03T10:00:25Z".into(), None)],
+            "caught up again"
+        );
+    }
+}
