@@ -36,7 +36,7 @@ pub mod service;
 pub mod shared;
 pub mod status;
 pub mod store;
-mod sync;
+pub mod sync;
 #[cfg(test)]
 pub(crate) mod testing;
 

@@ -154,7 +154,6 @@ pub async fn run(
         console: crate::console::ConsoleState::default(),
         config,
         command_order: tokio::sync::Mutex::new(()),
-        lock_requests: Mutex::new(HashMap::new()),
     });
     let (automation, engine) = start_automation(&shared).await?;
 

@@ -105,8 +105,6 @@ pub struct Shared {
     /// delivery loop and the automation task alike, so commands leave in counter order and a
     /// master never refuses one as `replayed` because another overtook it.
     pub(crate) command_order: tokio::sync::Mutex<()>,
-    /// Per master, the request id of a lock call not answered yet (see `pull_commands`).
-    pub(crate) lock_requests: Mutex<HashMap<String, String>>,
 }
 
 /// What the automation task last reported, for /health and `status`.

@@ -21,6 +21,11 @@ pub struct Postgrest {
 }
 
 impl Postgrest {
+    /// The process id of the server (for benchmarks that read its CPU time in /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     pub fn start(db_uri: &str, jwt_secret: &str) -> Result<Postgrest, StackError> {
         let binary = postgrest_binary()?;
         let dir = tempfile::Builder::new()

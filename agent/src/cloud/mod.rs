@@ -177,6 +177,76 @@ pub struct SystemStatusRow {
     pub emergency_changed_by: Option<String>,
 }
 
+/// Where an agent's sync stands: per kind of change, the backend's counter as the last answer
+/// gave it (`None`: read that part on the next call). See `sync_agent` in
+/// supabase/migrations/20261204000100_agent_sync.sql and docs/decisions/0021.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct SyncCounters {
+    pub commands: Option<i64>,
+    pub rules: Option<i64>,
+    pub configs: Option<i64>,
+    pub macros: Option<i64>,
+    pub latch: Option<i64>,
+}
+
+/// What one `sync_agent` call asks for.
+#[derive(Debug, Clone)]
+pub struct SyncRequest<'a> {
+    pub counters: SyncCounters,
+    /// Per master, where its rule changes resume: `(since, after_id)`; a master not named
+    /// reads from the beginning.
+    pub rule_cursors: &'a [(String, String, Option<String>)],
+    /// The masters this agent runs; only they are synced.
+    pub masters: &'a [String],
+    pub limit_per_master: u32,
+    /// 0: lock nothing (while completions are due).
+    pub limit_total: u32,
+    pub timeout_seconds: u32,
+    /// Names the call; repeated after a lost answer, it returns what that call locked.
+    pub request_id: &'a str,
+}
+
+/// `sync_agent`'s answer: `idle`, or the parts that moved and the next counters.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SyncAnswer {
+    pub idle: bool,
+    #[serde(default)]
+    pub cursor: Option<SyncCounters>,
+    #[serde(default)]
+    pub commands: Option<Vec<CloudCommand>>,
+    #[serde(default)]
+    pub rules: Option<Vec<RuleChange>>,
+    #[serde(default)]
+    pub rules_more: bool,
+    #[serde(default)]
+    pub configs: Option<Vec<DeviceConfigRow>>,
+    #[serde(default)]
+    pub macros: Option<Vec<Value>>,
+    /// `Some(None)`: read, and the owner never set a latch.
+    #[serde(default, deserialize_with = "present")]
+    pub latch: Option<Option<SystemStatusRow>>,
+}
+
+impl SyncAnswer {
+    /// Whether the answer carried anything to act on (the poll interval shortens after it).
+    pub fn carries_work(&self) -> bool {
+        self.commands.as_ref().is_some_and(|c| !c.is_empty())
+            || self.rules.as_ref().is_some_and(|r| !r.is_empty())
+            || self.configs.is_some()
+            || self.macros.is_some()
+            || self.latch.is_some()
+    }
+}
+
+/// A field that is there, even as null, is `Some`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
 /// The most completions `complete_slave_commands` takes in one call.
 pub const COMPLETIONS_PER_CALL_MAX: usize = 100;
 
@@ -313,6 +383,32 @@ impl Cloud {
             json!({
                 "p_master_device_id": master, "p_limit": limit,
                 "p_timeout_seconds": timeout_seconds, "p_request_id": request_id,
+            }),
+            self.poll_timeout,
+        )
+        .await
+    }
+
+    /// One sync for all of this agent's masters (`sync_agent`): commands locked, rule changes,
+    /// latch, configs and macros that moved since `request.counters`. Safe to give up early, as
+    /// the lock call is: its retry names the same request.
+    pub async fn sync(&self, request: &SyncRequest<'_>) -> Result<SyncAnswer, CloudError> {
+        let mut cursor = serde_json::to_value(request.counters)
+            .map_err(|e| CloudError::Decode(e.to_string()))?;
+        let rule_cursors: serde_json::Map<String, Value> = request
+            .rule_cursors
+            .iter()
+            .map(|(master, since, after)| (master.clone(), json!({"since": since, "after": after})))
+            .collect();
+        cursor["rule_cursors"] = Value::Object(rule_cursors);
+        self.rpc_within(
+            "sync_agent",
+            json!({
+                "p_cursor": cursor, "p_masters": request.masters,
+                "p_limit_per_master": request.limit_per_master,
+                "p_limit_total": request.limit_total,
+                "p_timeout_seconds": request.timeout_seconds,
+                "p_request_id": request.request_id,
             }),
             self.poll_timeout,
         )

@@ -1,6 +1,7 @@
 //! Sync with the backend: `pull` (commands, rules, latch, configs, macros) and `push` (the
 //! outbox), the link's state, and the supervisor that notices outages and stalls.
 
+pub mod pacing;
 pub(crate) mod pull;
 pub(crate) mod push;
 

@@ -770,17 +770,21 @@ async fn a_master_that_only_sends_telemetry_stays_online_and_goes_offline_once_s
 async fn a_lock_call_whose_answer_is_lost_is_retried_and_gets_the_same_command() {
     let world = World::start_full();
     let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    // Loses the answer of the first lock call that locked something: the backend did the work,
-    // the agent sees a 504.
+    // Loses the answer of the first sync that locked something: the backend did the work, the
+    // agent sees a 504.
     let lose = armed.clone();
     let proxy = crate::support::faulty_proxy(
         world.stack.rest_url().unwrap(),
         crate::support::ProxyFaults {
             refuse: Box::new(|_| None),
+            // The first sync answer that hands out a command is lost on its way back.
             lose_answer: Box::new(move |path, answer| {
-                path.ends_with("/rpc/get_and_lock_slave_commands")
-                    && answer != b"[]"
-                    && lose.swap(false, std::sync::atomic::Ordering::SeqCst)
+                let locked_some = path.ends_with("/rpc/sync_agent")
+                    && serde_json::from_slice::<serde_json::Value>(answer)
+                        .ok()
+                        .and_then(|a| a["commands"].as_array().map(|c| !c.is_empty()))
+                        .unwrap_or(false);
+                locked_some && lose.swap(false, std::sync::atomic::Ordering::SeqCst)
             }),
         },
     )

@@ -5,6 +5,7 @@ mod agent_flow;
 mod agent_local_api;
 mod agent_rules;
 mod agent_surfaces;
+mod agent_sync;
 mod broker;
 mod cloud_side;
 mod command_queue;
