@@ -10,6 +10,7 @@ mod cloud_side;
 mod command_queue;
 mod doctor;
 mod edge_functions;
+mod faults;
 mod harness;
 mod notify;
 mod pgtap;
