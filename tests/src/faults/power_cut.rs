@@ -450,9 +450,19 @@ pub fn install_from_env() -> Result<bool, PowerCutError> {
     install(true).map(|()| true)
 }
 
+/// What a power cut took back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Undone {
+    /// Writes and truncations undone.
+    pub writes: u64,
+    /// Bytes put back.
+    pub bytes: u64,
+}
+
 /// The power cut, after the process that used the VFS on `db` is dead: every write after each
 /// file's last fsync is undone and the `-shm` file removed.
-pub fn cut(db: &Path) -> Result<(), PowerCutError> {
+pub fn cut(db: &Path) -> Result<Undone, PowerCutError> {
+    let mut undone = Undone::default();
     for suffix in SIBLINGS {
         let mut name = db.as_os_str().to_owned();
         name.push(suffix);
@@ -464,7 +474,9 @@ pub fn cut(db: &Path) -> Result<(), PowerCutError> {
             Err(e) => return Err(io(&log_path)(e)),
         };
         if file_path.exists() {
-            undo(&file_path, &log_path, &log)?;
+            let (writes, bytes) = undo(&file_path, &log_path, &log)?;
+            undone.writes += writes;
+            undone.bytes += bytes;
         }
         std::fs::remove_file(&log_path).map_err(io(&log_path))?;
     }
@@ -472,11 +484,12 @@ pub fn cut(db: &Path) -> Result<(), PowerCutError> {
     shm.push("-shm");
     match std::fs::remove_file(PathBuf::from(shm)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(db)(e)),
-        _ => Ok(()),
+        _ => Ok(undone),
     }
 }
 
-fn undo(file_path: &Path, log_path: &Path, log: &[u8]) -> Result<(), PowerCutError> {
+/// Applies one undo log; returns the writes and bytes it put back.
+fn undo(file_path: &Path, log_path: &Path, log: &[u8]) -> Result<(u64, u64), PowerCutError> {
     let damaged = || PowerCutError::Damaged(log_path.to_path_buf());
     let size = u64::from_le_bytes(
         log.get(..8)
@@ -502,7 +515,9 @@ fn undo(file_path: &Path, log_path: &Path, log: &[u8]) -> Result<(), PowerCutErr
         file.write_all_at(bytes, *offset).map_err(io(file_path))?;
     }
     file.set_len(size).map_err(io(file_path))?;
-    file.sync_all().map_err(io(file_path))
+    file.sync_all().map_err(io(file_path))?;
+    let bytes = records.iter().map(|(_, b)| b.len() as u64).sum();
+    Ok((records.len() as u64, bytes))
 }
 
 /// Removes the undo logs beside `db` without applying them: a plain `kill -9` keeps every
@@ -539,7 +554,7 @@ mod tests {
 
     /// The files as the page cache holds them at the moment of the cut, copied elsewhere, with
     /// the power cut applied (or not).
-    fn snapshot(db: &Path, to: &Path, power_cut: bool) -> Vec<i64> {
+    fn snapshot(db: &Path, to: &Path, power_cut: bool) -> (Vec<i64>, Undone) {
         for suffix in ["", "-wal", "-unsynced", "-wal-unsynced"] {
             let mut from = db.as_os_str().to_owned();
             from.push(suffix);
@@ -549,17 +564,20 @@ mod tests {
                 std::fs::copy(&from, &target).unwrap();
             }
         }
-        if power_cut {
-            cut(to).unwrap();
+        let undone = if power_cut {
+            cut(to).unwrap()
         } else {
             forget(to).unwrap();
-        }
+            Undone::default()
+        };
         let conn = Connection::open(to).unwrap();
         let mut stmt = conn.prepare("select n from t order by n").unwrap();
-        stmt.query_map([], |r| r.get(0))
+        let rows = stmt
+            .query_map([], |r| r.get(0))
             .unwrap()
             .collect::<Result<Vec<i64>, _>>()
-            .unwrap()
+            .unwrap();
+        (rows, undone)
     }
 
     #[test]
@@ -571,8 +589,10 @@ mod tests {
         // Committed, but not synced: a power cut may lose it.
         conn.execute_batch("pragma synchronous = off; insert into t values (2);")
             .unwrap();
-        assert_eq!(snapshot(&db, &dir.path().join("kill.db"), false), [1, 2]);
-        assert_eq!(snapshot(&db, &dir.path().join("cut.db"), true), [1]);
+        assert_eq!(snapshot(&db, &dir.path().join("kill.db"), false).0, [1, 2]);
+        let (kept, undone) = snapshot(&db, &dir.path().join("cut.db"), true);
+        assert_eq!(kept, [1]);
+        assert!(undone.writes > 0 && undone.bytes > 0, "{undone:?}");
         drop(conn);
     }
 
@@ -588,7 +608,7 @@ mod tests {
         conn.execute_batch("pragma wal_checkpoint(truncate);")
             .unwrap();
         conn.execute("insert into t values (51)", []).unwrap();
-        let kept = snapshot(&db, &dir.path().join("cut.db"), true);
+        let (kept, _) = snapshot(&db, &dir.path().join("cut.db"), true);
         assert_eq!(kept, (1..=51).collect::<Vec<i64>>());
         drop(conn);
     }

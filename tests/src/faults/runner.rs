@@ -337,7 +337,9 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, RunError> {
         tokio::time::sleep_until((t0 + at).into()).await;
         if begin {
             note(format!("begin: {fault}"));
-            begin_fault(&fault, &mut stack, &mut agent, &mut masters, &db)?;
+            if let Some(detail) = begin_fault(&fault, &mut stack, &mut agent, &mut masters, &db)? {
+                note(detail);
+            }
         } else {
             heal_fault(&fault, &mut stack, &mut agent, &mut masters, &db)?;
             last_heal = Instant::now();
@@ -399,12 +401,16 @@ fn begin_fault(
     agent: &mut AgentProcess,
     masters: &mut [Master],
     db: &Path,
-) -> Result<(), RunError> {
+) -> Result<Option<String>, RunError> {
     match *fault {
         Fault::KillAgent { .. } => agent.kill(),
         Fault::PowerCut { .. } => {
             agent.kill();
-            power_cut::cut(db).map_err(|e| step("the power cut")(e.to_string()))?;
+            let undone = power_cut::cut(db).map_err(|e| step("the power cut")(e.to_string()))?;
+            return Ok(Some(format!(
+                "power cut undid {} unsynced writes ({} bytes)",
+                undone.writes, undone.bytes
+            )));
         }
         Fault::KillMaster { master, .. } => masters[master % masters.len()].kill(),
         Fault::FreezePostgrest { .. } => {
@@ -424,7 +430,7 @@ fn begin_fault(
             delay_ms,
         }),
     }
-    Ok(())
+    Ok(None)
 }
 
 fn heal_fault(
