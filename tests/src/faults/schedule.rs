@@ -211,8 +211,8 @@ impl Schedule {
     }
 }
 
-/// Two faults on one target must not overlap, and the backend and the broker keep one fault at a
-/// time between them and the agent's kills: a restart of a stopped process is not a fault.
+/// Two faults on one target must not overlap (a restart of a process already stopped is not a
+/// fault); faults on different targets may.
 fn conflicts(a: &Scheduled, b: &Scheduled) -> bool {
     // A second of calm after each fault, so each heal is seen.
     let calm = Duration::from_secs(1);
