@@ -359,10 +359,20 @@ pub async fn run(options: RunOptions) -> Result<RunOutcome, RunError> {
     let drain_from = last_heal.max(load_end);
     let deadline = drain_from + options.drain_timeout;
     let mut drain = None;
+    let mut described = false;
     while Instant::now() < deadline {
         if drained(&stack, api_port).await {
             drain = Some(drain_from.elapsed());
             break;
+        }
+        // A slow drain says what it waits for, once.
+        if !described && drain_from.elapsed() > SLOW_DRAIN {
+            described = true;
+            note(format!(
+                "not drained after {} ms; waiting for: {}",
+                SLOW_DRAIN.as_millis(),
+                waiting_for(&stack, api_port).await
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -589,6 +599,47 @@ async fn watch_acks(
             Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
         }
     }
+}
+
+/// A drain longer than this gets a note of what it waits for.
+const SLOW_DRAIN: Duration = Duration::from_secs(3);
+
+/// The commands not yet ended in the cloud (id, state, deliveries, seconds since locked) and
+/// the agent's outbox by class, for the runner's log.
+async fn waiting_for(stack: &Stack, api_port: u16) -> String {
+    let open = match stack.postgres() {
+        Ok(pg) => pg
+            .psql(
+                DATABASE,
+                &[
+                    "-tA",
+                    "-c",
+                    &format!(
+                        "select coalesce(string_agg(format('%s %s x%s locked %ss ago', id, status, delivery_count,
+                                coalesce(round(extract(epoch from now() - locked_at))::text, '-')), ', ' order by id), 'none')
+                           from (select * from relay_commands_slave where status not in ({}) order by id limit 10) c",
+                        quoted(&FINAL_STATES)
+                    ),
+                ],
+            )
+            .map(|o| o.trim().to_string())
+            .unwrap_or_else(|e| format!("? ({e})")),
+        Err(e) => format!("? ({e})"),
+    };
+    let outbox = match reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{api_port}/health"))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+    {
+        Ok(r) => r
+            .json::<serde_json::Value>()
+            .await
+            .map(|v| v["outbox"].to_string())
+            .unwrap_or_else(|e| format!("? ({e})")),
+        Err(e) => format!("? ({e})"),
+    };
+    format!("open commands (first 10): {open}; agent outbox: {outbox}")
 }
 
 /// Every command ended in the cloud and the agent's outbox empty.
