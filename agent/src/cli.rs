@@ -475,7 +475,7 @@ pub fn main() -> anyhow::Result<()> {
                 (Some(name), _, _) => RuleUnderTest::Named(name),
                 _ => anyhow::bail!("name a rule, or give --file and --device"),
             };
-            let now = crate::runtime::now_ms();
+            let now = crate::shared::now_ms();
             let since = now - (hours as i64) * 3_600_000;
             print!("{}", rules_test(&config, &rule, since, now)?);
             Ok(())

@@ -215,7 +215,7 @@ impl Delivery {
     /// The emergency stop: nothing in flight is sent again. Commands made only of `off` actions
     /// stay (switching off is always safe); the others end as failed with `reason`.
     pub fn cancel_switching_on(&mut self, reason: &str) -> Vec<DeliveryAction> {
-        let switches_on = |c: &CommandRecord| c.actions.iter().any(|a| a == "on");
+        let switches_on = |c: &CommandRecord| crate::command::switches_on(&c.actions);
         let failed = |id: i64| DeliveryAction::Finish {
             id,
             outcome: CommandOutcome::Failed {
@@ -382,11 +382,9 @@ mod tests {
             master_device_id: "M".into(),
             slave_mac_address: "14:33:5C:38:BF:60".into(),
             slave_device_id: None,
-            relay_numbers: vec![0],
-            actions: vec!["on".into()],
-            duration_seconds: vec![60],
-            command_type: "manual".into(),
-            triggered_by: "manual".into(),
+            actions: crate::command::actions_from_columns(&[0], &["on".into()], &[60]).unwrap(),
+            command_type: crate::command::CommandType::Manual,
+            triggered_by: crate::command::CommandSource::Manual,
             priority: 10,
             rule_id: None,
             rule_name: None,
@@ -607,7 +605,7 @@ mod tests {
         let mut d = Delivery::new(LIMITS);
         d.admit(command(1, 10_000), 0);
         let mut off = command(2, 10_000);
-        off.actions = vec!["off".into()];
+        off.actions[0].action = crate::command::SwitchAction::Off;
         d.admit(off, 0);
         let ended = d.cancel_switching_on("emergency stop");
         assert!(matches!(

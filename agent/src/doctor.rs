@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::config::AgentConfig;
 use crate::connectivity::MqttState;
-use crate::runtime::now_ms;
+use crate::shared::now_ms;
 use crate::store::{Store, StoreError};
 
 /// How long doctor waits for the broker's CONNACK: a broker on the LAN answers in milliseconds.

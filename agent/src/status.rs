@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::config::AgentConfig;
-use crate::runtime::now_ms;
+use crate::shared::now_ms;
 use crate::store::Store;
 
 pub async fn report(config: &AgentConfig) -> String {

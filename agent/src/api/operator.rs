@@ -19,8 +19,8 @@ use tokio::sync::oneshot;
 use super::{Cut, read_prefix};
 use crate::automation::LatchSource;
 use crate::automation::task::AutomationInput;
-use crate::runtime::Shared;
 use crate::safety::RelayRef;
+use crate::shared::Shared;
 
 pub fn operator_app(shared: Arc<Shared>) -> Router {
     Router::new()

@@ -72,7 +72,7 @@ async fn route(notifier: &mut Notifier, store: &StoreHandle, metrics: &Metrics) 
         let Some(last) = events.last().map(|e| e.seq) else {
             return;
         };
-        let now = crate::runtime::now_ms();
+        let now = crate::shared::now_ms();
         let mut deliveries = Vec::new();
         for event in &events {
             let kind = super::Kind::of_event(&event.event_type);
@@ -119,7 +119,7 @@ async fn send_due(
     store: &StoreHandle,
     metrics: &Metrics,
 ) {
-    let now = crate::runtime::now_ms();
+    let now = crate::shared::now_ms();
     let due = match store
         .call(move |s| s.notifications_due(now, SEND_BATCH_ROWS_MAX))
         .await
@@ -214,7 +214,7 @@ async fn send(
             return Err(SendError::Unknown);
         };
         // Signed at each attempt: the timestamp says when this copy was sent.
-        let timestamp = crate::runtime::now_ms() / 1000;
+        let timestamp = crate::shared::now_ms() / 1000;
         let body = row.body.clone().into_bytes();
         http.post(&hook.url)
             .header("Content-Type", "application/json")

@@ -316,7 +316,7 @@ fn bench_ingest(
 ) -> anyhow::Result<Vec<Figure>> {
     let payloads = (readings_total as usize).div_ceil(SENSORS_PER_PAYLOAD);
     let readings_total = payloads * SENSORS_PER_PAYLOAD;
-    let base_ts = autocore_agent::runtime::now_ms() - 3_600_000;
+    let base_ts = autocore_agent::shared::now_ms() - 3_600_000;
     let dir = tempfile::Builder::new()
         .prefix("autocore-bench-ingest-")
         .tempdir()
@@ -331,7 +331,7 @@ fn bench_ingest(
     let mut stored = 0;
     for chunk in rows.chunks(batch_rows) {
         stored += bare
-            .enqueue_readings(chunk, autocore_agent::runtime::now_ms())
+            .enqueue_readings(chunk, autocore_agent::shared::now_ms())
             .context("bare enqueue_readings")?;
     }
     let bare_wall = started.elapsed();
@@ -489,7 +489,7 @@ fn bench_drain(
     batch_rows: usize,
 ) -> anyhow::Result<Vec<Figure>> {
     let n = backlog as usize;
-    let start_ms = (autocore_agent::runtime::now_ms() - 86_400_000) / 1000 * 1000;
+    let start_ms = (autocore_agent::shared::now_ms() - 86_400_000) / 1000 * 1000;
     let reset = |what: &str| -> anyhow::Result<()> {
         pg.psql(
             DATABASE,
@@ -582,12 +582,12 @@ fn bench_drain(
             let end = (k + batch_rows).min(n);
             let chunk: Vec<Reading> = (k..end).map(|k| backlog_reading(k, start_ms)).collect();
             store
-                .enqueue_readings(&chunk, autocore_agent::runtime::now_ms())
+                .enqueue_readings(&chunk, autocore_agent::shared::now_ms())
                 .context("filling the outbox")?;
             k = end;
         }
         let depth = store
-            .outbox_stats(autocore_agent::runtime::now_ms())
+            .outbox_stats(autocore_agent::shared::now_ms())
             .context("outbox stats")?
             .depth;
         ensure!(depth as usize == n, "the outbox holds {depth}, not {n}");

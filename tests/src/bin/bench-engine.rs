@@ -669,7 +669,7 @@ struct Stamps(HashMap<usize, i64>);
 
 impl Stamps {
     fn next(&mut self, m: usize) -> i64 {
-        let now = autocore_agent::runtime::now_ms();
+        let now = autocore_agent::shared::now_ms();
         let last = self.0.entry(m).or_insert(0);
         *last = (*last + 1).max(now);
         *last

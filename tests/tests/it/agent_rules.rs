@@ -215,7 +215,7 @@ async fn the_seed_ph_rule_fires_once_per_cooldown_and_the_cloud_learns_each_firi
 
     // `autocore-agent rules test` replays the rule over the readings the Pi kept and lists when
     // it would have fired: the same firings, a cooldown apart.
-    let now = autocore_agent::runtime::now_ms();
+    let now = autocore_agent::shared::now_ms();
     let report = autocore_agent::cli::rules_test(
         &agent.config,
         &autocore_agent::cli::RuleUnderTest::Named("RULE_001".into()),

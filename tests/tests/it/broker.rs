@@ -275,7 +275,7 @@ async fn another_masters_login_cannot_publish_telemetry_acks_status_or_announce_
     assert_eq!(late.received_with("forged"), Vec::<String>::new());
 
     // The agent stored MASTER's readings after the forgery, and not the forged one.
-    let since = autocore_agent::runtime::now_ms();
+    let since = autocore_agent::shared::now_ms();
     let readings = eventually("a reading of the master after the forgery", WAIT, || {
         let store = autocore_agent::store::Store::open(&agent.db).ok()?;
         let all = store.readings_between(MASTER, 0, i64::MAX).ok()?;

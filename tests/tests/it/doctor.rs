@@ -26,11 +26,11 @@ fn state_dir() -> (tempfile::TempDir, PathBuf) {
             true,
             Some("1.0.0"),
             None,
-            autocore_agent::runtime::now_ms(),
+            autocore_agent::shared::now_ms(),
         )
         .unwrap();
     store
-        .next_signing_counter(MASTER, autocore_agent::runtime::now_ms())
+        .next_signing_counter(MASTER, autocore_agent::shared::now_ms())
         .unwrap();
     (dir, db)
 }
