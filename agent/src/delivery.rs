@@ -279,6 +279,19 @@ impl Delivery {
                         }
                         return vec![];
                     }
+                    // The master gave up on its slave, but a frame may have switched the relay
+                    // with every ack lost on the radio (seed 11 of the fault suite). The master
+                    // forgot the id and the slave did not: sent again, it runs if it never did
+                    // and is answered `duplicate` if it did. Only the last attempt's failure
+                    // is recorded.
+                    Some(AckErrorCode::SlaveUnreachable)
+                        if self.in_flight.get(&id).is_some_and(|f| {
+                            f.attempts < self.limits.attempts_max
+                                && self.sendable(&f.command, now_ms)
+                        }) =>
+                    {
+                        return self.send(id, now_ms);
+                    }
                     _ => CommandOutcome::Failed {
                         reason: reason(),
                         execution_time_ms: Some(execution_time_ms),
@@ -697,6 +710,50 @@ mod tests {
             10,
         );
         assert_eq!(sends(&again), vec![(1, 2)], "not 3 s later: now");
+    }
+
+    #[test]
+    fn a_slave_the_master_gave_up_on_is_tried_again_at_once_until_the_attempts_run_out() {
+        let mut d = Delivery::new(LIMITS);
+        d.admit(command(1, 100_000), 0);
+        let unreachable = ack(1, AckResult::Failed, Some(AckErrorCode::SlaveUnreachable));
+        assert_eq!(sends(&d.on_ack(&unreachable, 10)), vec![(1, 2)]);
+        assert_eq!(sends(&d.on_ack(&unreachable, 20)), vec![(1, 3)]);
+        // The last attempt's answer ends it, with the master's reason.
+        match d.on_ack(&unreachable, 30).as_slice() {
+            [
+                DeliveryAction::Finish {
+                    id: 1,
+                    outcome: CommandOutcome::Failed { reason, .. },
+                },
+            ] => assert!(reason.starts_with("slave_unreachable"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // A resend that found the slave had switched is answered `duplicate`: completed.
+        d.admit(command(2, 100_000), 40);
+        d.on_ack(
+            &ack(2, AckResult::Failed, Some(AckErrorCode::SlaveUnreachable)),
+            50,
+        );
+        assert!(matches!(
+            d.on_ack(&ack(2, AckResult::Duplicate, None), 60).as_slice(),
+            [DeliveryAction::Finish {
+                id: 2,
+                outcome: CommandOutcome::Completed { .. }
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_slave_the_master_gave_up_on_is_not_tried_again_without_life_left() {
+        let mut d = Delivery::new(DeliveryLimits {
+            send_margin_ms: 500,
+            ..LIMITS
+        });
+        d.admit(command(1, 1_000), 0);
+        let unreachable = ack(1, AckResult::Failed, Some(AckErrorCode::SlaveUnreachable));
+        assert!(sends(&d.on_ack(&unreachable, 600)).is_empty());
+        assert_eq!(d.in_flight(), 0);
     }
 
     #[test]

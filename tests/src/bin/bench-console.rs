@@ -105,6 +105,8 @@ fn main() -> anyhow::Result<()> {
             delay_ms: 1,
         },
         state_dir: None,
+        actuation_log_dir: None,
+        radio_control: None,
         poll: None,
     };
     stack.admit_sim(&sim_config)?;

@@ -12,6 +12,7 @@ mod command_queue;
 mod console;
 mod doctor;
 mod edge_functions;
+mod faults;
 mod harness;
 mod notify;
 mod pgtap;

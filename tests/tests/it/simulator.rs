@@ -73,6 +73,8 @@ fn config(mqtt_url: &str, state_dir: Option<&Path>) -> SimConfig {
         },
         radio: RadioSpec::default(),
         state_dir: state_dir.map(Path::to_path_buf),
+        actuation_log_dir: None,
+        radio_control: None,
         poll: None,
     }
 }

@@ -216,6 +216,8 @@ fn one_master_sim_on(mqtt_url: &str, key_hex: &str) -> firmware_protocol::sim::S
             delay_ms: 1,
         },
         state_dir: None,
+        actuation_log_dir: None,
+        radio_control: None,
         poll: None,
     }
 }
