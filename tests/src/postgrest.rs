@@ -21,11 +21,6 @@ pub struct Postgrest {
 }
 
 impl Postgrest {
-    /// The process id of the server (for benchmarks that read its CPU time in /proc).
-    pub fn pid(&self) -> Option<u32> {
-        self.process.pid()
-    }
-
     pub fn start(db_uri: &str, jwt_secret: &str) -> Result<Postgrest, StackError> {
         let binary = postgrest_binary()?;
         let dir = tempfile::Builder::new()
@@ -111,7 +106,8 @@ impl Postgrest {
         self.wait_ready(Duration::from_secs(30))
     }
 
-    /// The server's process id while it runs (to freeze it with SIGSTOP).
+    /// The server's process id while it runs (to freeze it with SIGSTOP; benchmarks read its CPU
+    /// time in /proc).
     pub fn pid(&self) -> Option<u32> {
         self.process.pid()
     }
