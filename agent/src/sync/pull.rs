@@ -47,6 +47,9 @@ pub(crate) async fn poll_loop(
     // The same name until a call is answered: a retry after a lost answer gets what that call
     // locked instead of leaving it locked in the cloud until the lock timeout.
     let mut request_id: Option<String> = None;
+    // Whether the last call failed, and whether a failed call since the last answer may have
+    // locked something (sent, never answered).
+    let (mut failing, mut may_have_locked) = (false, false);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -68,7 +71,12 @@ pub(crate) async fn poll_loop(
             rule_cursors: &rule_cursors,
             masters: &masters,
             limit_per_master: cfg.lock_batch_max,
-            limit_total: if completions_waiting {
+            // The first call after a failure locks nothing new: completions the masters finished
+            // meanwhile are still backing off, and must reach the cloud before their commands'
+            // locks, lapsed during the outage, hand them out again. A retry of a call that may
+            // have locked keeps its limits: under the same name it returns what that call
+            // locked, and locks nothing new.
+            limit_total: if completions_waiting || (failing && !may_have_locked) {
                 0
             } else {
                 cfg.lock_batch_total
@@ -80,9 +88,18 @@ pub(crate) async fn poll_loop(
             Ok(answer) => {
                 note_cloud_result(&shared, Ok(()));
                 request_id = None;
+                if std::mem::take(&mut failing) {
+                    // The backend answers again: what backed off while it was away is due now
+                    // (completions first), without waiting for the outage to be declared over.
+                    let _ = shared.store.call(|s| s.outbox_due_now()).await;
+                    shared.notify_outbox();
+                }
+                may_have_locked = false;
                 answer
             }
             Err(e) => {
+                failing = true;
+                may_have_locked |= e.may_have_executed();
                 note_cloud_result(&shared, Err(&e));
                 debug!(error = %e, "could not sync");
                 pacing.on_no_answer();
