@@ -5,7 +5,7 @@
 //! own commands and rules. Internals never leak into responses: every error becomes one
 //! PostgREST-shaped body (`code`, `message`, `details`, `hint`) with a message fit for the caller.
 
-mod operator;
+pub(crate) mod operator;
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -219,7 +219,8 @@ pub fn app(shared: Arc<Shared>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(shared.clone())
-        .merge(operator::operator_app(shared))
+        .merge(operator::operator_app(shared.clone()))
+        .merge(crate::console::console_app(shared))
         .merge(polling_app(local))
 }
 
@@ -765,12 +766,8 @@ fn command_row(polled: &PolledCommand) -> Value {
         .finished_at_ms
         .or(c.last_sent_at_ms)
         .unwrap_or(polled.accepted_at_ms);
-    let type_rank = match c.command_type.as_str() {
-        "peristaltic" => 0,
-        "rule" => 1,
-        "automation" => 2,
-        _ => 3,
-    };
+    let type_rank = c.command_type.rank();
+    let columns = crate::command::actions_to_columns(&c.actions);
     json!({
         "id": c.id,
         "master_device_id": c.master_device_id,
@@ -778,9 +775,9 @@ fn command_row(polled: &PolledCommand) -> Value {
         "master_mac_address": null,
         "slave_device_id": c.slave_device_id,
         "slave_mac_address": c.slave_mac_address,
-        "relay_numbers": c.relay_numbers,
-        "actions": c.actions,
-        "duration_seconds": c.duration_seconds,
+        "relay_numbers": columns.relay_numbers,
+        "actions": columns.actions,
+        "duration_seconds": columns.duration_seconds,
         "command_type": c.command_type,
         "triggered_by": c.triggered_by,
         "priority": c.priority,

@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use firmware_protocol::frame::SwitchAction;
-use firmware_protocol::message::RelayAction;
 use firmware_protocol::message::{
     Announce, CommandAck, Online, RelayStateReport, Status, Telemetry,
 };
@@ -263,21 +261,7 @@ pub fn signed_command(
         .parse()
         .map_err(|e: firmware_protocol::mac::MacAddrError| e.to_string())?;
     let id = command_id(command.id).map_err(|e| e.to_string())?;
-    let actions = command
-        .relay_numbers
-        .iter()
-        .zip(&command.actions)
-        .zip(&command.duration_seconds)
-        .map(|((&relay, action), &duration_s)| RelayAction {
-            relay,
-            action: if action == "on" {
-                SwitchAction::On
-            } else {
-                SwitchAction::Off
-            },
-            duration_s,
-        })
-        .collect();
+    let actions = command.actions.clone();
     let unsigned = firmware_protocol::message::RelayCommand::unsigned(
         id,
         master.clone(),
@@ -374,11 +358,14 @@ mod tests {
             master_device_id: "ESP32_A".into(),
             slave_mac_address: "14:33:5C:38:BF:60".into(),
             slave_device_id: None,
-            relay_numbers: vec![0, 2],
-            actions: vec!["on".into(), "off".into()],
-            duration_seconds: vec![60, 0],
-            command_type: "manual".into(),
-            triggered_by: "manual".into(),
+            actions: crate::command::actions_from_columns(
+                &[0, 2],
+                &["on".into(), "off".into()],
+                &[60, 0],
+            )
+            .unwrap(),
+            command_type: crate::command::CommandType::Manual,
+            triggered_by: crate::command::CommandSource::Manual,
             priority: 10,
             rule_id: None,
             rule_name: None,

@@ -263,8 +263,12 @@ pub struct CloudSection {
     /// Supabase Auth's base URL (`https://<project>.supabase.co/auth/v1`): when set, the agent
     /// refreshes the session in `jwt_file` before its access token expires.
     pub auth_url: Option<String>,
+    /// The longest wait between two syncs (while idle); the bound of the adaptive interval.
     #[serde(default = "defaults::poll_interval_ms")]
     pub poll_interval_ms: u64,
+    /// The wait after a sync that brought work (commands, rules, settings). Default 250 ms, or
+    /// `poll_interval_ms` when that is shorter ([`CloudSection::poll_active_interval_ms`]).
+    pub poll_active_interval_ms: Option<u64>,
     #[serde(default = "defaults::request_timeout_ms")]
     pub request_timeout_ms: u64,
     /// The polls' small reads (locks, rule changes, the latch) give up after this, so a
@@ -274,13 +278,24 @@ pub struct CloudSection {
     /// How long a command locked by this agent stays locked in the cloud.
     #[serde(default = "defaults::lock_timeout_seconds")]
     pub lock_timeout_seconds: u32,
+    /// Commands locked per master and sync.
     #[serde(default = "defaults::lock_batch_max")]
     pub lock_batch_max: u32,
+    /// Commands locked per sync for all masters together (taken round-robin across masters).
+    #[serde(default = "defaults::lock_batch_total")]
+    pub lock_batch_total: u32,
     #[serde(default = "defaults::push_batch_rows_max")]
     pub push_batch_rows_max: usize,
 }
 
 impl CloudSection {
+    /// The wait after a sync that brought work (see `poll_active_interval_ms`).
+    pub fn poll_active_interval_ms(&self) -> u64 {
+        self.poll_active_interval_ms
+            .unwrap_or_else(defaults::poll_active_interval_ms)
+            .min(self.poll_interval_ms)
+    }
+
     /// How long a poll's read waits for the backend (see `poll_timeout_ms`).
     pub fn poll_timeout_ms(&self) -> u64 {
         self.poll_timeout_ms
@@ -360,7 +375,10 @@ mod defaults {
         500
     }
     pub fn poll_interval_ms() -> u64 {
-        1_000
+        800
+    }
+    pub fn poll_active_interval_ms() -> u64 {
+        250
     }
     pub fn poll_timeout_ms() -> u64 {
         3_000
@@ -372,7 +390,10 @@ mod defaults {
         30
     }
     pub fn lock_batch_max() -> u32 {
-        5
+        50
+    }
+    pub fn lock_batch_total() -> u32 {
+        100
     }
     pub fn push_batch_rows_max() -> usize {
         1_000
@@ -574,6 +595,14 @@ impl AgentConfig {
             100,
             3_600_000,
         )?;
+        if let Some(active) = self.cloud.poll_active_interval_ms {
+            in_range(
+                "cloud.poll_active_interval_ms",
+                active,
+                50,
+                self.cloud.poll_interval_ms,
+            )?;
+        }
         in_range(
             "cloud.request_timeout_ms",
             self.cloud.request_timeout_ms,
@@ -597,6 +626,12 @@ impl AgentConfig {
         in_range(
             "cloud.lock_batch_max",
             self.cloud.lock_batch_max as u64,
+            1,
+            100,
+        )?;
+        in_range(
+            "cloud.lock_batch_total",
+            self.cloud.lock_batch_total as u64,
             1,
             100,
         )?;
@@ -995,7 +1030,7 @@ mod tests {
 
     #[test]
     fn a_wrong_type_names_the_key() {
-        let text = EXAMPLE.replace("poll_interval_ms = 1000", "poll_interval_ms = \"soon\"");
+        let text = EXAMPLE.replace("poll_interval_ms = 800", "poll_interval_ms = \"soon\"");
         assert_eq!(error_key(load(&text, &[])), "cloud.poll_interval_ms");
     }
 
@@ -1040,6 +1075,28 @@ mod tests {
             )),
             "cloud.poll_timeout_ms",
             "longer than the request timeout (10 s)"
+        );
+    }
+
+    #[test]
+    fn the_active_poll_interval_is_250_ms_or_the_bound_and_never_beyond_it() {
+        let config = load(EXAMPLE, &[]).unwrap();
+        assert_eq!(config.cloud.poll_interval_ms, 800);
+        assert_eq!(config.cloud.poll_active_interval_ms(), 250);
+        assert_eq!(config.cloud.lock_batch_total, 100);
+        let short = load(EXAMPLE, &[("AUTOCORE_CLOUD_POLL_INTERVAL_MS", "100")]).unwrap();
+        assert_eq!(short.cloud.poll_active_interval_ms(), 100);
+        assert_eq!(
+            error_key(load(
+                EXAMPLE,
+                &[("AUTOCORE_CLOUD_POLL_ACTIVE_INTERVAL_MS", "900")]
+            )),
+            "cloud.poll_active_interval_ms",
+            "longer than the idle bound (800 ms)"
+        );
+        assert_eq!(
+            error_key(load(EXAMPLE, &[("AUTOCORE_CLOUD_LOCK_BATCH_TOTAL", "101")])),
+            "cloud.lock_batch_total"
         );
     }
 
@@ -1166,7 +1223,7 @@ mod tests {
 
     #[test]
     fn a_toml_syntax_error_gives_its_line_and_column() {
-        let text = EXAMPLE.replace("poll_interval_ms = 1000", "poll_interval_ms = = 1000");
+        let text = EXAMPLE.replace("poll_interval_ms = 800", "poll_interval_ms = = 800");
         let line = EXAMPLE
             .lines()
             .position(|l| l.starts_with("poll_interval_ms"))

@@ -130,7 +130,7 @@ impl BackendState {
             Ok(()) | Err(CloudError::Rejected { .. } | CloudError::Decode(_)) => {
                 BackendState::Reachable
             }
-            Err(CloudError::Unreachable(_)) => BackendState::Unreachable,
+            Err(CloudError::Unreachable(_) | CloudError::NoAnswer(_)) => BackendState::Unreachable,
             Err(CloudError::Unauthorized { .. }) => BackendState::Unauthorized,
             Err(CloudError::Server { .. }) => BackendState::ServerError,
             Err(CloudError::Token(_)) => BackendState::NoToken,

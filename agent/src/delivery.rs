@@ -215,7 +215,7 @@ impl Delivery {
     /// The emergency stop: nothing in flight is sent again. Commands made only of `off` actions
     /// stay (switching off is always safe); the others end as failed with `reason`.
     pub fn cancel_switching_on(&mut self, reason: &str) -> Vec<DeliveryAction> {
-        let switches_on = |c: &CommandRecord| c.actions.iter().any(|a| a == "on");
+        let switches_on = |c: &CommandRecord| crate::command::switches_on(&c.actions);
         let failed = |id: i64| DeliveryAction::Finish {
             id,
             outcome: CommandOutcome::Failed {
@@ -278,6 +278,19 @@ impl Delivery {
                             flight.ack_deadline_ms = now_ms + self.limits.ack_timeout_ms;
                         }
                         return vec![];
+                    }
+                    // The master gave up on its slave, but a frame may have switched the relay
+                    // with every ack lost on the radio (seed 11 of the fault suite). The master
+                    // forgot the id and the slave did not: sent again, it runs if it never did
+                    // and is answered `duplicate` if it did. Only the last attempt's failure
+                    // is recorded.
+                    Some(AckErrorCode::SlaveUnreachable)
+                        if self.in_flight.get(&id).is_some_and(|f| {
+                            f.attempts < self.limits.attempts_max
+                                && self.sendable(&f.command, now_ms)
+                        }) =>
+                    {
+                        return self.send(id, now_ms);
                     }
                     _ => CommandOutcome::Failed {
                         reason: reason(),
@@ -369,11 +382,9 @@ mod tests {
             master_device_id: "M".into(),
             slave_mac_address: "14:33:5C:38:BF:60".into(),
             slave_device_id: None,
-            relay_numbers: vec![0],
-            actions: vec!["on".into()],
-            duration_seconds: vec![60],
-            command_type: "manual".into(),
-            triggered_by: "manual".into(),
+            actions: crate::command::actions_from_columns(&[0], &["on".into()], &[60]).unwrap(),
+            command_type: crate::command::CommandType::Manual,
+            triggered_by: crate::command::CommandSource::Manual,
             priority: 10,
             rule_id: None,
             rule_name: None,
@@ -594,7 +605,7 @@ mod tests {
         let mut d = Delivery::new(LIMITS);
         d.admit(command(1, 10_000), 0);
         let mut off = command(2, 10_000);
-        off.actions = vec!["off".into()];
+        off.actions[0].action = crate::command::SwitchAction::Off;
         d.admit(off, 0);
         let ended = d.cancel_switching_on("emergency stop");
         assert!(matches!(
@@ -699,6 +710,50 @@ mod tests {
             10,
         );
         assert_eq!(sends(&again), vec![(1, 2)], "not 3 s later: now");
+    }
+
+    #[test]
+    fn a_slave_the_master_gave_up_on_is_tried_again_at_once_until_the_attempts_run_out() {
+        let mut d = Delivery::new(LIMITS);
+        d.admit(command(1, 100_000), 0);
+        let unreachable = ack(1, AckResult::Failed, Some(AckErrorCode::SlaveUnreachable));
+        assert_eq!(sends(&d.on_ack(&unreachable, 10)), vec![(1, 2)]);
+        assert_eq!(sends(&d.on_ack(&unreachable, 20)), vec![(1, 3)]);
+        // The last attempt's answer ends it, with the master's reason.
+        match d.on_ack(&unreachable, 30).as_slice() {
+            [
+                DeliveryAction::Finish {
+                    id: 1,
+                    outcome: CommandOutcome::Failed { reason, .. },
+                },
+            ] => assert!(reason.starts_with("slave_unreachable"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // A resend that found the slave had switched is answered `duplicate`: completed.
+        d.admit(command(2, 100_000), 40);
+        d.on_ack(
+            &ack(2, AckResult::Failed, Some(AckErrorCode::SlaveUnreachable)),
+            50,
+        );
+        assert!(matches!(
+            d.on_ack(&ack(2, AckResult::Duplicate, None), 60).as_slice(),
+            [DeliveryAction::Finish {
+                id: 2,
+                outcome: CommandOutcome::Completed { .. }
+            }]
+        ));
+    }
+
+    #[test]
+    fn a_slave_the_master_gave_up_on_is_not_tried_again_without_life_left() {
+        let mut d = Delivery::new(DeliveryLimits {
+            send_margin_ms: 500,
+            ..LIMITS
+        });
+        d.admit(command(1, 1_000), 0);
+        let unreachable = ack(1, AckResult::Failed, Some(AckErrorCode::SlaveUnreachable));
+        assert!(sends(&d.on_ack(&unreachable, 600)).is_empty());
+        assert_eq!(d.in_flight(), 0);
     }
 
     #[test]

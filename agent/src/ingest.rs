@@ -21,7 +21,7 @@ use crate::metrics::label;
 use crate::reports::ReportGate;
 use crate::rules::EngineInput;
 use crate::shared::{DeliveryInput, Shared, now_ms};
-use crate::store::{OutboxClass, Reading};
+use crate::store::{OutboxClass, OutboxDrops, Reading};
 
 /// Bad messages logged per second at most; the rest are only counted.
 pub const BAD_MESSAGE_LOGS_PER_S_MAX: u32 = 5;
@@ -403,26 +403,37 @@ pub(crate) async fn flush_readings(
         .map(|(i, chunk)| {
             shared.store.call_queued(move |s| {
                 let added = s.enqueue_readings(&chunk, now)?;
-                let dropped = if i == last {
+                let drops = if i == last {
                     s.enforce_outbox_bound(rows_max)?
                 } else {
-                    0
+                    OutboxDrops::default()
                 };
-                Ok((added, dropped))
+                Ok((added, drops))
             })
         })
         .collect();
-    let mut total = Ok((0, 0));
+    let mut total = Ok((0, OutboxDrops::default()));
     for answer in answers {
         total = match (total, answer.await) {
-            (Ok((a, d)), Ok((added, dropped))) => Ok((a + added, d + dropped)),
+            (Ok((a, d)), Ok((added, drops))) => Ok((
+                a + added,
+                OutboxDrops {
+                    lost: d.lost + drops.lost,
+                    in_doubt: d.in_doubt + drops.in_doubt,
+                },
+            )),
             (Err(e), _) | (_, Err(e)) => Err(e),
         };
     }
     match total {
-        Ok((added, dropped)) => {
+        Ok((added, drops)) => {
             shared.metrics.readings_stored.inc_by(added as u64);
-            shared.metrics.telemetry_dropped.inc_by(dropped);
+            shared.metrics.telemetry_dropped.inc_by(drops.lost);
+            shared
+                .metrics
+                .telemetry_dropped_in_doubt
+                .inc_by(drops.in_doubt);
+            let dropped = drops.lost + drops.in_doubt;
             match dropping.note(dropped, now) {
                 DropLog::Nothing => {}
                 DropLog::Began { dropped } => {

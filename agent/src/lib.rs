@@ -12,8 +12,10 @@ pub mod bridge;
 pub mod broker;
 pub mod cli;
 pub mod cloud;
+pub mod command;
 pub mod config;
 pub mod connectivity;
+pub mod console;
 pub mod delivery;
 mod dispatch;
 pub mod doctor;
@@ -34,7 +36,7 @@ pub mod service;
 pub mod shared;
 pub mod status;
 pub mod store;
-mod sync;
+pub mod sync;
 #[cfg(test)]
 pub(crate) mod testing;
 

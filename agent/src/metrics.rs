@@ -21,6 +21,7 @@ pub struct Metrics {
     pub reports_refused: Family<Labels, Counter>,
     pub readings_stored: Counter,
     pub telemetry_dropped: Counter,
+    pub telemetry_dropped_in_doubt: Counter,
     pub engine_readings_dropped: Counter,
     pub outbox_depth: Gauge,
     pub outbox_oldest_age_seconds: Gauge<f64, AtomicU64>,
@@ -85,6 +86,7 @@ impl Metrics {
             reports_refused: Family::default(),
             readings_stored: Counter::default(),
             telemetry_dropped: Counter::default(),
+            telemetry_dropped_in_doubt: Counter::default(),
             engine_readings_dropped: Counter::default(),
             outbox_depth: Gauge::default(),
             outbox_oldest_age_seconds: Gauge::default(),
@@ -166,8 +168,13 @@ impl Metrics {
         );
         registry.register(
             "telemetry_dropped",
-            "Readings dropped at the outbox bound (oldest first)",
+            "Readings dropped at the outbox bound (oldest first) that the backend never received",
             m.telemetry_dropped.clone(),
+        );
+        registry.register(
+            "telemetry_dropped_in_doubt",
+            "Readings dropped at the outbox bound that an earlier push, never answered, may have delivered",
+            m.telemetry_dropped_in_doubt.clone(),
         );
         registry.register(
             "engine_readings_dropped",

@@ -149,9 +149,10 @@ pub async fn run(
         engine: engine_tx,
         latest: Mutex::new(HashMap::new()),
         automation_status: Mutex::new(AutomationStatus::default()),
+        journal: Mutex::new(crate::console::Journal::default()),
+        console: crate::console::ConsoleState::default(),
         config,
         command_order: tokio::sync::Mutex::new(()),
-        lock_requests: Mutex::new(HashMap::new()),
     });
     let (automation, engine) = start_automation(&shared).await?;
 

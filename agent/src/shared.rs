@@ -98,12 +98,15 @@ pub struct Shared {
     /// The latest value per (device, sensor) and its time, for macro conditions.
     pub(crate) latest: Mutex<HashMap<(String, String), (f64, i64)>>,
     pub automation_status: Mutex<AutomationStatus>,
+    /// Events and rule firings since start, for the operator console (the outbox forgets them
+    /// once the cloud has them).
+    pub journal: Mutex<crate::console::Journal>,
+    /// The operator console's sign-in sessions and hold-to-run leases.
+    pub console: crate::console::ConsoleState,
     /// Held from taking a command's signing counter to handing it to the MQTT client, by the
     /// delivery loop and the automation task alike, so commands leave in counter order and a
     /// master never refuses one as `replayed` because another overtook it.
     pub(crate) command_order: tokio::sync::Mutex<()>,
-    /// Per master, the request id of a lock call not answered yet (see `pull_commands`).
-    pub(crate) lock_requests: Mutex<HashMap<String, String>>,
 }
 
 /// What the automation task last reported, for /health and `status`.
@@ -114,6 +117,8 @@ pub struct AutomationStatus {
     pub macros_running: Vec<String>,
     /// The last mutex groups found violated and switched off.
     pub mutex_violations: Vec<crate::safety::MutexViolation>,
+    /// Each running macro and the steps its run has done.
+    pub macro_steps_done: Vec<(String, u32)>,
 }
 
 impl Shared {

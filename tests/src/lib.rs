@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod bench;
 pub mod edge;
+pub mod faults;
 pub mod jwt;
 pub mod mosquitto;
 pub mod postgres;
@@ -148,6 +149,18 @@ impl Stack {
     pub fn postgrest(&self) -> Result<&Postgrest, StackError> {
         self.postgrest
             .as_ref()
+            .ok_or(StackError::NotStarted("postgrest"))
+    }
+
+    pub fn postgres_mut(&mut self) -> Result<&mut Postgres, StackError> {
+        self.postgres
+            .as_mut()
+            .ok_or(StackError::NotStarted("postgres"))
+    }
+
+    pub fn postgrest_mut(&mut self) -> Result<&mut Postgrest, StackError> {
+        self.postgrest
+            .as_mut()
             .ok_or(StackError::NotStarted("postgrest"))
     }
 

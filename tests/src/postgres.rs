@@ -44,6 +44,11 @@ pub struct Postgres {
 }
 
 impl Postgres {
+    /// The process id of the server (for benchmarks that read its CPU time in /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     /// initdb, start, wait until it answers, create the database and apply the backend.
     pub fn start(options: &PostgresOptions) -> Result<Postgres, StackError> {
         let bindir = postgres_bindir()?;

@@ -106,6 +106,18 @@ impl Postgrest {
         self.wait_ready(Duration::from_secs(30))
     }
 
+    /// The server's process id while it runs (to freeze it with SIGSTOP; benchmarks read its CPU
+    /// time in /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// SIGKILL, which also ends a process frozen with SIGSTOP; [`Postgrest::restart`] starts it
+    /// again.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
     pub fn log_tail(&self) -> String {
         self.process.log_tail()
     }

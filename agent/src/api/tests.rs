@@ -40,11 +40,14 @@ fn command(id: i64, master: &str) -> CommandRecord {
         master_device_id: master.into(),
         slave_mac_address: "14:33:5C:38:BF:60".into(),
         slave_device_id: Some("ESP32_SLAVE_1".into()),
-        relay_numbers: vec![0, 2],
-        actions: vec!["on".into(), "off".into()],
-        duration_seconds: vec![30, 0],
-        command_type: "manual".into(),
-        triggered_by: "manual".into(),
+        actions: crate::command::actions_from_columns(
+            &[0, 2],
+            &["on".into(), "off".into()],
+            &[30, 0],
+        )
+        .unwrap(),
+        command_type: crate::command::CommandType::Manual,
+        triggered_by: crate::command::CommandSource::Manual,
         priority: 10,
         rule_id: None,
         rule_name: None,
@@ -154,12 +157,12 @@ fn the_token_is_the_hex_hmac_of_the_context_and_the_device_id() {
 async fn a_polling_master_gets_its_commands_as_backend_rows_locked_in_the_clouds_order() {
     static NOW: AtomicI64 = AtomicI64::new(0);
     let mut rule = command(2, POLLER);
-    rule.command_type = "rule".into();
-    rule.triggered_by = "rule".into();
+    rule.command_type = crate::command::CommandType::Rule;
+    rule.triggered_by = crate::command::CommandSource::Rule;
     rule.rule_id = Some("RULE_001".into());
     rule.rule_name = Some("pH low".into());
     let mut peristaltic = command(3, POLLER);
-    peristaltic.command_type = "peristaltic".into();
+    peristaltic.command_type = crate::command::CommandType::Peristaltic;
     let mut urgent = command(4, POLLER);
     urgent.priority = 90;
     let (api, _) = api_with(

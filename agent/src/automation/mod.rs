@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use serde_json::{Value, json};
 
+use crate::command::{CommandSource, CommandType, RelayAction, SwitchAction, actions_to_columns};
 use crate::config::{AgentConfig, Transport};
 use crate::macros::{MacroCatalog, MacroEffect, MacroOutcome, MacroRunner};
 use crate::rules::engine::Firing;
@@ -22,6 +23,11 @@ use crate::store::{AutomationWrite, CommandRecord, CommandState, OutboxClass, Ou
 pub const SAFETY_PRIORITY: i32 = 100;
 /// Priority of macro steps.
 pub const MACRO_PRIORITY: i32 = 60;
+/// Priority of the operator console's switches: a person at the plant, watching, outranks
+/// macros ([`MACRO_PRIORITY`]) and rules of ordinary priority (a dashboard command's default is
+/// 50), so that a relay a macro or rule switched on can be switched off from the console; a
+/// hold (90) and the arbiter's own offs (100) still win.
+pub const CONSOLE_PRIORITY: i32 = 80;
 /// Mutex violations `/health` lists (the most recent).
 pub const MUTEX_VIOLATIONS_KEPT: usize = 10;
 
@@ -83,8 +89,8 @@ impl Step {
 /// How a command the Pi creates is labelled in `relay_commands_slave`.
 #[derive(Debug, Clone)]
 struct Origin {
-    command_type: &'static str,
-    triggered_by: &'static str,
+    command_type: CommandType,
+    triggered_by: CommandSource,
     rule_id: Option<String>,
     rule_name: Option<String>,
 }
@@ -92,10 +98,14 @@ struct Origin {
 impl Origin {
     fn of(source: Source) -> Origin {
         let (command_type, triggered_by) = match source {
-            Source::Rule => ("rule", "rule"),
-            Source::Macro => ("automation", "macro"),
-            Source::Hold | Source::Manual | Source::Polling => ("manual", "manual"),
-            Source::Automation | Source::Safety => ("automation", "automation"),
+            Source::Rule => (CommandType::Rule, CommandSource::Rule),
+            Source::Macro => (CommandType::Automation, CommandSource::Macro),
+            Source::Hold | Source::Manual | Source::Polling => {
+                (CommandType::Manual, CommandSource::Manual)
+            }
+            Source::Automation | Source::Safety => {
+                (CommandType::Automation, CommandSource::Automation)
+            }
         };
         Origin {
             command_type,
@@ -104,6 +114,22 @@ impl Origin {
             rule_name: None,
         }
     }
+}
+
+/// What a plan sends the slave: one absolute action per relay.
+fn plan_actions(plan: &crate::safety::Plan) -> Vec<RelayAction> {
+    plan.switches
+        .iter()
+        .map(|s| RelayAction {
+            relay: s.relay,
+            action: if s.on {
+                SwitchAction::On
+            } else {
+                SwitchAction::Off
+            },
+            duration_s: s.duration_s,
+        })
+        .collect()
 }
 
 /// The interlocks as configured.
@@ -191,6 +217,11 @@ impl Automation {
         self.runner.running()
     }
 
+    /// Each running macro and the steps its run has done.
+    pub fn macro_steps_done(&self) -> Vec<(String, u32)> {
+        self.runner.steps_done()
+    }
+
     fn snapshot(&mut self) -> Option<Value> {
         self.safety_dirty = false;
         serde_json::to_value::<SafetySnapshot>(self.safety.snapshot()).ok()
@@ -215,15 +246,9 @@ impl Automation {
             master_device_id: plan.master.clone(),
             slave_mac_address: plan.slave_mac.clone(),
             slave_device_id: None,
-            relay_numbers: plan.switches.iter().map(|s| s.relay).collect(),
-            actions: plan
-                .switches
-                .iter()
-                .map(|s| if s.on { "on" } else { "off" }.to_string())
-                .collect(),
-            duration_seconds: plan.switches.iter().map(|s| s.duration_s).collect(),
-            command_type: origin.command_type.to_string(),
-            triggered_by: origin.triggered_by.to_string(),
+            actions: plan_actions(plan),
+            command_type: origin.command_type,
+            triggered_by: origin.triggered_by,
             priority: plan.priority.clamp(0, 100),
             rule_id: origin.rule_id.clone(),
             rule_name: origin.rule_name.clone(),
@@ -451,17 +476,16 @@ impl Automation {
             Source::Manual
         };
         let switches = command
-            .relay_numbers
+            .actions
             .iter()
-            .zip(&command.actions)
-            .zip(&command.duration_seconds)
-            .map(|((&relay, action), &duration_s)| {
+            .map(|a| {
                 (
-                    relay,
-                    if action == "on" {
-                        Switch::On { duration_s }
-                    } else {
-                        Switch::Off
+                    a.relay,
+                    match a.action {
+                        SwitchAction::On => Switch::On {
+                            duration_s: a.duration_s,
+                        },
+                        SwitchAction::Off => Switch::Off,
                     },
                 )
             })
@@ -477,27 +501,10 @@ impl Automation {
             Ok(plan) => {
                 self.safety.apply(&plan, now_ms);
                 step.write.safety = self.snapshot();
-                command.relay_numbers = plan.switches.iter().map(|s| s.relay).collect();
-                command.actions = plan
-                    .switches
-                    .iter()
-                    .map(|s| if s.on { "on" } else { "off" }.to_string())
-                    .collect();
-                let requested = (
-                    command.relay_numbers.clone(),
-                    command.actions.clone(),
-                    command.duration_seconds.clone(),
-                );
-                command.duration_seconds = plan.switches.iter().map(|s| s.duration_s).collect();
+                let requested = std::mem::replace(&mut command.actions, plan_actions(&plan));
                 // The dashboard's row stays the record of what was asked (its content is
                 // immutable); what the slave is sent instead is recorded beside it.
-                if requested
-                    != (
-                        command.relay_numbers.clone(),
-                        command.actions.clone(),
-                        command.duration_seconds.clone(),
-                    )
-                {
+                if requested != command.actions {
                     step.write.outbox.push(self.event(
                         "command_adjusted",
                         "info",
@@ -508,8 +515,8 @@ impl Automation {
                         ),
                         json!({
                             "command_id": command.id,
-                            "requested": {"relay_numbers": requested.0, "actions": requested.1, "duration_seconds": requested.2},
-                            "sent": {"relay_numbers": command.relay_numbers, "actions": command.actions, "duration_seconds": command.duration_seconds},
+                            "requested": actions_to_columns(&requested),
+                            "sent": actions_to_columns(&command.actions),
                         }),
                         now_ms,
                     ));
@@ -748,6 +755,33 @@ impl Automation {
                 self.holds.cancel(&relay);
                 (Err(refusal.to_string()), step)
             }
+        }
+    }
+
+    /// Relays of one slave switched from the operator console, through the interlocks like
+    /// any other request: all or none. The answer is the plan as carried out, or the refusal.
+    pub fn console_switch(
+        &mut self,
+        master: &str,
+        slave_mac: &str,
+        switches: Vec<(u8, Switch)>,
+        now_ms: i64,
+    ) -> (Result<String, String>, Step) {
+        let mut step = Step::default();
+        let request = SwitchRequest {
+            source: Source::Manual,
+            priority: CONSOLE_PRIORITY,
+            master: master.to_string(),
+            slave_mac: slave_mac.to_ascii_uppercase(),
+            switches,
+        };
+        match self.safety.check(&request, now_ms) {
+            Ok(plan) => {
+                let summary = plan.summary();
+                self.carry(&mut step, &[plan], &Origin::of(Source::Manual), now_ms);
+                (Ok(summary), step)
+            }
+            Err(refusal) => (Err(refusal.to_string()), step),
         }
     }
 

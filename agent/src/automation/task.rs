@@ -75,6 +75,13 @@ pub enum AutomationInput {
         relay: RelayRef,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Relays of one slave switched from the operator console.
+    Switch {
+        master: String,
+        slave_mac: String,
+        switches: Vec<(u8, crate::safety::Switch)>,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// Readings evaluated in one step at most: those already queued when one arrives are
@@ -272,6 +279,16 @@ fn handle(shared: &Arc<Shared>, automation: &mut Automation, request: Automation
             let _ = reply.send(result);
             step
         }
+        AutomationInput::Switch {
+            master,
+            slave_mac,
+            switches,
+            reply,
+        } => {
+            let (result, step) = automation.console_switch(&master, &slave_mac, switches, now);
+            let _ = reply.send(result);
+            step
+        }
         AutomationInput::ReloadRules => Step::default(),
     }
 }
@@ -298,6 +315,8 @@ pub(crate) async fn perform(
     } else {
         Some(shared.command_order.lock().await)
     };
+    // For the console's journal, once the step is on disk.
+    let journal: Vec<serde_json::Value> = write.outbox.iter().map(|e| e.payload.clone()).collect();
     let written = if write.is_empty() {
         Ok(Default::default())
     } else {
@@ -313,7 +332,16 @@ pub(crate) async fn perform(
         written
     };
     let counters = match written {
-        Ok(c) => c,
+        Ok(c) => {
+            if !journal.is_empty()
+                && let Ok(mut j) = shared.journal.lock()
+            {
+                for payload in &journal {
+                    j.record(payload, now);
+                }
+            }
+            c
+        }
         Err(e) => {
             // Nothing is sent that is not on disk; the relays stay as they are.
             error!(error = %e, "could not record an automation step; nothing sent");
@@ -545,7 +573,9 @@ fn publish_status(shared: &Arc<Shared>, automation: &Automation) {
         .map(|(id, _)| id)
         .collect();
     let mutex_violations = automation.mutex_violations().to_vec();
+    let macro_steps_done = automation.macro_steps_done();
     if let Ok(mut status) = shared.automation_status.lock() {
+        status.macro_steps_done = macro_steps_done;
         status.emergency = emergency;
         status.relays_on = relays_on;
         status.macros_running = macros_running;

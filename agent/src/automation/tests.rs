@@ -74,20 +74,19 @@ fn firing(actions: Vec<Action>, at: i64) -> Firing {
 /// A manual command from the dashboard for SLAVE, priority 10.
 fn cloud_command(
     id: i64,
-    relay_numbers: Vec<u8>,
+    relay_numbers: Vec<i64>,
     actions: Vec<String>,
-    duration_seconds: Vec<u32>,
+    duration_seconds: Vec<i64>,
 ) -> CommandRecord {
     CommandRecord {
         id,
         master_device_id: MASTER.into(),
         slave_mac_address: SLAVE.into(),
         slave_device_id: None,
-        relay_numbers,
-        actions,
-        duration_seconds,
-        command_type: "manual".into(),
-        triggered_by: "manual".into(),
+        actions: crate::command::actions_from_columns(&relay_numbers, &actions, &duration_seconds)
+            .unwrap(),
+        command_type: crate::command::CommandType::Manual,
+        triggered_by: crate::command::CommandSource::Manual,
         priority: 10,
         rule_id: None,
         rule_name: None,
@@ -134,8 +133,12 @@ fn a_firing_becomes_a_rule_command_sent_at_once_with_its_record_and_state() {
     assert_eq!(cmd.rule_id.as_deref(), Some("RULE_001"));
     assert_eq!(cmd.priority, 50);
     assert_eq!(
-        (cmd.relay_numbers.clone(), cmd.duration_seconds.clone()),
-        (vec![0], vec![60])
+        cmd.actions,
+        vec![RelayAction {
+            relay: 0,
+            action: SwitchAction::On,
+            duration_s: 60
+        }]
     );
     assert_eq!(
         step.write.rule_states.len(),
@@ -182,8 +185,9 @@ fn a_cloud_command_into_a_mutex_group_switches_the_peer_off_first() {
     let cmd = cloud_command(7, vec![3], vec!["on".into()], vec![0]);
     let (planned, step) = a.check_cloud_command(cmd, 1_000);
     let planned = planned.unwrap();
-    assert_eq!(planned.relay_numbers, vec![2, 3], "peer off first, then on");
-    assert_eq!(planned.actions, vec!["off", "on"]);
+    let sent = crate::command::actions_to_columns(&planned.actions);
+    assert_eq!(sent.relay_numbers, vec![2, 3], "peer off first, then on");
+    assert_eq!(sent.actions, vec!["off", "on"]);
     assert!(
         step.write.safety.is_some(),
         "the arbiter's state is persisted"
@@ -290,9 +294,12 @@ fn a_hold_switches_on_for_at_most_its_maximum_and_off_when_released() {
     let relay = RelayRef::new(MASTER, SLAVE, 1);
     let (ok, step) = a.press(relay.clone(), 30, "op", 0);
     ok.unwrap();
-    assert_eq!(step.send[0].actions, vec!["on"]);
     assert_eq!(
-        step.send[0].duration_seconds,
+        crate::command::actions_to_columns(&step.send[0].actions).actions,
+        vec!["on"]
+    );
+    assert_eq!(
+        crate::command::actions_to_columns(&step.send[0].actions).duration_seconds,
         vec![30],
         "the slave ends it even if the Pi dies"
     );
@@ -300,7 +307,10 @@ fn a_hold_switches_on_for_at_most_its_maximum_and_off_when_released() {
     assert!(again.is_err(), "one hold per relay");
     let (released, step) = a.release(&relay, 2_000);
     released.unwrap();
-    assert_eq!(step.send[0].actions, vec!["off"]);
+    assert_eq!(
+        crate::command::actions_to_columns(&step.send[0].actions).actions,
+        vec!["off"]
+    );
     assert!(a.release(&relay, 3_000).0.is_err());
 }
 
@@ -346,9 +356,9 @@ fn a_macro_runs_its_steps_in_order_with_delays_through_the_interlocks_and_once_a
     assert_eq!(
         (
             step.send[0].triggered_by.as_str(),
-            step.send[0].actions.clone()
+            crate::command::actions_to_columns(&step.send[0].actions).actions
         ),
-        ("macro", vec!["on".to_string()])
+        ("macro", vec!["on"])
     );
     let (again, _) = a.start_macro("fill", "op", 1, &mut no_conditions);
     assert!(again.is_err(), "one run at a time");
@@ -358,7 +368,10 @@ fn a_macro_runs_its_steps_in_order_with_delays_through_the_interlocks_and_once_a
     );
     let off = a.tick(5_001, &mut no_conditions);
     assert_eq!(off.send.len(), 1);
-    assert_eq!(off.send[0].actions, vec!["off"]);
+    assert_eq!(
+        crate::command::actions_to_columns(&off.send[0].actions).actions,
+        vec!["off"]
+    );
     let done = a.tick(5_002, &mut no_conditions);
     assert!(
         done.write
@@ -400,8 +413,9 @@ fn a_slave_seen_with_two_relays_of_a_mutex_group_on_has_the_whole_group_switched
     let step = a.observe(MASTER, SLAVE, &[false, false, true, true], 5_000);
     assert_eq!(step.send.len(), 1, "resolved at once");
     let off = &step.send[0];
-    assert_eq!(off.relay_numbers, vec![2, 3]);
-    assert_eq!(off.actions, vec!["off".to_string(), "off".to_string()]);
+    let sent = crate::command::actions_to_columns(&off.actions);
+    assert_eq!(sent.relay_numbers, vec![2, 3]);
+    assert_eq!(sent.actions, vec!["off", "off"]);
     let event = step
         .write
         .outbox
@@ -430,7 +444,11 @@ fn a_cloud_command_the_interlocks_adjust_records_what_the_slave_is_sent() {
     let mut a = automation();
     let cmd = cloud_command(8, vec![0], vec!["on".into()], vec![3_600]);
     let (planned, step) = a.check_cloud_command(cmd.clone(), 1_000);
-    assert_eq!(planned.unwrap().duration_seconds, vec![120], "max on-time");
+    assert_eq!(
+        crate::command::actions_to_columns(&planned.unwrap().actions).duration_seconds,
+        vec![120],
+        "max on-time"
+    );
     let event = step
         .write
         .outbox
@@ -449,7 +467,10 @@ fn a_cloud_command_the_interlocks_adjust_records_what_the_slave_is_sent() {
     // A command the interlocks leave as it is records nothing extra.
     let mut b = automation();
     let plain = CommandRecord {
-        duration_seconds: vec![60],
+        actions: vec![RelayAction {
+            duration_s: 60,
+            ..cmd.actions[0]
+        }],
         ..cmd
     };
     let (_, step) = b.check_cloud_command(plain, 1_000);

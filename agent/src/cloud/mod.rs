@@ -11,14 +11,18 @@ use reqwest011 as reqwest;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::command::{CommandSource, CommandType};
 use crate::store::{CommandRecord, CommandState, Reading, RuleRecord};
 pub use token::{TokenError, TokenSource, unverified_claims};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CloudError {
-    /// No answer: network down, connection refused, timeout.
+    /// No connection: network down, connection refused, DNS. The request was not sent.
     #[error("backend unreachable: {0}")]
     Unreachable(String),
+    /// Sent, but no answer came (timeout, connection lost): the backend may have done it.
+    #[error("backend did not answer: {0}")]
+    NoAnswer(String),
     /// The backend answered that it cannot serve now (5xx, 408, 429).
     #[error("backend error {status}: {body}")]
     Server { status: u16, body: String },
@@ -40,6 +44,21 @@ impl CloudError {
         !matches!(self, CloudError::Rejected { .. } | CloudError::Decode(_))
     }
 
+    /// Whether the backend may have carried the request out although the agent saw a failure:
+    /// no answer after sending it, or a gateway's 502/504 (the backend behind it may have
+    /// finished). A push that failed so is "in doubt": retried (every write is idempotent), and
+    /// never counted as lost.
+    pub fn may_have_executed(&self) -> bool {
+        matches!(self, CloudError::NoAnswer(_))
+            || matches!(
+                self,
+                CloudError::Server {
+                    status: 502 | 504,
+                    ..
+                }
+            )
+    }
+
     /// Whether the backend answered at all (it is up, even if it said no).
     pub fn backend_answered(&self) -> bool {
         matches!(
@@ -52,7 +71,9 @@ impl CloudError {
     }
 }
 
-/// A row of `relay_commands_slave` as the RPC returns it.
+/// A row of `relay_commands_slave` as the RPC returns it: the wire's strings and parallel arrays,
+/// read only by [`CloudCommand::to_record`], which types it (a row it cannot type is refused
+/// alone, not the whole answer).
 #[derive(Debug, Clone, Deserialize)]
 pub struct CloudCommand {
     pub id: i64,
@@ -67,7 +88,6 @@ pub struct CloudCommand {
     pub priority: i32,
     pub rule_id: Option<String>,
     pub rule_name: Option<String>,
-    pub status: String,
     pub expires_at: String,
 }
 
@@ -76,34 +96,19 @@ impl CloudCommand {
     pub fn to_record(&self) -> Result<CommandRecord, String> {
         let expires_at_ms = parse_timestamp_ms(&self.expires_at)
             .ok_or_else(|| format!("unreadable expires_at {:?}", self.expires_at))?;
-        let relay_numbers = self
-            .relay_numbers
-            .iter()
-            .map(|&n| u8::try_from(n).map_err(|_| format!("relay number {n} out of range")))
-            .collect::<Result<Vec<u8>, String>>()?;
-        let duration_seconds = self
-            .duration_seconds
-            .iter()
-            .map(|&d| u32::try_from(d).map_err(|_| format!("duration {d} out of range")))
-            .collect::<Result<Vec<u32>, String>>()?;
-        if self.actions.iter().any(|a| a != "on" && a != "off") {
-            return Err(format!("actions must be on/off, got {:?}", self.actions));
-        }
-        if relay_numbers.len() != self.actions.len()
-            || relay_numbers.len() != duration_seconds.len()
-        {
-            return Err("relay_numbers, actions and duration_seconds differ in length".into());
-        }
+        let actions = crate::command::actions_from_columns(
+            &self.relay_numbers,
+            &self.actions,
+            &self.duration_seconds,
+        )?;
         Ok(CommandRecord {
             id: self.id,
             master_device_id: self.master_device_id.clone(),
             slave_mac_address: self.slave_mac_address.clone(),
             slave_device_id: self.slave_device_id.clone(),
-            relay_numbers,
-            actions: self.actions.clone(),
-            duration_seconds,
-            command_type: self.command_type.clone(),
-            triggered_by: self.triggered_by.clone(),
+            actions,
+            command_type: CommandType::parse(&self.command_type)?,
+            triggered_by: CommandSource::parse(&self.triggered_by)?,
             priority: self.priority,
             rule_id: self.rule_id.clone(),
             rule_name: self.rule_name.clone(),
@@ -172,6 +177,76 @@ pub struct SystemStatusRow {
     pub emergency_changed_by: Option<String>,
 }
 
+/// Where an agent's sync stands: per kind of change, the backend's counter as the last answer
+/// gave it (`None`: read that part on the next call). See `sync_agent` in
+/// supabase/migrations/20261204000100_agent_sync.sql and docs/decisions/0021.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct SyncCounters {
+    pub commands: Option<i64>,
+    pub rules: Option<i64>,
+    pub configs: Option<i64>,
+    pub macros: Option<i64>,
+    pub latch: Option<i64>,
+}
+
+/// What one `sync_agent` call asks for.
+#[derive(Debug, Clone)]
+pub struct SyncRequest<'a> {
+    pub counters: SyncCounters,
+    /// Per master, where its rule changes resume: `(since, after_id)`; a master not named
+    /// reads from the beginning.
+    pub rule_cursors: &'a [(String, String, Option<String>)],
+    /// The masters this agent runs; only they are synced.
+    pub masters: &'a [String],
+    pub limit_per_master: u32,
+    /// 0: lock nothing (while completions are due).
+    pub limit_total: u32,
+    pub timeout_seconds: u32,
+    /// Names the call; repeated after a lost answer, it returns what that call locked.
+    pub request_id: &'a str,
+}
+
+/// `sync_agent`'s answer: `idle`, or the parts that moved and the next counters.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SyncAnswer {
+    pub idle: bool,
+    #[serde(default)]
+    pub cursor: Option<SyncCounters>,
+    #[serde(default)]
+    pub commands: Option<Vec<CloudCommand>>,
+    #[serde(default)]
+    pub rules: Option<Vec<RuleChange>>,
+    #[serde(default)]
+    pub rules_more: bool,
+    #[serde(default)]
+    pub configs: Option<Vec<DeviceConfigRow>>,
+    #[serde(default)]
+    pub macros: Option<Vec<Value>>,
+    /// `Some(None)`: read, and the owner never set a latch.
+    #[serde(default, deserialize_with = "present")]
+    pub latch: Option<Option<SystemStatusRow>>,
+}
+
+impl SyncAnswer {
+    /// Whether the answer carried anything to act on (the poll interval shortens after it).
+    pub fn carries_work(&self) -> bool {
+        self.commands.as_ref().is_some_and(|c| !c.is_empty())
+            || self.rules.as_ref().is_some_and(|r| !r.is_empty())
+            || self.configs.is_some()
+            || self.macros.is_some()
+            || self.latch.is_some()
+    }
+}
+
+/// A field that is there, even as null, is `Some`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
 /// The most completions `complete_slave_commands` takes in one call.
 pub const COMPLETIONS_PER_CALL_MAX: usize = 100;
 
@@ -237,15 +312,19 @@ impl Cloud {
                 .headers_mut()
                 .insert("Prefer", reqwest::header::HeaderValue::from_static(prefer));
         }
-        let response = client
-            .execute(request)
-            .await
-            .map_err(|e| CloudError::Unreachable(e.to_string()))?;
+        let response = client.execute(request).await.map_err(|e| {
+            // Only a connection never made proves the request was not carried out.
+            if e.is_connect() {
+                CloudError::Unreachable(e.to_string())
+            } else {
+                CloudError::NoAnswer(e.to_string())
+            }
+        })?;
         let status = response.status().as_u16();
         let body = response
             .text()
             .await
-            .map_err(|e| CloudError::Unreachable(e.to_string()))?;
+            .map_err(|e| CloudError::NoAnswer(e.to_string()))?;
         match status {
             200..=299 => Ok(body),
             401 | 403 => Err(CloudError::Unauthorized {
@@ -304,6 +383,32 @@ impl Cloud {
             json!({
                 "p_master_device_id": master, "p_limit": limit,
                 "p_timeout_seconds": timeout_seconds, "p_request_id": request_id,
+            }),
+            self.poll_timeout,
+        )
+        .await
+    }
+
+    /// One sync for all of this agent's masters (`sync_agent`): commands locked, rule changes,
+    /// latch, configs and macros that moved since `request.counters`. Safe to give up early, as
+    /// the lock call is: its retry names the same request.
+    pub async fn sync(&self, request: &SyncRequest<'_>) -> Result<SyncAnswer, CloudError> {
+        let mut cursor = serde_json::to_value(request.counters)
+            .map_err(|e| CloudError::Decode(e.to_string()))?;
+        let rule_cursors: serde_json::Map<String, Value> = request
+            .rule_cursors
+            .iter()
+            .map(|(master, since, after)| (master.clone(), json!({"since": since, "after": after})))
+            .collect();
+        cursor["rule_cursors"] = Value::Object(rule_cursors);
+        self.rpc_within(
+            "sync_agent",
+            json!({
+                "p_cursor": cursor, "p_masters": request.masters,
+                "p_limit_per_master": request.limit_per_master,
+                "p_limit_total": request.limit_total,
+                "p_timeout_seconds": request.timeout_seconds,
+                "p_request_id": request.request_id,
             }),
             self.poll_timeout,
         )
@@ -622,14 +727,15 @@ mod tests {
         )
         .await
         .expect("the lock call gave up after the poll timeout");
-        assert!(matches!(lock, Err(CloudError::Unreachable(_))), "{lock:?}");
+        // Sent and never answered: the backend may have locked something.
+        assert!(
+            matches!(&lock, Err(e @ CloudError::NoAnswer(_)) if e.may_have_executed()),
+            "{lock:?}"
+        );
         let latch = tokio::time::timeout(Duration::from_secs(30), cloud.system_status())
             .await
             .expect("the latch read gave up after the poll timeout");
-        assert!(
-            matches!(latch, Err(CloudError::Unreachable(_))),
-            "{latch:?}"
-        );
+        assert!(matches!(latch, Err(CloudError::NoAnswer(_))), "{latch:?}");
         held.abort();
     }
 
@@ -723,5 +829,36 @@ mod tests {
             .is_transient()
         );
         assert!(!CloudError::Unreachable("x".into()).backend_answered());
+        assert!(CloudError::NoAnswer("timeout".into()).is_transient());
+        assert!(!CloudError::NoAnswer("timeout".into()).backend_answered());
+    }
+
+    #[tokio::test]
+    async fn only_a_connection_never_made_proves_a_request_was_not_carried_out() {
+        // Nothing listens: refused before anything was sent.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let cloud = Cloud::new(
+            &CloudConfig {
+                rest_url: url,
+                api_key: None,
+                request_timeout: Duration::from_secs(5),
+            },
+            TokenSource::Inline(crate::config::Secret::new(
+                "x.eyJzdWIiOiJhIiwiYWdlbnRfaWQiOiJwaSJ9.y",
+            )),
+        );
+        let refused = cloud.insert_readings(&[]).await.unwrap_err();
+        assert!(matches!(refused, CloudError::Unreachable(_)), "{refused:?}");
+        assert!(!refused.may_have_executed());
+        // Gateways: 504 and 502 may hide a finished request, 503 says it was not taken.
+        for (status, doubt) in [(502, true), (504, true), (503, false), (500, false)] {
+            let e = CloudError::Server {
+                status,
+                body: String::new(),
+            };
+            assert_eq!(e.may_have_executed(), doubt, "{status}");
+        }
     }
 }

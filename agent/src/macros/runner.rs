@@ -189,6 +189,14 @@ impl MacroRunner {
             .collect()
     }
 
+    /// Running macros and how many steps each run has done.
+    pub fn steps_done(&self) -> Vec<(String, u32)> {
+        self.runs
+            .iter()
+            .map(|(id, r)| (id.clone(), r.steps_done))
+            .collect()
+    }
+
     /// Who started a running macro, and when.
     pub fn started_by(&self, macro_id: &str) -> Option<(&str, i64)> {
         self.runs

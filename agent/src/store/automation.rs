@@ -320,14 +320,15 @@ pub(super) fn edge_command_report(
     // The cloud refuses an expiry at or before creation; a command is always created before it
     // expires, but keep the row valid whatever the clocks did.
     let expires_at_ms = cmd.expires_at_ms.max(accepted_at_ms + 1);
+    let columns = crate::command::actions_to_columns(&cmd.actions);
     let payload = json!({
         "client_id": client_id,
         "master_device_id": cmd.master_device_id,
         "slave_mac_address": cmd.slave_mac_address,
         "slave_device_id": cmd.slave_device_id,
-        "relay_numbers": cmd.relay_numbers,
-        "actions": cmd.actions,
-        "duration_seconds": cmd.duration_seconds,
+        "relay_numbers": columns.relay_numbers,
+        "actions": columns.actions,
+        "duration_seconds": columns.duration_seconds,
         "command_type": cmd.command_type,
         "triggered_by": cmd.triggered_by,
         "priority": cmd.priority,

@@ -4,6 +4,7 @@
 //! before the caller acts on it. No I/O but SQLite; time comes in as `now_ms`.
 
 mod automation;
+mod console;
 pub mod history;
 mod notify;
 pub mod polling;
@@ -11,12 +12,14 @@ pub(crate) mod schema;
 mod writer;
 
 pub use automation::{AutomationWrite, OutboxEntry};
+pub use console::{DeviceRow, SlaveRelays};
 pub use history::{HistoryBounds, HistoryStats, ReplayReadings, Rollup, StepReport};
 pub use notify::NotificationRow;
 pub use writer::{GROUP_JOBS_MAX, StoreHandle};
 
 use std::path::Path;
 
+use crate::command::{CommandSource, CommandType, RelayAction};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -118,11 +121,10 @@ pub struct CommandRecord {
     pub master_device_id: String,
     pub slave_mac_address: String,
     pub slave_device_id: Option<String>,
-    pub relay_numbers: Vec<u8>,
-    pub actions: Vec<String>,
-    pub duration_seconds: Vec<u32>,
-    pub command_type: String,
-    pub triggered_by: String,
+    /// One action per relay (the table's `relay_numbers`, `actions`, `duration_seconds`).
+    pub actions: Vec<RelayAction>,
+    pub command_type: CommandType,
+    pub triggered_by: CommandSource,
     pub priority: i32,
     pub rule_id: Option<String>,
     pub rule_name: Option<String>,
@@ -290,6 +292,19 @@ pub struct RuleRecord {
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
+    /// Outbox rows handed to the push loop by [`Store::outbox_take_for_push`] and not taken
+    /// again since: the bound never drops them while their push may still succeed.
+    pushing: Vec<i64>,
+}
+
+/// Readings [`Store::enforce_outbox_bound`] dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxDrops {
+    /// Never received by the backend: lost.
+    pub lost: u64,
+    /// Dropped although an earlier push of them may have reached the backend (only when
+    /// nothing certainly lost was left to drop): lost or not, nobody can tell.
+    pub in_doubt: u64,
 }
 
 impl Store {
@@ -355,7 +370,10 @@ impl Store {
         if found != known {
             return Err(StoreError::SchemaVersion { found, known });
         }
-        Ok(Store { conn })
+        Ok(Store {
+            conn,
+            pushing: Vec::new(),
+        })
     }
 
     /// The schema version this agent writes.
@@ -373,7 +391,10 @@ impl Store {
         // Every statement the agent runs again stays prepared (parsing is most of a small
         // statement's cost): more than rusqlite's default of 16.
         conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED_MAX);
-        let mut store = Store { conn };
+        let mut store = Store {
+            conn,
+            pushing: Vec::new(),
+        };
         // Switching a new file to WAL and migrating it can meet another connection doing the
         // same; some of those lock conflicts answer "busy" without waiting on the timeout, so
         // the whole preparation is tried again rather than failing the agent's start.
@@ -680,6 +701,14 @@ impl Store {
         Ok(out)
     }
 
+    /// [`Store::outbox_due`] for the push loop: the rows are under way until the next call, and
+    /// [`Store::enforce_outbox_bound`] leaves them alone meanwhile.
+    pub fn outbox_take_for_push(&mut self, now_ms: i64, limit: usize) -> Result<Vec<OutboxRow>> {
+        let rows = self.outbox_due(now_ms, limit)?;
+        self.pushing = rows.iter().map(|r| r.seq).collect();
+        Ok(rows)
+    }
+
     /// Whether a command's completion is due to be pushed at `now_ms`. One backing off after
     /// failures does not count: it must not hold up every new command.
     pub fn completions_waiting(&self, now_ms: i64) -> Result<bool> {
@@ -700,20 +729,24 @@ impl Store {
         Ok(())
     }
 
-    /// A transient failure: try these rows again from `next_attempt_at_ms`.
+    /// A transient failure: try these rows again from `next_attempt_at_ms`. `in_doubt`: the
+    /// backend may have received them (no answer after sending); once in doubt, a row stays so.
     pub fn outbox_retry_later(
         &mut self,
         seqs: &[i64],
         error: &str,
         next_attempt_at_ms: i64,
+        in_doubt: bool,
     ) -> Result<()> {
         let tx = self.conn.savepoint()?;
         {
             let mut stmt = tx.prepare_cached(
-                "update outbox set attempts = attempts + 1, last_error = ?2, next_attempt_at_ms = ?3 where seq = ?1",
+                "update outbox set attempts = attempts + 1, last_error = ?2, next_attempt_at_ms = ?3,
+                        in_doubt = max(in_doubt, ?4)
+                 where seq = ?1",
             )?;
             for seq in seqs {
-                stmt.execute(params![seq, error, next_attempt_at_ms])?;
+                stmt.execute(params![seq, error, next_attempt_at_ms, in_doubt])?;
             }
         }
         tx.commit()?;
@@ -768,26 +801,41 @@ impl Store {
     }
 
     /// Keeps the outbox at or under `rows_max` by dropping the oldest telemetry; nothing else is
-    /// ever dropped, so a queue of only commands and completions may exceed the bound. Returns how
-    /// many readings were dropped (also added to the `telemetry_dropped` counter).
-    pub fn enforce_outbox_bound(&mut self, rows_max: u64) -> Result<u64> {
+    /// ever dropped, so a queue of only commands and completions may exceed the bound. Readings
+    /// whose push is under way are never dropped (the push may succeed), and readings in doubt
+    /// (an earlier push may have reached the backend) only when nothing certainly lost is left:
+    /// so `telemetry_dropped` counts exactly the readings the backend never got, and
+    /// `telemetry_dropped_in_doubt` the ones nobody can tell about.
+    pub fn enforce_outbox_bound(&mut self, rows_max: u64) -> Result<OutboxDrops> {
         let depth: i64 = self
             .conn
             .query_row("select count(*) from outbox", [], |r| r.get(0))?;
         let excess = depth - rows_max as i64;
         if excess <= 0 {
-            return Ok(0);
+            return Ok(OutboxDrops::default());
         }
+        let pushing = serde_json::to_string(&self.pushing)?;
         let tx = self.conn.savepoint()?;
-        let dropped = tx
-            .prepare_cached(
+        let drop_oldest = |in_doubt: i64, limit: i64| {
+            tx.prepare_cached(
                 "delete from outbox where seq in (
-               select seq from outbox where class = 'telemetry' order by seq limit ?1)",
+                   select seq from outbox
+                   where class = 'telemetry' and in_doubt = ?1
+                     and seq not in (select value from json_each(?2))
+                   order by seq limit ?3)",
             )?
-            .execute([excess])? as u64;
-        add_counter(&tx, "telemetry_dropped", dropped as i64)?;
+            .execute(params![in_doubt, pushing, limit])
+            .map(|n| n as u64)
+        };
+        let lost = drop_oldest(0, excess)?;
+        let in_doubt = match excess - lost as i64 {
+            0 => 0,
+            left => drop_oldest(1, left)?,
+        };
+        add_counter(&tx, "telemetry_dropped", lost as i64)?;
+        add_counter(&tx, "telemetry_dropped_in_doubt", in_doubt as i64)?;
         tx.commit()?;
-        Ok(dropped)
+        Ok(OutboxDrops { lost, in_doubt })
     }
 
     // ---------------------------------------------------------------- counters
@@ -1048,16 +1096,21 @@ fn command_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CommandRecord> {
             rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
         })
     }
+    let bad = |i: usize, e: String| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, e.into())
+    };
+    let relay_numbers: Vec<i64> = json(r, 4)?;
+    let actions: Vec<String> = json(r, 5)?;
+    let duration_seconds: Vec<i64> = json(r, 6)?;
     Ok(CommandRecord {
         id: r.get(0)?,
         master_device_id: r.get(1)?,
         slave_mac_address: r.get(2)?,
         slave_device_id: r.get(3)?,
-        relay_numbers: json(r, 4)?,
-        actions: json(r, 5)?,
-        duration_seconds: json(r, 6)?,
-        command_type: r.get(7)?,
-        triggered_by: r.get(8)?,
+        actions: crate::command::actions_from_columns(&relay_numbers, &actions, &duration_seconds)
+            .map_err(|e| bad(5, e))?,
+        command_type: CommandType::parse(&r.get::<_, String>(7)?).map_err(|e| bad(7, e))?,
+        triggered_by: CommandSource::parse(&r.get::<_, String>(8)?).map_err(|e| bad(8, e))?,
         priority: r.get(9)?,
         rule_id: r.get(10)?,
         rule_name: r.get(11)?,
@@ -1100,6 +1153,7 @@ fn insert_command(
     client_id: Option<&str>,
     now_ms: i64,
 ) -> Result<()> {
+    let columns = crate::command::actions_to_columns(&cmd.actions);
     conn.prepare_cached("insert into commands (id, master_device_id, slave_mac_address, slave_device_id, relay_numbers,
             actions, duration_seconds, command_type, triggered_by, priority, rule_id, rule_name,
             expires_at_ms, state, accepted_at_ms, client_id)
@@ -1109,11 +1163,11 @@ fn insert_command(
             cmd.master_device_id,
             cmd.slave_mac_address,
             cmd.slave_device_id,
-            serde_json::to_string(&cmd.relay_numbers)?,
-            serde_json::to_string(&cmd.actions)?,
-            serde_json::to_string(&cmd.duration_seconds)?,
-            cmd.command_type,
-            cmd.triggered_by,
+            serde_json::to_string(&columns.relay_numbers)?,
+            serde_json::to_string(&columns.actions)?,
+            serde_json::to_string(&columns.duration_seconds)?,
+            cmd.command_type.as_str(),
+            cmd.triggered_by.as_str(),
             cmd.priority,
             cmd.rule_id,
             cmd.rule_name,

@@ -276,4 +276,9 @@ pub const MIGRATIONS: &[&str] = &[
         ('history_rollup_rows', (select count(*) from readings_rollup))
     on conflict (name) do update set value = excluded.value;
     "#,
+    // 7: rows the backend may have received although their push failed (no answer, a gateway's
+    // 504): retried like any other, but never dropped as lost while certainly lost rows remain.
+    r#"
+    alter table outbox add column in_doubt integer not null default 0;
+    "#,
 ];

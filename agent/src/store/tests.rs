@@ -11,11 +11,9 @@ pub(super) fn command(id: i64) -> CommandRecord {
         master_device_id: "ESP32_A".into(),
         slave_mac_address: "14:33:5C:38:BF:60".into(),
         slave_device_id: None,
-        relay_numbers: vec![0],
-        actions: vec!["on".into()],
-        duration_seconds: vec![60],
-        command_type: "manual".into(),
-        triggered_by: "manual".into(),
+        actions: crate::command::actions_from_columns(&[0], &["on".into()], &[60]).unwrap(),
+        command_type: crate::command::CommandType::Manual,
+        triggered_by: crate::command::CommandSource::Manual,
         priority: 10,
         rule_id: None,
         rule_name: None,
@@ -138,7 +136,7 @@ fn the_outbox_bound_drops_the_oldest_telemetry_and_nothing_else() {
     store
         .enqueue(OutboxClass::Event, "ev", &json!({}), 2)
         .unwrap();
-    assert_eq!(store.enforce_outbox_bound(5).unwrap(), 7);
+    assert_eq!(store.enforce_outbox_bound(5).unwrap().lost, 7);
     let due = store.outbox_due(10, 100).unwrap();
     let classes: Vec<OutboxClass> = due.iter().map(|r| r.class).collect();
     assert_eq!(
@@ -158,8 +156,79 @@ fn the_outbox_bound_drops_the_oldest_telemetry_and_nothing_else() {
     assert_eq!(store.counter("telemetry_dropped").unwrap(), 7);
 
     // With no telemetry left to drop, the bound does not touch completions or events.
-    assert_eq!(store.enforce_outbox_bound(1).unwrap(), 3);
+    assert_eq!(store.enforce_outbox_bound(1).unwrap().lost, 3);
     assert_eq!(store.outbox_stats(10).unwrap().depth, 2);
+}
+
+/// A push that got no answer may have reached the backend: its readings are not dropped as lost
+/// while readings that certainly never left remain, and a push under way is never dropped, so
+/// `telemetry_dropped` counts exactly what the backend is missing.
+#[test]
+fn the_bound_drops_what_certainly_never_left_before_what_may_have_arrived() {
+    let mut store = Store::open_in_memory().unwrap();
+    let readings: Vec<Reading> = (0..10).map(|i| reading("ph", i)).collect();
+    store.enqueue_readings(&readings, 1).unwrap();
+    // The oldest three were pushed and no answer came back.
+    let unanswered: Vec<i64> = store
+        .outbox_take_for_push(10, 3)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    store
+        .outbox_retry_later(&unanswered, "timeout", 0, true)
+        .unwrap();
+    // The oldest five are being pushed again right now; the last five were never sent.
+    store.outbox_take_for_push(10, 5).unwrap();
+    let drops = store.enforce_outbox_bound(4).unwrap();
+    assert_eq!(
+        drops,
+        OutboxDrops {
+            lost: 5,
+            in_doubt: 0
+        }
+    );
+    let left: Vec<i64> = store
+        .outbox_due(10, 100)
+        .unwrap()
+        .iter()
+        .map(|r| r.payload["recorded_at_ms"].as_i64().unwrap())
+        .collect();
+    assert_eq!(left, vec![0, 1, 2, 3, 4], "in doubt and under way kept");
+    assert_eq!(store.counter("telemetry_dropped").unwrap(), 5);
+
+    // Once the push is settled (the next take hands out nothing), the rows under way that
+    // failed plainly are dropped as lost before the ones in doubt.
+    store.outbox_take_for_push(-1, 5).unwrap();
+    let drops = store.enforce_outbox_bound(3).unwrap();
+    assert_eq!(
+        drops,
+        OutboxDrops {
+            lost: 2,
+            in_doubt: 0
+        }
+    );
+    // Only readings in doubt left: dropped, and counted apart.
+    let drops = store.enforce_outbox_bound(1).unwrap();
+    assert_eq!(
+        drops,
+        OutboxDrops {
+            lost: 0,
+            in_doubt: 2
+        }
+    );
+    assert_eq!(store.counter("telemetry_dropped").unwrap(), 7);
+    assert_eq!(store.counter("telemetry_dropped_in_doubt").unwrap(), 2);
+    // A plain failure later does not clear the doubt an unanswered push left.
+    let last = store.outbox_due(10, 1).unwrap()[0].seq;
+    store.outbox_retry_later(&[last], "503", 0, false).unwrap();
+    let in_doubt: i64 = store
+        .conn
+        .query_row("select in_doubt from outbox where seq = ?1", [last], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(in_doubt, 1);
 }
 
 #[test]
@@ -181,7 +250,7 @@ fn a_row_retried_later_is_not_due_before_its_time() {
         .enqueue(OutboxClass::Event, "e", &json!({}), 1)
         .unwrap();
     let seq = store.outbox_due(1, 1).unwrap()[0].seq;
-    store.outbox_retry_later(&[seq], "503", 100).unwrap();
+    store.outbox_retry_later(&[seq], "503", 100, false).unwrap();
     assert!(store.outbox_due(99, 10).unwrap().is_empty());
     assert_eq!(store.outbox_due(100, 10).unwrap()[0].attempts, 1);
 }
@@ -209,7 +278,7 @@ fn completions_leave_the_outbox_ahead_of_older_rows() {
     assert_eq!(due[0].class, OutboxClass::Completion, "{due:?}");
     // Backing off after a failure: it no longer holds up new locks.
     store
-        .outbox_retry_later(&[due[0].seq], "503", 1_000)
+        .outbox_retry_later(&[due[0].seq], "503", 1_000, false)
         .unwrap();
     assert!(!store.completions_waiting(10).unwrap());
     assert!(store.completions_waiting(1_000).unwrap());
@@ -233,7 +302,7 @@ fn when_an_outage_ends_every_row_backing_off_is_due_at_once() {
         .collect();
     // Far in the future: the backoff after many failures during the outage.
     store
-        .outbox_retry_later(&seqs, "timeout", 10_000_000)
+        .outbox_retry_later(&seqs, "timeout", 10_000_000, true)
         .unwrap();
     assert!(store.outbox_due(2, 10).unwrap().is_empty());
     assert_eq!(store.outbox_due_now().unwrap(), 2);
@@ -395,8 +464,8 @@ fn a_full_disk_is_a_clear_error_and_loses_nothing_already_stored() {
 
 fn edge_command(id: i64) -> CommandRecord {
     CommandRecord {
-        command_type: "rule".into(),
-        triggered_by: "rule".into(),
+        command_type: crate::command::CommandType::Rule,
+        triggered_by: crate::command::CommandSource::Rule,
         priority: 50,
         rule_id: Some("RULE_001".into()),
         rule_name: Some("pH low".into()),
@@ -714,7 +783,7 @@ fn a_database_of_every_older_schema_is_migrated_keeping_its_rows() {
         // What the later migrations added works on the migrated file: a local command's
         // client_id (2), notifications from events (5).
         let mut local = command(-1);
-        local.command_type = "rule".into();
+        local.command_type = crate::command::CommandType::Rule;
         store.accept_command(&local, 4).unwrap();
         store
             .enqueue(

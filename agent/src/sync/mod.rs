@@ -1,6 +1,7 @@
 //! Sync with the backend: `pull` (commands, rules, latch, configs, macros) and `push` (the
 //! outbox), the link's state, and the supervisor that notices outages and stalls.
 
+pub mod pacing;
 pub(crate) mod pull;
 pub(crate) mod push;
 
@@ -89,14 +90,23 @@ pub(crate) fn record_link_event(shared: &Arc<Shared>, event: LinkEvent) {
         match event {
             LinkEvent::OutageBegan { at_ms } => {
                 warn!("backend unreachable; controlling locally and queueing");
+                if let Ok(mut journal) = shared.journal.lock() {
+                    journal.push_event(crate::console::journal::Event {
+                        at_ms,
+                        event_type: "backend_unreachable".into(),
+                        severity: "warning".into(),
+                        device: None,
+                        message: "backend unreachable; controlling locally and queueing".into(),
+                    });
+                }
                 let _ = shared
                     .store
                     .call(move |s| {
-                        s.set_cursor(
-                            "outage_dropped_at_start",
-                            &s.counter("telemetry_dropped")?.to_string(),
-                        )
-                        .map(|_| at_ms)
+                        for counter in ["telemetry_dropped", "telemetry_dropped_in_doubt"] {
+                            let at_start = s.counter(counter)?.to_string();
+                            s.set_cursor(&format!("outage_{counter}_at_start"), &at_start)?;
+                        }
+                        Ok(at_ms)
                     })
                     .await;
             }
@@ -113,24 +123,44 @@ pub(crate) fn record_link_event(shared: &Arc<Shared>, event: LinkEvent) {
                         // cause: every row is due at once, not after its 14th doubling.
                         s.outbox_due_now()?;
                         let stats = s.outbox_stats(now)?;
-                        let dropped_before: i64 = s.cursor("outage_dropped_at_start")?.and_then(|v| v.parse().ok()).unwrap_or(0);
-                        let dropped = s.counter("telemetry_dropped")? - dropped_before;
+                        let during = |counter: &str| -> Result<i64, crate::store::StoreError> {
+                            let at_start: i64 = s
+                                .cursor(&format!("outage_{counter}_at_start"))?
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0);
+                            Ok(s.counter(counter)? - at_start)
+                        };
+                        let dropped = during("telemetry_dropped")?;
+                        let in_doubt = during("telemetry_dropped_in_doubt")?;
+                        let mut message = format!(
+                            "backend unreachable for {} s; {} rows waiting, {} readings dropped",
+                            duration_ms / 1000, stats.depth, dropped
+                        );
+                        if in_doubt > 0 {
+                            message += &format!(
+                                " (and {in_doubt} more the backend may have received before)"
+                            );
+                        }
                         let payload = json!({
                             "agent_id": agent, "event_type": "backend_outage", "severity": "warning",
                             "source": "agent",
-                            "message": format!(
-                                "backend unreachable for {} s; {} rows waiting, {} readings dropped",
-                                duration_ms / 1000, stats.depth, dropped
-                            ),
+                            "message": message,
                             "payload": {"began_at_ms": began_at_ms, "duration_ms": duration_ms,
                                         "queued_rows": stats.depth, "oldest_age_ms": stats.oldest_age_ms,
-                                        "readings_dropped": dropped},
+                                        "readings_dropped": dropped,
+                                        "readings_dropped_in_doubt": in_doubt},
                             "occurred_at": crate::cloud::format_timestamp_ms(now),
                         });
                         s.enqueue(OutboxClass::Event, &format!("outage:{began_at_ms}"), &payload, now)?;
-                        Ok(stats.depth)
+                        Ok((stats.depth, payload))
                     })
                     .await;
+                let result = result.map(|(depth, report)| {
+                    if let Ok(mut journal) = shared.journal.lock() {
+                        journal.record(&report, now);
+                    }
+                    depth
+                });
                 info!(duration_ms, queued = ?result.ok(), "backend reachable again; draining the outbox");
                 shared.outbox_ready.notify_one();
             }

@@ -1,5 +1,7 @@
-//! Pull: what the backend has for this agent, read on the poll interval.
+//! Pull: what the backend has for this agent, one `sync_agent` call per tick for all its
+//! masters (docs/decisions/0021-one-sync-per-agent.md), at the pace `pacing` sets.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,39 +12,48 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::note_backend_state;
 use super::note_cloud_result;
+use super::pacing::PollPacing;
 use crate::automation::task::AutomationInput;
+use crate::cloud::{CloudCommand, RuleChange, SyncAnswer, SyncCounters, SyncRequest};
 use crate::metrics::label;
 use crate::shared::{DeliveryInput, Shared, now_ms};
 use crate::store::{CommandOutcome, OutboxClass};
 
-/// Rule changes read per request.
-pub const RULE_CHANGES_PAGE_MAX: u32 = 500;
+/// Rule changes the backend returns per master and call (`sync_agent`'s page).
+pub const RULE_CHANGES_PAGE_MAX: usize = 500;
 /// The rules mirror re-reads this far behind its cursor (see docs/decisions/0001).
 pub const RULE_CURSOR_OVERLAP_MS: i64 = 5_000;
-/// Device configurations are checked every this many poll intervals.
-pub const CONFIG_CHECK_POLLS: u64 = 5;
 
 pub(crate) async fn poll_loop(
     shared: Arc<Shared>,
     delivery: mpsc::Sender<DeliveryInput>,
     cancel: CancellationToken,
 ) {
-    let mut tick =
-        tokio::time::interval(Duration::from_millis(shared.config.cloud.poll_interval_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let cfg = &shared.config.cloud;
+    let mut pacing = PollPacing::new(
+        Duration::from_millis(cfg.poll_active_interval_ms()),
+        Duration::from_millis(cfg.poll_interval_ms),
+    );
     let masters: Vec<String> = shared
         .config
         .masters
         .iter()
         .map(|m| m.device_id.clone())
         .collect();
-    let mut polls: u64 = 0;
+    let mut rules = RuleCursors::load(&shared, &masters).await;
+    // Nothing known yet: the first call reads every part.
+    let mut counters = SyncCounters::default();
+    // The same name until a call is answered: a retry after a lost answer gets what that call
+    // locked instead of leaving it locked in the cloud until the lock timeout.
+    let mut request_id: Option<String> = None;
+    // Whether the last call failed, and whether a failed call since the last answer may have
+    // locked something (sent, never answered).
+    let (mut failing, mut may_have_locked) = (false, false);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(pacing.next_wait()) => {}
         }
         // Completions go out before new locks: a command a master finished while the backend
         // was away would otherwise see its lock time out and be handed out again.
@@ -51,49 +62,227 @@ pub(crate) async fn poll_loop(
             .call(|s| s.completions_waiting(now_ms()))
             .await
             .unwrap_or(false);
-        for master in &masters {
-            if !completions_waiting {
-                pull_commands(&shared, master, &delivery).await;
+        let id = request_id
+            .get_or_insert_with(|| uuid::Uuid::new_v4().simple().to_string())
+            .clone();
+        let rule_cursors = rules.for_request();
+        let request = SyncRequest {
+            counters,
+            rule_cursors: &rule_cursors,
+            masters: &masters,
+            limit_per_master: cfg.lock_batch_max,
+            // The first call after a failure locks nothing new: completions the masters finished
+            // meanwhile are still backing off, and must reach the cloud before their commands'
+            // locks, lapsed during the outage, hand them out again. A retry of a call that may
+            // have locked keeps its limits: under the same name it returns what that call
+            // locked, and locks nothing new.
+            limit_total: if completions_waiting || (failing && !may_have_locked) {
+                0
+            } else {
+                cfg.lock_batch_total
+            },
+            timeout_seconds: cfg.lock_timeout_seconds,
+            request_id: &id,
+        };
+        let answer = match shared.cloud.sync(&request).await {
+            Ok(answer) => {
+                note_cloud_result(&shared, Ok(()));
+                request_id = None;
+                if std::mem::take(&mut failing) {
+                    // The backend answers again: what backed off while it was away is due now
+                    // (completions first), without waiting for the outage to be declared over.
+                    let _ = shared.store.call(|s| s.outbox_due_now()).await;
+                    shared.notify_outbox();
+                }
+                may_have_locked = false;
+                answer
             }
-            pull_rules(&shared, master).await;
+            Err(e) => {
+                failing = true;
+                may_have_locked |= e.may_have_executed();
+                note_cloud_result(&shared, Err(&e));
+                debug!(error = %e, "could not sync");
+                pacing.on_no_answer();
+                continue;
+            }
+        };
+        if answer.idle {
+            pacing.on_idle();
+            continue;
         }
-        pull_latch(&shared).await;
-        polls += 1;
-        if polls % CONFIG_CHECK_POLLS == 1 {
-            deliver_configs(&shared, &masters).await;
-            pull_macros(&shared).await;
+        if answer.carries_work() {
+            pacing.on_work();
+        } else {
+            pacing.on_idle();
+        }
+        counters = apply_answer(&shared, answer, &mut rules, counters, &delivery, &cancel).await;
+    }
+}
+
+/// Acts on each part of a sync answer; returns the counters for the next call, with a part
+/// that could not be applied left unknown so that the next call reads it again.
+async fn apply_answer(
+    shared: &Arc<Shared>,
+    answer: SyncAnswer,
+    rules: &mut RuleCursors,
+    previous: SyncCounters,
+    delivery: &mpsc::Sender<DeliveryInput>,
+    cancel: &CancellationToken,
+) -> SyncCounters {
+    let mut next = answer.cursor.unwrap_or(previous);
+    if let Some(commands) = answer.commands {
+        accept_commands(shared, commands, delivery, cancel).await;
+    }
+    if let Some(changes) = answer.rules
+        && !apply_rule_changes(shared, rules, changes).await
+    {
+        next.rules = None;
+    }
+    if let Some(Some(row)) = answer.latch {
+        let _ = shared
+            .automation
+            .send(AutomationInput::CloudLatch(row))
+            .await;
+    }
+    if let Some(configs) = answer.configs
+        && !deliver_configs(shared, configs).await
+    {
+        next.configs = None;
+    }
+    if let Some(macros) = answer.macros
+        && !mirror_macros(shared, macros).await
+    {
+        next.macros = None;
+    }
+    next
+}
+
+/// Where each master's rule changes resume: the stored cursor less the overlap, or, while a
+/// master's changes come in full pages, exactly after the last one read.
+pub(crate) struct RuleCursors {
+    stored: HashMap<String, String>,
+    paging: HashMap<String, (String, String)>,
+}
+
+impl RuleCursors {
+    async fn load(shared: &Arc<Shared>, masters: &[String]) -> RuleCursors {
+        let mut stored = HashMap::new();
+        for master in masters {
+            let key = format!("rules:{master}");
+            if let Ok(Some(cursor)) = shared.store.call(move |s| s.cursor(&key)).await {
+                stored.insert(master.clone(), cursor);
+            }
+        }
+        RuleCursors {
+            stored,
+            paging: HashMap::new(),
+        }
+    }
+
+    /// `(master, since, after_id)` for each master with a cursor.
+    fn for_request(&self) -> Vec<(String, String, Option<String>)> {
+        let mut cursors: Vec<_> = self
+            .stored
+            .iter()
+            .filter(|(master, _)| !self.paging.contains_key(*master))
+            .filter_map(|(master, at)| {
+                let ms = crate::cloud::parse_timestamp_ms(at)?;
+                Some((
+                    master.clone(),
+                    crate::cloud::format_timestamp_ms(ms - RULE_CURSOR_OVERLAP_MS),
+                    None,
+                ))
+            })
+            .collect();
+        cursors.extend(
+            self.paging
+                .iter()
+                .map(|(master, (at, id))| (master.clone(), at.clone(), Some(id.clone()))),
+        );
+        cursors
+    }
+
+    /// After a master's page: a full one continues right after its last change, and every
+    /// page moves the stored cursor to its last change.
+    fn after_page(&mut self, master: &str, last_at: &str, last_id: &str, full: bool) {
+        self.stored.insert(master.to_string(), last_at.to_string());
+        if full {
+            self.paging.insert(
+                master.to_string(),
+                (last_at.to_string(), last_id.to_string()),
+            );
+        } else {
+            self.paging.remove(master);
         }
     }
 }
 
-/// The owner's emergency latch as the dashboard sees it.
-pub(crate) async fn pull_latch(shared: &Arc<Shared>) {
-    let result = shared.cloud.system_status().await;
-    // Read on every poll, with or without masters: the backend's answer to the token shows in
-    // /health even on an agent without masters. (Outages are the command and push paths' to
-    // judge, as before.)
-    note_backend_state(shared, result.as_ref().map(|_| ()));
-    match result {
-        Ok(Some(row)) => {
-            let _ = shared
-                .automation
-                .send(AutomationInput::CloudLatch(row))
-                .await;
+/// Applies rule changes (the backend orders them by master, then change); false if the store
+/// refused them.
+async fn apply_rule_changes(
+    shared: &Arc<Shared>,
+    cursors: &mut RuleCursors,
+    changes: Vec<RuleChange>,
+) -> bool {
+    // The last change and the count per master, for the cursors.
+    let mut per_master: HashMap<String, (String, String, usize)> = HashMap::new();
+    for change in &changes {
+        let entry = per_master
+            .entry(change.device_id.clone())
+            .or_insert_with(|| (String::new(), String::new(), 0));
+        entry.0.clone_from(&change.changed_at);
+        entry.1.clone_from(&change.id);
+        entry.2 += 1;
+    }
+    // A master whose page came back empty has caught up.
+    let caught_up: Vec<String> = cursors
+        .paging
+        .keys()
+        .filter(|m| !per_master.contains_key(*m))
+        .cloned()
+        .collect();
+    for master in caught_up {
+        cursors.paging.remove(&master);
+    }
+    if changes.is_empty() {
+        return true;
+    }
+    let records: Vec<_> = changes.iter().map(|c| c.to_record()).collect();
+    let stored: Vec<(String, String)> = per_master
+        .iter()
+        .map(|(master, (at, _, _))| (format!("rules:{master}"), at.clone()))
+        .collect();
+    match shared
+        .store
+        .call(move |s| {
+            let changed = s.apply_rule_changes(&records)?;
+            for (key, at) in &stored {
+                s.set_cursor(key, at)?;
+            }
+            Ok(changed)
+        })
+        .await
+    {
+        Ok(changed) => {
+            for (master, (at, id, count)) in &per_master {
+                cursors.after_page(master, at, id, *count >= RULE_CHANGES_PAGE_MAX);
+            }
+            if changed > 0 {
+                info!(changed, "rules mirror updated");
+                let _ = shared.automation.send(AutomationInput::ReloadRules).await;
+            }
+            true
         }
-        Ok(None) => {}
-        Err(e) => debug!(error = %e, "could not read system_status"),
+        Err(e) => {
+            error!(error = %e, "could not update the rules mirror");
+            false
+        }
     }
 }
 
 /// The macros this agent runs, mirrored so they run offline too.
-pub(crate) async fn pull_macros(shared: &Arc<Shared>) {
-    let rows = match shared.cloud.macros().await {
-        Ok(rows) => rows,
-        Err(e) => {
-            debug!(error = %e, "could not read macros");
-            return;
-        }
-    };
+/// False if the store refused them.
+async fn mirror_macros(shared: &Arc<Shared>, rows: Vec<serde_json::Value>) -> bool {
     let mirror: Vec<(String, i64, serde_json::Value)> = rows
         .iter()
         .map(|r| {
@@ -106,21 +295,16 @@ pub(crate) async fn pull_macros(shared: &Arc<Shared>) {
         .collect();
     if let Err(e) = shared.store.call(move |s| s.replace_macros(&mirror)).await {
         error!(error = %e, "could not mirror macros");
-        return;
+        return false;
     }
     let _ = shared.automation.send(AutomationInput::Macros(rows)).await;
+    true
 }
 
 /// Publishes a master's configuration (retained, so the broker hands it to the master whenever
-/// it reconnects) each time its version moves in the cloud.
-pub(crate) async fn deliver_configs(shared: &Arc<Shared>, masters: &[String]) {
-    let rows = match shared.cloud.device_configs(masters).await {
-        Ok(rows) => rows,
-        Err(e) => {
-            debug!(error = %e, "could not read device configurations");
-            return;
-        }
-    };
+/// it reconnects) each time its version moves in the cloud. False if one is to be tried again.
+async fn deliver_configs(shared: &Arc<Shared>, rows: Vec<crate::cloud::DeviceConfigRow>) -> bool {
+    let mut all_done = true;
     for row in rows {
         let device = row.device_id.clone();
         let delivered = shared
@@ -152,6 +336,7 @@ pub(crate) async fn deliver_configs(shared: &Arc<Shared>, masters: &[String]) {
                     .await
                 {
                     warn!(device = %row.device_id, error = %e, "could not publish the configuration; will retry");
+                    all_done = false;
                     continue;
                 }
                 shared
@@ -189,50 +374,28 @@ pub(crate) async fn deliver_configs(shared: &Arc<Shared>, masters: &[String]) {
             .call(move |s| s.set_delivered_config_version(&device, version))
             .await;
     }
+    all_done
 }
 
-pub(crate) async fn pull_commands(
+/// Commands the backend locked for this agent: each through the interlocks, into the store,
+/// then to delivery (or, for a master that polls, to the local API). A shutdown stops it
+/// between commands: those not taken yet stay locked in the cloud until the lock times out, as
+/// after a crash.
+async fn accept_commands(
     shared: &Arc<Shared>,
-    master: &str,
+    rows: Vec<CloudCommand>,
     delivery: &mpsc::Sender<DeliveryInput>,
+    cancel: &CancellationToken,
 ) {
-    let cfg = &shared.config.cloud;
-    // The same name until a call is answered: a retry after a lost answer gets what that call
-    // locked instead of leaving it locked in the cloud until the lock timeout.
-    let request_id = match shared.lock_requests.lock() {
-        Ok(mut open) => open
-            .entry(master.to_string())
-            .or_insert_with(|| uuid::Uuid::new_v4().simple().to_string())
-            .clone(),
-        Err(_) => uuid::Uuid::new_v4().simple().to_string(),
-    };
-    let rows = match shared
-        .cloud
-        .lock_commands(
-            master,
-            cfg.lock_batch_max,
-            cfg.lock_timeout_seconds,
-            &request_id,
-        )
-        .await
-    {
-        Ok(rows) => {
-            note_cloud_result(shared, Ok(()));
-            if let Ok(mut open) = shared.lock_requests.lock() {
-                open.remove(master);
-            }
-            rows
-        }
-        Err(e) => {
-            note_cloud_result(shared, Err(&e));
-            debug!(master, error = %e, "could not pull commands");
+    for row in rows {
+        if cancel.is_cancelled() {
             return;
         }
-    };
-    for row in rows {
         match row.to_record() {
             Ok(record) => {
                 let id = record.id;
+                let master = record.master_device_id.clone();
+                let master = master.as_str();
                 match shared.store.call(move |s| s.command(id)).await {
                     Ok(Some(known)) => {
                         debug!(command = id, state = ?known.state, "command handed out again; already known");
@@ -331,63 +494,41 @@ pub(crate) async fn pull_commands(
     }
 }
 
-pub(crate) async fn pull_rules(shared: &Arc<Shared>, master: &str) {
-    let key = format!("rules:{master}");
-    let key_for_read = key.clone();
-    let cursor = shared
-        .store
-        .call(move |s| s.cursor(&key_for_read))
-        .await
-        .ok()
-        .flatten();
-    let since = cursor
-        .as_deref()
-        .and_then(crate::cloud::parse_timestamp_ms)
-        .map(|ms| crate::cloud::format_timestamp_ms(ms - RULE_CURSOR_OVERLAP_MS))
-        .unwrap_or_else(|| "-infinity".to_string());
-    let mut after: Option<String> = None;
-    let mut since_page = since;
-    loop {
-        let page = match shared
-            .cloud
-            .rule_changes(master, &since_page, after.as_deref(), RULE_CHANGES_PAGE_MAX)
-            .await
-        {
-            Ok(page) => page,
-            Err(e) => {
-                note_cloud_result(shared, Err(&e));
-                return;
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_cursors_overlap_when_caught_up_and_resume_exactly_while_paging() {
+        let mut cursors = RuleCursors {
+            stored: HashMap::new(),
+            paging: HashMap::new(),
         };
-        let Some(last) = page.last() else { return };
-        let (last_at, last_id) = (last.changed_at.clone(), last.id.clone());
-        let records: Vec<_> = page.iter().map(|c| c.to_record()).collect();
-        let full = page.len() as u32 == RULE_CHANGES_PAGE_MAX;
-        let key = key.clone();
-        let cursor_value = last_at.clone();
-        match shared
-            .store
-            .call(move |s| {
-                let changed = s.apply_rule_changes(&records)?;
-                s.set_cursor(&key, &cursor_value)?;
-                Ok(changed)
-            })
-            .await
-        {
-            Ok(changed) if changed > 0 => {
-                info!(master, changed, "rules mirror updated");
-                let _ = shared.automation.send(AutomationInput::ReloadRules).await;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                error!(error = %e, "could not update the rules mirror");
-                return;
-            }
-        }
-        if !full {
-            return;
-        }
-        since_page = last_at;
-        after = Some(last_id);
+        assert!(
+            cursors.for_request().is_empty(),
+            "no cursor: from the beginning"
+        );
+        cursors.after_page("M1", "2026-12-03T10:00:10Z", "id-1", false);
+        assert_eq!(
+            cursors.for_request(),
+            vec![("M1".into(), "2026-12-03T10:00:05Z".into(), None)],
+            "caught up: the stored cursor less the overlap, no id"
+        );
+        cursors.after_page("M1", "2026-12-03T10:00:20Z", "id-2", true);
+        assert_eq!(
+            cursors.for_request(),
+            vec![(
+                "M1".into(),
+                "2026-12-03T10:00:20Z".into(),
+                Some("id-2".into())
+            )],
+            "a full page: exactly after its last change"
+        );
+        cursors.after_page("M1", "2026-12-03T10:00:30Z", "id-3", false);
+        assert_eq!(
+            cursors.for_request(),
+            vec![("M1".into(), "2026-12-03T10:00:25Z".into(), None)],
+            "caught up again"
+        );
     }
 }

@@ -19,7 +19,11 @@ pub(crate) async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     let batch = shared.config.cloud.push_batch_rows_max;
     loop {
         let now = now_ms();
-        let rows = match shared.store.call(move |s| s.outbox_due(now, batch)).await {
+        let rows = match shared
+            .store
+            .call(move |s| s.outbox_take_for_push(now, batch))
+            .await
+        {
             Ok(rows) => rows,
             Err(e) => {
                 error!(error = %e, "cannot read the outbox");
@@ -285,9 +289,12 @@ pub(crate) async fn settle_failure(
             .unwrap_or(Duration::from_secs(30));
         let seqs: Vec<i64> = group.iter().map(|r| r.seq).collect();
         let reason = error.to_string();
+        let in_doubt = error.may_have_executed();
         let _ = shared
             .store
-            .call(move |s| s.outbox_retry_later(&seqs, &reason, now + delay.as_millis() as i64))
+            .call(move |s| {
+                s.outbox_retry_later(&seqs, &reason, now + delay.as_millis() as i64, in_doubt)
+            })
             .await;
         debug!(error = %error, delay_ms = delay.as_millis() as u64, "push failed; backing off");
         return Err(());

@@ -97,6 +97,11 @@ pub struct Args {
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
 
+    /// Folder where each slave appends a JSON line (command id, relay, action, time) for every
+    /// relay a command switched.
+    #[arg(long)]
+    pub actuation_log_dir: Option<PathBuf>,
+
     /// PostgREST root URL; when set, masters poll {rest_url}/rpc/get_and_lock_slave_commands.
     #[arg(long, env = "AUTOCORE_REST_URL")]
     pub rest_url: Option<String>,
@@ -261,6 +266,8 @@ impl Args {
                 delay_ms: self.radio_delay_ms,
             },
             state_dir: self.state_dir,
+            actuation_log_dir: self.actuation_log_dir,
+            radio_control: None,
             poll,
         })
     }

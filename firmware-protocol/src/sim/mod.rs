@@ -24,7 +24,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
 pub use master::{MasterSpec, MasterTiming, SlaveCommandRow};
-pub use radio::RadioSpec;
+pub use radio::{RadioControl, RadioSpec};
 /// The MQTT client the simulator uses, re-exported so tests and tools use the same version.
 pub use rumqttc;
 pub use sensor::{SensorSource, SensorSpec};
@@ -86,6 +86,11 @@ pub struct SimConfig {
     pub radio: RadioSpec,
     /// Where latches and counters survive restarts; without it nothing does.
     pub state_dir: Option<PathBuf>,
+    /// Where each slave appends a JSON line for every relay a command switched
+    /// ([`state::Actuation`]): what the relays did, for checkers of the whole system.
+    pub actuation_log_dir: Option<PathBuf>,
+    /// Radio conditions changed while the simulator runs; when set, `radio` is ignored.
+    pub radio_control: Option<RadioControl>,
     pub poll: Option<PollSpec>,
 }
 
@@ -217,7 +222,10 @@ async fn run_master(
     };
     info!(master = %master_id, latched = persisted.emergency_latched, last_counter = ?persisted.last_counter, "master booting");
     let mut core = MasterCore::new(&spec, config.timing, persisted);
-    let radio = Radio::new(config.radio);
+    let radio = match &config.radio_control {
+        Some(control) => Radio::controlled(control.clone()),
+        None => Radio::new(config.radio),
+    };
     let mut tasks = JoinSet::new();
 
     // Slaves, each behind its own radio queue; all answer into the master's queue. Each link
@@ -235,11 +243,18 @@ async fn run_master(
             Some(p) => state::load(p)?,
             None => SlavePersisted::default(),
         };
+        let actuation_log = config
+            .actuation_log_dir
+            .as_ref()
+            .map(|d| state::actuation_log_path(d, &master_id, slave_spec.mac));
         tasks.spawn(run_slave(
             slave_spec.clone(),
             config.timing,
             persisted,
-            path,
+            SlaveFiles {
+                state: path,
+                actuation_log,
+            },
             rx,
             to_master.clone(),
             stop.clone(),
@@ -429,12 +444,53 @@ impl MasterIo {
     }
 }
 
-#[allow(clippy::too_many_arguments)] // reason: a slave task owns all of these
+/// Where a slave keeps its state and logs what it switched.
+struct SlaveFiles {
+    state: Option<PathBuf>,
+    actuation_log: Option<PathBuf>,
+}
+
+/// The relay switches a command frame caused, from the frame and the slave's replies to it.
+fn actuations(received: &[u8], replies: &[FrameRepr], at_ms: u64) -> Vec<state::Actuation> {
+    let Ok(FrameRepr {
+        body:
+            FrameBody::RelayCommand {
+                command_id,
+                relay,
+                action,
+                duration_s,
+            },
+        ..
+    }) = FrameRepr::from_bytes(received)
+    else {
+        return Vec::new();
+    };
+    let applied = replies.iter().any(|r| {
+        matches!(r.body, FrameBody::Ack { command_id: c, relay: r, code: crate::frame::AckCode::Applied, .. } if c == command_id && r == relay)
+    });
+    if !applied {
+        return Vec::new();
+    }
+    let command_id = crate::command_id::CommandId::from_raw(command_id)
+        .map(|c| c.to_string())
+        .unwrap_or_else(|_| format!("raw:{command_id}"));
+    vec![state::Actuation {
+        command_id,
+        relay,
+        action: match action {
+            crate::frame::SwitchAction::On => "on".into(),
+            crate::frame::SwitchAction::Off => "off".into(),
+        },
+        duration_s,
+        at_ms,
+    }]
+}
+
 async fn run_slave(
     spec: SlaveSpec,
     timing: MasterTiming,
     persisted: SlavePersisted,
-    state_path: Option<PathBuf>,
+    files: SlaveFiles,
     mut rx: mpsc::Receiver<Airframe>,
     to_master: Link,
     mut stop: watch::Receiver<bool>,
@@ -442,6 +498,8 @@ async fn run_slave(
     let silent = Duration::from_millis(timing.master_silent_timeout_ms);
     let (mut node, boot) =
         SlaveNode::boot(&spec, silent, persisted.emergency_latched, Instant::now());
+    node.restore_applied(&persisted.applied);
+    let state_path = files.state;
     let send = |frames: Vec<FrameRepr>| {
         for frame in frames {
             match frame.to_bytes() {
@@ -458,7 +516,20 @@ async fn run_slave(
             received = rx.recv() => match received {
                 None => break,
                 Some((from, bytes)) => match node.on_frame(&bytes, Instant::now()) {
-                    Ok(frames) => frames,
+                    Ok(frames) => {
+                        let switched = actuations(&bytes, &frames, wall_ms());
+                        if !switched.is_empty() {
+                            persist_slave(&state_path, &node, &spec);
+                        }
+                        if let Some(log) = &files.actuation_log {
+                            for a in &switched {
+                                if let Err(e) = state::append_actuation(log, a) {
+                                    error!(slave = %spec.mac, error = %e, "could not log an actuation");
+                                }
+                            }
+                        }
+                        frames
+                    }
                     Err(e) => {
                         warn!(slave = %spec.mac, %from, error = %e, "dropping a bad frame");
                         Vec::new()
@@ -469,18 +540,21 @@ async fn run_slave(
         };
         if node.emergency_latched() != latched {
             latched = node.emergency_latched();
-            if let Some(path) = &state_path
-                && let Err(e) = state::save(
-                    path,
-                    &SlavePersisted {
-                        emergency_latched: latched,
-                    },
-                )
-            {
-                error!(slave = %spec.mac, error = %e, "could not persist the emergency latch");
-            }
+            persist_slave(&state_path, &node, &spec);
         }
         send(frames);
+    }
+}
+
+/// Saves a slave's latch and applied pairs, before its replies leave.
+fn persist_slave(path: &Option<PathBuf>, node: &SlaveNode, spec: &SlaveSpec) {
+    let Some(path) = path else { return };
+    let persisted = SlavePersisted {
+        emergency_latched: node.emergency_latched(),
+        applied: node.applied(),
+    };
+    if let Err(e) = state::save(path, &persisted) {
+        error!(slave = %spec.mac, error = %e, "could not persist the slave's state");
     }
 }
 

@@ -35,16 +35,52 @@ pub struct RadioSpec {
 /// Bytes on air, with the sender's address as ESP-NOW's receive callback provides it.
 pub type Airframe = (MacAddr, Vec<u8>);
 
+/// Radio conditions that a test changes while the simulator runs (delay and loss faults); every
+/// link made from a [`Radio::controlled`] reads them at each frame it sends.
+#[derive(Debug, Clone, Default)]
+pub struct RadioControl(Arc<Mutex<RadioSpec>>);
+
+impl RadioControl {
+    pub fn new(spec: RadioSpec) -> RadioControl {
+        RadioControl(Arc::new(Mutex::new(spec)))
+    }
+
+    pub fn set(&self, spec: RadioSpec) {
+        if let Ok(mut now) = self.0.lock() {
+            *now = spec;
+        }
+    }
+
+    pub fn get(&self) -> RadioSpec {
+        self.0.lock().map(|s| *s).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Weather {
+    Fixed(RadioSpec),
+    Controlled(RadioControl),
+}
+
+impl Weather {
+    fn now(&self) -> RadioSpec {
+        match self {
+            Weather::Fixed(spec) => *spec,
+            Weather::Controlled(control) => control.get(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Radio {
-    spec: RadioSpec,
+    spec: Weather,
 }
 
 /// The way onto one receiver's queue through the radio; clones share the same air, so frames
 /// from every sender to that receiver arrive in the order they were sent.
 #[derive(Debug, Clone)]
 pub struct Link {
-    spec: RadioSpec,
+    spec: Weather,
     to: LinkTx,
 }
 
@@ -88,7 +124,16 @@ impl Air {
 
 impl Radio {
     pub fn new(spec: RadioSpec) -> Radio {
-        Radio { spec }
+        Radio {
+            spec: Weather::Fixed(spec),
+        }
+    }
+
+    /// A radio whose delay and loss follow `control` while it runs.
+    pub fn controlled(control: RadioControl) -> Radio {
+        Radio {
+            spec: Weather::Controlled(control),
+        }
     }
 
     /// A receiver's queue and the link that reaches it. With a delay this spawns the task that
@@ -96,9 +141,9 @@ impl Radio {
     /// every clone of the link or the receiver is gone.
     pub fn channel(&self) -> (Link, mpsc::Receiver<Airframe>) {
         let (tx, rx) = mpsc::channel(RADIO_QUEUE_FRAMES_MAX);
-        if self.spec.delay_ms == 0 {
+        if let Weather::Fixed(RadioSpec { delay_ms: 0, .. }) = self.spec {
             let link = Link {
-                spec: self.spec,
+                spec: self.spec.clone(),
                 to: LinkTx::Direct(tx),
             };
             return (link, rx);
@@ -128,7 +173,7 @@ impl Radio {
             }
         });
         let link = Link {
-            spec: self.spec,
+            spec: self.spec.clone(),
             to: LinkTx::Delayed { air, _alive: alive },
         };
         (link, rx)
@@ -138,9 +183,8 @@ impl Radio {
 impl Link {
     /// Sends unless the frame is lost; never waits for the receiver.
     pub fn transmit(&self, from: MacAddr, bytes: &[u8]) {
-        if self.spec.loss_percent > 0
-            && rand::thread_rng().gen_range(0..100u8) < self.spec.loss_percent
-        {
+        let spec = self.spec.now();
+        if spec.loss_percent > 0 && rand::thread_rng().gen_range(0..100u8) < spec.loss_percent {
             tracing::debug!(%from, "radio lost a frame");
             return;
         }
@@ -150,7 +194,9 @@ impl Link {
                 let _ = tx.try_send(item);
             }
             LinkTx::Delayed { air, .. } => {
-                let lands_at = Instant::now() + Duration::from_millis(self.spec.delay_ms);
+                // A frame sent under a shorter delay than the one before it still lands after
+                // it: the air queue is first in, first out.
+                let lands_at = Instant::now() + Duration::from_millis(spec.delay_ms);
                 if let Ok(mut queue) = air.queue.lock() {
                     if queue.len() < RADIO_QUEUE_FRAMES_MAX {
                         queue.push_back((lands_at, item));

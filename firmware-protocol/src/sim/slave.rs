@@ -112,6 +112,17 @@ impl SlaveNode {
         self.emergency_latched
     }
 
+    /// The (command id, relay) pairs this slave remembers as applied, oldest first.
+    pub fn applied(&self) -> Vec<(u64, u8)> {
+        self.applied.iter().copied().collect()
+    }
+
+    /// Restores the applied pairs kept across a reboot (the newest [`APPLIED_COMMANDS_MAX`]).
+    pub fn restore_applied(&mut self, applied: &[(u64, u8)]) {
+        let skip = applied.len().saturating_sub(APPLIED_COMMANDS_MAX);
+        self.applied = applied[skip..].iter().copied().collect();
+    }
+
     /// The earliest moment [`SlaveNode::tick`] has something to do; `None` when nothing is
     /// due until the next frame (the master is already silent and every relay is off).
     pub fn next_deadline(&self) -> Option<Instant> {

@@ -1,5 +1,6 @@
 //! What survives a simulated reboot: the master's replay counter, applied command ids and
-//! emergency latch, and each slave's latch, as small JSON files in the state folder.
+//! emergency latch, and each slave's latch and applied (command id, relay) pairs, as small JSON
+//! files in the state folder.
 
 use std::path::{Path, PathBuf};
 
@@ -11,9 +12,74 @@ use crate::message::DeviceId;
 
 use super::SimError;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SlavePersisted {
     pub emergency_latched: bool,
+    /// The (command id, relay) pairs the slave applied, oldest first: a master killed before
+    /// its slave's confirmation reached it sends the command again after its reboot, and the
+    /// slave must still answer `duplicate` (a real slave keeps running while its master reboots).
+    #[serde(default)]
+    pub applied: Vec<(u64, u8)>,
+}
+
+/// One relay switched by a command at a slave, as a line of the slave's actuation log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Actuation {
+    /// The command id as JSON carries it (`backend:12`, `edge:3`).
+    pub command_id: String,
+    pub relay: u8,
+    /// `on` or `off`.
+    pub action: String,
+    pub duration_s: u32,
+    /// Unix time in milliseconds when the slave switched the relay.
+    pub at_ms: u64,
+}
+
+/// A slave's actuation log in `dir`: JSON lines, one per relay a command switched.
+pub fn actuation_log_path(dir: &Path, master: &DeviceId, mac: MacAddr) -> PathBuf {
+    let mac = mac.to_string().replace(':', "");
+    dir.join(format!("actuations-{master}-{mac}.jsonl"))
+}
+
+/// Appends one line to an actuation log. One `write` per line, so a process killed between two
+/// lines leaves whole lines.
+pub fn append_actuation(path: &Path, actuation: &Actuation) -> Result<(), SimError> {
+    use std::io::Write;
+    let error = |e: &dyn std::fmt::Display| SimError::State {
+        path: path.into(),
+        reason: e.to_string(),
+    };
+    let mut line = serde_json::to_vec(actuation).map_err(|e| error(&e))?;
+    line.push(b'\n');
+    let mut file = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| error(&e))?;
+    file.write_all(&line).map_err(|e| error(&e))
+}
+
+/// Every line of an actuation log; a missing log is an empty one.
+pub fn read_actuations(path: &Path) -> Result<Vec<Actuation>, SimError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(SimError::State {
+                path: path.into(),
+                reason: e.to_string(),
+            });
+        }
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l).map_err(|e| SimError::State {
+                path: path.into(),
+                reason: format!("{e} in line {l:?}"),
+            })
+        })
+        .collect()
 }
 
 pub fn master_path(dir: &Path, master: &DeviceId) -> PathBuf {

@@ -196,6 +196,67 @@ fn a_slave_applies_a_command_id_at_most_once() {
 }
 
 #[test]
+fn a_slave_rebooted_with_its_applied_pairs_still_answers_duplicate_and_does_not_switch() {
+    let t0 = Instant::now();
+    let (mut before, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    before
+        .on_frame(&relay_command(7, 2, SwitchAction::On, 60), t0)
+        .unwrap();
+    let kept = before.applied();
+    assert_eq!(kept, vec![(7, 2)]);
+
+    let (mut after, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    after.restore_applied(&kept);
+    let out = after
+        .on_frame(&relay_command(7, 2, SwitchAction::On, 60), t0)
+        .unwrap();
+    assert_eq!(ack_code(&out), AckCode::Duplicate);
+    assert!(
+        !after.states().is_on(2),
+        "the resent command did not switch"
+    );
+
+    // Without the kept pairs the same frame would switch the relay a second time.
+    let (mut forgetful, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    let out = forgetful
+        .on_frame(&relay_command(7, 2, SwitchAction::On, 60), t0)
+        .unwrap();
+    assert_eq!(ack_code(&out), AckCode::Applied);
+}
+
+#[test]
+fn an_actuation_log_reads_back_every_line_it_was_given() {
+    use firmware_protocol::sim::state::{
+        Actuation, actuation_log_path, append_actuation, read_actuations,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = actuation_log_path(dir.path(), &master(), slave_mac());
+    assert!(read_actuations(&path).unwrap().is_empty(), "no log yet");
+    let lines = vec![
+        Actuation {
+            command_id: "backend:12".into(),
+            relay: 1,
+            action: "on".into(),
+            duration_s: 3,
+            at_ms: 1_700_000_000_000,
+        },
+        Actuation {
+            command_id: "edge:4".into(),
+            relay: 1,
+            action: "off".into(),
+            duration_s: 0,
+            at_ms: 1_700_000_003_000,
+        },
+    ];
+    for a in &lines {
+        append_actuation(&path, a).unwrap();
+    }
+    assert_eq!(read_actuations(&path).unwrap(), lines);
+    std::fs::write(&path, "{not json\n").unwrap();
+    assert!(read_actuations(&path).is_err(), "a damaged log is an error");
+}
+
+#[test]
 fn a_slave_refuses_a_relay_it_does_not_have() {
     let t0 = Instant::now();
     let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
@@ -1044,4 +1105,30 @@ fn a_master_publishes_its_status_online_every_ten_seconds_whatever_else_it_sends
         }
     }
     assert_eq!(published, 3);
+}
+
+#[tokio::test]
+async fn a_controlled_radio_follows_its_control_while_it_runs() {
+    use firmware_protocol::sim::RadioControl;
+    let control = RadioControl::new(RadioSpec {
+        loss_percent: 100,
+        delay_ms: 0,
+    });
+    let (link, mut rx) = Radio::controlled(control.clone()).channel();
+    link.transmit(slave_mac(), &heartbeat());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(rx.try_recv().is_err(), "all frames lost");
+
+    control.set(RadioSpec {
+        loss_percent: 0,
+        delay_ms: 30,
+    });
+    let sent = Instant::now();
+    link.transmit(slave_mac(), &heartbeat());
+    let (_, bytes) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(bytes, heartbeat());
+    assert!(sent.elapsed() >= Duration::from_millis(30), "delayed");
 }

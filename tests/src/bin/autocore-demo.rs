@@ -218,6 +218,8 @@ async fn edge_demo(
             delay_ms: 2,
         },
         state_dir: None,
+        actuation_log_dir: None,
+        radio_control: None,
         poll: None,
     };
     // The master logs in with its device id and the password derived from its key.

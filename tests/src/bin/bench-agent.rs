@@ -899,6 +899,8 @@ fn sim_config(
             delay_ms: 1,
         },
         state_dir: None,
+        actuation_log_dir: None,
+        radio_control: None,
         poll: None,
     })
 }

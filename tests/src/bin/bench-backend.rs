@@ -9,7 +9,10 @@
 //!
 //! Environment: `AUTOCORE_BENCH_SECONDS` (per run, default 10), `AUTOCORE_BENCH_ROUNDS` (default
 //! 3), `AUTOCORE_BENCH_LOCKERS` (comma-separated concurrency levels, default `1,16`),
-//! `AUTOCORE_BENCH_EXTRA_SQL` (a SQL file applied after the backend and before measuring, to try
+//! `AUTOCORE_BENCH_VARIANTS` (comma-separated slugs: floor, rpc, rpc-rest, batch, batch-rest,
+//! sync; default all), `AUTOCORE_BENCH_PEER=graphile-worker` (also runs npm graphile-worker,
+//! installed on demand into target/bench-peers, batched, on the same Postgres, beside the sync
+//! variant), `AUTOCORE_BENCH_EXTRA_SQL` (a SQL file applied after the backend and before measuring, to try
 //! a change; the output says so).
 
 use autocore_stack::bench::{env_number, percentile};
@@ -43,15 +46,19 @@ enum Variant {
     /// Lock, then one complete_slave_commands call for all the locked commands.
     BatchSql,
     BatchRest,
+    /// sync_agent at the sync's batch size (100 per call over the agent's masters), then one
+    /// complete_slave_commands call (decision 21).
+    SyncSql,
 }
 
 impl Variant {
-    const ALL: [Variant; 5] = [
+    const ALL: [Variant; 6] = [
         Variant::FloorSql,
         Variant::RpcSql,
         Variant::RpcRest,
         Variant::BatchSql,
         Variant::BatchRest,
+        Variant::SyncSql,
     ];
 
     fn label(self) -> &'static str {
@@ -61,6 +68,7 @@ impl Variant {
             Variant::RpcRest => "RPC, PostgREST (HTTP)",
             Variant::BatchSql => "batch RPC, SQL (pgbench)",
             Variant::BatchRest => "batch RPC, PostgREST (HTTP)",
+            Variant::SyncSql => "sync_agent 100/call + batch completion, SQL (pgbench)",
         }
     }
 
@@ -70,6 +78,7 @@ impl Variant {
             Variant::FloorSql => Some("floor_lock_complete.sql"),
             Variant::RpcSql => Some("rpc_lock_complete.sql"),
             Variant::BatchSql => Some("rpc_batch_lock_complete.sql"),
+            Variant::SyncSql => Some("rpc_sync_lock_complete.sql"),
             Variant::RpcRest | Variant::BatchRest => None,
         }
     }
@@ -82,6 +91,7 @@ impl Variant {
             Variant::RpcRest => "rpc-rest",
             Variant::BatchSql => "batch",
             Variant::BatchRest => "batch-rest",
+            Variant::SyncSql => "sync",
         }
     }
 
@@ -89,9 +99,11 @@ impl Variant {
     fn table(self) -> &'static str {
         match self {
             Variant::FloorSql => "bench.floor_queue",
-            Variant::RpcSql | Variant::RpcRest | Variant::BatchSql | Variant::BatchRest => {
-                "public.relay_commands_slave"
-            }
+            Variant::RpcSql
+            | Variant::RpcRest
+            | Variant::BatchSql
+            | Variant::BatchRest
+            | Variant::SyncSql => "public.relay_commands_slave",
         }
     }
 }
@@ -127,6 +139,14 @@ fn main() -> anyhow::Result<()> {
     let seconds = env_number("AUTOCORE_BENCH_SECONDS", 10, "a whole number of seconds")?;
     let rounds = env_number("AUTOCORE_BENCH_ROUNDS", 3, "a whole number")?;
     let lockers = env_lockers("AUTOCORE_BENCH_LOCKERS", &[1, 16])?;
+    let variants = env_variants("AUTOCORE_BENCH_VARIANTS")?;
+    let peer = std::env::var("AUTOCORE_BENCH_PEER").ok();
+    if let Some(peer) = &peer {
+        ensure!(
+            peer == "graphile-worker",
+            "AUTOCORE_BENCH_PEER: only graphile-worker is known, got {peer:?}"
+        );
+    }
     let bench_dir = repo_root().join("sql/bench");
 
     eprintln!("bench-backend: starting a durable backend (Postgres 15 + PostgREST 12)");
@@ -185,7 +205,7 @@ fn main() -> anyhow::Result<()> {
         for &n in &lockers {
             // The variants of one concurrency run back to back, so that they share the machine's
             // conditions of the moment (this machine has 2 cores and is shared).
-            for variant in Variant::ALL {
+            for &variant in &variants {
                 run_sql_file(pg, &bench_dir.join("seed.sql"))
                     .context("reseeding with sql/bench/seed.sql")?;
                 pg.psql(DATABASE, &["-c", "checkpoint"])
@@ -251,7 +271,121 @@ fn main() -> anyhow::Result<()> {
     println!("{}", summary_table(&runs, &lockers));
     println!("### Every run\n");
     println!("{}", results_table(&runs));
+    if peer.is_some() {
+        let pg_url = stack.pg_url().context("the stack has no Postgres URL")?;
+        println!("### Peer: graphile-worker, batched, on the same Postgres\n");
+        println!(
+            "{}",
+            graphile_worker_table(&pg_url, &runs, &lockers, seconds)
+                .context("running graphile-worker")?
+        );
+    }
     Ok(())
+}
+
+/// The variants named in `name` by their slugs (all when unset).
+fn env_variants(name: &str) -> anyhow::Result<Vec<Variant>> {
+    match std::env::var(name) {
+        Err(_) => Ok(Variant::ALL.to_vec()),
+        Ok(v) => v
+            .split(',')
+            .map(|s| {
+                Variant::ALL
+                    .into_iter()
+                    .find(|variant| variant.slug() == s.trim())
+                    .with_context(|| {
+                        format!(
+                            "{name}: {s:?} is none of {:?}",
+                            Variant::ALL.map(Variant::slug)
+                        )
+                    })
+            })
+            .collect(),
+    }
+}
+
+/// The batch size the agent's sync locks per call (`[cloud] lock_batch_total`).
+const SYNC_BATCH: u32 = 100;
+/// The graphile-worker release measured; installed on demand into target/bench-peers.
+const GRAPHILE_WORKER: &str = "graphile-worker@0.16.6";
+
+/// Installs graphile-worker into target/bench-peers (npm, once), runs it for each concurrency
+/// (localQueue of the sync's batch size, completions batched with no delay) on a backlog as
+/// large as ours, and sets its jobs/s beside the sync variant's median commands/s.
+fn graphile_worker_table(
+    pg_url: &str,
+    runs: &[Run],
+    lockers: &[usize],
+    seconds: u64,
+) -> anyhow::Result<String> {
+    let dir = repo_root().join("target/bench-peers");
+    std::fs::create_dir_all(&dir).context("creating target/bench-peers")?;
+    if !dir.join("node_modules/graphile-worker").exists() {
+        eprintln!(
+            "bench-backend: installing {GRAPHILE_WORKER} into {}",
+            dir.display()
+        );
+        let status = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .arg(GRAPHILE_WORKER)
+            .status()
+            .context("running npm (Node.js and npm are needed for the peer)")?;
+        ensure!(
+            status.success(),
+            "npm install {GRAPHILE_WORKER} failed ({status})"
+        );
+    }
+    let script = dir.join("graphile-worker-bench.mjs");
+    std::fs::write(
+        &script,
+        include_str!("../../bench-peers/graphile-worker-bench.mjs"),
+    )
+    .context("writing the peer's script")?;
+    let mut table = format!(
+        "| concurrency | graphile-worker jobs/s (localQueue {SYNC_BATCH}, completeJobBatchDelay 0) | sync_agent commands/s (median, same lockers) | ratio |\n| ---: | ---: | ---: | ---: |\n"
+    );
+    for &n in lockers {
+        eprintln!("bench-backend: graphile-worker with concurrency {n} for {seconds} s");
+        let out = Command::new("node")
+            .arg(&script)
+            .args([
+                pg_url,
+                &BACKLOG.to_string(),
+                &seconds.to_string(),
+                &n.to_string(),
+                &SYNC_BATCH.to_string(),
+            ])
+            .output()
+            .context("running node")?;
+        ensure!(
+            out.status.success(),
+            "graphile-worker run failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8_lossy(&out.stdout);
+        let result: Value = serde_json::from_str(line.trim().lines().last().unwrap_or(""))
+            .with_context(|| format!("reading the peer's answer {line:?}"))?;
+        let peer = result["jobs_per_s"].as_f64().context("no jobs_per_s")?;
+        let mut ours: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.variant == Variant::SyncSql && r.lockers == n)
+            .map(Run::commands_per_second)
+            .collect();
+        ours.sort_by(f64::total_cmp);
+        let median = ours.get(ours.len() / 2).copied();
+        table.push_str(&format!(
+            "| {n} | {peer:.0} | {} | {} |\n",
+            median
+                .map(|m| format!("{m:.0}"))
+                .unwrap_or_else(|| "—".into()),
+            median
+                .map(|m| format!("{:.2}", m / peer))
+                .unwrap_or_else(|| "—".into()),
+        ));
+    }
+    Ok(table)
 }
 
 /// Runs one pgbench script for `duration` with `lockers` clients and reads back the latency of

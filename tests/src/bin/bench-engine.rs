@@ -875,6 +875,8 @@ fn sim_config(ctx: &Ctx, n: usize, slaves: usize, sensors: usize) -> anyhow::Res
             delay_ms: 1,
         },
         state_dir: None,
+        actuation_log_dir: None,
+        radio_control: None,
         poll: None,
     })
 }

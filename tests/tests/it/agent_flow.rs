@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use crate::support::{
     ALICE, Agent, MASTER, SLAVE, World, eventually, insert_command, master_toml, mqtt_options,
-    observe_json, one_master_sim, start_agent, start_sim, until_status,
+    one_master_sim, start_agent, start_sim, until_status,
 };
 
 /// How long the backend stays away in the outage test: short in CI, a minute with
@@ -21,31 +21,6 @@ fn outage() -> Duration {
     } else {
         Duration::from_secs(8)
     }
-}
-
-/// Collects the `ts_ms` of every telemetry payload the master publishes.
-async fn telemetry_observer(
-    world: &World,
-) -> std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<i64>>> {
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
-    let sink = seen.clone();
-    let login = world
-        .stack
-        .broker_login(Role::Monitor, "telemetry-observer")
-        .unwrap();
-    observe_json(
-        &world.stack.mqtt_url().unwrap(),
-        &login,
-        &format!("autocore/devices/{MASTER}/telemetry"),
-        firmware_protocol::sim::rumqttc::QoS::AtMostOnce,
-        move |v| {
-            if let Some(ts) = v["ts_ms"].as_i64() {
-                sink.lock().unwrap().insert(ts);
-            }
-        },
-    )
-    .await;
-    seen
 }
 
 const KEY_HEX: &str = "9a1e9c2a7b3d4e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7";
@@ -151,8 +126,24 @@ async fn a_command_from_the_dashboard_runs_on_the_slave_and_is_completed_in_the_
 async fn with_the_backend_away_commands_run_and_every_reading_and_completion_arrives_once_it_returns()
  {
     let mut world = World::start_full();
-    let published = telemetry_observer(&world).await;
-    let edge = start_edge(&world).await;
+    let published = crate::support::telemetry_observer(&world).await;
+    // Locks that lapse during the outage: after it, the cloud would hand the commands out again
+    // if the agent asked for commands before it had reported what it completed.
+    let sim_stop = start_sim(one_master_sim(&world, KEY_HEX));
+    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
+    let agent = crate::support::start_agent_overridden(
+        &world,
+        &world.stack.rest_url().unwrap(),
+        &jwt,
+        &crate::support::agent_mqtt_toml(&world, ""),
+        &master_toml(MASTER, KEY_HEX, "mqtt"),
+        &[("AUTOCORE_CLOUD_LOCK_TIMEOUT_SECONDS", "2")],
+    )
+    .await;
+    let edge = Edge {
+        _sim_stop: sim_stop,
+        agent,
+    };
     eventually(
         "first telemetry in the cloud",
         Duration::from_secs(30),
@@ -226,6 +217,14 @@ async fn with_the_backend_away_commands_run_and_every_reading_and_completion_arr
     assert_eq!(
         (completed_before.as_str(), with_sent_at.as_str()),
         ("3", "3")
+    );
+    // Handed out once: completions went before any new lock after the outage.
+    assert_eq!(
+        world.sql(&format!(
+            "select delivery_count from relay_commands_slave where id in ({list}) order by id"
+        )),
+        vec!["1", "1", "1"],
+        "a command completed during the outage was locked again after it"
     );
     let drained = eventually_async_health(&edge.api, |h| h["outbox"]["depth"] == 0).await;
     assert_eq!(drained["backend_reachable"], true);
@@ -767,65 +766,29 @@ async fn a_master_that_only_sends_telemetry_stays_online_and_goes_offline_once_s
     agent.shut_down().await;
 }
 
-/// A proxy in front of PostgREST that, once armed, loses the answer of the first lock call that
-/// locked something: the backend did the work, the agent sees a 504 (as after a PostgREST freeze
-/// or a request timeout).
-async fn answer_losing_proxy(
-    upstream: String,
-    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> String {
-    use axum::body::{Body, to_bytes};
-    use axum::http::{Request, Response};
-    let client = reqwest::Client::new();
-    let app = axum::Router::new().fallback(move |request: Request<Body>| {
-        let (client, upstream, armed) = (client.clone(), upstream.clone(), armed.clone());
-        async move {
-            let (parts, body) = request.into_parts();
-            let body = to_bytes(body, 1 << 20).await.unwrap_or_default();
-            let path = parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/");
-            let mut forward = client.request(parts.method.clone(), format!("{upstream}{path}"));
-            for (name, value) in &parts.headers {
-                if name != "host" && name != "content-length" {
-                    forward = forward.header(name, value);
-                }
-            }
-            let bad_gateway = || Response::builder().status(502).body(Body::empty()).unwrap();
-            let Ok(answer) = forward.body(body).send().await else {
-                return bad_gateway();
-            };
-            let status = answer.status();
-            let content_type = answer.headers().get("content-type").cloned();
-            let Ok(bytes) = answer.bytes().await else {
-                return bad_gateway();
-            };
-            if path.ends_with("/rpc/get_and_lock_slave_commands")
-                && bytes.as_ref() != b"[]"
-                && armed.swap(false, std::sync::atomic::Ordering::SeqCst)
-            {
-                return Response::builder().status(504).body(Body::empty()).unwrap();
-            }
-            let mut response = Response::builder().status(status.as_u16());
-            if let Some(content_type) = content_type {
-                response = response.header("content-type", content_type);
-            }
-            response.body(Body::from(bytes)).unwrap()
-        }
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_call_whose_answer_is_lost_is_retried_and_gets_the_same_command() {
     let world = World::start_full();
     let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let proxy = answer_losing_proxy(world.stack.rest_url().unwrap(), armed.clone()).await;
+    // Loses the answer of the first sync that locked something: the backend did the work, the
+    // agent sees a 504.
+    let lose = armed.clone();
+    let proxy = crate::support::faulty_proxy(
+        world.stack.rest_url().unwrap(),
+        crate::support::ProxyFaults {
+            refuse: Box::new(|_| None),
+            // The first sync answer that hands out a command is lost on its way back.
+            lose_answer: Box::new(move |path, answer| {
+                let locked_some = path.ends_with("/rpc/sync_agent")
+                    && serde_json::from_slice::<serde_json::Value>(answer)
+                        .ok()
+                        .and_then(|a| a["commands"].as_array().map(|c| !c.is_empty()))
+                        .unwrap_or(false);
+                locked_some && lose.swap(false, std::sync::atomic::Ordering::SeqCst)
+            }),
+        },
+    )
+    .await;
     let sim_stop = start_sim(one_master_sim(&world, KEY_HEX));
     let mqtt = crate::support::agent_mqtt_toml(&world, "");
     let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));

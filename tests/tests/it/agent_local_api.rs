@@ -73,6 +73,8 @@ fn start_polling_master(agent: &Agent) -> PollingMaster {
             delay_ms: 1,
         },
         state_dir: None,
+        actuation_log_dir: None,
+        radio_control: None,
         poll: Some(PollSpec {
             rest_url: format!("{}/rest/v1", agent.api),
             jwt: local_token(MASTER, MASTER_KEY),

@@ -638,6 +638,8 @@ fn one_master_sim_at(url: &str) -> firmware_protocol::sim::SimConfig {
         timing: MasterTiming::default(),
         radio: RadioSpec::default(),
         state_dir: None,
+        actuation_log_dir: None,
+        radio_control: None,
         poll: None,
     }
 }

@@ -68,20 +68,6 @@ fn all_on_report() -> RelayStateReport {
     }
 }
 
-async fn metric(api: &str, line_start: &str) -> f64 {
-    let text = reqwest::get(format!("{api}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_ack_or_relay_report_changes_nothing_in_the_cloud_and_a_signed_one_does() {
     let world = World::start_full();
@@ -151,7 +137,9 @@ async fn a_forged_ack_or_relay_report_changes_nothing_in_the_cloud_and_a_signed_
     let unsigned = "autocore_agent_reports_refused_total{reason=\"unsigned\"}";
     let api = agent.api.clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while metric(&api, refused).await < 2.0 || metric(&api, unsigned).await < 1.0 {
+    while crate::support::metric(&api, refused).await < 2.0
+        || crate::support::metric(&api, unsigned).await < 1.0
+    {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the agent counted the forged reports"

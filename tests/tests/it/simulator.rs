@@ -73,6 +73,8 @@ fn config(mqtt_url: &str, state_dir: Option<&Path>) -> SimConfig {
         },
         radio: RadioSpec::default(),
         state_dir: state_dir.map(Path::to_path_buf),
+        actuation_log_dir: None,
+        radio_control: None,
         poll: None,
     }
 }
@@ -657,9 +659,11 @@ async fn commands_get_through_a_lossy_slow_radio_and_each_is_applied_once() {
         delay_ms: 5,
     };
     // With 20 % loss each way a round trip succeeds 64 % of the time; ten attempts fail with a
-    // probability of 4e-5.
+    // probability of 4e-5. The ack timeout is far above the radio's 5 ms so that a busy machine
+    // (CI beside other work) delays acks without using up attempts; a late ack only means a
+    // resent frame, which the slave must apply once all the same.
     config.timing.frame_attempts_max = 10;
-    config.timing.frame_ack_timeout_ms = 100;
+    config.timing.frame_ack_timeout_ms = 1_000;
     let sim = RunningSim::start(config);
     observer.wait_online().await;
     let mut signer = signer();

@@ -216,6 +216,8 @@ fn one_master_sim_on(mqtt_url: &str, key_hex: &str) -> firmware_protocol::sim::S
             delay_ms: 1,
         },
         state_dir: None,
+        actuation_log_dir: None,
+        radio_control: None,
         poll: None,
     }
 }
@@ -329,6 +331,19 @@ pub async fn start_agent_on(
     mqtt_toml: &str,
     tail_toml: &str,
 ) -> Agent {
+    start_agent_overridden(world, rest, jwt, mqtt_toml, tail_toml, &[]).await
+}
+
+/// [`start_agent_on`] with `AUTOCORE_<SECTION>_<KEY>` overrides, as the environment gives them
+/// (for keys of the sections the base configuration already has, such as `[store]`).
+pub async fn start_agent_overridden(
+    world: &World,
+    rest: &str,
+    jwt: &str,
+    mqtt_toml: &str,
+    tail_toml: &str,
+    overrides: &[(&str, &str)],
+) -> Agent {
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
         r#"
@@ -353,7 +368,9 @@ pub async fn start_agent_on(
     let config = autocore_agent::config::AgentConfig::from_toml(
         &toml,
         std::path::Path::new("test.toml"),
-        std::iter::empty(),
+        overrides
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
     )
     .unwrap();
     if world.stack.mosquitto().is_ok() {
@@ -483,4 +500,114 @@ pub fn spawn_agent(config: &std::path::Path) -> AgentProcess {
             .spawn()
             .expect("the agent starts"),
     )
+}
+
+/// The value of the first `/metrics` line of the agent at `api` that starts with `line_start`
+/// (0 when there is none).
+pub async fn metric(api: &str, line_start: &str) -> f64 {
+    let text = reqwest::get(format!("{api}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Given a request's path: the status to answer without forwarding it (the backend is away).
+pub type RefuseFault = Box<dyn Fn(&str) -> Option<u16> + Send + Sync>;
+/// Given a request's path and the backend's answer: whether to lose the answer and say 504
+/// instead (the backend did the work; the caller cannot know, as after a PostgREST freeze).
+pub type LoseAnswerFault = Box<dyn Fn(&str, &[u8]) -> bool + Send + Sync>;
+
+/// What [`faulty_proxy`] does to the requests it passes on.
+pub struct ProxyFaults {
+    pub refuse: RefuseFault,
+    pub lose_answer: LoseAnswerFault,
+}
+
+/// A proxy in front of PostgREST at `upstream` that injects `faults`; returns its URL.
+pub async fn faulty_proxy(upstream: String, faults: ProxyFaults) -> String {
+    use axum::body::{Body, to_bytes};
+    use axum::http::{Request, Response};
+    let client = reqwest::Client::new();
+    let faults = std::sync::Arc::new(faults);
+    let app = axum::Router::new().fallback(move |request: Request<Body>| {
+        let (client, upstream, faults) = (client.clone(), upstream.clone(), faults.clone());
+        async move {
+            let status = |code: u16| {
+                Response::builder()
+                    .status(code)
+                    .body(Body::empty())
+                    .unwrap()
+            };
+            let (parts, body) = request.into_parts();
+            let path = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .to_string();
+            if let Some(code) = (faults.refuse)(&path) {
+                return status(code);
+            }
+            let body = to_bytes(body, 16 << 20).await.unwrap_or_default();
+            let mut forward = client.request(parts.method.clone(), format!("{upstream}{path}"));
+            for (name, value) in &parts.headers {
+                if name != "host" && name != "content-length" {
+                    forward = forward.header(name, value);
+                }
+            }
+            let Ok(answer) = forward.body(body).send().await else {
+                return status(502);
+            };
+            let code = answer.status().as_u16();
+            let content_type = answer.headers().get("content-type").cloned();
+            let Ok(bytes) = answer.bytes().await else {
+                return status(502);
+            };
+            if (faults.lose_answer)(&path, &bytes) {
+                return status(504);
+            }
+            let mut response = Response::builder().status(code);
+            if let Some(content_type) = content_type {
+                response = response.header("content-type", content_type);
+            }
+            response.body(Body::from(bytes)).unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// Collects the `ts_ms` of every telemetry payload the master publishes (QoS 1: the observer
+/// itself loses none).
+pub async fn telemetry_observer(
+    world: &World,
+) -> std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<i64>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+    let sink = seen.clone();
+    let login = world
+        .stack
+        .broker_login(autocore_stack::Role::Monitor, "telemetry-observer")
+        .unwrap();
+    observe_json(
+        &world.stack.mqtt_url().unwrap(),
+        &login,
+        &format!("autocore/devices/{MASTER}/telemetry"),
+        firmware_protocol::sim::rumqttc::QoS::AtLeastOnce,
+        move |v| {
+            if let Some(ts) = v["ts_ms"].as_i64() {
+                sink.lock().unwrap().insert(ts);
+            }
+        },
+    )
+    .await;
+    seen
 }
