@@ -60,6 +60,9 @@ pub enum RuntimeError {
     Api(std::io::Error),
 }
 
+/// How long the tasks have to end after the stop before they are aborted.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Runs the agent until `shutdown` completes: serves the local API on `api`, connects to the
 /// broker and the backend (neither needs to be up at start), and stops every task cleanly.
 pub async fn run(
@@ -268,7 +271,22 @@ pub async fn run(
     tokio::time::sleep(Duration::from_millis(200)).await;
     cancel.cancel();
     let _ = shared.mqtt.disconnect().await;
-    while tasks.join_next().await.is_some() {}
+    // Every task looks at the cancel; a task that misses it must not hold the stop past
+    // systemd's timeout (and its SIGKILL) nor skip the checkpoint below. Whatever it was doing
+    // is then cut short as a crash would cut it, which the store and the idempotency keys cover.
+    let joined = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if joined.is_err() {
+        warn!(
+            tasks = tasks.len(),
+            grace_ms = SHUTDOWN_GRACE.as_millis() as u64,
+            "tasks still running after the stop's grace: aborted"
+        );
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
     // A cleanly stopped agent leaves one self-contained database file: what a backup, an
     // upgrade or `status` reads is the file itself, and reading it changes nothing.
     if let Err(e) = shared.store.call_alone(|s| s.checkpoint()).await {

@@ -17,7 +17,9 @@ use crate::store::{OutboxClass, OutboxRow, Reading};
 
 pub(crate) async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     let batch = shared.config.cloud.push_batch_rows_max;
-    loop {
+    // A drain of thousands of rows never waits: it must look at the cancel between groups, or
+    // a stop waits for the whole backlog to reach the backend.
+    while !cancel.is_cancelled() {
         let now = now_ms();
         let rows = match shared
             .store
@@ -45,9 +47,15 @@ pub(crate) async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
         }
         let mut blocked = false;
         for group in group_by_class(rows) {
-            match push_group(&shared, &group).await {
-                Ok(()) => {}
-                Err(()) => {
+            // Cut short by a stop, a push is a push whose answer was lost: the rows stay (in
+            // doubt) and the idempotency key makes the next run's push of them harmless.
+            match cancel
+                .run_until_cancelled(push_group(&shared, &group))
+                .await
+            {
+                None => return,
+                Some(Ok(())) => {}
+                Some(Err(())) => {
                     blocked = true;
                     break;
                 }

@@ -776,7 +776,6 @@ async fn a_lock_call_whose_answer_is_lost_is_retried_and_gets_the_same_command()
     let proxy = crate::support::faulty_proxy(
         world.stack.rest_url().unwrap(),
         crate::support::ProxyFaults {
-            refuse: Box::new(|_| None),
             // The first sync answer that hands out a command is lost on its way back.
             lose_answer: Box::new(move |path, answer| {
                 let locked_some = path.ends_with("/rpc/sync_agent")
@@ -786,6 +785,7 @@ async fn a_lock_call_whose_answer_is_lost_is_retried_and_gets_the_same_command()
                         .unwrap_or(false);
                 locked_some && lose.swap(false, std::sync::atomic::Ordering::SeqCst)
             }),
+            ..Default::default()
         },
     )
     .await;

@@ -524,10 +524,24 @@ pub type RefuseFault = Box<dyn Fn(&str) -> Option<u16> + Send + Sync>;
 /// instead (the backend did the work; the caller cannot know, as after a PostgREST freeze).
 pub type LoseAnswerFault = Box<dyn Fn(&str, &[u8]) -> bool + Send + Sync>;
 
-/// What [`faulty_proxy`] does to the requests it passes on.
+/// Given a request's path: how long to hold it before passing it on (a slow backend).
+pub type DelayFault = Box<dyn Fn(&str) -> Option<std::time::Duration> + Send + Sync>;
+
+/// What [`faulty_proxy`] does to the requests it passes on; by default, nothing.
 pub struct ProxyFaults {
     pub refuse: RefuseFault,
     pub lose_answer: LoseAnswerFault,
+    pub delay: DelayFault,
+}
+
+impl Default for ProxyFaults {
+    fn default() -> ProxyFaults {
+        ProxyFaults {
+            refuse: Box::new(|_| None),
+            lose_answer: Box::new(|_, _| false),
+            delay: Box::new(|_| None),
+        }
+    }
 }
 
 /// A proxy in front of PostgREST at `upstream` that injects `faults`; returns its URL.
@@ -554,6 +568,9 @@ pub async fn faulty_proxy(upstream: String, faults: ProxyFaults) -> String {
                 .to_string();
             if let Some(code) = (faults.refuse)(&path) {
                 return status(code);
+            }
+            if let Some(pause) = (faults.delay)(&path) {
+                tokio::time::sleep(pause).await;
             }
             let body = to_bytes(body, 16 << 20).await.unwrap_or_default();
             let mut forward = client.request(parts.method.clone(), format!("{upstream}{path}"));

@@ -65,6 +65,7 @@ async fn readings_dropped_at_the_outbox_bound_are_exactly_the_readings_missing_i
                 lose.load(Ordering::SeqCst) == LOSE_TELEMETRY_ANSWERS
                     && path.ends_with("/rpc/insert_telemetry")
             }),
+            ..Default::default()
         },
     )
     .await;
@@ -145,5 +146,74 @@ async fn readings_dropped_at_the_outbox_bound_are_exactly_the_readings_missing_i
         accepted - stored,
         dropped,
         "missing in the cloud ({accepted} accepted - {stored} stored) vs counted as dropped"
+    );
+}
+
+/// A stop while the outbox drains a backlog into a slow backend: the agent stops at once, cutting
+/// short at most the push under way, and leaves the rest for its next run (idempotency keys make
+/// the cut push harmless). A drain that never looked at the stop held the agent until the whole
+/// backlog was gone: longer than systemd, or a test, waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_long_drain_ends_the_pushes_at_once() {
+    use std::sync::atomic::AtomicUsize;
+    let world = World::start_full();
+    let mode = Arc::new(AtomicU8::new(AWAY));
+    let pushes = Arc::new(AtomicUsize::new(0));
+    let (refuse, counted) = (mode.clone(), pushes.clone());
+    let is_push = |path: &str| path.ends_with("/rpc/insert_telemetry");
+    let rest = crate::support::faulty_proxy(
+        world.stack.rest_url().unwrap(),
+        crate::support::ProxyFaults {
+            // Only telemetry is refused: the rest of the link stays up.
+            refuse: Box::new(move |path| {
+                if !is_push(path) {
+                    None
+                } else if refuse.load(Ordering::SeqCst) == AWAY {
+                    Some(503)
+                } else {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    None
+                }
+            }),
+            delay: Box::new(move |path| is_push(path).then_some(Duration::from_millis(400))),
+            ..Default::default()
+        },
+    )
+    .await;
+    let sim_stop = start_sim(fast_sim(&world));
+    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
+    let mqtt = crate::support::agent_mqtt_toml(&world, "");
+    let agent = start_agent_overridden(
+        &world,
+        &rest,
+        &jwt,
+        &mqtt,
+        &master_toml(MASTER, KEY_HEX, "mqtt"),
+        &[("AUTOCORE_CLOUD_PUSH_BATCH_ROWS_MAX", "50")],
+    )
+    .await;
+    // A backlog of 30 pushes or more: 12 s of draining at 400 ms each.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while outbox_depth(&agent.api).await < 1_500 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no backlog built up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = sim_stop.send(());
+    mode.store(PASS, Ordering::SeqCst);
+    eventually("the drain under way", Duration::from_secs(30), || {
+        (pushes.load(Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
+
+    let before_stop = pushes.load(Ordering::SeqCst);
+    agent.shut_down().await;
+    let during_stop = pushes.load(Ordering::SeqCst) - before_stop;
+    // The push under way, and one begun in the 200 ms the agent takes to say it is going.
+    assert!(
+        during_stop <= 2,
+        "{during_stop} pushes began after the stop: the drain went on"
     );
 }
