@@ -316,7 +316,12 @@ pub fn main() -> anyhow::Result<()> {
             for w in &warnings {
                 tracing::warn!(key = %w.key, "configuration: {}", w.message);
             }
-            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.agent.worker_threads)
+                .thread_name("autocore-rt")
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
             runtime.block_on(async move {
                 let api = tokio::net::TcpListener::bind(&config.api.listen)
                     .await

@@ -232,6 +232,10 @@ pub struct SafetySection {
 pub struct AgentSection {
     /// The agent's id, as in `edge_agents.agent_id` and the JWT's `agent_id` claim.
     pub id: String,
+    /// Threads of the async runtime. The agent's tasks wait on sockets and on the store's own
+    /// thread; one runtime thread saves the wake-ups and memory of the others (decision 23).
+    #[serde(default = "defaults::worker_threads")]
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -395,6 +399,9 @@ mod defaults {
     pub fn lock_batch_total() -> u32 {
         100
     }
+    pub fn worker_threads() -> usize {
+        1
+    }
     pub fn push_batch_rows_max() -> usize {
         1_000
     }
@@ -548,6 +555,12 @@ impl AgentConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         check_id("agent.id", &self.agent.id)?;
+        in_range(
+            "agent.worker_threads",
+            self.agent.worker_threads as u64,
+            1,
+            64,
+        )?;
         if self.store.path.as_os_str().is_empty() {
             return Err(invalid("store.path", "must not be empty"));
         }
@@ -1058,6 +1071,13 @@ mod tests {
             error_key(load(EXAMPLE, &[("AUTOCORE_MQTT_URL", "http://x")])),
             "mqtt.url"
         );
+        assert_eq!(
+            error_key(load(EXAMPLE, &[("AUTOCORE_AGENT_WORKER_THREADS", "0")])),
+            "agent.worker_threads"
+        );
+        assert_eq!(load(EXAMPLE, &[]).unwrap().agent.worker_threads, 1);
+        let four = load(EXAMPLE, &[("AUTOCORE_AGENT_WORKER_THREADS", "4")]).unwrap();
+        assert_eq!(four.agent.worker_threads, 4);
     }
 
     #[test]
