@@ -14,9 +14,7 @@ use crate::config::{AgentConfig, Transport};
 use crate::macros::{MacroCatalog, MacroEffect, MacroOutcome, MacroRunner};
 use crate::rules::engine::Firing;
 use crate::rules::model::Action;
-use crate::safety::{
-    Holds, Interlocks, Plan, RelayRef, Safety, SafetySnapshot, Source, Switch, SwitchRequest,
-};
+use crate::safety::{Holds, Interlocks, Plan, RelayRef, Safety, Source, Switch, SwitchRequest};
 use crate::store::{AutomationWrite, CommandRecord, CommandState, OutboxClass, OutboxEntry};
 
 /// Priority of the arbiter's own offs and of the emergency stop: above every rule.
@@ -70,8 +68,11 @@ impl Step {
     fn merge(&mut self, other: Step) {
         self.write.commands.extend(other.write.commands);
         self.write.rule_states.extend(other.write.rule_states);
-        if other.write.safety.is_some() {
-            self.write.safety = other.write.safety;
+        if let Some(later) = other.write.safety {
+            match &mut self.write.safety {
+                Some(delta) => delta.absorb(later),
+                None => self.write.safety = Some(later),
+            }
         }
         self.write.outbox.extend(other.write.outbox);
         self.write.cursors.extend(other.write.cursors);
@@ -157,6 +158,8 @@ pub struct Automation {
     latch_changed_ms: i64,
     /// Observations not yet persisted.
     safety_dirty: bool,
+    /// The arbiter's relays as last handed to the store: a step writes what changed.
+    persisted: crate::safety::PersistedRelays,
     /// The last [`MUTEX_VIOLATIONS_KEPT`] mutex groups found violated, for `/health`.
     mutex_violations: Vec<crate::safety::MutexViolation>,
 }
@@ -184,6 +187,7 @@ impl Automation {
             last_edge_number,
             latch_changed_ms,
             safety_dirty: false,
+            persisted: Default::default(),
             mutex_violations: Vec::new(),
         }
     }
@@ -222,9 +226,16 @@ impl Automation {
         self.runner.steps_done()
     }
 
-    fn snapshot(&mut self) -> Option<Value> {
+    fn snapshot(&mut self) -> Option<crate::safety::SafetyDelta> {
         self.safety_dirty = false;
-        serde_json::to_value::<SafetySnapshot>(self.safety.snapshot()).ok()
+        Some(self.persisted.delta(self.safety.snapshot()))
+    }
+
+    /// A step's write failed: what is on disk of the arbiter is not known, so the next step
+    /// writes all of it.
+    pub fn step_not_written(&mut self) {
+        self.persisted.forget();
+        self.safety_dirty = true;
     }
 
     /// The command that carries `plan` to its slave, with a fresh edge id.

@@ -147,7 +147,9 @@ pub(crate) async fn run(
                     step
                 } else {
                     let step = automation.on_firings(firings, states, now_ms());
-                    perform(&shared, step, &mut engine, &clock, &delivery).await;
+                    if !perform(&shared, step, &mut engine, &clock, &delivery).await {
+                        automation.step_not_written();
+                    }
                     shared.metrics.rule_firing_seconds.observe(began.elapsed().as_secs_f64());
                     continue;
                 }
@@ -190,7 +192,9 @@ pub(crate) async fn run(
                 })
             }
         };
-        perform(&shared, step, &mut engine, &clock, &delivery).await;
+        if !perform(&shared, step, &mut engine, &clock, &delivery).await {
+            automation.step_not_written();
+        }
     }
 }
 
@@ -294,14 +298,15 @@ fn handle(shared: &Arc<Shared>, automation: &mut Automation, request: Automation
 }
 
 /// Persists the step in one transaction, then performs it: sign and publish each command,
-/// hand it to delivery to await its ack, publish the rest, block or resume the engine.
+/// hand it to delivery to await its ack, publish the rest, block or resume the engine. False
+/// when the write failed (nothing was performed).
 pub(crate) async fn perform(
     shared: &Arc<Shared>,
     mut step: Step,
     engine: &mut Engine,
     clock: &Clock,
     delivery: &mpsc::Sender<DeliveryInput>,
-) {
+) -> bool {
     step.write.send_now = step.send.iter().map(|c| c.id).collect();
     let write = std::mem::take(&mut step.write);
     let had_outbox = !write.outbox.is_empty() || !write.commands.is_empty();
@@ -345,7 +350,7 @@ pub(crate) async fn perform(
         Err(e) => {
             // Nothing is sent that is not on disk; the relays stay as they are.
             error!(error = %e, "could not record an automation step; nothing sent");
-            return;
+            return false;
         }
     };
     let mut handed_over = Vec::new();
@@ -412,6 +417,7 @@ pub(crate) async fn perform(
     if had_outbox {
         shared.notify_outbox();
     }
+    true
 }
 
 /// The rules mirror and what the engine needs to check them (relay counts, macro ids).

@@ -18,6 +18,7 @@
 
 mod holds;
 mod interlocks;
+mod persisted;
 mod types;
 
 pub use holds::{HOLD_PRIORITY, HoldError, Holds};
@@ -25,6 +26,7 @@ pub use interlocks::{
     InterlockError, Interlocks, MAX_RELAY, MutexGroup, RelayLimit, normalize_mac,
 };
 
+pub use persisted::{PersistedRelays, SafetyDelta};
 pub use types::{Plan, PlannedSwitch, Refusal, RelayRef, Source, Switch, SwitchRequest};
 
 use serde::{Deserialize, Serialize};

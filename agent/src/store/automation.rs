@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use rusqlite::{OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Value, json};
 
 use super::{
@@ -28,8 +28,8 @@ pub struct AutomationWrite {
     pub commands: Vec<(CommandRecord, String)>,
     /// Rule states to persist, by `decision_rules.id`.
     pub rule_states: Vec<(String, Value)>,
-    /// The arbiter's new snapshot.
-    pub safety: Option<Value>,
+    /// What changed in the arbiter: its relays that changed, and the latch.
+    pub safety: Option<crate::safety::SafetyDelta>,
     pub outbox: Vec<OutboxEntry>,
     /// Ids (of `commands`) sent right after the commit: each gets its master's next signing
     /// counter and its first attempt recorded in the same transaction.
@@ -97,9 +97,8 @@ impl Store {
                 stmt.execute(params![rule, state.to_string(), now_ms])?;
             }
         }
-        if let Some(snapshot) = &w.safety {
-            tx.prepare_cached("insert into safety_state (id, snapshot, updated_at_ms) values (1, ?1, ?2)
-                 on conflict (id) do update set snapshot = excluded.snapshot, updated_at_ms = excluded.updated_at_ms")?.execute(params![snapshot.to_string(), now_ms])?;
+        if let Some(delta) = &w.safety {
+            write_safety(&tx, delta, now_ms)?;
         }
         for e in &w.outbox {
             insert_outbox(&tx, e.class, &e.idempotency_key, &e.payload, now_ms)?;
@@ -145,14 +144,32 @@ impl Store {
         Ok(states)
     }
 
+    /// The arbiter's state as a whole (`SafetySnapshot`'s JSON): the latch's row and a row per
+    /// relay. `None` when nothing was ever written.
     pub fn safety_snapshot(&self) -> Result<Option<Value>> {
-        let text: Option<String> = self
+        let latch: Option<String> = self
             .conn
             .query_row("select snapshot from safety_state where id = 1", [], |r| {
                 r.get(0)
             })
             .optional()?;
-        Ok(text.map(|t| serde_json::from_str(&t)).transpose()?)
+        let relays = self
+            .conn
+            .prepare_cached("select entry from safety_relays order by relay")?
+            .query_map([], |r| r.get::<_, String>(0))?
+            .map(|text| Ok(serde_json::from_str::<Value>(&text?)?))
+            .collect::<Result<Vec<Value>>>()?;
+        if latch.is_none() && relays.is_empty() {
+            return Ok(None);
+        }
+        let mut snapshot = match latch {
+            Some(text) => serde_json::from_str::<Value>(&text)?,
+            None => Value::Object(Default::default()),
+        };
+        if let Some(object) = snapshot.as_object_mut() {
+            object.insert("relays".into(), Value::Array(relays));
+        }
+        Ok(Some(snapshot))
     }
 
     /// Every rule the mirror holds, enabled or not (the engine skips what it must).
@@ -350,5 +367,44 @@ pub(super) fn edge_command_report(
         &payload,
         now_ms,
     )?;
+    Ok(())
+}
+
+/// The key of a relay's row in `safety_relays` (as schema 8 builds it from older snapshots).
+fn relay_key(relay: &crate::safety::RelayRef) -> String {
+    format!(
+        "{}|{}|{}",
+        relay.master,
+        relay.slave_mac.to_ascii_uppercase(),
+        relay.relay
+    )
+}
+
+/// Applies the arbiter's change: the relays that changed, the ones it dropped, and the latch.
+fn write_safety(tx: &Connection, delta: &crate::safety::SafetyDelta, now_ms: i64) -> Result<()> {
+    if delta.replace_all {
+        tx.prepare_cached("delete from safety_relays")?
+            .execute([])?;
+    }
+    let mut remove = tx.prepare_cached("delete from safety_relays where relay = ?1")?;
+    for relay in &delta.removed {
+        remove.execute([relay_key(relay)])?;
+    }
+    let mut upsert = tx.prepare_cached(
+        "insert into safety_relays (relay, entry) values (?1, ?2)
+         on conflict (relay) do update set entry = excluded.entry",
+    )?;
+    for entry in &delta.changed {
+        upsert.execute(params![
+            relay_key(&entry.relay),
+            serde_json::to_string(entry)?
+        ])?;
+    }
+    let latch = serde_json::to_string(&json!({ "emergency": delta.emergency }))?;
+    tx.prepare_cached(
+        "insert into safety_state (id, snapshot, updated_at_ms) values (1, ?1, ?2)
+         on conflict (id) do update set snapshot = excluded.snapshot, updated_at_ms = excluded.updated_at_ms",
+    )?
+    .execute(params![latch, now_ms])?;
     Ok(())
 }

@@ -281,4 +281,19 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     alter table outbox add column in_doubt integer not null default 0;
     "#,
+    // 8: the arbiter's relays a row each, so a decision writes the relays it changed and not
+    // every relay the Pi has seen (decision 23); `safety_state` keeps the latch.
+    r#"
+    create table safety_relays (
+        relay text primary key,              -- master|SLAVE_MAC|relay
+        entry text not null                  -- JSON: {"relay": …, "state": …}
+    ) without rowid;
+    insert or replace into safety_relays (relay, entry)
+    select json_extract(r.value, '$.relay.master') || '|' || upper(json_extract(r.value, '$.relay.slave_mac'))
+               || '|' || json_extract(r.value, '$.relay.relay'),
+           r.value
+    from safety_state as s, json_each(s.snapshot, '$.relays') as r
+    where json_valid(s.snapshot);
+    update safety_state set snapshot = json_remove(snapshot, '$.relays') where json_valid(snapshot);
+    "#,
 ];

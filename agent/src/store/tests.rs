@@ -473,6 +473,80 @@ fn edge_command(id: i64) -> CommandRecord {
     }
 }
 
+fn relay_entry(relay: u8, since_ms: i64) -> crate::safety::RelayEntry {
+    crate::safety::RelayEntry {
+        relay: crate::safety::RelayRef::new("ESP32_A", "14:33:5C:38:BF:60", relay),
+        state: crate::safety::RelayState::Off { since_ms },
+    }
+}
+
+/// The arbiter's state is written a relay at a time: each step writes what changed, and what
+/// is read back at a start is the whole of it.
+#[test]
+fn the_arbiters_relays_are_written_as_they_change_and_read_back_whole() {
+    use crate::safety::{SafetyDelta, SafetySnapshot};
+    let mut store = Store::open_in_memory().unwrap();
+    assert_eq!(
+        store.safety_snapshot().unwrap(),
+        None,
+        "nothing written yet"
+    );
+    let step = |safety: SafetyDelta| AutomationWrite {
+        safety: Some(safety),
+        ..Default::default()
+    };
+    store
+        .write_automation(
+            &step(SafetyDelta {
+                replace_all: true,
+                changed: vec![relay_entry(0, 1), relay_entry(1, 1), relay_entry(2, 1)],
+                ..Default::default()
+            }),
+            1,
+        )
+        .unwrap();
+    let latch = crate::safety::EmergencyLatch {
+        reason: "test".into(),
+        by: "operator".into(),
+        since_ms: 9,
+    };
+    store
+        .write_automation(
+            &step(SafetyDelta {
+                changed: vec![relay_entry(1, 7)],
+                removed: vec![relay_entry(2, 1).relay],
+                emergency: Some(latch.clone()),
+                ..Default::default()
+            }),
+            2,
+        )
+        .unwrap();
+    let read: SafetySnapshot =
+        serde_json::from_value(store.safety_snapshot().unwrap().unwrap()).unwrap();
+    assert_eq!(
+        read,
+        SafetySnapshot {
+            relays: vec![relay_entry(0, 1), relay_entry(1, 7)],
+            emergency: Some(latch),
+        }
+    );
+    // Replacing forgets what the earlier writes left.
+    store
+        .write_automation(
+            &step(SafetyDelta {
+                replace_all: true,
+                changed: vec![relay_entry(3, 4)],
+                ..Default::default()
+            }),
+            3,
+        )
+        .unwrap();
+    let read: SafetySnapshot =
+        serde_json::from_value(store.safety_snapshot().unwrap().unwrap()).unwrap();
+    assert_eq!(read.relays, vec![relay_entry(3, 4)]);
+    assert_eq!(read.emergency, None);
+}
+
 #[test]
 fn a_firing_is_written_whole_and_its_command_reports_the_cloud_row_when_it_ends() {
     let mut store = Store::open_in_memory().unwrap();
@@ -482,7 +556,12 @@ fn a_firing_is_written_whole_and_its_command_reports_the_cloud_row_when_it_ends(
             "6f1c1d1e-0000-5000-8000-000000000001".into(),
         )],
         rule_states: vec![("rule-a".into(), json!({"last_fired_ms": 10}))],
-        safety: Some(json!({"latched": false})),
+        safety: Some(crate::safety::SafetyDelta {
+            replace_all: true,
+            changed: vec![relay_entry(2, 5)],
+            removed: vec![],
+            emergency: None,
+        }),
         outbox: vec![OutboxEntry {
             class: OutboxClass::RuleFeedback,
             idempotency_key: "execution:1".into(),
@@ -499,7 +578,7 @@ fn a_firing_is_written_whole_and_its_command_reports_the_cloud_row_when_it_ends(
     );
     assert_eq!(
         store.safety_snapshot().unwrap(),
-        Some(json!({"latched": false}))
+        Some(json!({"emergency": null, "relays": [relay_entry(2, 5)]}))
     );
     assert_eq!(
         store.command(-1).unwrap().unwrap().state,
@@ -745,6 +824,16 @@ fn database_at_schema(path: &Path, version: usize) {
            insert into cursors (name, value) values ('rules', '2026-01-01T00:00:00Z');"#,
     )
     .unwrap();
+    // The arbiter's state as one snapshot, before schema 8 gave each relay a row.
+    if version >= 2 {
+        conn.execute_batch(
+            r#"insert into safety_state (id, snapshot, updated_at_ms) values (1,
+               '{"relays": [{"relay": {"master": "ESP32_A", "slave_mac": "14:33:5c:38:bf:60", "relay": 2},
+                             "state": {"state": "on", "since_ms": 5, "deadline_ms": 60000, "holder": null}}],
+                 "emergency": {"reason": "test", "by": "operator", "since_ms": 9}}', 9);"#,
+        )
+        .unwrap();
+    }
 }
 
 #[test]
@@ -780,6 +869,35 @@ fn a_database_of_every_older_schema_is_migrated_keeping_its_rows() {
             store.cursor("rules").unwrap().as_deref(),
             Some("2026-01-01T00:00:00Z")
         );
+        if version >= 2 {
+            let safety: crate::safety::SafetySnapshot =
+                serde_json::from_value(store.safety_snapshot().unwrap().unwrap()).unwrap();
+            assert_eq!(safety.relays.len(), 1, "from schema {version}");
+            assert_eq!(safety.relays[0].relay.relay, 2);
+            assert_eq!(
+                safety.emergency.map(|l| l.reason).as_deref(),
+                Some("test"),
+                "from schema {version}: the latch holds"
+            );
+            // The migrated relay is the row a later change of it replaces.
+            let mut on = relay_entry(2, 50);
+            on.relay.slave_mac = "14:33:5C:38:BF:60".into();
+            store
+                .write_automation(
+                    &AutomationWrite {
+                        safety: Some(crate::safety::SafetyDelta {
+                            changed: vec![on.clone()],
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                    60,
+                )
+                .unwrap();
+            let safety: crate::safety::SafetySnapshot =
+                serde_json::from_value(store.safety_snapshot().unwrap().unwrap()).unwrap();
+            assert_eq!(safety.relays, vec![on], "from schema {version}");
+        }
         // What the later migrations added works on the migrated file: a local command's
         // client_id (2), notifications from events (5).
         let mut local = command(-1);
