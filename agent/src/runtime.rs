@@ -84,15 +84,23 @@ pub async fn run(
         }
     });
     let path = config.store.path.clone();
-    let opened = tokio::task::spawn_blocking(move || Store::open(&path))
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()));
+    let opened = tokio::task::spawn_blocking(move || {
+        let mut store = Store::open(&path)?;
+        // No commit (a firing's among them) pays for folding the WAL back: a thread of its
+        // own does it beside the writer.
+        let checkpointer =
+            crate::store::Checkpointer::start(&path, crate::store::CHECKPOINT_EVERY)?;
+        store.leave_checkpoints_to_a_checkpointer()?;
+        Ok::<_, StoreError>((store, checkpointer))
+    })
+    .await
+    .map_err(|e| StoreError::Task(e.to_string()));
     let prepared = match opened {
-        Ok(Ok(store)) => {
+        Ok(Ok((store, checkpointer))) => {
             let store = StoreHandle::new(store);
             prepare_history(&store, config.history_bounds())
                 .await
-                .map(|()| store)
+                .map(|()| (store, checkpointer))
         }
         Ok(Err(source)) => Err(RuntimeError::Database {
             path: config.store.path.clone(),
@@ -101,7 +109,7 @@ pub async fn run(
         Err(e) => Err(e.into()),
     };
     keepalive.abort();
-    let store = prepared?;
+    let (store, _checkpointer) = prepared?;
     let token = match (&config.cloud.jwt, &config.cloud.jwt_file) {
         (Some(jwt), _) => TokenSource::Inline(jwt.clone()),
         (None, Some(path)) => TokenSource::file(path.clone()),

@@ -119,6 +119,16 @@ fn layout(
 }
 
 /// A signed-in page, or the way to the sign-in page.
+/// A page whose data the store could not give: said, and logged.
+fn store_unavailable(e: &crate::store::StoreError) -> Response {
+    tracing::error!(error = %e, "console: the store failed");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the local store is unavailable",
+    )
+        .into_response()
+}
+
 async fn page(
     shared: &Arc<Shared>,
     headers: &HeaderMap,
@@ -132,14 +142,7 @@ async fn page(
     };
     let snapshot = match Snapshot::gather(shared).await {
         Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "console: the store failed");
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the local store is unavailable",
-            )
-                .into_response();
-        }
+        Err(e) => return store_unavailable(&e),
     };
     let content = body(&snapshot, &active);
     assets::html(
@@ -347,14 +350,7 @@ pub(crate) async fn rules(
         .await;
     let (rules, errors) = match data {
         Ok(d) => d,
-        Err(e) => {
-            tracing::error!(error = %e, "console: the store failed");
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the local store is unavailable",
-            )
-                .into_response();
-        }
+        Err(e) => return store_unavailable(&e),
     };
     let firings = shared
         .journal
@@ -450,14 +446,7 @@ pub(crate) async fn telemetry(
         .await;
     let charts = match charts {
         Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "console: the store failed");
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the local store is unavailable",
-            )
-                .into_response();
-        }
+        Err(e) => return store_unavailable(&e),
     };
     page(&shared, &headers, Page::Telemetry, "Telemetry", q.notice.as_deref(), |_, _| {
         html! {

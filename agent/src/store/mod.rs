@@ -4,6 +4,7 @@
 //! before the caller acts on it. No I/O but SQLite; time comes in as `now_ms`.
 
 mod automation;
+mod checkpointer;
 mod console;
 pub mod history;
 mod notify;
@@ -12,6 +13,7 @@ pub(crate) mod schema;
 mod writer;
 
 pub use automation::{AutomationWrite, OutboxEntry};
+pub use checkpointer::{CHECKPOINT_EVERY, Checkpointer};
 pub use console::{DeviceRow, SlaveRelays};
 pub use history::{HistoryBounds, HistoryStats, ReplayReadings, Rollup, StepReport};
 pub use notify::NotificationRow;
@@ -430,6 +432,13 @@ impl Store {
              pragma journal_size_limit = {WAL_BYTES_KEPT};"
         ))?;
         self.migrate()
+    }
+
+    /// Turns this connection's automatic checkpoint off: a [`Checkpointer`] does it beside the
+    /// writer instead of inside one of its commits.
+    pub fn leave_checkpoints_to_a_checkpointer(&mut self) -> Result<()> {
+        self.conn.execute_batch("pragma wal_autocheckpoint = 0;")?;
+        Ok(())
     }
 
     fn migrate(&mut self) -> Result<()> {
