@@ -37,7 +37,7 @@ use anyhow::{Context, bail};
 use autocore_agent::cloud::{Cloud, CloudConfig, SyncCounters, SyncRequest, TokenSource};
 use autocore_agent::config::{AgentConfig, Secret};
 use autocore_agent::sync::pacing::PollPacing;
-use autocore_stack::bench::{env_number, percentile};
+use autocore_stack::bench::{clock_ticks_per_second, env_number, percentile};
 use autocore_stack::postgres::DATABASE;
 use autocore_stack::{Claims, PostgresOptions, Stack, StackOptions};
 use rand::Rng;
@@ -149,16 +149,6 @@ fn backend_cpu_split(postmaster: u32, postgrest: u32) -> anyhow::Result<(f64, f6
         }
     }
     Ok((postgres as f64 / ticks, postgrest_ticks as f64 / ticks))
-}
-
-/// /proc's unit of CPU time (`getconf CLK_TCK`; 100 on Linux).
-fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// The agent's own defaults for the sync's pace and batch sizes.

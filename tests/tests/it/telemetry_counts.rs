@@ -38,6 +38,22 @@ fn fast_sim(world: &World) -> firmware_protocol::sim::SimConfig {
     config
 }
 
+/// The agent of these tests, serving the one fast master, with the backend at `rest` and one
+/// configuration key overridden.
+async fn start_agent(world: &World, rest: &str, setting: (&str, &str)) -> crate::support::Agent {
+    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
+    let mqtt = crate::support::agent_mqtt_toml(world, "");
+    start_agent_overridden(
+        world,
+        rest,
+        &jwt,
+        &mqtt,
+        &master_toml(MASTER, KEY_HEX, "mqtt"),
+        &[setting],
+    )
+    .await
+}
+
 async fn counter(api: &str, name: &str) -> u64 {
     crate::support::metric(api, &format!("autocore_agent_{name}_total ")).await as u64
 }
@@ -74,17 +90,7 @@ async fn readings_dropped_at_the_outbox_bound_are_exactly_the_readings_missing_i
     let published = crate::support::telemetry_observer(&world).await;
 
     let sim_stop = start_sim(fast_sim(&world));
-    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
-    let mqtt = crate::support::agent_mqtt_toml(&world, "");
-    let agent = start_agent_overridden(
-        &world,
-        &rest,
-        &jwt,
-        &mqtt,
-        &master_toml(MASTER, KEY_HEX, "mqtt"),
-        &[("AUTOCORE_STORE_OUTBOX_ROWS_MAX", "1000")],
-    )
-    .await;
+    let agent = start_agent(&world, &rest, ("AUTOCORE_STORE_OUTBOX_ROWS_MAX", "1000")).await;
     eventually("telemetry in the cloud", Duration::from_secs(30), || {
         (world.sql_one("select count(*) from telemetry_data") != "0").then_some(())
     })
@@ -181,17 +187,7 @@ async fn a_stop_during_a_long_drain_ends_the_pushes_at_once() {
     )
     .await;
     let sim_stop = start_sim(fast_sim(&world));
-    let jwt = world.stack.token(&Claims::agent(ALICE, "pi-alice"));
-    let mqtt = crate::support::agent_mqtt_toml(&world, "");
-    let agent = start_agent_overridden(
-        &world,
-        &rest,
-        &jwt,
-        &mqtt,
-        &master_toml(MASTER, KEY_HEX, "mqtt"),
-        &[("AUTOCORE_CLOUD_PUSH_BATCH_ROWS_MAX", "50")],
-    )
-    .await;
+    let agent = start_agent(&world, &rest, ("AUTOCORE_CLOUD_PUSH_BATCH_ROWS_MAX", "50")).await;
     // A backlog of 30 pushes or more: 12 s of draining at 400 ms each.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while outbox_depth(&agent.api).await < 1_500 {
