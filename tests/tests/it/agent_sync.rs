@@ -96,3 +96,71 @@ async fn a_backlog_of_2000_does_not_starve_another_master_and_drains_in_large_ba
     assert_eq!(biggest_batch, 100, "the backlog drains 100 per sync");
     agent.shut_down().await;
 }
+
+/// Two sync calls with one request id at once (a retry and the lost call it repeats, both let
+/// go when a frozen PostgREST resumes) lock one set of commands, and both answers name it.
+/// Unserialised, each locked a command and the agent heard of one: the other stayed locked in
+/// the cloud until the lock timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_calls_with_one_request_id_at_once_lock_one_set_and_both_return_it() {
+    let world = World::start_full();
+    insert_command(&world, BACKLOG, "14:33:5C:38:BF:60", 0, 30);
+    insert_command(&world, BACKLOG, "14:33:5C:38:BF:60", 1, 30);
+    let url = world.stack.pg_url().unwrap();
+    let claims = serde_json::json!({"role": "authenticated", "agent_id": "pi-alice", "sub": ALICE})
+        .to_string();
+    // As PostgREST runs a call: one transaction, the caller's claims and role. One command per
+    // call, so that two calls that both lock take different ones.
+    let begin_as_agent = |client: tokio_postgres::Client| {
+        let claims = claims.clone();
+        async move {
+            client
+                .batch_execute(&format!(
+                    "begin; select set_config('request.jwt.claims', '{claims}', true); set local role authenticated;"
+                ))
+                .await
+                .unwrap();
+            client
+        }
+    };
+    const CALL: &str =
+        "select public.sync_agent('{}'::jsonb, null, 1, 1, 30, 'race-request-0001')::text";
+    let connect = || async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    };
+    let first = begin_as_agent(connect().await).await;
+    let first_answer: String = first.query_one(CALL, &[]).await.unwrap().get(0);
+    let second = begin_as_agent(connect().await).await;
+    let second_call = tokio::spawn(async move {
+        let answer: String = second.query_one(CALL, &[]).await.unwrap().get(0);
+        second.batch_execute("commit").await.unwrap();
+        answer
+    });
+    // The second call runs while the first has not committed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.batch_execute("commit").await.unwrap();
+    let second_answer = second_call.await.unwrap();
+
+    let ids = |answer: &str| -> Vec<i64> {
+        let answer: serde_json::Value = serde_json::from_str(answer).unwrap();
+        answer["commands"]
+            .as_array()
+            .map(|c| c.iter().filter_map(|c| c["id"].as_i64()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(ids(&first_answer).len(), 1, "{first_answer}");
+    assert_eq!(
+        ids(&second_answer),
+        ids(&first_answer),
+        "a retry gets what the call it repeats locked"
+    );
+    assert_eq!(
+        world.sql_one("select count(*) from relay_commands_slave where status = 'processing'"),
+        "1",
+        "nothing is locked that no answer names"
+    );
+}
