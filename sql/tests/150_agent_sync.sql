@@ -3,7 +3,7 @@
 -- per master and in total, fairness under a backlog, retries, lock timeouts, callers.
 begin;
 \ir fixtures/world.sql
-select plan(42);
+select plan(43);
 
 -- pi-alice serves two masters here.
 insert into public.device_status (device_id, owner_id, agent_id, mac_address) values
@@ -69,6 +69,11 @@ select tests.as_agent('pi-alice');
 select results_eq(
   $$select (c ->> 'id')::bigint from jsonb_array_elements(tests.sync((select answer -> 'cursor' from answers where step = 'first'), 5, 100, 'request-0001') -> 'commands') c$$,
   format('values (%s::bigint)', :cmd_a), 'a retried request id returns what the lost call locked, and nothing new');
+-- The agent's first call after a failure asks for no new commands while completions wait; with
+-- a current cursor it would be idle. It still gets what the lost call locked.
+select results_eq(
+  $$select (c ->> 'id')::bigint from jsonb_array_elements(tests.sync((select answer -> 'cursor' from answers where step = 'cmd'), 0, 0, 'request-0001') -> 'commands') c$$,
+  format('values (%s::bigint)', :cmd_a), 'a retry asking for no new commands still gets what the lost call locked');
 select tests.as_superuser();
 select is((select status from relay_commands_slave where id = :cmd_b), 'pending', 'the retry locked nothing new');
 select is((select delivery_count from relay_commands_slave where id = :cmd_a), 1, 'nor handed the first out twice');

@@ -1,9 +1,14 @@
--- sync_agent, serialised per agent past its idle path (decision 21): two calls with the same
--- p_request_id that ran at once (a retry and the lost call it repeats, both released when a
--- frozen PostgREST resumed) each locked commands, and the agent heard of one set only; the
--- other stayed locked until the lock timeout. The fault suite's long run saw it as a 23 s drain.
--- The function is 20261204000100's with the agent's sync row locked and read again before any
--- command is locked.
+-- sync_agent (decision 21), two changes to what a retried request id gets:
+-- 1. Serialised per agent past its idle path: two calls with the same p_request_id that ran at
+--    once (a retry and the lost call it repeats, both released when a frozen PostgREST resumed)
+--    each locked commands, and the agent heard of one set only; the other stayed locked until
+--    the lock timeout.
+-- 2. A retry gets what the lost call locked whatever limits it asks for now. The agent's first
+--    call after a failure asks for no new commands while completions wait (completions go
+--    first); that call was answered without the lost call's commands, the agent took the
+--    request as answered, and those commands stayed locked until the lock timeout (the fault
+--    suite's long run, seed 11: a 23 s drain after PostgREST's last freeze).
+-- The function is 20261204000100's with these two changes.
 
 create or replace function public.sync_agent(
   p_cursor jsonb default '{}'::jsonb,
@@ -66,10 +71,12 @@ begin
      and (v_cursor ->> 'configs')::bigint = v_state.configs_seq
      and (v_cursor ->> 'macros')::bigint = v_state.macros_seq
      and (v_cursor ->> 'latch')::bigint = v_state.latch_seq
+     -- A retried request id is never idle: it gets what the lost call locked, whatever
+     -- limits it asks for now.
+     and (p_request_id is null or p_request_id is distinct from v_state.last_request_id)
      and (p_limit_total = 0 or p_limit_per_master = 0
           or ((v_cursor ->> 'commands')::bigint = v_state.commands_seq
-              and (v_state.commands_due_at is null or v_state.commands_due_at > now())
-              and (p_request_id is null or p_request_id is distinct from v_state.last_request_id))) then
+              and (v_state.commands_due_at is null or v_state.commands_due_at > now()))) then
     return '{"idle": true}'::jsonb;
   end if;
 
@@ -100,18 +107,21 @@ begin
   v_out := jsonb_build_object('idle', false);
 
   -- Commands.
-  if p_limit_total > 0 and p_limit_per_master > 0 then
+  if (p_limit_total > 0 and p_limit_per_master > 0)
+     or (p_request_id is not null and p_request_id = v_state.last_request_id) then
     if p_request_id is not null and p_request_id = v_state.last_request_id then
       -- A retry of a call whose answer was lost: the same rows again, as they are now, for as
       -- long as this agent still holds their lock; nothing new is locked, and the commands
-      -- counter stays, so the next call looks again.
+      -- counter stays, so the next call looks again. Also when the retry asks for no new
+      -- commands (completions first): what was locked for it must reach it all the same.
       v_out := v_out || jsonb_build_object('commands', coalesce((
         select jsonb_agg(to_jsonb(c) order by c.type_rank, c.priority desc, c.created_at, c.id)
           from public.relay_commands_slave c
          where c.id = any(v_state.last_command_ids) and c.status = 'processing'
            and c.locked_by = v_locker), '[]'::jsonb));
-    elsif (v_cursor ->> 'commands')::bigint is distinct from v_state.commands_seq
-          or v_state.commands_due_at <= now() then
+    elsif p_limit_total > 0 and p_limit_per_master > 0
+          and ((v_cursor ->> 'commands')::bigint is distinct from v_state.commands_seq
+               or v_state.commands_due_at <= now()) then
       update public.relay_commands_slave c
          set status = 'expired',
              error_message = coalesce(c.error_message, 'expired before delivery')
