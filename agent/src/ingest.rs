@@ -19,7 +19,6 @@ use crate::drop_episode::{DropEpisode, DropLog};
 use crate::liveness::{Liveness, Presence};
 use crate::metrics::label;
 use crate::reports::ReportGate;
-use crate::rules::EngineInput;
 use crate::shared::{DeliveryInput, Shared, now_ms};
 use crate::store::{OutboxClass, OutboxDrops, Reading};
 
@@ -189,11 +188,7 @@ pub(crate) async fn inbound_loop(
                     }
                 }
                 for r in &readings {
-                    if shared
-                        .engine
-                        .try_send(EngineInput::Reading(r.clone()))
-                        .is_err()
-                    {
+                    if shared.engine.try_send(r.clone()).is_err() {
                         shared.metrics.engine_readings_dropped.inc();
                     }
                 }

@@ -17,7 +17,6 @@ use crate::config::AgentConfig;
 use crate::connectivity::{BackendState, MqttState, Watched};
 use crate::link::Link;
 use crate::metrics::Metrics;
-use crate::rules::EngineInput;
 use crate::store::{CommandRecord, StoreHandle};
 
 pub fn now_ms() -> i64 {
@@ -93,8 +92,8 @@ pub struct Shared {
     pub(crate) mqtt_connected: std::sync::atomic::AtomicBool,
     /// Requests to the automation task (interlocks, emergency stop, macros, controls).
     pub automation: mpsc::Sender<AutomationInput>,
-    /// Readings (and rule sets) for the engine, which the automation task owns.
-    pub(crate) engine: mpsc::Sender<EngineInput>,
+    /// Readings for the engine, which the automation task owns.
+    pub(crate) engine: mpsc::Sender<crate::store::Reading>,
     /// The latest value per (device, sensor) and its time, for macro conditions.
     pub(crate) latest: Mutex<HashMap<(String, String), (f64, i64)>>,
     pub automation_status: Mutex<AutomationStatus>,

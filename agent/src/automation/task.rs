@@ -15,11 +15,10 @@ use super::{Automation, LatchSource, Step};
 use crate::bridge;
 use crate::cloud::SystemStatusRow;
 use crate::rules::compile::Catalog;
-use crate::rules::driver::EngineInput;
 use crate::rules::{Clock, Engine};
 use crate::safety::RelayRef;
 use crate::shared::{DeliveryInput, Shared, now_ms};
-use crate::store::CommandRecord;
+use crate::store::{CommandRecord, Reading};
 
 /// Requests to the automation task.
 #[derive(Debug)]
@@ -97,11 +96,10 @@ pub(crate) async fn run(
     mut engine: Engine,
     clock: Clock,
     mut input: mpsc::Receiver<AutomationInput>,
-    mut engine_in: mpsc::Receiver<EngineInput>,
+    mut engine_in: mpsc::Receiver<Reading>,
     delivery: mpsc::Sender<DeliveryInput>,
     cancel: CancellationToken,
 ) {
-    let mut loaded: Vec<(String, i64)> = Vec::new();
     loop {
         publish_status(&shared, &automation);
         let wait = automation
@@ -115,30 +113,14 @@ pub(crate) async fn run(
                 let Some(first) = first else { return };
                 let began = std::time::Instant::now();
                 let mut firings = Vec::new();
-                let mut problems = None;
                 let mut inputs = 0;
                 let mut next = Some(first);
-                while let Some(item) = next.take() {
+                while let Some(reading) = next.take() {
                     inputs += 1;
-                    match item {
-                        EngineInput::Reading(reading) => {
-                            firings.extend(engine.on_reading(&reading, clock.now_ms()));
-                        }
-                        EngineInput::Rules { rules, catalog } => {
-                            let now = clock.now_ms();
-                            problems = Some((engine.load(&rules, &catalog, &HashMap::new()), engine.contradictions().to_vec()));
-                            // New windows and schedules take their baseline now.
-                            firings.extend(engine.on_tick(now));
-                        }
-                        EngineInput::Blocked(blocked) => engine.set_blocked(blocked, clock.now_ms()),
-                    }
+                    firings.extend(engine.on_reading(&reading, clock.now_ms()));
                     if inputs < READINGS_PER_STEP_MAX {
                         next = engine_in.try_recv().ok();
                     }
-                }
-                if let Some((problems, contradictions)) = problems {
-                    record_problems(&shared, &loaded, problems).await;
-                    record_contradictions(&shared, contradictions).await;
                 }
                 let states = encode_states(engine.take_dirty());
                 if firings.is_empty() {
@@ -165,7 +147,7 @@ pub(crate) async fn run(
                     AutomationInput::ReloadRules => {
                         match rules_and_catalog(&shared, &automation).await {
                             Ok((rules, catalog)) => {
-                                loaded = running_rules(&rules);
+                                let loaded = running_rules(&rules);
                                 let now = clock.now_ms();
                                 let problems = engine.load(&rules, &catalog, &HashMap::new());
                                 let contradictions = engine.contradictions().to_vec();
