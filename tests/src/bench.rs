@@ -289,3 +289,13 @@ pub fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr().context("the free port")?.port())
 }
+
+/// The binary `name` built by Cargo beside the running one (same profile, same target folder);
+/// if it is missing, the error says so and how to build it (`hint`).
+pub fn binary_beside_this_one(name: &str, hint: &str) -> anyhow::Result<std::path::PathBuf> {
+    let path = std::env::current_exe()
+        .context("locating this binary")?
+        .with_file_name(name);
+    anyhow::ensure!(path.exists(), "{} is missing: {hint}", path.display());
+    Ok(path)
+}

@@ -206,17 +206,10 @@ fn main() -> anyhow::Result<()> {
 
 /// `autocore-agent-under-test`, built by Cargo beside this binary.
 fn agent_under_test() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating this binary")?;
-    let path = exe
-        .parent()
-        .context("this binary has no folder")?
-        .join("autocore-agent-under-test");
-    ensure!(
-        path.exists(),
-        "{} is missing: build it first with `cargo build --release -p autocore-stack --bins` (or run this benchmark with `cargo run --release -p autocore-stack --bin bench-agent`, which builds every binary of the package)",
-        path.display()
-    );
-    Ok(path)
+    autocore_stack::bench::binary_beside_this_one(
+        "autocore-agent-under-test",
+        "build it first with `cargo build --release -p autocore-stack --bins` (or run this benchmark with `cargo run --release -p autocore-stack --bin bench-agent`, which builds every binary of the package)",
+    )
 }
 
 /// The agent's configuration for this run: defaults everywhere but the addresses.

@@ -45,15 +45,10 @@ fn main() -> anyhow::Result<()> {
         .map(|v| v.parse().context("AUTOCORE_BENCH_RENDERS must be a number"))
         .transpose()?
         .unwrap_or(200);
-    let agent_exe = std::env::current_exe()?
-        .parent()
-        .context("this binary has no folder")?
-        .join("autocore-agent-under-test");
-    ensure!(
-        agent_exe.exists(),
-        "{} is missing: run `cargo run --release -p autocore-stack --bin bench-console`",
-        agent_exe.display()
-    );
+    let agent_exe = autocore_stack::bench::binary_beside_this_one(
+        "autocore-agent-under-test",
+        "run `cargo run --release -p autocore-stack --bin bench-console`",
+    )?;
     let driver = repo_root().join("tools/node_modules/playwright-core/index.mjs");
     ensure!(
         driver.exists(),

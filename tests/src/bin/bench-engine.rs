@@ -639,17 +639,10 @@ fn agent_binary() -> anyhow::Result<PathBuf> {
         );
         return Ok(path);
     }
-    let exe = std::env::current_exe().context("locating this binary")?;
-    let path = exe
-        .parent()
-        .context("this binary has no folder")?
-        .join("autocore-agent");
-    ensure!(
-        path.exists(),
-        "{} is missing: build it first with `cargo build --release -p autocore-agent --bin autocore-agent`",
-        path.display()
-    );
-    Ok(path)
+    autocore_stack::bench::binary_beside_this_one(
+        "autocore-agent",
+        "build it first with `cargo build --release -p autocore-agent --bin autocore-agent`",
+    )
 }
 
 /// Node-RED's `red.js`, installed with npm into `target/bench-peers/node-red` on first use (a

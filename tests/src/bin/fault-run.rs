@@ -76,14 +76,10 @@ fn main() -> anyhow::Result<()> {
     for s in &schedule.faults {
         println!("  at {:>6} ms  {}", s.at.as_millis(), s.fault);
     }
-    let agent_bin = std::env::current_exe()
-        .context("this program's path")?
-        .with_file_name("autocore-agent-under-test");
-    anyhow::ensure!(
-        agent_bin.exists(),
-        "{} is missing: build it with cargo build -p autocore-stack --bins",
-        agent_bin.display()
-    );
+    let agent_bin = autocore_stack::bench::binary_beside_this_one(
+        "autocore-agent-under-test",
+        "build it with cargo build -p autocore-stack --bins",
+    )?;
     // The stack's services die with the thread that started them: the runtime's own thread
     // runs the whole schedule.
     let runtime = tokio::runtime::Builder::new_multi_thread()
