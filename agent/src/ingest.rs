@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use firmware_protocol::DeviceId;
+use futures_util::future::OptionFuture;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +31,32 @@ pub const DISCOVERED_DEVICES_MAX: usize = 100;
 pub const TELEMETRY_BATCHES_QUEUED_MAX: usize = 8;
 /// Readings written by one store job: what a firing may have to wait for behind telemetry.
 pub const TELEMETRY_ROWS_PER_JOB: usize = 100;
+/// Bookkeeping writes (presence, relay states, last heard, report windows) waiting for their
+/// commit; past it the inbound loop waits for the oldest (backpressure on a flood of reports).
+pub const BOOKKEEPING_IN_FLIGHT_MAX: usize = 64;
+
+/// The store writes ingest queues and does not wait for: a reading or ack behind them must not
+/// wait for their fsync. Queued in order (the store runs them in that order); their answers
+/// (logs, metrics, the outbox's wake-up) are taken by tasks of their own, at most
+/// [`BOOKKEEPING_IN_FLIGHT_MAX`] at once.
+struct Bookkeeping {
+    in_flight: tokio::task::JoinSet<()>,
+}
+
+impl Bookkeeping {
+    async fn add(&mut self, answer: impl Future<Output = ()> + Send + 'static) {
+        while self.in_flight.try_join_next().is_some() {}
+        if self.in_flight.len() >= BOOKKEEPING_IN_FLIGHT_MAX {
+            let _ = self.in_flight.join_next().await;
+        }
+        self.in_flight.spawn(answer);
+    }
+
+    /// Every answer taken: at shutdown, before the store may close.
+    async fn finish(&mut self) {
+        while self.in_flight.join_next().await.is_some() {}
+    }
+}
 
 /// Counts every bad message and logs at most a few a second, so a flood cannot fill the disk.
 pub(crate) struct BadMessageLog {
@@ -100,22 +127,26 @@ pub(crate) async fn inbound_loop(
         &windows,
     );
     let mut liveness = Liveness::new(shared.config.mqtt.heartbeat_timeout_ms);
+    let mut bookkeeping = Bookkeeping {
+        in_flight: tokio::task::JoinSet::new(),
+    };
     loop {
         let (topic, payload) = tokio::select! {
             _ = cancel.cancelled() => {
                 hand_over(&writer, &mut buffer).await;
                 save_report_windows(&shared, &mut gate).await;
+                bookkeeping.finish().await;
                 drop(writer);
                 let _ = writer_task.await;
                 return;
             }
             _ = flush.tick() => {
                 hand_over(&writer, &mut buffer).await;
-                save_heard(&shared, &mut liveness).await;
+                bookkeeping.add(save_heard(&shared, &mut liveness)).await;
                 // Saved with the telemetry cadence, not per report: a window that rolls back
                 // by one flush after a crash lets at most those reports be replayed once, and
                 // only by a client the broker lets publish as that master.
-                save_report_windows(&shared, &mut gate).await;
+                bookkeeping.add(save_report_windows(&shared, &mut gate)).await;
                 continue;
             }
             msg = rx.recv() => match msg {
@@ -175,7 +206,9 @@ pub(crate) async fn inbound_loop(
         if let Some(device) = heard_from.filter(|_| came_online)
             && !matches!(inbound, Inbound::Status(..))
         {
-            record_presence(&shared, device, true, None, now).await;
+            bookkeeping
+                .add(record_presence(&shared, device, true, None, now))
+                .await;
         }
         match inbound {
             Inbound::Telemetry(readings) => {
@@ -209,14 +242,15 @@ pub(crate) async fn inbound_loop(
             }
             Inbound::Announce(a) => {
                 liveness.heard(a.device_id.as_str(), now);
-                record_presence(
-                    &shared,
-                    a.device_id.as_str(),
-                    true,
-                    Some(a.firmware.clone()),
-                    now,
-                )
-                .await;
+                bookkeeping
+                    .add(record_presence(
+                        &shared,
+                        a.device_id.as_str(),
+                        true,
+                        Some(a.firmware.clone()),
+                        now,
+                    ))
+                    .await;
             }
             Inbound::Status(device, status) => {
                 let online = bridge::is_online(&status);
@@ -226,7 +260,9 @@ pub(crate) async fn inbound_loop(
                 // A status online from a master already online is its heartbeat: heard above,
                 // nothing to record.
                 if !online || came_online {
-                    record_presence(&shared, device.as_str(), online, None, now).await;
+                    bookkeeping
+                        .add(record_presence(&shared, device.as_str(), online, None, now))
+                        .await;
                 }
             }
             Inbound::RelayState(device, report) => {
@@ -237,7 +273,9 @@ pub(crate) async fn inbound_loop(
                         states: slave.relay_states.clone(),
                     });
                 }
-                record_relay_states(&shared, device.as_str(), &report, now).await;
+                bookkeeping
+                    .add(record_relay_states(&shared, device.as_str(), &report, now))
+                    .await;
             }
             Inbound::EmergencyStop {
                 reason,
@@ -272,11 +310,18 @@ pub(crate) async fn inbound_loop(
                         "firmware_version": announce.firmware, "mac_address": announce.mac.map(|m| m.to_string()),
                     });
                     let key = format!("discovered:{}", announce.device_id);
-                    let _ = shared
-                        .store
-                        .call(move |s| s.enqueue(OutboxClass::DeviceStatus, &key, &payload, now))
+                    let answer = shared.store.call_queued(move |s| {
+                        s.enqueue(OutboxClass::DeviceStatus, &key, &payload, now)
+                    });
+                    let shared = shared.clone();
+                    bookkeeping
+                        .add(async move {
+                            match answer.await {
+                                Ok(_) => shared.outbox_ready.notify_one(),
+                                Err(e) => error!(error = %e, "could not queue a discovered master"),
+                            }
+                        })
                         .await;
-                    shared.outbox_ready.notify_one();
                 }
             }
             Inbound::Ignored => {}
@@ -284,39 +329,49 @@ pub(crate) async fn inbound_loop(
     }
 }
 
+// Each writer below queues its store job when called and returns the handling of the answer:
+// the job is in line before the caller goes on, whether it awaits the answer or not.
+
 /// Hands the masters' last-heard times to the store, so its silence check sees them.
-pub(crate) async fn save_heard(shared: &Arc<Shared>, liveness: &mut Liveness) {
+pub(crate) fn save_heard(
+    shared: &Arc<Shared>,
+    liveness: &mut Liveness,
+) -> impl Future<Output = ()> + Send + 'static {
     let heard = liveness.take_unsaved();
-    if heard.is_empty() {
-        return;
-    }
-    if let Err(e) = shared.store.call(move |s| s.note_heard(&heard)).await {
-        warn!(error = %e, "could not save when the masters were last heard");
+    let answer =
+        (!heard.is_empty()).then(|| shared.store.call_queued(move |s| s.note_heard(&heard)));
+    async move {
+        if let Some(Err(e)) = OptionFuture::from(answer).await {
+            warn!(error = %e, "could not save when the masters were last heard");
+        }
     }
 }
 
-pub(crate) async fn save_report_windows(shared: &Arc<Shared>, gate: &mut ReportGate) {
+pub(crate) fn save_report_windows(
+    shared: &Arc<Shared>,
+    gate: &mut ReportGate,
+) -> impl Future<Output = ()> + Send + 'static {
     let moved = gate.take_moved();
-    if moved.is_empty() {
-        return;
-    }
-    if let Err(e) = shared
-        .store
-        .call(move |s| s.save_report_windows(&moved))
-        .await
-    {
-        warn!(error = %e, "could not save the report anti-replay windows");
+    let answer = (!moved.is_empty()).then(|| {
+        shared
+            .store
+            .call_queued(move |s| s.save_report_windows(&moved))
+    });
+    async move {
+        if let Some(Err(e)) = OptionFuture::from(answer).await {
+            warn!(error = %e, "could not save the report anti-replay windows");
+        }
     }
 }
 
 /// A master's report of its slaves' relays (after a duration ended, a maximum on-time, a
 /// fail-safe, a reboot): queued so that `relay_slaves` shows what the relays really are.
-pub(crate) async fn record_relay_states(
+pub(crate) fn record_relay_states(
     shared: &Arc<Shared>,
     master: &str,
     report: &firmware_protocol::message::RelayStateReport,
     now: i64,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let rows: Vec<serde_json::Value> = report
         .slaves
         .iter()
@@ -331,25 +386,25 @@ pub(crate) async fn record_relay_states(
             })
         })
         .collect();
-    if rows.is_empty() {
-        return;
-    }
     let master = master.to_string();
     let states: Vec<(String, Vec<bool>)> = report
         .slaves
         .iter()
         .map(|slave| (slave.mac.to_string(), slave.relay_states.clone()))
         .collect();
-    let result = shared
-        .store
-        .call(move |s| {
+    let answer = (!rows.is_empty()).then(|| {
+        shared.store.call_queued(move |s| {
             let report = json!({"master_device_id": master, "slaves": rows});
             s.record_relay_report(&master, &states, &report, now)
         })
-        .await;
-    match result {
-        Ok(_) => shared.outbox_ready.notify_one(),
-        Err(e) => error!(error = %e, "could not queue relay states"),
+    });
+    let shared = shared.clone();
+    async move {
+        match OptionFuture::from(answer).await {
+            None => {}
+            Some(Ok(_)) => shared.outbox_ready.notify_one(),
+            Some(Err(e)) => error!(error = %e, "could not queue relay states"),
+        }
     }
 }
 
@@ -456,48 +511,163 @@ pub(crate) async fn flush_readings(
     }
 }
 
-pub(crate) async fn record_presence(
+pub(crate) fn record_presence(
     shared: &Arc<Shared>,
     device: &str,
     online: bool,
     firmware: Option<String>,
     now: i64,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let device_owned = device.to_string();
-    let fw = firmware.clone();
-    let result = shared
-        .store
-        .call(move |s| {
-            let first = s.record_presence(&device_owned, online, fw.as_deref(), None, now)?;
-            let payload = json!({
-                "device_id": device_owned, "is_online": online, "firmware_version": fw,
-                "last_seen": crate::cloud::format_timestamp_ms(now), "first_seen": first,
-            });
-            s.enqueue(
-                OutboxClass::DeviceStatus,
-                &format!("presence:{device_owned}:{now}"),
-                &payload,
-                now,
-            )?;
-            let online = s.devices()?.iter().filter(|d| d.1).count();
-            Ok((first, online))
-        })
-        .await;
-    match result {
-        Ok((first, online_count)) => {
-            shared.metrics.masters_online.set(online_count as i64);
-            if first {
-                info!(device, "master seen for the first time");
+    let fw = firmware;
+    let answer = shared.store.call_queued(move |s| {
+        let first = s.record_presence(&device_owned, online, fw.as_deref(), None, now)?;
+        let payload = json!({
+            "device_id": device_owned, "is_online": online, "firmware_version": fw,
+            "last_seen": crate::cloud::format_timestamp_ms(now), "first_seen": first,
+        });
+        s.enqueue(
+            OutboxClass::DeviceStatus,
+            &format!("presence:{device_owned}:{now}"),
+            &payload,
+            now,
+        )?;
+        let online = s.devices()?.iter().filter(|d| d.1).count();
+        Ok((first, online))
+    });
+    let shared = shared.clone();
+    let device = device.to_string();
+    async move {
+        match answer.await {
+            Ok((first, online_count)) => {
+                shared.metrics.masters_online.set(online_count as i64);
+                if first {
+                    info!(device, "master seen for the first time");
+                }
+                shared.outbox_ready.notify_one();
             }
-            shared.outbox_ready.notify_one();
+            Err(e) => error!(error = %e, device, "could not record presence"),
         }
-        Err(e) => error!(error = %e, device, "could not record presence"),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shared::SharedParts;
+
+    const MASTER: &str = "ESP32_A";
+
+    /// An agent's shared state over a real store in `dir`; broker and backend nowhere.
+    fn shared(dir: &std::path::Path) -> (Arc<Shared>, mpsc::Receiver<Reading>) {
+        let text = format!(
+            "[agent]\nid = \"pi-test\"\n[store]\npath = \"{db}\"\n[cloud]\nrest_url = \"http://{nowhere}\"\njwt = \"x.y.z\"\n[mqtt]\nurl = \"mqtt://{nowhere}\"\n[[masters]]\ndevice_id = \"{MASTER}\"\nkey = \"00112233445566778899aabbccddeeff\"\n",
+            db = dir.join("agent.db").display(),
+            nowhere = crate::testing::NOWHERE,
+        );
+        let config = crate::config::AgentConfig::from_toml(
+            &text,
+            std::path::Path::new("t.toml"),
+            Vec::new(),
+        )
+        .unwrap();
+        let store =
+            crate::store::StoreHandle::new(crate::store::Store::open(&config.store.path).unwrap());
+        let cloud = crate::cloud::Cloud::new(
+            &crate::cloud::CloudConfig {
+                rest_url: config.cloud.rest_url.clone(),
+                api_key: None,
+                request_timeout: Duration::from_secs(1),
+            },
+            crate::cloud::TokenSource::Inline(crate::config::Secret::new("x.y.z")),
+        );
+        let (mqtt, _eventloop) =
+            bridge::mqtt_client(bridge::mqtt_options(&config.mqtt, &config.agent.id).unwrap());
+        let (automation, _) = mpsc::channel(8);
+        let (engine, readings) = mpsc::channel(64);
+        let shared = Shared::new(SharedParts {
+            config,
+            store,
+            cloud,
+            keys: std::collections::HashMap::new(),
+            mqtt,
+            automation,
+            engine,
+            stall_after_ms: 60_000,
+        });
+        (Arc::new(shared), readings)
+    }
+
+    fn telemetry(value: f64) -> (String, Bytes) {
+        (
+            format!("autocore/devices/{MASTER}/telemetry"),
+            Bytes::from(format!(r#"{{"v":1,"ph":{{"value":{value}}}}}"#)),
+        )
+    }
+
+    async fn next_reading(readings: &mut mpsc::Receiver<Reading>) -> Option<Reading> {
+        tokio::time::timeout(Duration::from_secs(2), readings.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The bookkeeping an announce, a status or a relay report causes is written without the
+    /// inbound loop waiting for it: a reading behind it reaches the engine while the store is
+    /// busy (a commit's fsync, a long job), and the bookkeeping is written once it is free.
+    #[tokio::test]
+    async fn a_reading_behind_an_announce_reaches_the_engine_while_the_store_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, mut readings) = shared(dir.path());
+        let (inbound, rx) = mpsc::channel(16);
+        let (delivery, _delivery_rx) = mpsc::channel(16);
+        let cancel = CancellationToken::new();
+        let ingest = tokio::spawn(inbound_loop(shared.clone(), rx, delivery, cancel.clone()));
+        inbound.send(telemetry(1.0)).await.unwrap();
+        assert_eq!(
+            next_reading(&mut readings).await.map(|r| r.value),
+            Some(1.0)
+        );
+
+        // The store's thread held by a job until released.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let holding = shared.store.call_queued(move |_| {
+            let _ = held.recv();
+            Ok(())
+        });
+        let announce = format!(
+            r#"{{"v":1,"device_id":"{MASTER}","kind":"master","firmware":"9.9.9","mac":null,"slaves":[],"sensors":["ph"],"telemetry_interval_ms":1000}}"#
+        );
+        inbound
+            .send((
+                format!("autocore/devices/{MASTER}/announce"),
+                Bytes::from(announce),
+            ))
+            .await
+            .unwrap();
+        inbound.send(telemetry(2.0)).await.unwrap();
+        let behind = next_reading(&mut readings).await;
+        release.send(()).unwrap();
+        holding.await.unwrap();
+        assert_eq!(
+            behind.map(|r| r.value),
+            Some(2.0),
+            "the reading behind the announce waited for the store"
+        );
+
+        cancel.cancel();
+        ingest.await.unwrap();
+        let rows = shared
+            .store
+            .call(|s| s.outbox_due(i64::MAX, 100))
+            .await
+            .unwrap();
+        assert!(
+            rows.iter().any(|r| r.class == OutboxClass::DeviceStatus
+                && r.payload["firmware_version"] == "9.9.9"),
+            "the announce's presence is queued for the cloud: {rows:?}"
+        );
+    }
 
     #[test]
     fn bad_messages_are_logged_at_most_a_few_per_second() {

@@ -4,14 +4,14 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use firmware_protocol::MasterKey;
 use firmware_protocol::message::PAYLOAD_BYTES_MAX;
 use rumqttc::{Event, EventLoop, Packet, QoS};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -23,9 +23,8 @@ use crate::config::AgentConfig;
 use crate::connectivity::MqttState;
 use crate::dispatch::delivery_loop;
 use crate::ingest::inbound_loop;
-use crate::link::Link;
 use crate::metrics::Metrics;
-use crate::shared::{AutomationStatus, DeliveryInput, Health, Shared, note_mqtt_state, now_ms};
+use crate::shared::{DeliveryInput, Shared, SharedParts, note_mqtt_state, now_ms};
 use crate::store::{Store, StoreError, StoreHandle};
 use crate::sync::STALL_POLL_INTERVALS;
 use crate::sync::{pull::poll_loop, sync_supervisor};
@@ -142,29 +141,16 @@ pub async fn run(
     let stall_after_ms = STALL_POLL_INTERVALS * config.cloud.poll_interval_ms as i64;
     let (automation_tx, automation_rx) = mpsc::channel(AUTOMATION_QUEUE_MAX);
     let (engine_tx, engine_rx) = mpsc::channel(ENGINE_QUEUE_MAX);
-    let shared = Arc::new(Shared {
-        masters: config.masters.iter().map(|m| m.device_id.clone()).collect(),
-        keys,
+    let shared = Arc::new(Shared::new(SharedParts {
+        config,
         store,
         cloud,
-        metrics: Arc::new(Metrics::new()),
-        health: Mutex::new(Health {
-            backend_reachable: true,
-            ..Health::default()
-        }),
+        keys,
         mqtt,
-        outbox_ready: Notify::new(),
-        link: Mutex::new(Link::new(stall_after_ms, now_ms())),
-        mqtt_connected: std::sync::atomic::AtomicBool::new(false),
         automation: automation_tx,
         engine: engine_tx,
-        latest: Mutex::new(HashMap::new()),
-        automation_status: Mutex::new(AutomationStatus::default()),
-        journal: Mutex::new(crate::console::Journal::default()),
-        console: crate::console::ConsoleState::default(),
-        config,
-        command_order: tokio::sync::Mutex::new(()),
-    });
+        stall_after_ms,
+    }));
     let (automation, engine) = start_automation(&shared).await?;
 
     let cancel = CancellationToken::new();

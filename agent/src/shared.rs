@@ -120,7 +120,56 @@ pub struct AutomationStatus {
     pub macro_steps_done: Vec<(String, u32)>,
 }
 
+/// What [`Shared::new`] is given; the rest starts empty.
+pub(crate) struct SharedParts {
+    pub config: AgentConfig,
+    pub store: StoreHandle,
+    pub cloud: Cloud,
+    pub keys: HashMap<String, MasterKey>,
+    pub mqtt: AsyncClient,
+    pub automation: mpsc::Sender<AutomationInput>,
+    pub engine: mpsc::Sender<crate::store::Reading>,
+    /// The stall check's bound: a sync this long overdue marks the link stalled.
+    pub stall_after_ms: i64,
+}
+
 impl Shared {
+    pub(crate) fn new(parts: SharedParts) -> Shared {
+        let SharedParts {
+            config,
+            store,
+            cloud,
+            keys,
+            mqtt,
+            automation,
+            engine,
+            stall_after_ms,
+        } = parts;
+        Shared {
+            masters: config.masters.iter().map(|m| m.device_id.clone()).collect(),
+            keys,
+            store,
+            cloud,
+            metrics: Arc::new(Metrics::new()),
+            health: Mutex::new(Health {
+                backend_reachable: true,
+                ..Health::default()
+            }),
+            mqtt,
+            outbox_ready: Notify::new(),
+            link: Mutex::new(Link::new(stall_after_ms, now_ms())),
+            mqtt_connected: std::sync::atomic::AtomicBool::new(false),
+            automation,
+            engine,
+            latest: Mutex::new(HashMap::new()),
+            automation_status: Mutex::new(AutomationStatus::default()),
+            journal: Mutex::new(crate::console::Journal::default()),
+            console: crate::console::ConsoleState::default(),
+            config,
+            command_order: tokio::sync::Mutex::new(()),
+        }
+    }
+
     pub(crate) fn key(&self, master: &str) -> Option<MasterKey> {
         self.keys.get(master).cloned()
     }
