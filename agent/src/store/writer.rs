@@ -132,6 +132,43 @@ impl StoreHandle {
         }
     }
 
+    /// Runs `f` on `items` in jobs of at most `per_job` items, queued back to back: they share
+    /// a group commit, and an urgent job waits behind one chunk at most, not the whole batch.
+    /// `f` is told whether its chunk is the last. The chunks' answers, in order.
+    pub async fn call_chunked<T, R, F>(
+        &self,
+        mut items: Vec<T>,
+        per_job: usize,
+        f: F,
+    ) -> Vec<Result<R>>
+    where
+        T: Send + 'static,
+        R: Send + 'static,
+        F: Fn(&mut Store, Vec<T>, bool) -> Result<R> + Clone + Send + 'static,
+    {
+        let per_job = per_job.max(1);
+        let mut chunks = Vec::with_capacity(items.len().div_ceil(per_job));
+        while items.len() > per_job {
+            let tail = items.split_off(per_job);
+            chunks.push(std::mem::replace(&mut items, tail));
+        }
+        chunks.push(items);
+        let last = chunks.len() - 1;
+        let answers: Vec<_> = chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, chunk)| {
+                let f = f.clone();
+                self.call_queued(move |s| f(s, chunk, i == last))
+            })
+            .collect();
+        let mut results = Vec::with_capacity(answers.len());
+        for answer in answers {
+            results.push(answer.await);
+        }
+        results
+    }
+
     async fn submit<R, F>(&self, kind: Kind, f: F) -> Result<R>
     where
         F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
@@ -377,6 +414,69 @@ mod tests {
         urgent.await.unwrap().unwrap();
         normal.await.unwrap();
         assert_eq!(*order.lock().unwrap(), vec!["urgent", "normal"]);
+    }
+
+    /// A batch in chunks: an urgent job queued while the first chunk runs goes next, ahead of
+    /// the rest of the batch; only the last chunk is told it is last; answers come in order.
+    #[tokio::test]
+    async fn an_urgent_job_waits_for_one_chunk_of_a_batch_not_the_whole_batch() {
+        let (_dir, store) = handle();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (first_running, running) = mpsc::channel::<()>();
+        let (release, released) = mpsc::channel::<()>();
+        let released = Arc::new(Mutex::new(released));
+        let seen = order.clone();
+        let batch = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .call_chunked((0..5).collect::<Vec<u32>>(), 2, move |_, chunk, last| {
+                        if chunk[0] == 0 {
+                            first_running.send(()).unwrap();
+                            released.lock().unwrap().recv().unwrap();
+                        }
+                        seen.lock().unwrap().push(format!("{chunk:?} last={last}"));
+                        Ok(chunk.len())
+                    })
+                    .await
+            }
+        });
+        while running.try_recv().is_err() {
+            tokio::task::yield_now().await;
+        }
+        let seen = order.clone();
+        let urgent = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .call_urgent(move |_| {
+                        seen.lock().unwrap().push("urgent".into());
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        while store.inner.0.queue.lock().unwrap().urgent.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        release.send(()).unwrap();
+        urgent.await.unwrap().unwrap();
+        let sizes: Vec<usize> = batch
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(sizes, vec![2, 2, 1]);
+        assert_eq!(
+            *order.lock().unwrap(),
+            vec![
+                "[0, 1] last=false",
+                "urgent",
+                "[2, 3] last=false",
+                "[4] last=true"
+            ]
+        );
     }
 
     #[tokio::test]

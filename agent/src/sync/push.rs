@@ -15,6 +15,9 @@ use crate::metrics::label;
 use crate::shared::{Shared, now_ms};
 use crate::store::{OutboxClass, OutboxRow, Reading};
 
+/// Delivered rows removed by one store job: what a firing may wait for behind a push's answer.
+pub const DELIVERED_ROWS_PER_JOB: usize = 100;
+
 pub(crate) async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     let batch = shared.config.cloud.push_batch_rows_max;
     // A drain of thousands of rows never waits: it must look at the cancel between groups, or
@@ -257,12 +260,13 @@ pub(crate) fn event_row(row: &OutboxRow) -> serde_json::Value {
 }
 
 pub(crate) async fn delivered(shared: &Arc<Shared>, class: OutboxClass, seqs: &[i64]) {
-    let seqs_owned = seqs.to_vec();
-    if let Err(e) = shared
+    let answers = shared
         .store
-        .call(move |s| s.outbox_delivered(&seqs_owned))
-        .await
-    {
+        .call_chunked(seqs.to_vec(), DELIVERED_ROWS_PER_JOB, |s, chunk, _| {
+            s.outbox_delivered(&chunk)
+        })
+        .await;
+    if let Some(Err(e)) = answers.into_iter().find(Result::is_err) {
         error!(error = %e, "could not remove delivered rows; they will be sent again (idempotently)");
     }
     shared
