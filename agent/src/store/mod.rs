@@ -66,6 +66,12 @@ impl StoreError {
 }
 
 /// The database directory's mode when the agent creates it: only the agent's user enters.
+/// The outbox rows due: command completions first, then oldest first.
+const OUTBOX_DUE: &str =
+    "select seq, class, idempotency_key, payload, created_at_ms, attempts from outbox
+     where next_attempt_at_ms <= ?1
+     order by case class when 'completion' then 0 else 1 end, seq limit ?2";
+
 pub const DATA_DIR_MODE: u32 = 0o700;
 /// The next signing counter of a master, in the caller's transaction (`?1` master, `?2` now in
 /// Unix ms). A master without a counter here starts at the current Unix time in milliseconds, so
@@ -393,6 +399,13 @@ impl Store {
         // Every statement the agent runs again stays prepared (parsing is most of a small
         // statement's cost): more than rusqlite's default of 16.
         conn.set_prepared_statement_cache_capacity(STATEMENTS_CACHED_MAX);
+        // SQLite re-prepares a statement at every new value bound to a parameter the planner
+        // looked at (`limit ?`, `like ?`): the outbox's read was parsed again at every push.
+        // The plans do not depend on those values, so keep them.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )?;
         let mut store = Store {
             conn,
             pushing: Vec::new(),
@@ -677,11 +690,7 @@ impl Store {
     /// Up to `limit` rows due now: command completions first (the cloud must learn what ran
     /// before it hands out more), then oldest first.
     pub fn outbox_due(&self, now_ms: i64, limit: usize) -> Result<Vec<OutboxRow>> {
-        let mut stmt = self.conn.prepare_cached(
-            "select seq, class, idempotency_key, payload, created_at_ms, attempts from outbox
-             where next_attempt_at_ms <= ?1
-             order by case class when 'completion' then 0 else 1 end, seq limit ?2",
-        )?;
+        let mut stmt = self.conn.prepare_cached(OUTBOX_DUE)?;
         let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
             Ok((
                 r.get::<_, i64>(0)?,

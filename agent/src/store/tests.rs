@@ -989,3 +989,20 @@ fn opening_an_existing_database_again_leaves_its_file_unchanged() {
         "a new file is created with incremental auto-vacuum"
     );
 }
+
+/// The push reads the outbox with a new time and limit each time: the statement stays prepared
+/// (without the planner's stability guarantee SQLite parsed it again at every new limit).
+#[test]
+fn reading_the_outbox_with_new_values_does_not_prepare_its_statement_again() {
+    let mut store = Store::open_in_memory().unwrap();
+    store.enqueue_readings(&[reading("ph", 1)], 1).unwrap();
+    for (now, limit) in [(10, 5), (20, 7), (30, 1_000)] {
+        assert_eq!(store.outbox_due(now, limit).unwrap().len(), 1);
+    }
+    let stmt = store.conn.prepare_cached(OUTBOX_DUE).unwrap();
+    assert_eq!(
+        stmt.get_status(rusqlite::StatementStatus::RePrepare),
+        0,
+        "the outbox's read was prepared again"
+    );
+}
