@@ -12,6 +12,11 @@ use nix::sys::signal::Signal;
 use crate::process::{ManagedProcess, ProcessSpec};
 use crate::{StackError, free_port, repo_root};
 
+/// How long PostgREST keeps a token it has verified (never past the token's own `exp`): an idle
+/// agent's sync is then not a signature check and a claims parse each time. Revocation is
+/// unaffected: the pre-request hook reads `edge_agents` on every request.
+pub const JWT_CACHE_MAX_LIFETIME_S: u32 = 3_600;
+
 #[derive(Debug)]
 pub struct Postgrest {
     process: ManagedProcess,
@@ -38,6 +43,7 @@ impl Postgrest {
              db-channel-enabled = true\n\
              jwt-secret = \"{jwt_secret}\"\n\
              jwt-secret-is-base64 = false\n\
+             jwt-cache-max-lifetime = {JWT_CACHE_MAX_LIFETIME_S}\n\
              server-host = \"127.0.0.1\"\n\
              server-port = {port}\n\
              admin-server-port = {admin_port}\n\

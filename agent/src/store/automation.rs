@@ -310,21 +310,18 @@ pub(super) fn edge_command_report(
     now_ms: i64,
 ) -> Result<()> {
     let row: Option<(CommandRecord, Option<String>, i64, Option<i64>)> = tx
-        .query_row(
-            concat!(
-                super::command_columns!(),
-                ", client_id, accepted_at_ms, last_sent_at_ms from commands where id = ?1"
-            ),
-            [id],
-            |r| {
-                Ok((
-                    super::command_from_row(r)?,
-                    r.get(17)?,
-                    r.get(18)?,
-                    r.get(19)?,
-                ))
-            },
-        )
+        .prepare_cached(concat!(
+            super::command_columns!(),
+            ", client_id, accepted_at_ms, last_sent_at_ms from commands where id = ?1"
+        ))?
+        .query_row([id], |r| {
+            Ok((
+                super::command_from_row(r)?,
+                r.get(17)?,
+                r.get(18)?,
+                r.get(19)?,
+            ))
+        })
         .optional()?;
     let Some((cmd, Some(client_id), accepted_at_ms, sent_at_ms)) = row else {
         return Ok(());

@@ -145,11 +145,8 @@ pub struct ReplayReadings {
 
 fn raw_from(conn: &rusqlite::Connection) -> Result<Option<i64>> {
     let text: Option<String> = conn
-        .query_row(
-            "select value from cursors where name = ?1",
-            [RAW_FROM],
-            |r| r.get(0),
-        )
+        .prepare_cached("select value from cursors where name = ?1")?
+        .query_row([RAW_FROM], |r| r.get(0))
         .optional()?;
     Ok(text.and_then(|t| t.parse().ok()))
 }

@@ -560,11 +560,10 @@ impl Store {
     ) -> Result<bool> {
         let tx = self.conn.savepoint()?;
         let row: Option<(String, String, String, Option<i64>)> = tx
-            .query_row(
+            .prepare_cached(
                 "select state, master_device_id, slave_mac_address, last_sent_at_ms from commands where id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
+            )?
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .optional()?;
         let Some((state, master, slave, sent_at_ms)) = row else {
             return Ok(false);
@@ -730,11 +729,12 @@ impl Store {
     /// Whether a command's completion is due to be pushed at `now_ms`. One backing off after
     /// failures does not count: it must not hold up every new command.
     pub fn completions_waiting(&self, now_ms: i64) -> Result<bool> {
-        Ok(self.conn.query_row(
-            "select exists (select 1 from outbox where class = 'completion' and next_attempt_at_ms <= ?1)",
-            [now_ms],
-            |r| r.get(0),
-        )?)
+        Ok(self
+            .conn
+            .prepare_cached(
+                "select exists (select 1 from outbox where class = 'completion' and next_attempt_at_ms <= ?1)",
+            )?
+            .query_row([now_ms], |r| r.get(0))?)
     }
 
     /// The cloud has these rows: remove them.
@@ -827,7 +827,8 @@ impl Store {
     pub fn enforce_outbox_bound(&mut self, rows_max: u64) -> Result<OutboxDrops> {
         let depth: i64 = self
             .conn
-            .query_row("select count(*) from outbox", [], |r| r.get(0))?;
+            .prepare_cached("select count(*) from outbox")?
+            .query_row([], |r| r.get(0))?;
         let excess = depth - rows_max as i64;
         if excess <= 0 {
             return Ok(OutboxDrops::default());
@@ -922,9 +923,8 @@ impl Store {
     pub fn counter(&self, name: &str) -> Result<i64> {
         Ok(self
             .conn
-            .query_row("select value from counters where name = ?1", [name], |r| {
-                r.get(0)
-            })
+            .prepare_cached("select value from counters where name = ?1")?
+            .query_row([name], |r| r.get(0))
             .optional()?
             .unwrap_or(0))
     }

@@ -151,12 +151,13 @@ fn backend_cpu_split(postmaster: u32, postgrest: u32) -> anyhow::Result<(f64, f6
     Ok((postgres as f64 / ticks, postgrest_ticks as f64 / ticks))
 }
 
-/// The agent's own defaults for the sync's pace and batch sizes.
+/// The agent's own defaults for the sync's pace and batch sizes, with the `[cloud]` overrides
+/// an agent would take from its environment (`AUTOCORE_CLOUD_POLL_INTERVAL_MS=950`, say).
 fn agent_defaults() -> anyhow::Result<AgentConfig> {
     AgentConfig::from_toml(
         "[agent]\nid = \"fleet\"\n[store]\npath = \"/nonexistent.db\"\n[cloud]\nrest_url = \"http://127.0.0.1:9\"\njwt = \"t\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n",
         Path::new("bench-fleet.toml"),
-        std::iter::empty(),
+        std::env::vars().filter(|(k, _)| k.starts_with("AUTOCORE_CLOUD_")),
     )
     .context("parsing the agent's default configuration")
 }
