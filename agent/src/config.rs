@@ -379,7 +379,7 @@ mod defaults {
         500
     }
     pub fn poll_interval_ms() -> u64 {
-        800
+        900
     }
     pub fn poll_active_interval_ms() -> u64 {
         250
@@ -1043,7 +1043,7 @@ mod tests {
 
     #[test]
     fn a_wrong_type_names_the_key() {
-        let text = EXAMPLE.replace("poll_interval_ms = 800", "poll_interval_ms = \"soon\"");
+        let text = EXAMPLE.replace("poll_interval_ms = 900", "poll_interval_ms = \"soon\"");
         assert_eq!(error_key(load(&text, &[])), "cloud.poll_interval_ms");
     }
 
@@ -1101,7 +1101,7 @@ mod tests {
     #[test]
     fn the_active_poll_interval_is_250_ms_or_the_bound_and_never_beyond_it() {
         let config = load(EXAMPLE, &[]).unwrap();
-        assert_eq!(config.cloud.poll_interval_ms, 800);
+        assert_eq!(config.cloud.poll_interval_ms, 900);
         assert_eq!(config.cloud.poll_active_interval_ms(), 250);
         assert_eq!(config.cloud.lock_batch_total, 100);
         let short = load(EXAMPLE, &[("AUTOCORE_CLOUD_POLL_INTERVAL_MS", "100")]).unwrap();
@@ -1109,10 +1109,10 @@ mod tests {
         assert_eq!(
             error_key(load(
                 EXAMPLE,
-                &[("AUTOCORE_CLOUD_POLL_ACTIVE_INTERVAL_MS", "900")]
+                &[("AUTOCORE_CLOUD_POLL_ACTIVE_INTERVAL_MS", "1000")]
             )),
             "cloud.poll_active_interval_ms",
-            "longer than the idle bound (800 ms)"
+            "longer than the idle bound (900 ms)"
         );
         assert_eq!(
             error_key(load(EXAMPLE, &[("AUTOCORE_CLOUD_LOCK_BATCH_TOTAL", "101")])),
@@ -1243,7 +1243,7 @@ mod tests {
 
     #[test]
     fn a_toml_syntax_error_gives_its_line_and_column() {
-        let text = EXAMPLE.replace("poll_interval_ms = 800", "poll_interval_ms = = 800");
+        let text = EXAMPLE.replace("poll_interval_ms = 900", "poll_interval_ms = = 800");
         let line = EXAMPLE
             .lines()
             .position(|l| l.starts_with("poll_interval_ms"))
