@@ -367,6 +367,30 @@ mod tests {
             .collect()
     }
 
+    /// Queues an urgent job that notes "urgent" in `order` when it runs; returns once it is in
+    /// the queue (the spawned task has run to its first wait).
+    async fn queue_urgent(
+        store: &StoreHandle,
+        order: &Arc<Mutex<Vec<String>>>,
+    ) -> tokio::task::JoinHandle<Result<()>> {
+        let seen = order.clone();
+        let urgent = tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .call_urgent(move |_| {
+                        seen.lock().unwrap().push("urgent".to_string());
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        while store.inner.0.queue.lock().unwrap().urgent.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        urgent
+    }
+
     #[tokio::test]
     async fn jobs_queued_together_share_a_transaction_and_a_failing_one_loses_only_its_writes() {
         let (_dir, store) = handle();
@@ -393,25 +417,10 @@ mod tests {
         let release = hold(&store);
         let seen = order.clone();
         let normal = store.call_queued(move |_| {
-            seen.lock().unwrap().push("normal");
+            seen.lock().unwrap().push("normal".to_string());
             Ok(())
         });
-        let seen = order.clone();
-        let urgent = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .call_urgent(move |_| {
-                        seen.lock().unwrap().push("urgent");
-                        Ok(())
-                    })
-                    .await
-            }
-        });
-        // The urgent job is queued once the spawned task has run: wait for that.
-        while store.inner.0.queue.lock().unwrap().urgent.is_empty() {
-            tokio::task::yield_now().await;
-        }
+        let urgent = queue_urgent(&store, &order).await;
         release.send(()).unwrap();
         urgent.await.unwrap().unwrap();
         normal.await.unwrap();
@@ -446,21 +455,7 @@ mod tests {
         while running.try_recv().is_err() {
             tokio::task::yield_now().await;
         }
-        let seen = order.clone();
-        let urgent = tokio::spawn({
-            let store = store.clone();
-            async move {
-                store
-                    .call_urgent(move |_| {
-                        seen.lock().unwrap().push("urgent".into());
-                        Ok(())
-                    })
-                    .await
-            }
-        });
-        while store.inner.0.queue.lock().unwrap().urgent.is_empty() {
-            tokio::task::yield_now().await;
-        }
+        let urgent = queue_urgent(&store, &order).await;
         release.send(()).unwrap();
         urgent.await.unwrap().unwrap();
         let sizes: Vec<usize> = batch
