@@ -507,10 +507,6 @@ pub(crate) fn record_presence(
     firmware: Option<String>,
     now: i64,
 ) -> impl Future<Output = ()> + Send + 'static {
-    // Two changes in one millisecond (a first reading, then the announce) are two events: the
-    // key tells them apart, or the outbox would keep only the first.
-    static PRESENCE_CHANGES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let change = PRESENCE_CHANGES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let device_owned = device.to_string();
     let fw = firmware;
     let answer = shared.store.call_queued(move |s| {
@@ -521,7 +517,7 @@ pub(crate) fn record_presence(
         });
         s.enqueue(
             OutboxClass::DeviceStatus,
-            &format!("presence:{device_owned}:{now}:{change}"),
+            &crate::store::event_key("presence", &device_owned, now),
             &payload,
             now,
         )?;

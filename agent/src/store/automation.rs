@@ -206,7 +206,7 @@ impl Store {
         insert_outbox(
             &tx,
             OutboxClass::RelayState,
-            &format!("relays:{master}:{now_ms}"),
+            &super::event_key("relays", master, now_ms),
             report,
             now_ms,
         )?;

@@ -66,6 +66,16 @@ impl StoreError {
 }
 
 /// The database directory's mode when the agent creates it: only the agent's user enters.
+/// The outbox key of an event that has no id of its own (a presence change, a relay report):
+/// its subject, its time and a sequence number of this process. Ingest does not wait for the
+/// store, so two events of one master can share a millisecond; with the time alone the outbox
+/// kept the first and dropped the newer (a relay report that switched a group off, lost).
+pub(crate) fn event_key(kind: &str, subject: &str, now_ms: i64) -> String {
+    static EVENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = EVENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{kind}:{subject}:{now_ms}:{n}")
+}
+
 /// The outbox rows due: command completions first, then oldest first.
 const OUTBOX_DUE: &str =
     "select seq, class, idempotency_key, payload, created_at_ms, attempts from outbox

@@ -1006,3 +1006,24 @@ fn reading_the_outbox_with_new_values_does_not_prepare_its_statement_again() {
         "the outbox's read was prepared again"
     );
 }
+
+/// Two relay reports of one master in one millisecond are two rows: the newer is the truth,
+/// and with the time alone as its key the outbox dropped it.
+#[test]
+fn two_relay_reports_of_one_master_in_one_millisecond_are_both_queued() {
+    let mut store = Store::open_in_memory().unwrap();
+    let slave = "14:33:5C:38:BF:60".to_string();
+    for states in [vec![true, false], vec![false, false]] {
+        let report = json!({"master_device_id": "ESP32_A", "slaves": [{"relay_states": states}]});
+        store
+            .record_relay_report("ESP32_A", &[(slave.clone(), states.clone())], &report, 7)
+            .unwrap();
+    }
+    let rows = store.outbox_due(i64::MAX, 10).unwrap();
+    let reports: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r.class == OutboxClass::RelayState)
+        .map(|r| &r.payload["slaves"][0]["relay_states"])
+        .collect();
+    assert_eq!(reports, vec![&json!([true, false]), &json!([false, false])]);
+}
