@@ -305,20 +305,6 @@ fn init_logging(log: &crate::config::LogSection) {
     };
 }
 
-/// glibc gives each thread that allocates an arena of its own. The agent's threads hand their
-/// buffers to one another (readings to the store's thread, answers back), and each arena then
-/// keeps freed memory that only it reuses: 34–35 MB resident at 200 masters against 26 MB with
-/// one arena (BENCHMARKS.md, decision 24). The agent has few threads, and each keeps its own
-/// small-allocation cache, so they seldom wait for the one arena's lock.
-#[allow(unsafe_code)] // One FFI call to glibc; no safe wrapper exists in the crates we use.
-fn one_malloc_arena() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt changes a setting of glibc's allocator; it takes the allocator's own lock.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
-}
-
 /// Parses the process's arguments and runs the chosen subcommand.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -330,7 +316,6 @@ pub fn main() -> anyhow::Result<()> {
             for w in &warnings {
                 tracing::warn!(key = %w.key, "configuration: {}", w.message);
             }
-            one_malloc_arena();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.agent.worker_threads)
                 .thread_name("autocore-rt")
