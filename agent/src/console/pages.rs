@@ -118,7 +118,6 @@ fn layout(
     .into_string()
 }
 
-/// A signed-in page, or the way to the sign-in page.
 /// A page whose data the store could not give: said, and logged.
 fn store_unavailable(e: &crate::store::StoreError) -> Response {
     tracing::error!(error = %e, "console: the store failed");
@@ -129,6 +128,7 @@ fn store_unavailable(e: &crate::store::StoreError) -> Response {
         .into_response()
 }
 
+/// A signed-in page, or the way to the sign-in page.
 async fn page(
     shared: &Arc<Shared>,
     headers: &HeaderMap,

@@ -65,7 +65,6 @@ impl StoreError {
     }
 }
 
-/// The database directory's mode when the agent creates it: only the agent's user enters.
 /// The outbox key of an event that has no id of its own (a presence change, a relay report):
 /// its subject, its time and a sequence number of this process. Ingest does not wait for the
 /// store, so two events of one master can share a millisecond; with the time alone the outbox
@@ -82,6 +81,7 @@ const OUTBOX_DUE: &str =
      where next_attempt_at_ms <= ?1
      order by case class when 'completion' then 0 else 1 end, seq limit ?2";
 
+/// The database directory's mode when the agent creates it: only the agent's user enters.
 pub const DATA_DIR_MODE: u32 = 0o700;
 /// The next signing counter of a master, in the caller's transaction (`?1` master, `?2` now in
 /// Unix ms). A master without a counter here starts at the current Unix time in milliseconds, so
