@@ -508,11 +508,10 @@ pub(crate) fn record_presence(
     now: i64,
 ) -> impl Future<Output = ()> + Send + 'static {
     let device_owned = device.to_string();
-    let fw = firmware;
     let answer = shared.store.call_queued(move |s| {
-        let first = s.record_presence(&device_owned, online, fw.as_deref(), None, now)?;
+        let first = s.record_presence(&device_owned, online, firmware.as_deref(), None, now)?;
         let payload = json!({
-            "device_id": device_owned, "is_online": online, "firmware_version": fw,
+            "device_id": device_owned, "is_online": online, "firmware_version": firmware,
             "last_seen": crate::cloud::format_timestamp_ms(now), "first_seen": first,
         });
         s.enqueue(
@@ -582,7 +581,6 @@ mod tests {
             mqtt,
             automation,
             engine,
-            stall_after_ms: 60_000,
         });
         (Arc::new(shared), readings)
     }

@@ -26,7 +26,6 @@ use crate::ingest::inbound_loop;
 use crate::metrics::Metrics;
 use crate::shared::{DeliveryInput, Shared, SharedParts, note_mqtt_state, now_ms};
 use crate::store::{Store, StoreError, StoreHandle};
-use crate::sync::STALL_POLL_INTERVALS;
 use crate::sync::{pull::poll_loop, sync_supervisor};
 
 /// Messages waiting between the MQTT connection and the handler.
@@ -138,7 +137,6 @@ pub async fn run(
     }
     let (mqtt, eventloop) =
         bridge::mqtt_client(bridge::mqtt_options(&config.mqtt, &config.agent.id)?);
-    let stall_after_ms = STALL_POLL_INTERVALS * config.cloud.poll_interval_ms as i64;
     let (automation_tx, automation_rx) = mpsc::channel(AUTOMATION_QUEUE_MAX);
     let (engine_tx, engine_rx) = mpsc::channel(ENGINE_QUEUE_MAX);
     let shared = Arc::new(Shared::new(SharedParts {
@@ -149,7 +147,6 @@ pub async fn run(
         mqtt,
         automation: automation_tx,
         engine: engine_tx,
-        stall_after_ms,
     }));
     let (automation, engine) = start_automation(&shared).await?;
 

@@ -129,8 +129,6 @@ pub(crate) struct SharedParts {
     pub mqtt: AsyncClient,
     pub automation: mpsc::Sender<AutomationInput>,
     pub engine: mpsc::Sender<crate::store::Reading>,
-    /// The stall check's bound: a sync this long overdue marks the link stalled.
-    pub stall_after_ms: i64,
 }
 
 impl Shared {
@@ -143,8 +141,10 @@ impl Shared {
             mqtt,
             automation,
             engine,
-            stall_after_ms,
         } = parts;
+        // A sync this long overdue marks the link stalled.
+        let stall_after_ms =
+            crate::sync::STALL_POLL_INTERVALS * config.cloud.poll_interval_ms as i64;
         Shared {
             masters: config.masters.iter().map(|m| m.device_id.clone()).collect(),
             keys,
