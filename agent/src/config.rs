@@ -290,6 +290,10 @@ pub struct CloudSection {
     pub lock_batch_total: u32,
     #[serde(default = "defaults::push_batch_rows_max")]
     pub push_batch_rows_max: usize,
+    /// How long readings, events and relay states wait for others to join their push; a
+    /// command's completion never waits.
+    #[serde(default = "defaults::push_linger_ms")]
+    pub push_linger_ms: u64,
 }
 
 impl CloudSection {
@@ -404,6 +408,9 @@ mod defaults {
     }
     pub fn push_batch_rows_max() -> usize {
         1_000
+    }
+    pub fn push_linger_ms() -> u64 {
+        100
     }
     pub fn ack_timeout_ms() -> u64 {
         3_000
@@ -654,6 +661,7 @@ impl AgentConfig {
             1,
             10_000,
         )?;
+        in_range("cloud.push_linger_ms", self.cloud.push_linger_ms, 0, 5_000)?;
         check_url("mqtt.url", &self.mqtt.url, &["mqtt", "mqtts"])?;
         match (&self.mqtt.username, &self.mqtt.password) {
             (Some(_), None) => {

@@ -163,7 +163,7 @@ pub(crate) async fn finish(shared: &Arc<Shared>, id: i64, outcome: CommandOutcom
                 .commands_finished
                 .get_or_create(&label("outcome", label_value))
                 .inc();
-            shared.outbox_ready.notify_one();
+            shared.notify_outbox();
         }
         Ok(false) => {}
         Err(e) => error!(error = %e, command = id, "could not record the command's end"),

@@ -319,7 +319,7 @@ pub(crate) async fn inbound_loop(
                     bookkeeping
                         .add(async move {
                             match answer.await {
-                                Ok(_) => shared.outbox_ready.notify_one(),
+                                Ok(_) => shared.notify_outbox_soon(),
                                 Err(e) => error!(error = %e, "could not queue a discovered master"),
                             }
                         })
@@ -404,7 +404,7 @@ pub(crate) fn record_relay_states(
     async move {
         match OptionFuture::from(answer).await {
             None => {}
-            Some(Ok(_)) => shared.outbox_ready.notify_one(),
+            Some(Ok(_)) => shared.notify_outbox_soon(),
             Some(Err(e)) => error!(error = %e, "could not queue relay states"),
         }
     }
@@ -494,7 +494,7 @@ pub(crate) async fn flush_readings(
                     );
                 }
             }
-            shared.outbox_ready.notify_one();
+            shared.notify_outbox_soon();
         }
         Err(e) => error!(error = %e, readings = count, "could not store telemetry"),
     }
@@ -532,7 +532,7 @@ pub(crate) fn record_presence(
                 if first {
                     info!(device, "master seen for the first time");
                 }
-                shared.outbox_ready.notify_one();
+                shared.notify_outbox_soon();
             }
             Err(e) => error!(error = %e, device, "could not record presence"),
         }
@@ -542,47 +542,18 @@ pub(crate) fn record_presence(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shared::SharedParts;
 
     const MASTER: &str = "ESP32_A";
 
-    /// An agent's shared state over a real store in `dir`; broker and backend nowhere.
     fn shared(dir: &std::path::Path) -> (Arc<Shared>, mpsc::Receiver<Reading>) {
-        let text = format!(
-            "[agent]\nid = \"pi-test\"\n[store]\npath = \"{db}\"\n[cloud]\nrest_url = \"http://{nowhere}\"\njwt = \"x.y.z\"\n[mqtt]\nurl = \"mqtt://{nowhere}\"\n[[masters]]\ndevice_id = \"{MASTER}\"\nkey = \"00112233445566778899aabbccddeeff\"\n",
-            db = dir.join("agent.db").display(),
-            nowhere = crate::testing::NOWHERE,
-        );
-        let config = crate::config::AgentConfig::from_toml(
-            &text,
-            std::path::Path::new("t.toml"),
-            Vec::new(),
+        crate::testing::shared_state(
+            dir,
+            crate::testing::NOWHERE,
+            &format!(
+                "[[masters]]\ndevice_id = \"{MASTER}\"\nkey = \"00112233445566778899aabbccddeeff\"\n"
+            ),
+            "",
         )
-        .unwrap();
-        let store =
-            crate::store::StoreHandle::new(crate::store::Store::open(&config.store.path).unwrap());
-        let cloud = crate::cloud::Cloud::new(
-            &crate::cloud::CloudConfig {
-                rest_url: config.cloud.rest_url.clone(),
-                api_key: None,
-                request_timeout: Duration::from_secs(1),
-            },
-            crate::cloud::TokenSource::Inline(crate::config::Secret::new("x.y.z")),
-        );
-        let (mqtt, _eventloop) =
-            bridge::mqtt_client(bridge::mqtt_options(&config.mqtt, &config.agent.id).unwrap());
-        let (automation, _) = mpsc::channel(8);
-        let (engine, readings) = mpsc::channel(64);
-        let shared = Shared::new(SharedParts {
-            config,
-            store,
-            cloud,
-            keys: std::collections::HashMap::new(),
-            mqtt,
-            automation,
-            engine,
-        });
-        (Arc::new(shared), readings)
     }
 
     fn telemetry(value: f64) -> (String, Bytes) {

@@ -88,6 +88,8 @@ pub struct Shared {
     pub(crate) keys: HashMap<String, MasterKey>,
     pub(crate) masters: HashSet<String>,
     pub(crate) outbox_ready: Notify,
+    /// Rows that may wait `[cloud] push_linger_ms` for company (readings, events, relay states).
+    pub(crate) outbox_soon: Notify,
     pub(crate) link: Mutex<Link>,
     pub(crate) mqtt_connected: std::sync::atomic::AtomicBool,
     /// Requests to the automation task (interlocks, emergency stop, macros, controls).
@@ -157,6 +159,7 @@ impl Shared {
             }),
             mqtt,
             outbox_ready: Notify::new(),
+            outbox_soon: Notify::new(),
             link: Mutex::new(Link::new(stall_after_ms, now_ms())),
             mqtt_connected: std::sync::atomic::AtomicBool::new(false),
             automation,
@@ -178,8 +181,15 @@ impl Shared {
         &self.mqtt
     }
 
+    /// Rows the backend should have at once: a command's completion (the next sync locks
+    /// nothing new while one waits), or a drain after an outage.
     pub(crate) fn notify_outbox(&self) {
         self.outbox_ready.notify_one();
+    }
+
+    /// Rows that may share a push with what follows within `[cloud] push_linger_ms`.
+    pub(crate) fn notify_outbox_soon(&self) {
+        self.outbox_soon.notify_one();
     }
 
     /// The latest value of a device's sensor and its time.

@@ -134,3 +134,47 @@ pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// An agent's shared state over a real store in `dir`, its backend at `backend` (host:port) and
+/// its broker nowhere; `masters` (TOML `[[masters]]` tables) and `cloud` (lines of `[cloud]`)
+/// are added to the configuration. The tasks are not started: a test runs the ones it needs.
+pub fn shared_state(
+    dir: &std::path::Path,
+    backend: &str,
+    masters: &str,
+    cloud: &str,
+) -> (
+    std::sync::Arc<crate::shared::Shared>,
+    tokio::sync::mpsc::Receiver<crate::store::Reading>,
+) {
+    let text = format!(
+        "[agent]\nid = \"pi-test\"\n[store]\npath = \"{db}\"\n[cloud]\nrest_url = \"http://{backend}\"\njwt = \"x.y.z\"\n{cloud}\n[mqtt]\nurl = \"mqtt://{NOWHERE}\"\n{masters}",
+        db = dir.join("agent.db").display(),
+    );
+    let config = AgentConfig::from_toml(&text, std::path::Path::new("t.toml"), Vec::new()).unwrap();
+    let store =
+        crate::store::StoreHandle::new(crate::store::Store::open(&config.store.path).unwrap());
+    let cloud = crate::cloud::Cloud::new(
+        &crate::cloud::CloudConfig {
+            rest_url: config.cloud.rest_url.clone(),
+            api_key: None,
+            request_timeout: std::time::Duration::from_secs(1),
+        },
+        crate::cloud::TokenSource::Inline(crate::config::Secret::new("x.y.z")),
+    );
+    let (mqtt, _eventloop) = crate::bridge::mqtt_client(
+        crate::bridge::mqtt_options(&config.mqtt, &config.agent.id).unwrap(),
+    );
+    let (automation, _) = tokio::sync::mpsc::channel(8);
+    let (engine, readings) = tokio::sync::mpsc::channel(64);
+    let shared = crate::shared::Shared::new(crate::shared::SharedParts {
+        config,
+        store,
+        cloud,
+        keys: std::collections::HashMap::new(),
+        mqtt,
+        automation,
+        engine,
+    });
+    (std::sync::Arc::new(shared), readings)
+}

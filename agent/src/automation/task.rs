@@ -397,7 +397,7 @@ pub(crate) async fn perform(
         }
     }
     if had_outbox {
-        shared.notify_outbox();
+        shared.notify_outbox_soon();
     }
     true
 }
@@ -463,7 +463,7 @@ pub(crate) async fn record_problems(
         })
         .await;
     match result {
-        Ok(n) if n > 0 => shared.notify_outbox(),
+        Ok(n) if n > 0 => shared.notify_outbox_soon(),
         Ok(_) => {}
         Err(e) => error!(error = %e, "could not record rule problems"),
     }
@@ -506,7 +506,7 @@ async fn record_contradictions(
         .call(move |s| s.write_automation(&write, now))
         .await
     {
-        Ok(_) => shared.notify_outbox(),
+        Ok(_) => shared.notify_outbox_soon(),
         Err(e) => error!(error = %e, "could not record contradictions"),
     }
 }

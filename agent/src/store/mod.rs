@@ -416,6 +416,9 @@ impl Store {
             rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
             true,
         )?;
+        // A job's savepoint copies each page it changes into a sub-journal, which SQLite spills
+        // to a temporary file past 64 KiB: thousands of writes a second to a file nobody keeps.
+        conn.pragma_update(None, "temp_store", "memory")?;
         let mut store = Store {
             conn,
             pushing: Vec::new(),

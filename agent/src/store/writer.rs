@@ -14,11 +14,15 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{Result, Store, StoreError};
 
 /// Jobs in one group at most: bounds how long a group holds SQLite's write lock.
 pub const GROUP_JOBS_MAX: usize = 64;
+
+/// How long a deferred job waits for a group to join before it is committed alone.
+pub const DEFERRED_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// What a job's result does once its group is committed (or its commit failed: the error).
 type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
@@ -31,6 +35,10 @@ enum Kind {
     Urgent,
     /// Joins the group.
     Normal,
+    /// Joins the next group that something else starts, or commits alone after
+    /// [`DEFERRED_WAIT_MAX`]: for writes whose loss in a crash is harmless, so that they do not
+    /// cost a commit of their own.
+    Deferred,
     /// Runs outside any transaction (checkpoint, VACUUM, bounded housekeeping steps).
     Alone,
 }
@@ -39,7 +47,44 @@ enum Kind {
 struct Queue {
     urgent: VecDeque<Job>,
     normal: VecDeque<(Kind, Job)>,
+    /// How many of `normal` are deferred, and since when the oldest of them waits.
+    deferred: usize,
+    deferred_since: Option<Instant>,
     closed: bool,
+}
+
+impl Queue {
+    /// Whether a group should start now. Deferred jobs alone wait for company or their bound.
+    fn due(&self, now: Instant) -> Due {
+        if !self.urgent.is_empty() || self.normal.len() > self.deferred || self.closed {
+            return Due::Now;
+        }
+        match self.deferred_since {
+            Some(since) if now >= since + DEFERRED_WAIT_MAX => Due::Now,
+            Some(since) => Due::At(since + DEFERRED_WAIT_MAX),
+            None => Due::WhenWoken,
+        }
+    }
+
+    fn pop_normal(&mut self) -> Option<(Kind, Job)> {
+        let popped = self.normal.pop_front();
+        if let Some((Kind::Deferred, _)) = popped {
+            self.deferred -= 1;
+            if self.deferred == 0 {
+                self.deferred_since = None;
+            }
+        }
+        popped
+    }
+}
+
+/// When the store's thread starts its next group.
+enum Due {
+    Now,
+    /// Only deferred jobs wait, the oldest until then.
+    At(Instant),
+    /// Nothing waits.
+    WhenWoken,
 }
 
 struct Inner {
@@ -124,7 +169,27 @@ impl StoreHandle {
         F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
-        let queued = self.enqueue(Kind::Normal, f);
+        self.queued(Kind::Normal, f)
+    }
+
+    /// Queues `f` now to run with the next group something else starts, or alone after
+    /// [`DEFERRED_WAIT_MAX`]: for writes whose loss in a crash costs nothing (rows already
+    /// delivered, sent again idempotently if their removal is lost). Jobs queued after it still
+    /// see its writes, since the queue keeps its order. Its answer comes after that commit.
+    pub fn call_deferred<R, F>(&self, f: F) -> impl Future<Output = Result<R>> + use<R, F>
+    where
+        F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.queued(Kind::Deferred, f)
+    }
+
+    fn queued<R, F>(&self, kind: Kind, f: F) -> impl Future<Output = Result<R>> + use<R, F>
+    where
+        F: FnOnce(&mut Store) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let queued = self.enqueue(kind, f);
         async move {
             queued?
                 .await
@@ -204,6 +269,11 @@ impl StoreHandle {
             let mut queue = inner.queue.lock().map_err(|_| StoreError::Poisoned)?;
             match kind {
                 Kind::Urgent => queue.urgent.push_back(job),
+                Kind::Deferred => {
+                    queue.deferred += 1;
+                    queue.deferred_since.get_or_insert_with(Instant::now);
+                    queue.normal.push_back((Kind::Deferred, job));
+                }
                 other => queue.normal.push_back((other, job)),
             }
             inner.ready.notify_one();
@@ -224,15 +294,26 @@ fn run(mut store: Store, inner: &Inner) {
         // Wait for work; end when closed and drained.
         {
             let mut queue = inner.queue.lock().unwrap_or_else(|p| p.into_inner());
-            while queue.urgent.is_empty() && queue.normal.is_empty() {
-                if queue.closed {
+            loop {
+                if queue.closed && queue.urgent.is_empty() && queue.normal.is_empty() {
                     return;
                 }
-                queue = inner.ready.wait(queue).unwrap_or_else(|p| p.into_inner());
+                queue = match queue.due(Instant::now()) {
+                    Due::Now => break,
+                    Due::WhenWoken => inner.ready.wait(queue).unwrap_or_else(|p| p.into_inner()),
+                    Due::At(at) => {
+                        let wait = at.saturating_duration_since(Instant::now());
+                        inner
+                            .ready
+                            .wait_timeout(queue, wait)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    }
+                };
             }
             if queue.urgent.is_empty()
                 && let Some((Kind::Alone, _)) = queue.normal.front()
-                && let Some((_, job)) = queue.normal.pop_front()
+                && let Some((_, job)) = queue.pop_normal()
             {
                 drop(queue);
                 job(&mut store).1(None);
@@ -252,10 +333,7 @@ fn run(mut store: Store, inner: &Inner) {
                 } else {
                     match queue.normal.front() {
                         Some((Kind::Alone, _)) => Some(Next::Commit),
-                        Some(_) => queue
-                            .normal
-                            .pop_front()
-                            .map(|(kind, job)| Next::Job(job, kind)),
+                        Some(_) => queue.pop_normal().map(|(kind, job)| Next::Job(job, kind)),
                         None => None,
                     }
                 }
@@ -425,6 +503,62 @@ mod tests {
         urgent.await.unwrap().unwrap();
         normal.await.unwrap();
         assert_eq!(*order.lock().unwrap(), vec!["urgent", "normal"]);
+    }
+
+    /// Rows committed in the database file, as another connection sees them.
+    fn committed_keys(dir: &tempfile::TempDir) -> Vec<String> {
+        let conn = rusqlite::Connection::open(dir.path().join("agent.db")).unwrap();
+        let mut stmt = conn
+            .prepare("select idempotency_key from outbox order by seq")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<std::result::Result<_, _>>()
+            .unwrap()
+    }
+
+    /// A deferred job alone is not committed (within a good part of its bound); the next job
+    /// queued takes it into its group, in order: the later job sees its write, and both are
+    /// answered after that one commit.
+    #[tokio::test]
+    async fn a_deferred_job_waits_for_the_next_group_and_goes_first_in_it() {
+        let (dir, store) = handle();
+        let mut deferred = Box::pin(store.call_deferred(|s| queue_row(s, "deferred")));
+        assert!(
+            tokio::time::timeout(DEFERRED_WAIT_MAX / 2, &mut deferred)
+                .await
+                .is_err(),
+            "a deferred job alone was answered: it had a commit of its own"
+        );
+        assert!(committed_keys(&dir).is_empty());
+        let next = store.call_queued(|s| {
+            let seen: Vec<String> = s
+                .outbox_due(i64::MAX, 10)?
+                .into_iter()
+                .map(|r| r.idempotency_key)
+                .collect();
+            queue_row(s, "next")?;
+            Ok(seen)
+        });
+        assert!(deferred.await.unwrap());
+        assert_eq!(next.await.unwrap(), vec!["deferred"]);
+        assert_eq!(committed_keys(&dir), vec!["deferred", "next"]);
+    }
+
+    /// With nothing to join, a deferred job is committed alone once its bound has passed.
+    #[tokio::test]
+    async fn a_deferred_job_alone_is_committed_after_its_bound() {
+        let (dir, store) = handle();
+        let began = Instant::now();
+        let answer = tokio::time::timeout(
+            DEFERRED_WAIT_MAX * 5,
+            store.call_deferred(|s| queue_row(s, "deferred")),
+        )
+        .await
+        .expect("a deferred job alone was never committed");
+        assert!(answer.unwrap());
+        assert!(began.elapsed() >= DEFERRED_WAIT_MAX);
+        assert_eq!(committed_keys(&dir), vec!["deferred"]);
     }
 
     /// A batch in chunks: an urgent job queued while the first chunk runs goes next, ahead of

@@ -162,7 +162,7 @@ pub(crate) fn record_link_event(shared: &Arc<Shared>, event: LinkEvent) {
                     depth
                 });
                 info!(duration_ms, queued = ?result.ok(), "backend reachable again; draining the outbox");
-                shared.outbox_ready.notify_one();
+                shared.notify_outbox();
             }
             LinkEvent::Stalled { since_ms } => {
                 warn!(

@@ -445,7 +445,7 @@ async fn accept_commands(
                     .await;
                 if let Some(reason) = refusal {
                     warn!(command = id, master, %reason, "command refused by the interlocks");
-                    shared.outbox_ready.notify_one();
+                    shared.notify_outbox();
                     continue;
                 }
                 match accepted {
@@ -488,7 +488,7 @@ async fn accept_commands(
                         )
                     })
                     .await;
-                shared.outbox_ready.notify_one();
+                shared.notify_outbox();
             }
         }
     }

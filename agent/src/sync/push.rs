@@ -20,6 +20,7 @@ pub const DELIVERED_ROWS_PER_JOB: usize = 100;
 
 pub(crate) async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
     let batch = shared.config.cloud.push_batch_rows_max;
+    let linger = Duration::from_millis(shared.config.cloud.push_linger_ms);
     // A drain of thousands of rows never waits: it must look at the cancel between groups, or
     // a stop waits for the whole backlog to reach the backend.
     while !cancel.is_cancelled() {
@@ -44,6 +45,15 @@ pub(crate) async fn push_loop(shared: Arc<Shared>, cancel: CancellationToken) {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = shared.outbox_ready.notified() => {}
+                _ = shared.outbox_soon.notified() => {
+                    // What follows shortly shares this push: one request and one removal
+                    // instead of one per row. A completion cuts the wait short.
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = shared.outbox_ready.notified() => {}
+                        _ = tokio::time::sleep(linger) => {}
+                    }
+                }
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
             continue;
@@ -106,14 +116,14 @@ pub(crate) async fn push_group(shared: &Arc<Shared>, group: &[OutboxRow]) -> Res
                 match shared.cloud.report_completions(&payloads).await {
                     Ok(()) => {
                         let seqs: Vec<i64> = chunk.iter().map(|r| r.seq).collect();
-                        delivered(shared, class, &seqs).await;
+                        delivered(shared, class, &seqs);
                     }
                     Err(e) if e.is_transient() => return settle_failure(shared, chunk, e).await,
                     Err(e) => {
                         warn!(error = %e, rows = chunk.len(), "completion batch refused; reporting one by one");
                         for row in chunk {
                             match shared.cloud.report_completion(&row.payload).await {
-                                Ok(_) => delivered(shared, class, &[row.seq]).await,
+                                Ok(_) => delivered(shared, class, &[row.seq]),
                                 Err(e) if e.is_transient() => {
                                     return settle_failure(shared, std::slice::from_ref(row), e)
                                         .await;
@@ -205,7 +215,7 @@ pub(crate) async fn push_group(shared: &Arc<Shared>, group: &[OutboxRow]) -> Res
         Ok(()) => {
             note_cloud_result(shared, Ok(()));
             let seqs: Vec<i64> = group.iter().map(|r| r.seq).collect();
-            delivered(shared, class, &seqs).await;
+            delivered(shared, class, &seqs);
             Ok(())
         }
         Err(e) => settle_failure(shared, group, e).await,
@@ -259,16 +269,26 @@ pub(crate) fn event_row(row: &OutboxRow) -> serde_json::Value {
     value
 }
 
-pub(crate) async fn delivered(shared: &Arc<Shared>, class: OutboxClass, seqs: &[i64]) {
-    let answers = shared
-        .store
-        .call_chunked(seqs.to_vec(), DELIVERED_ROWS_PER_JOB, |s, chunk, _| {
-            s.outbox_delivered(&chunk)
+pub(crate) fn delivered(shared: &Arc<Shared>, class: OutboxClass, seqs: &[i64]) {
+    // Deferred: a removal lost in a crash only sends the rows again, and the backend takes
+    // them idempotently, so it need not cost a commit of its own. The next read of the outbox
+    // is queued behind it and so never sees these rows again.
+    let answers: Vec<_> = seqs
+        .chunks(DELIVERED_ROWS_PER_JOB)
+        .map(|chunk| {
+            let chunk = chunk.to_vec();
+            shared
+                .store
+                .call_deferred(move |s| s.outbox_delivered(&chunk))
         })
-        .await;
-    if let Some(Err(e)) = answers.into_iter().find(Result::is_err) {
-        error!(error = %e, "could not remove delivered rows; they will be sent again (idempotently)");
-    }
+        .collect();
+    tokio::spawn(async move {
+        for answer in answers {
+            if let Err(e) = answer.await {
+                error!(error = %e, "could not remove delivered rows; they will be sent again (idempotently)");
+            }
+        }
+    });
     shared
         .metrics
         .outbox_pushed
@@ -320,7 +340,7 @@ pub(crate) async fn settle_failure(
                 .map(|r| vec![r])
                 .unwrap_or_default();
             match shared.cloud.insert_readings(&readings).await {
-                Ok(()) => delivered(shared, row.class, &[row.seq]).await,
+                Ok(()) => delivered(shared, row.class, &[row.seq]),
                 Err(e) if e.is_transient() => {
                     return Box::pin(settle_failure(shared, single, e)).await;
                 }
@@ -347,7 +367,86 @@ pub(crate) async fn reject(shared: &Arc<Shared>, row: &OutboxRow, reason: &str) 
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+    use crate::store::Reading;
+
+    /// A backend that answers every request with `null` and counts the requests and the
+    /// readings they carried.
+    async fn counting_backend() -> (String, Arc<(AtomicUsize, AtomicUsize)>) {
+        let counts = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+        let seen = counts.clone();
+        let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+            let seen = seen.clone();
+            async move {
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let readings = body["p_readings"].as_array().map_or(0, Vec::len);
+                seen.0.fetch_add(1, Ordering::SeqCst);
+                seen.1.fetch_add(readings, Ordering::SeqCst);
+                "null"
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (addr, counts)
+    }
+
+    /// Readings handed over one after another within the linger share one request, and
+    /// their removal follows (deferred, so without a commit of its own).
+    #[tokio::test]
+    async fn readings_queued_within_the_linger_share_one_push() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, counts) = counting_backend().await;
+        let (shared, _readings) =
+            crate::testing::shared_state(dir.path(), &backend, "", "push_linger_ms = 1000");
+        let cancel = CancellationToken::new();
+        let pusher = tokio::spawn(push_loop(shared.clone(), cancel.clone()));
+        // The loop's first look at the (empty) outbox; then it waits for a notice.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for n in 0..5 {
+            let reading = Reading {
+                device_id: "ESP32_A".into(),
+                sensor_key: "ph".into(),
+                value: n as f64,
+                unit: None,
+                recorded_at_ms: 1_000 + n,
+                received_at_ms: None,
+            };
+            shared
+                .store
+                .call(move |s| s.enqueue_readings(&[reading], 1_000 + n))
+                .await
+                .unwrap();
+            shared.notify_outbox_soon();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        crate::testing::eventually("the readings at the backend", 10, || {
+            let counts = counts.clone();
+            async move { (counts.1.load(Ordering::SeqCst) == 5).then_some(()) }
+        })
+        .await;
+        assert_eq!(
+            counts.0.load(Ordering::SeqCst),
+            1,
+            "one request for the five readings"
+        );
+        crate::testing::eventually("the delivered rows removed", 10, || {
+            let shared = shared.clone();
+            async move {
+                let left = shared
+                    .store
+                    .call(|s| s.outbox_due(i64::MAX, 10))
+                    .await
+                    .unwrap();
+                left.is_empty().then_some(())
+            }
+        })
+        .await;
+        cancel.cancel();
+        pusher.await.unwrap();
+    }
 
     #[test]
     fn outbox_rows_are_grouped_by_class_in_order() {
