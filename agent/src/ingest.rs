@@ -394,8 +394,11 @@ pub(crate) fn record_relay_states(
         .iter()
         .map(|slave| (slave.mac.to_string(), slave.relay_states.clone()))
         .collect();
+    // Deferred: a report is the relays' whole state, so one lost in a crash is made good by
+    // the next, and the master reports again after a restart. Most join the commit of the
+    // interlocks' own record of the same report (the inbound loop's `Observe`), instead of one each.
     let answer = (!rows.is_empty()).then(|| {
-        shared.store.call_queued(move |s| {
+        shared.store.call_deferred(move |s| {
             let report = json!({"master_device_id": master, "slaves": rows});
             s.record_relay_report(&master, &states, &report, now)
         })
