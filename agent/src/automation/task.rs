@@ -210,6 +210,9 @@ fn handle(shared: &Arc<Shared>, automation: &mut Automation, request: Automation
             reply,
         } => {
             let (newly, step) = automation.emergency_stop(&reason, &by, source, now);
+            // Whoever was told "latched" may ask `/emergency` at once: it must agree, before
+            // the step's write and publishes are done.
+            publish_status(shared, automation);
             if let Some(reply) = reply {
                 let _ = reply.send(newly);
             }
@@ -217,6 +220,7 @@ fn handle(shared: &Arc<Shared>, automation: &mut Automation, request: Automation
         }
         AutomationInput::Reset { by, source, reply } => {
             let (done, step) = automation.emergency_reset(&by, source, now);
+            publish_status(shared, automation);
             if let Some(reply) = reply {
                 let _ = reply.send(done);
             }
@@ -568,5 +572,41 @@ fn publish_status(shared: &Arc<Shared>, automation: &Automation) {
         status.relays_on = relays_on;
         status.macros_running = macros_running;
         status.mutex_violations = mutex_violations;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::interlocks;
+    use super::*;
+    use crate::safety::Safety;
+
+    /// The answer to a stop and the status `/emergency` reads agree as soon as the stop is
+    /// answered, not only once its write and publishes are done.
+    #[tokio::test]
+    async fn a_stop_is_in_the_status_before_it_is_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shared, _readings) =
+            crate::testing::shared_state(dir.path(), crate::testing::NOWHERE, "", "");
+        let mut automation = Automation::new(
+            &shared.config,
+            Safety::new(interlocks(&shared.config)),
+            0,
+            0,
+        );
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let _step = handle(
+            &shared,
+            &mut automation,
+            AutomationInput::Stop {
+                reason: "test".into(),
+                by: "tester".into(),
+                source: LatchSource::LocalApi,
+                reply: Some(reply),
+            },
+        );
+        assert!(answer.await.unwrap(), "the stop latched");
+        let status = shared.automation_status.lock().unwrap().clone();
+        assert!(status.emergency.is_some(), "the status says latched");
     }
 }
