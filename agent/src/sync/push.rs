@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::BackoffBuilder;
+use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
@@ -103,7 +104,7 @@ pub(crate) async fn push_group(shared: &Arc<Shared>, group: &[OutboxRow]) -> Res
         OutboxClass::Telemetry => {
             let readings: Vec<Reading> = group
                 .iter()
-                .filter_map(|r| serde_json::from_value(r.payload.clone()).ok())
+                .filter_map(|r| Reading::deserialize(&r.payload).ok())
                 .collect();
             shared.cloud.insert_readings(&readings).await
         }
@@ -372,18 +373,26 @@ mod tests {
     use super::*;
     use crate::store::Reading;
 
-    /// A backend that answers every request with `null` and counts the requests and the
-    /// readings they carried.
-    async fn counting_backend() -> (String, Arc<(AtomicUsize, AtomicUsize)>) {
-        let counts = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+    /// What the backend below saw: requests, readings, and the first request's body.
+    #[derive(Default)]
+    struct Seen {
+        requests: AtomicUsize,
+        readings: AtomicUsize,
+        first: std::sync::Mutex<Option<serde_json::Value>>,
+    }
+
+    /// A backend that answers every request with `null` and notes what it was sent.
+    async fn counting_backend() -> (String, Arc<Seen>) {
+        let counts = Arc::new(Seen::default());
         let seen = counts.clone();
         let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
             let seen = seen.clone();
             async move {
                 let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                 let readings = body["p_readings"].as_array().map_or(0, Vec::len);
-                seen.0.fetch_add(1, Ordering::SeqCst);
-                seen.1.fetch_add(readings, Ordering::SeqCst);
+                seen.requests.fetch_add(1, Ordering::SeqCst);
+                seen.readings.fetch_add(readings, Ordering::SeqCst);
+                seen.first.lock().unwrap().get_or_insert(body);
                 "null"
             }
         });
@@ -424,13 +433,20 @@ mod tests {
         }
         crate::testing::eventually("the readings at the backend", 10, || {
             let counts = counts.clone();
-            async move { (counts.1.load(Ordering::SeqCst) == 5).then_some(()) }
+            async move { (counts.readings.load(Ordering::SeqCst) == 5).then_some(()) }
         })
         .await;
         assert_eq!(
-            counts.0.load(Ordering::SeqCst),
+            counts.requests.load(Ordering::SeqCst),
             1,
             "one request for the five readings"
+        );
+        // The rows as `insert_telemetry` takes them: the time as RFC 3339, no agent-only field.
+        let body = counts.first.lock().unwrap().clone().unwrap();
+        assert_eq!(
+            body["p_readings"][1],
+            json!({"device_id": "ESP32_A", "sensor_key": "ph", "value": 1.0, "unit": null,
+                   "recorded_at": "1970-01-01T00:00:01.001Z"})
         );
         crate::testing::eventually("the delivered rows removed", 10, || {
             let shared = shared.clone();
