@@ -1086,6 +1086,13 @@ mod tests {
         assert_eq!(load(EXAMPLE, &[]).unwrap().agent.worker_threads, 1);
         let four = load(EXAMPLE, &[("AUTOCORE_AGENT_WORKER_THREADS", "4")]).unwrap();
         assert_eq!(four.agent.worker_threads, 4);
+        assert_eq!(
+            error_key(load(EXAMPLE, &[("AUTOCORE_CLOUD_PUSH_LINGER_MS", "6000")])),
+            "cloud.push_linger_ms"
+        );
+        assert_eq!(load(EXAMPLE, &[]).unwrap().cloud.push_linger_ms, 100);
+        let none = load(EXAMPLE, &[("AUTOCORE_CLOUD_PUSH_LINGER_MS", "0")]).unwrap();
+        assert_eq!(none.cloud.push_linger_ms, 0);
     }
 
     #[test]
