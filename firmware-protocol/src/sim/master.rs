@@ -754,19 +754,6 @@ impl MasterCore {
         now: Instant,
         wall_ms: u64,
     ) {
-        if wall_ms > expires_at_ms {
-            let message = format!("expired {} ms ago", wall_ms - expires_at_ms);
-            self.reject(
-                out,
-                origin,
-                Some(id),
-                Some(slave),
-                AckResult::Expired,
-                AckErrorCode::Expired,
-                message,
-            );
-            return;
-        }
         if self.pending.iter().any(|p| p.id == id) {
             // Still running: its one ack follows when it ends. Answering "duplicate" now would
             // report relay states the slave has not reached yet.
@@ -785,6 +772,22 @@ impl MasterCore {
                 None,
                 states,
                 0,
+            );
+            return;
+        }
+        // After the in-progress and applied checks: a resend of a command that already ran
+        // gets `duplicate` (nothing runs), even past its expiry; `expired` would tell the agent
+        // it never ran.
+        if wall_ms > expires_at_ms {
+            let message = format!("expired {} ms ago", wall_ms - expires_at_ms);
+            self.reject(
+                out,
+                origin,
+                Some(id),
+                Some(slave),
+                AckResult::Expired,
+                AckErrorCode::Expired,
+                message,
             );
             return;
         }

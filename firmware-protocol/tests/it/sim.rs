@@ -1070,6 +1070,36 @@ fn a_master_rebooted_after_its_slave_applied_answers_duplicate_with_the_switch_t
     assert_eq!(acks(&third)[0].result, AckResult::Duplicate);
 }
 
+/// A resend of a command that already ran, arriving after its expiry (the agent lost the first
+/// ack in a restart), is answered `duplicate` with the switch that happened: `expired` would
+/// tell the agent it never ran.
+#[test]
+fn a_command_that_ran_is_answered_duplicate_even_when_its_resend_comes_after_the_expiry() {
+    let t0 = Instant::now();
+    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    let mut signer = CommandSigner::new(key(), 1);
+    let mut core = master_core();
+    let first = core.on_mqtt(
+        &command_topic(),
+        &signer.seal(command(5)).encode().unwrap(),
+        t0,
+        NOW_MS,
+    );
+    let acked = over_the_radio(&mut core, &mut node, &first, t0);
+    assert_eq!(acked[0].result, AckResult::Completed);
+    let expiry = command(5).expires_at_ms;
+    let late = core.on_mqtt(
+        &command_topic(),
+        &signer.seal(command(5)).encode().unwrap(),
+        t0,
+        expiry + 5_000,
+    );
+    assert!(frames(&late).is_empty(), "nothing runs again");
+    let answer = &acks(&late)[0];
+    assert_eq!(answer.result, AckResult::Duplicate, "it ran, once");
+    assert!(answer.relay_states[0], "with the switch that happened");
+}
+
 // ---------------------------------------------------------------------------------------------
 // the MQTT heartbeat
 
