@@ -985,10 +985,11 @@ fn over_the_radio(
     acks_out
 }
 
-#[test]
-fn a_master_rebooted_before_its_slave_confirmed_runs_the_resend_instead_of_calling_it_duplicate() {
+/// A slave and a master with no history, and what the master did with command 5 (its frames).
+fn command_5_sent_to_a_fresh_master() -> (Instant, SlaveNode, CommandSigner, MasterCore, Vec<Output>)
+{
     let t0 = Instant::now();
-    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
+    let (node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
     let mut signer = CommandSigner::new(key(), 1);
     let mut core = master_core();
     let first = core.on_mqtt(
@@ -997,6 +998,12 @@ fn a_master_rebooted_before_its_slave_confirmed_runs_the_resend_instead_of_calli
         t0,
         NOW_MS,
     );
+    (t0, node, signer, core, first)
+}
+
+#[test]
+fn a_master_rebooted_before_its_slave_confirmed_runs_the_resend_instead_of_calling_it_duplicate() {
+    let (t0, mut node, mut signer, _, first) = command_5_sent_to_a_fresh_master();
     assert_eq!(frames(&first).len(), 1, "forwarded once");
     // Killed before the frame left: the slave never saw it.
     let mut core = rebooted(persisted(&first));
@@ -1020,16 +1027,7 @@ fn a_master_rebooted_before_its_slave_confirmed_runs_the_resend_instead_of_calli
 
 #[test]
 fn a_master_rebooted_after_its_slave_applied_answers_duplicate_with_the_switch_that_happened() {
-    let t0 = Instant::now();
-    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
-    let mut signer = CommandSigner::new(key(), 1);
-    let mut core = master_core();
-    let first = core.on_mqtt(
-        &command_topic(),
-        &signer.seal(command(5)).encode().unwrap(),
-        t0,
-        NOW_MS,
-    );
+    let (t0, mut node, mut signer, _, first) = command_5_sent_to_a_fresh_master();
     // The slave applied it; the master died before its ack arrived.
     for o in &first {
         if let Output::Frame { bytes, .. } = o {
@@ -1075,16 +1073,7 @@ fn a_master_rebooted_after_its_slave_applied_answers_duplicate_with_the_switch_t
 /// tell the agent it never ran.
 #[test]
 fn a_command_that_ran_is_answered_duplicate_even_when_its_resend_comes_after_the_expiry() {
-    let t0 = Instant::now();
-    let (mut node, _) = SlaveNode::boot(&slave_spec(0, &[]), SILENT, false, t0);
-    let mut signer = CommandSigner::new(key(), 1);
-    let mut core = master_core();
-    let first = core.on_mqtt(
-        &command_topic(),
-        &signer.seal(command(5)).encode().unwrap(),
-        t0,
-        NOW_MS,
-    );
+    let (t0, mut node, mut signer, mut core, first) = command_5_sent_to_a_fresh_master();
     let acked = over_the_radio(&mut core, &mut node, &first, t0);
     assert_eq!(acked[0].result, AckResult::Completed);
     let expiry = command(5).expires_at_ms;
