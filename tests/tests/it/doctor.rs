@@ -1,4 +1,5 @@
-//! `autocore-agent doctor` on the real stack: a healthy set-up passes every check and exits 0;
+//! `autocore-agent doctor` on the real stack: a healthy set-up passes every check it owns and
+//! exits 0 unless the host fails one of its own (a CI disk has taken 400 ms for an fsync);
 //! a wrong broker password, a stopped broker, a token signed with the wrong secret and an expired
 //! one each fail their check with the reason and what to do, and exit 1. Beside a running agent
 //! doctor reads the broker's state from its /health instead of taking its session over.
@@ -106,7 +107,7 @@ fn binary(config: &Path, extra: &[&str]) -> std::process::Output {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_healthy_set_up_passes_every_check_and_the_binary_exits_0() {
+async fn a_healthy_set_up_passes_every_check_it_owns_and_exits_0_unless_the_host_fails_one() {
     let world = World::start_full();
     let login = world.stack.broker_login(Role::Agent, "pi-alice").unwrap();
     let jwt = world
@@ -117,7 +118,67 @@ async fn a_healthy_set_up_passes_every_check_and_the_binary_exits_0() {
 
     let report = doctor::run(&path).await;
     let text = report.text();
-    for check in [
+    for check in product_checks() {
+        assert_eq!(level(&report, &check), Level::Ok, "{check}:\n{text}");
+    }
+    // What the host gives (NTP, a disk shared with other jobs) is measured, not assumed: a CI
+    // disk has taken 400 ms for one fsync. It may warn or fail; the verdict must follow it.
+    let host_failed = HOST_CHECKS
+        .iter()
+        .any(|check| level(&report, check) == Level::Fail);
+    assert_eq!(report.failed(), host_failed, "{text}");
+    println!("{text}");
+
+    let out = binary(&path, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let failed_lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    for line in &failed_lines {
+        assert!(
+            HOST_CHECKS
+                .iter()
+                .any(|check| line.starts_with(&format!("FAIL  {check}: "))),
+            "only a host check may fail:\n{stdout}"
+        );
+    }
+    let expected_code = if failed_lines.is_empty() { 0 } else { 1 };
+    assert_eq!(out.status.code(), Some(expected_code), "{stdout}");
+    for check in product_checks() {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("ok    {check}: "))),
+            "{check}:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .unwrap()
+            .ends_with(&format!("{} failed", failed_lines.len())),
+        "{stdout}"
+    );
+
+    let json = binary(&path, &["--json"]);
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let findings = value["findings"].as_array().unwrap();
+    assert!(findings.len() >= 10, "{value}");
+    let mut host_failed = false;
+    for finding in findings {
+        let check = finding["check"].as_str().unwrap();
+        if HOST_CHECKS.contains(&check) {
+            host_failed |= finding["level"] == "fail";
+        } else {
+            assert_eq!(finding["level"], "ok", "{value}");
+        }
+    }
+    assert_eq!(value["failed"], host_failed, "{value}");
+    assert_eq!(json.status.code(), Some(i32::from(host_failed)), "{value}");
+}
+
+/// The checks of what the product sets up: on a healthy set-up each is ok.
+fn product_checks() -> Vec<String> {
+    [
         "config",
         "clock skew",
         "broker",
@@ -125,33 +186,15 @@ async fn a_healthy_set_up_passes_every_check_and_the_binary_exits_0() {
         "token",
         "permissions",
         "database",
-        &format!("master {MASTER}"),
-    ] {
-        assert_eq!(level(&report, check), Level::Ok, "{check}:\n{text}");
-    }
-    // What the host gives (NTP, a disk shared with other jobs) may warn, never fail.
-    for check in ["clock sync", "disk", "fsync"] {
-        assert_ne!(level(&report, check), Level::Fail, "{check}:\n{text}");
-    }
-    assert!(!report.failed(), "{text}");
-    println!("{text}");
-
-    let out = binary(&path, &[]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(
-        stdout.lines().any(|l| l.starts_with("ok    broker: ")),
-        "{stdout}"
-    );
-    assert!(
-        stdout.lines().last().unwrap().ends_with("0 failed"),
-        "{stdout}"
-    );
-    let json = binary(&path, &["--json"]);
-    let value: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
-    assert_eq!(value["failed"], false, "{value}");
-    assert!(value["findings"].as_array().unwrap().len() >= 10, "{value}");
+    ]
+    .map(String::from)
+    .into_iter()
+    .chain([format!("master {MASTER}")])
+    .collect()
 }
+
+/// The checks of what the host gives.
+const HOST_CHECKS: [&str; 3] = ["clock sync", "disk", "fsync"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_a_stopped_broker_and_refused_tokens_each_fail_with_the_reason() {
