@@ -102,11 +102,30 @@ pub(crate) async fn push_group(shared: &Arc<Shared>, group: &[OutboxRow]) -> Res
     let class = group[0].class;
     let result: Result<(), CloudError> = match class {
         OutboxClass::Telemetry => {
-            let readings: Vec<Reading> = group
-                .iter()
-                .filter_map(|r| Reading::deserialize(&r.payload).ok())
-                .collect();
-            shared.cloud.insert_readings(&readings).await
+            // A row that is not a reading cannot be pushed: it is set aside with the reason,
+            // never dropped with its neighbours' delivery.
+            let mut readings = Vec::with_capacity(group.len());
+            let mut pushed = Vec::with_capacity(group.len());
+            for row in group {
+                match Reading::deserialize(&row.payload) {
+                    Ok(reading) => {
+                        readings.push(reading);
+                        pushed.push(row.seq);
+                    }
+                    Err(e) => reject(shared, row, &format!("not a reading: {e}")).await,
+                }
+            }
+            if readings.is_empty() {
+                return Ok(());
+            }
+            match shared.cloud.insert_readings(&readings).await {
+                Ok(()) => {
+                    note_cloud_result(shared, Ok(()));
+                    delivered(shared, class, &pushed);
+                    return Ok(());
+                }
+                Err(e) => Err(e),
+            }
         }
         OutboxClass::Completion => {
             // In batches through complete_slave_commands; a batch the backend refuses is
@@ -462,6 +481,52 @@ mod tests {
         .await;
         cancel.cancel();
         pusher.await.unwrap();
+    }
+
+    /// A telemetry row that is not a reading is set aside with the reason; its neighbours
+    /// are pushed and removed. It was once dropped with their delivery, unseen.
+    #[tokio::test]
+    async fn a_telemetry_row_that_is_not_a_reading_is_set_aside_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backend, counts) = counting_backend().await;
+        let (shared, _readings) =
+            crate::testing::shared_state(dir.path(), &backend, "", "push_linger_ms = 0");
+        let reading = |n: i64| {
+            json!({"device_id": "ESP32_A", "sensor_key": "ph", "value": n as f64,
+                   "unit": null, "recorded_at_ms": 1_000 + n})
+        };
+        shared
+            .store
+            .call(move |s| {
+                s.enqueue(OutboxClass::Telemetry, "t:1", &reading(1), 1)?;
+                // A value that is not a number (NaN is written as null).
+                s.enqueue(
+                    OutboxClass::Telemetry,
+                    "t:2",
+                    &json!({"device_id": "ESP32_A",
+                    "sensor_key": "ph", "value": null, "recorded_at_ms": 1_002}),
+                    1,
+                )?;
+                s.enqueue(OutboxClass::Telemetry, "t:3", &reading(3), 1)
+            })
+            .await
+            .unwrap();
+        let group = shared
+            .store
+            .call(|s| s.outbox_take_for_push(i64::MAX, 10))
+            .await
+            .unwrap();
+        assert_eq!(group.len(), 3);
+        assert_eq!(push_group(&shared, &group).await, Ok(()));
+        assert_eq!(counts.readings.load(Ordering::SeqCst), 2);
+        crate::testing::eventually("the pushed rows removed, the other set aside", 10, || {
+            let shared = shared.clone();
+            async move {
+                let stats = shared.store.call(|s| s.outbox_stats(0)).await.unwrap();
+                (stats.depth == 0 && stats.rejected == 1).then_some(())
+            }
+        })
+        .await;
     }
 
     #[test]
