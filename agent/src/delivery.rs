@@ -1,8 +1,16 @@
 //! Command delivery to masters as a state machine without I/O: what to send, when to send it
 //! again, and how each command ends. It never sends a command with less than the send margin of
-//! its life left, it ends each command exactly once, and it never ends a command that went out
-//! as `expired`: only the master's answer, or its silence past the ack timeout, ends those. The
-//! driver persists every action before performing it.
+//! its life left, except to ask about one that went out unanswered; it ends each command exactly
+//! once, and it never ends a command that went out as `expired` on its own account: only the
+//! master's answer, or its silence through every ask, ends those. The driver persists every
+//! action before performing it.
+//!
+//! Asking: a command that went out, got no answer and can no longer run in time is sent again
+//! past its expiry, up to [`OUTCOME_ASKS_MAX`] times an ack timeout apart. It cannot run then:
+//! a master answers a command id it applied `duplicate` (it ran), and refuses an expired one it
+//! did not apply with `expired` (it never will). So the cloud learns what the relay did,
+//! after a lost ack, a broker restart or the agent's own, instead of recording `failed` for a
+//! switch that happened (docs/decisions/0026).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -34,10 +42,17 @@ pub enum DeliveryAction {
     Finish { id: i64, outcome: CommandOutcome },
 }
 
+/// Sends past the expiry to learn what became of a command that went out unanswered: at the
+/// default ack timeout (3 s) the master has 30 s to come back and say.
+pub const OUTCOME_ASKS_MAX: u32 = 10;
+
 #[derive(Debug, Clone)]
 struct InFlight {
     command: CommandRecord,
+    /// Sends within the command's life.
     attempts: u32,
+    /// Sends past it, asking for the outcome.
+    asks: u32,
     ack_deadline_ms: i64,
 }
 
@@ -94,6 +109,7 @@ impl Delivery {
                 InFlight {
                     command,
                     attempts,
+                    asks: 0,
                     ack_deadline_ms: now_ms + self.limits.ack_timeout_ms,
                 },
             );
@@ -115,19 +131,47 @@ impl Delivery {
             InFlight {
                 command,
                 attempts: 0,
+                asks: 0,
                 ack_deadline_ms: now_ms,
             },
         );
         self.send(id, now_ms)
     }
 
-    /// Sends `id` again, or ends it when it has no attempt or not enough life left.
+    /// Sends `id` again, asks about it past its expiry, or ends it when it has no attempt or
+    /// ask left.
     fn send(&mut self, id: i64, now_ms: i64) -> Vec<DeliveryAction> {
         let limits = self.limits;
-        let Some(flight) = self.in_flight.get(&id) else {
-            return vec![];
+        let sendable = match self.in_flight.get(&id) {
+            Some(flight) => self.sendable(&flight.command, now_ms),
+            None => return vec![],
         };
+        let flight = self.in_flight.get_mut(&id).expect("looked up above");
         let attempts = flight.attempts;
+        if !sendable {
+            if attempts == 0 {
+                return self.end(id, CommandOutcome::Expired, now_ms);
+            }
+            // Sent and never answered: it may have run. Asked now, it cannot run any more,
+            // and the answer says whether it did.
+            if flight.asks < OUTCOME_ASKS_MAX {
+                flight.asks += 1;
+                flight.ack_deadline_ms = now_ms + limits.ack_timeout_ms;
+                return vec![DeliveryAction::Send {
+                    command: Box::new(flight.command.clone()),
+                    attempt: attempts + flight.asks,
+                }];
+            }
+            let reason = format!(
+                "no ack from the master before expiry, nor to {} asks after it: whether it ran is unknown",
+                flight.asks
+            );
+            let outcome = CommandOutcome::Failed {
+                reason,
+                execution_time_ms: None,
+            };
+            return self.end(id, outcome, now_ms);
+        }
         if attempts >= limits.attempts_max {
             return self.end(
                 id,
@@ -138,20 +182,6 @@ impl Delivery {
                 now_ms,
             );
         }
-        if !self.sendable(&flight.command, now_ms) {
-            // Sent, never acknowledged, and now too late to send again. The master refuses it
-            // after expiry too, so it did not run late; whether it ran in time is unknown.
-            let outcome = if attempts == 0 {
-                CommandOutcome::Expired
-            } else {
-                CommandOutcome::Failed {
-                    reason: format!("no ack from the master before expiry ({attempts} attempts)"),
-                    execution_time_ms: None,
-                }
-            };
-            return self.end(id, outcome, now_ms);
-        }
-        let flight = self.in_flight.get_mut(&id).expect("looked up above");
         flight.attempts += 1;
         flight.ack_deadline_ms = now_ms + limits.ack_timeout_ms;
         vec![DeliveryAction::Send {
@@ -192,6 +222,7 @@ impl Delivery {
                 InFlight {
                     command,
                     attempts: 0,
+                    asks: 0,
                     ack_deadline_ms: now_ms,
                 },
             );
@@ -208,6 +239,7 @@ impl Delivery {
         self.in_flight.entry(id).or_insert(InFlight {
             command,
             attempts,
+            asks: 0,
             ack_deadline_ms: sent_at_ms + self.limits.ack_timeout_ms,
         });
     }
@@ -272,9 +304,13 @@ impl Delivery {
                     Some(AckErrorCode::Replayed) => return self.send(id, now_ms),
                     // The master's queue is full: nothing ran; try again after the ack timeout
                     // without spending an attempt.
+                    // An ask refused so is not refunded: the attempts must stay above 0, or
+                    // a command that went out would end `expired`.
                     Some(AckErrorCode::Busy) => {
                         if let Some(flight) = self.in_flight.get_mut(&id) {
-                            flight.attempts = flight.attempts.saturating_sub(1);
+                            if flight.asks == 0 {
+                                flight.attempts = flight.attempts.saturating_sub(1);
+                            }
                             flight.ack_deadline_ms = now_ms + self.limits.ack_timeout_ms;
                         }
                         return vec![];
@@ -481,21 +517,70 @@ mod tests {
         }
     }
 
+    fn finished(actions: &[DeliveryAction]) -> Vec<(i64, &CommandOutcome)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                DeliveryAction::Finish { id, outcome } => Some((*id, outcome)),
+                DeliveryAction::Send { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Past its expiry a command that went out unanswered is sent again to ask what became
+    /// of it (the master can no longer run it): `duplicate` ends it completed, `expired` ends
+    /// it expired, and silence through every ask ends it failed with the outcome unknown.
+    /// Before, it ended `failed` at once, while the relay had switched (fault run, seed 20).
     #[test]
-    fn no_resend_happens_at_or_after_the_expiry() {
+    fn past_its_expiry_a_command_that_went_out_unanswered_is_asked_about() {
+        let mut d = Delivery::new(LIMITS);
+        for id in 1..=3 {
+            assert_eq!(sends(&d.admit(command(id, 1_500), 0)), vec![(id, 1)]);
+        }
+        let asks = d.on_tick(1_500);
+        assert_eq!(sends(&asks), vec![(1, 2), (2, 2), (3, 2)]);
+        assert!(finished(&asks).is_empty(), "nothing ends unanswered");
+
+        let ran = d.on_ack(&ack(1, AckResult::Duplicate, None), 1_600);
+        assert!(matches!(
+            finished(&ran).as_slice(),
+            [(1, CommandOutcome::Completed { .. })]
+        ));
+        let never = d.on_ack(&ack(2, AckResult::Expired, None), 1_600);
+        assert_eq!(finished(&never), vec![(2, &CommandOutcome::Expired)]);
+
+        // Command 3's master stays silent: one ask per ack timeout, then the truth.
+        let mut t = 1_500;
+        for ask in 2..=OUTCOME_ASKS_MAX {
+            t += LIMITS.ack_timeout_ms;
+            assert_eq!(sends(&d.on_tick(t)), vec![(3, 1 + ask)], "ask {ask}");
+        }
+        t += LIMITS.ack_timeout_ms;
+        match finished(&d.on_tick(t)).as_slice() {
+            [(3, CommandOutcome::Failed { reason, .. })] => {
+                assert!(reason.contains("whether it ran is unknown"), "{reason}");
+                assert!(
+                    reason.contains(&format!("{OUTCOME_ASKS_MAX} asks")),
+                    "{reason}"
+                );
+            }
+            other => panic!("expected the unknown outcome, got {other:?}"),
+        }
+        assert_eq!(d.in_flight(), 0);
+    }
+
+    /// A busy answer to an ask spends no attempt: the command went out once, so it must never
+    /// end `expired` on the agent's account.
+    #[test]
+    fn a_busy_answer_to_an_ask_keeps_the_command_counted_as_sent() {
         let mut d = Delivery::new(LIMITS);
         d.admit(command(1, 1_500), 0);
-        match d.on_tick(1_500).as_slice() {
-            [
-                DeliveryAction::Finish {
-                    outcome: CommandOutcome::Failed { reason, .. },
-                    ..
-                },
-            ] => {
-                assert!(reason.contains("before expiry"))
-            }
-            other => panic!("expected a failure at expiry, got {other:?}"),
-        }
+        assert_eq!(sends(&d.on_tick(1_500)), vec![(1, 2)]);
+        let busy = ack(1, AckResult::Rejected, Some(AckErrorCode::Busy));
+        assert!(d.on_ack(&busy, 1_600).is_empty());
+        let again = d.on_tick(2_600);
+        assert_eq!(sends(&again), vec![(1, 3)], "asked again, not expired");
+        assert!(finished(&again).is_empty());
     }
 
     #[test]
@@ -640,15 +725,15 @@ mod tests {
                 outcome: CommandOutcome::Completed { .. }
             }]
         ));
-        match d.on_tick(51_000).as_slice() {
-            [
-                DeliveryAction::Finish {
-                    id: 2,
-                    outcome: CommandOutcome::Failed { reason, .. },
-                },
-            ] => assert!(reason.contains("before expiry"), "{reason}"),
-            other => panic!("a sent command never ends `expired`: {other:?}"),
-        }
+        // No ack held for command 2: it is asked about, and only the master's answer ends it.
+        let asked = d.on_tick(51_000);
+        assert_eq!(sends(&asked), vec![(2, 2)]);
+        assert!(
+            finished(&asked).is_empty(),
+            "a sent command never ends `expired` by itself"
+        );
+        let answer = d.on_ack(&ack(2, AckResult::Expired, None), 51_100);
+        assert_eq!(finished(&answer), vec![(2, &CommandOutcome::Expired)]);
     }
 
     #[test]
@@ -666,17 +751,12 @@ mod tests {
             "400 ms of life is under the margin: never sent"
         );
         assert_eq!(sends(&d.admit(command(2, 2_600), 0)), vec![(2, 1)]);
-        // The ack timeout leaves 1,600 ms: resent. The next leaves 600 ms... then 400: not.
+        // The ack timeout leaves 1,600 ms: resent. At 2,200, 400 ms are left: not resent to
+        // run; from then on it is only asked about (the master refuses it once expired).
         assert_eq!(sends(&d.on_tick(1_000)), vec![(2, 2)]);
-        match d.on_tick(2_200).as_slice() {
-            [
-                DeliveryAction::Finish {
-                    id: 2,
-                    outcome: CommandOutcome::Failed { reason, .. },
-                },
-            ] => assert!(reason.contains("before expiry"), "{reason}"),
-            other => panic!("expected no resend inside the margin, got {other:?}"),
-        }
+        assert!(d.on_tick(1_999).is_empty());
+        assert_eq!(sends(&d.on_tick(2_200)), vec![(2, 3)]);
+        assert_eq!(d.in_flight(), 1);
     }
 
     #[test]
