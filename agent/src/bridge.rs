@@ -49,6 +49,13 @@ pub const SUBSCRIPTIONS: [(&str, QoS); 6] = [
     (filter::EMERGENCY, QoS::AtLeastOnce),
 ];
 
+/// Installs ring as rustls's crypto provider for the broker's TLS, once per process. rustls
+/// picks one by itself only when exactly one is compiled in; saying it keeps that true if a
+/// dependency ever brings another. An error only means one is installed already.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub fn mqtt_options(config: &MqttSection, agent_id: &str) -> Result<MqttOptions, BridgeError> {
     let (tls, rest) = if let Some(rest) = config.url.strip_prefix("mqtts://") {
         (true, rest)

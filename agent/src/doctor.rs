@@ -895,8 +895,7 @@ async fn running_agent_health(config: &AgentConfig) -> Option<serde_json::Value>
 /// queued for the agent's session while it was away is left unacknowledged, so the broker
 /// delivers it again to the agent instead of losing it to doctor.
 async fn connect_broker(config: &AgentConfig) -> BrokerOutcome {
-    // rumqttc's TLS needs a crypto provider, installed once per process (as `run` does).
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    crate::bridge::install_tls_provider();
     let mut options = match crate::bridge::mqtt_options(&config.mqtt, &config.agent.id) {
         Ok(o) => o,
         Err(e) => return BrokerOutcome::Failed(MqttState::Refused, e.to_string()),

@@ -68,9 +68,7 @@ pub async fn run(
     api: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RuntimeError> {
-    // With two providers compiled in (see Cargo.toml), rustls would panic at the first TLS
-    // handshake; an error here only means one is installed already.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    crate::bridge::install_tls_provider();
     // Migrating an old database (schema 6 rolls up the whole history) and bringing its history
     // within bounds can outlast systemd's start timeout on a slow card: extend it meanwhile.
     const EXTEND_EVERY: Duration = Duration::from_secs(20);

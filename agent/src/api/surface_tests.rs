@@ -417,6 +417,79 @@ async fn an_agent_whose_broker_fails_the_tls_handshake_is_degraded_with_a_tls_er
     agent.stop().await;
 }
 
+/// A broker on `mqtts://` with a private CA (`[mqtt] ca_file`): the agent completes the TLS
+/// handshake with its crypto provider (ring), sends its CONNECT inside it and is connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_connects_to_a_tls_broker_signed_by_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let broker_key = rcgen::KeyPair::generate().unwrap();
+    let broker = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&broker_key, &rcgen::Issuer::new(ca_params, &ca_key))
+        .unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+
+    let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![broker.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(broker_key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("mqtts://{}", listener.local_addr().unwrap());
+    let (connect_tx, mut connect_rx) = tokio::sync::mpsc::channel::<u8>(4);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let connect_tx = connect_tx.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                // The first packet inside TLS is the CONNECT; a CONNACK accepts it. What
+                // follows (subscriptions, pings) is read and left unanswered.
+                let mut first = [0u8; 1];
+                if tls.read_exact(&mut first).await.is_err() {
+                    return;
+                }
+                let _ = connect_tx.send(first[0]).await;
+                let mut rest = [0u8; 512];
+                let _ = tls.read(&mut rest).await;
+                let _ = tls.write_all(&[0x20, 0x02, 0x00, 0x00]).await;
+                while matches!(tls.read(&mut rest).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let agent = testing::start(
+        &format!("url = \"{url}\"\nca_file = \"{}\"", ca_file.display()),
+        "",
+    )
+    .await;
+    let packet = tokio::time::timeout(Duration::from_secs(10), connect_rx.recv())
+        .await
+        .expect("a CONNECT inside TLS within 10 s")
+        .unwrap();
+    assert_eq!(packet >> 4, 1, "MQTT CONNECT is packet type 1");
+    let health = testing::eventually("connected over TLS in /health", 10, || async {
+        let health = agent.health().await;
+        (health["mqtt"]["state"] == "connected").then_some(health)
+    })
+    .await;
+    assert_eq!(health["mqtt"]["state"], "connected", "{health}");
+    agent.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_history_housekeeper_runs_and_shows_the_history_and_the_database_in_the_metrics() {
     let agent = testing::offline("[history]\nhousekeeping_interval_ms = 100\n").await;
